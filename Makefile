@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo setup clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the package metadata changes.  torch==2.13.0 is pinned in pyproject.toml
+# and installs the CPU wheel that lies on these machines' disk (no CUDA download).
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --nbmake tests notebooks
+
+demo: $(STAMP)
+	$(BIN)/emdask demo
+
+clean:
+	rm -rf $(VENV) emdask_demo_output

@@ -1,0 +1,22 @@
+"""emdask: connectome reconstruction from serial-section EM volumes on Dask.
+
+The pipeline, in the order data flows: volumes -> (alignment, defects) -> boundary
+detection -> segmentation -> synapses -> evaluation.  Every stage takes and returns lazy
+volumes (:class:`xarray.DataArray` over Dask arrays with nm coordinates).
+"""
+
+from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
+from emdask.volumes import VolumeError, cutout, open_volume, save_volume
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open_volume",
+    "save_volume",
+    "cutout",
+    "VolumeError",
+    "evaluate",
+    "voi",
+    "adapted_rand",
+    "contingency_table",
+]

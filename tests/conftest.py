@@ -1,0 +1,29 @@
+"""Shared fixtures: the real EM data in ../shared/data (skipped with a reason when absent)."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+FILES = {
+    "cremi": SHARED / "cremi_sampleB_crop_bigcat" / "cremi_sampleB_z46-50_x0-250.h5",
+    "isbi": SHARED / "isbi2012_sstem" / "isbi2012_train.h5",
+    "medulla": SHARED / "flyem_medulla_fib_neuroproof_sample2" / "medulla_fib_sample2_250cube.h5",
+    "gala": SHARED / "gala_tiny_fib" / "gala_train.h5",
+    "snemi": SHARED / "snemi3d_mini_gala" / "snemi3d_mini.h5",
+    "vnc": SHARED / "drosophila_vnc_sstem_gerhard2013" / "vnc_stack1_synapses_x0-640.h5",
+}
+
+
+@pytest.fixture
+def shared_file():
+    """Return the path of a named real volume, or skip when ../shared/data is absent."""
+
+    def get(name: str) -> str:
+        path = FILES[name]
+        if not path.exists():
+            pytest.skip(f"real data not available: {path} (../shared/data is absent)")
+        return str(path)
+
+    return get
