@@ -5,18 +5,22 @@ detection -> segmentation -> synapses -> evaluation.  Every stage takes and retu
 volumes (:class:`xarray.DataArray` over Dask arrays with nm coordinates).
 """
 
+from emdask.affinities import affinities_from_labels
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
+from emdask.segment import segment
 from emdask.volumes import VolumeError, cutout, open_volume, save_volume
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VolumeError",
+    "adapted_rand",
+    "affinities_from_labels",
+    "contingency_table",
+    "cutout",
+    "evaluate",
     "open_volume",
     "save_volume",
-    "cutout",
-    "VolumeError",
-    "evaluate",
+    "segment",
     "voi",
-    "adapted_rand",
-    "contingency_table",
 ]

@@ -26,7 +26,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-__all__ = ["contingency_table", "voi", "adapted_rand", "evaluate"]
+__all__ = ["adapted_rand", "contingency_table", "evaluate", "voi"]
 
 # A contingency table: (gt ids, seg ids, counts), sorted by (gt, seg), no duplicate pairs.
 Table = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -84,9 +84,9 @@ def contingency_table(segmentation: Any, ground_truth: Any, split_every: int = 8
     for name, arr in (("segmentation", seg), ("ground truth", gt)):
         if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
             raise ValueError(f"{name} must hold integer ids, got dtype {arr.dtype}")
-        if np.issubdtype(arr.dtype, np.signedinteger) and not isinstance(arr, da.Array):
-            if arr.size and arr.min() < 0:
-                raise ValueError(f"{name} has negative ids; ids must be >= 0")
+        if (np.issubdtype(arr.dtype, np.signedinteger) and not isinstance(arr, da.Array)
+                and arr.size and arr.min() < 0):
+            raise ValueError(f"{name} has negative ids; ids must be >= 0")
     if not isinstance(seg, da.Array) and not isinstance(gt, da.Array):
         return _pair_counts(gt, seg)
     seg = da.asarray(seg)

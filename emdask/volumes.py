@@ -30,7 +30,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-__all__ = ["open_volume", "save_volume", "cutout", "VolumeError", "SUPPORTED_DTYPES"]
+__all__ = ["SUPPORTED_DTYPES", "VolumeError", "cutout", "open_volume", "save_volume"]
 
 #: dtypes a volume may have (EM intensities, labels, affinities, masks).
 SUPPORTED_DTYPES = tuple(
@@ -293,12 +293,10 @@ def _container_kind(url: str) -> str:
     lower = url.lower().rstrip("/")
     if "://" in url and not url.startswith("file://"):
         return "zarr"  # remote stores are zarr (HDF5/TIFF are read from local disk)
-    local = url[len("file://"):] if url.startswith("file://") else url
+    local = url.removeprefix("file://")
     if lower.endswith(_HDF5_SUFFIXES):
         kind = "hdf5"
-    elif lower.endswith(_TIFF_SUFFIXES):
-        kind = "tiff"
-    elif os.path.isdir(local) and _is_tiff_folder(local):
+    elif lower.endswith(_TIFF_SUFFIXES) or os.path.isdir(local) and _is_tiff_folder(local):
         kind = "tiff"
     else:
         kind = "zarr"
@@ -316,7 +314,7 @@ def _is_tiff_folder(path: str) -> bool:
 def _open_hdf5(url: str, dataset: str | None) -> tuple[_HDF5Source, dict]:
     import h5py
 
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url.removeprefix("file://")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
@@ -346,7 +344,7 @@ def _open_hdf5(url: str, dataset: str | None) -> tuple[_HDF5Source, dict]:
 
 
 def _open_tiff(url: str) -> _TiffSource:
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url.removeprefix("file://")
     if os.path.isdir(path):
         files = sorted(
             os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(_TIFF_SUFFIXES)
@@ -363,7 +361,7 @@ def _zarr_store(url: str, mode: str, storage_options: dict | None):
         return zarr.storage.FsspecStore.from_url(
             url, storage_options=storage_options, read_only=(mode == "r")
         )
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url.removeprefix("file://")
     return zarr.storage.LocalStore(path, read_only=(mode == "r"))
 
 

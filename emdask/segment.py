@@ -1,0 +1,313 @@
+"""Blockwise segmentation on Dask whose result does not depend on the chunking.
+
+``segment(affinities, thresholds)`` runs in three steps:
+
+1. **Per block** (one task each, block plus a 2-voxel halo): steepest-ascent basins with
+   block-local labels (:func:`emdask.watershed.basins`), their sizes and lowest global voxel
+   index, the region graph of edges inside the block, and the labels, pointers and
+   affinities on the block's faces.
+2. **Per face** between two blocks: which basins the pointers and high-affinity edges join
+   across the face, and the region-graph edges that cross it.
+3. **Once, on the global graph**: a union-find over all block-local basins gives the
+   supervoxels; the block graphs are summed into one global region graph (all statistics
+   are additive); small basins merge (:func:`emdask.agglomerate.merge_small_regions`);
+   hierarchical agglomeration yields one merge table per threshold
+   (:func:`emdask.agglomerate.agglomerate`).
+
+Blocks are then relabelled lazily: each output block recomputes its basins (cheap, and it
+keeps memory bounded by blocks rather than the volume) and looks its labels up in the
+table.  Because every decision is made on the global graph with canonical ids (a region is
+known by its lowest global voxel index, sums are exact integers), the result is identical
+for every chunking, ids included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from numba import njit
+
+from emdask.agglomerate import _check_thresholds, agglomerate, merge_small_regions, parse_score
+from emdask.region_graph import RegionGraph, combine, from_observations, observations
+from emdask.watershed import HALO, WatershedParams, _find, basins, quantize_affinities
+
+__all__ = ["SegmentationInfo", "segment"]
+
+_B_OFFSET = np.int64(1) << 40  # face graphs keep the upper block's ids above this
+
+
+@dataclass
+class SegmentationInfo:
+    """Sizes of the global problem (returned by ``segment(..., return_info=True)``)."""
+
+    n_blocks: int
+    n_basins: int  # block-local basins before joining across faces
+    n_supervoxels: int
+    n_fragments: int  # after small-region merging and dust removal
+    n_edges: int
+    graph_nbytes: int  # the global region graph of supervoxels
+
+    def per_gigavoxel(self, n_voxels: int) -> float:
+        """Global graph bytes per 1e9 voxels."""
+        return self.graph_nbytes * 1e9 / n_voxels
+
+
+# ---------------------------------------------------------------- per block
+def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
+    # check only the block itself: the halo belongs to neighbours, which report their own
+    inner = padded[:, HALO:-HALO, HALO:-HALO, HALO:-HALO]
+    quantize_affinities(inner, where=f"affinities block at voxel {tuple(map(int, origin))}")
+    with np.errstate(invalid="ignore"):
+        aq = quantize_affinities(np.nan_to_num(padded, nan=0.0).clip(0, 1)
+                                 if padded.dtype.kind == "f" else padded)
+    labels, direction, first = basins(aq, origin, shape, params)
+    inner = aq[:, HALO:-HALO, HALO:-HALO, HALO:-HALO]
+    u, v, w = observations(labels, inner)
+    stats = {
+        "n": first.size,
+        "first": first,
+        "sizes": np.bincount(labels.ravel(), minlength=first.size + 1)[1:],
+        "graph": from_observations(u - 1, v - 1, w, bins),
+    }
+    faces = {}
+    for d in range(3):
+        faces[("lower", d)] = (labels.take(0, d), direction.take(0, d) == d,
+                               inner[d].take(0, d))
+        faces[("upper", d)] = (labels.take(-1, d), direction.take(-1, d) == d + 3)
+    return stats, faces
+
+
+def _face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
+    """Joins and region-graph edges across the face between block A (below) and B."""
+    la, up = upper_faces[("upper", d)]
+    lb, down, w = lower_faces[("lower", d)]
+    both = (la > 0) & (lb > 0)
+    join = both & (up | down | (w.astype(np.int64) >= high_q))
+    pairs = np.unique(np.stack([la[join] - 1, lb[join] - 1]), axis=1)
+    graph = from_observations(la[both] - 1, lb[both] - 1 + _B_OFFSET, w[both], bins)
+    return pairs, graph
+
+
+@njit(cache=True)
+def _union_all(n, a, b):
+    parent = np.arange(n)
+    for i in range(a.size):
+        ra, rb = _find(parent, a[i]), _find(parent, b[i])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    for i in range(n):
+        parent[i] = _find(parent, i)
+    return parent
+
+
+def _consecutive(ids: np.ndarray) -> np.ndarray:
+    """Renumber ids to 1..k in order, keeping 0 as 0."""
+    return np.unique(np.r_[0, ids], return_inverse=True)[1][1:]
+
+
+def _canonical(root: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Index of each element's group, groups numbered by their smallest key."""
+    group_key = np.full(root.size, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(group_key, root, keys)
+    return np.unique(group_key[root], return_inverse=True)[1]
+
+
+# ---------------------------------------------------------------- global graph
+def _solve(stats, links, params: WatershedParams, thresholds, score: str, bins: int):
+    counts = np.array([s["n"] for s in stats], np.int64)
+    bases = np.concatenate([[0], np.cumsum(counts)])
+    n = int(bases[-1])
+    keys = np.concatenate([s["first"] for s in stats]) if n else np.zeros(0, np.int64)
+    sizes = np.concatenate([s["sizes"] for s in stats]) if n else np.zeros(0, np.int64)
+    graphs = []
+    for s, base in zip(stats, bases[:-1], strict=True):
+        g = s["graph"]
+        graphs.append(RegionGraph(g.u + base, g.v + base, g.count, g.total, g.max, g.hist))
+    pa, pb = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for (ia, ib), (pairs, g) in links:
+        pa.append(pairs[0] + bases[ia])
+        pb.append(pairs[1] + bases[ib])
+        graphs.append(RegionGraph(g.u + bases[ia], g.v - _B_OFFSET + bases[ib], g.count,
+                                  g.total, g.max, g.hist))
+    # supervoxels: basins joined across faces, numbered by lowest global voxel index
+    sv = _canonical(_union_all(n, np.concatenate(pa), np.concatenate(pb)), keys)
+    n_sv = int(sv.max()) + 1 if n else 0
+    sv_graph = combine(graphs, relabel=sv)
+    sv_sizes = np.bincount(sv, weights=sizes, minlength=n_sv).astype(np.int64)
+    # fragments: small supervoxels merged (roots are lowest ids, hence canonical)
+    frag = np.arange(n_sv)
+    if params.size_threshold > 0 and n_sv:
+        frag = merge_small_regions(sv_graph, sv_sizes, params.size_threshold,
+                                   params.merge_threshold)
+        frag = np.unique(frag, return_inverse=True)[1]
+    n_frag = int(frag.max()) + 1 if n_sv else 0
+    frag_sizes = np.bincount(frag, weights=sv_sizes, minlength=n_frag).astype(np.int64)
+    frag_graph = combine([sv_graph], relabel=frag)
+    dust = frag_sizes < params.dust_size
+    if dust.any():
+        keep = ~(dust[frag_graph.u] | dust[frag_graph.v])
+        frag_graph = RegionGraph(*(getattr(frag_graph, f)[keep] for f in
+                                   ("u", "v", "count", "total", "max", "hist")))
+    tables = [_consecutive(np.where(dust, 0, np.arange(1, n_frag + 1)))]
+    for reps in agglomerate(frag_graph, n_frag, thresholds, score):
+        seg = _canonical(reps, np.arange(n_frag)) + 1
+        tables.append(_consecutive(np.where(dust, 0, seg)))
+    # lookup tables from block-local basin to output id, one row per output
+    luts = np.stack([t[frag[sv]] for t in tables]) if n else np.zeros((len(tables), 0))
+    info = SegmentationInfo(len(stats), n, n_sv, n_frag, len(sv_graph), sv_graph.nbytes)
+    return luts.astype(np.uint64), bases, info
+
+
+def _relabel(padded, origin, shape, params, solution, block: int):
+    luts, bases, _ = solution
+    labels, _, _ = basins(quantize_affinities(padded), origin, shape, params)
+    lut = np.concatenate([np.zeros((luts.shape[0], 1), np.uint64),
+                          luts[:, bases[block]:bases[block + 1]]], axis=1)
+    return tuple(row[labels] for row in lut)
+
+
+# ---------------------------------------------------------------- public
+def _as_affinities(affinities: Any) -> tuple[da.Array, xr.DataArray | None]:
+    template = affinities if isinstance(affinities, xr.DataArray) else None
+    data = affinities.data if template is not None else affinities
+    if not isinstance(data, da.Array):
+        data = np.asarray(data)
+        data = da.from_array(data, chunks=(-1,) + data.shape[1:] if data.ndim == 4 else -1)
+    if data.ndim != 4:
+        raise ValueError(
+            f"affinities must be 4-D (3, z, y, x), got {data.ndim}-D shape {data.shape}"
+        )
+    if data.shape[0] != 3:
+        raise ValueError(
+            f"affinities must have 3 nearest-neighbour channels (z, y, x), got {data.shape[0]}"
+            " (for a net with long-range outputs pass affinities[:3])"
+        )
+    if not (np.issubdtype(data.dtype, np.floating) or data.dtype in (np.uint8, np.uint16)):
+        raise ValueError(
+            f"affinities must be float in [0, 1] or uint8 (scaled by 1/255), got {data.dtype}"
+        )
+    return data.rechunk({0: -1}), template
+
+
+def segment(
+    affinities: Any,
+    thresholds: Sequence[float],
+    *,
+    low: float = 0.0001,
+    high: float = 0.9999,
+    size_threshold: int = 25,
+    merge_threshold: float = 0.5,
+    dust_size: int = 0,
+    score: str = "mean",
+    bins: int | None = None,
+    return_fragments: bool = False,
+    return_info: bool = False,
+):
+    """Segment affinities into neurons, blockwise, identically for any chunking.
+
+    Parameters
+    ----------
+    affinities
+        (3, z, y, x) nearest-neighbour affinities: a DataArray, Dask or numpy array, float
+        in [0, 1] or uint8 (scaled by 1/255).  Channel ``d`` at voxel ``v`` is the affinity
+        between ``v`` and ``v - e_d``.  The Dask chunks are the blocks.
+    thresholds
+        Strictly increasing agglomeration thresholds (merge costs, 1 - affinity score);
+        one segmentation per threshold, from one pass over the graph.
+    low, high, size_threshold, merge_threshold, dust_size
+        Watershed parameters, see :class:`emdask.watershed.WatershedParams`.
+    score
+        Agglomeration score: ``"mean"`` affinity (default), ``"max"``, ``"median"`` or
+        ``"quantile-NN"``.
+    bins
+        Histogram bins per graph edge (default 32 for quantile scores, else 0).
+    return_fragments
+        Also return the watershed fragments (supervoxels after small-region merging),
+        as the first element of the list.
+    return_info
+        Also return a delayed :class:`SegmentationInfo` (graph sizes).
+
+    Returns
+    -------
+    list
+        One lazy uint64 segmentation (z, y, x) per threshold, in threshold order
+        (DataArrays with the input's coordinates if the input was one), preceded by the
+        fragments if asked; and the info if asked, as ``(list, info)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> affs = np.ones((3, 4, 4, 4), np.float32); affs[2, :, :, 2] = 0.0  # a wall at x=2
+    >>> [seg] = segment(affs, [0.5], size_threshold=0)
+    >>> np.unique(seg.compute()).tolist()
+    [1, 2]
+    """
+    data, template = _as_affinities(affinities)
+    thr = _check_thresholds(thresholds)
+    parse_score(score)
+    params = WatershedParams(low, high, size_threshold, merge_threshold, dust_size)
+    bins = (32 if score not in ("mean", "max") else 0) if bins is None else int(bins)
+    shape = tuple(int(s) for s in data.shape[1:])
+    # Each block task gets its block plus a halo (zeros beyond the volume: the kernel knows
+    # the volume's shape and ignores edges outside it).  Dask's overlap merges chunks smaller
+    # than the halo into their neighbours, which changes nothing in the result; a volume
+    # thinner than the halo is padded at its end and the padding cropped afterwards.
+    thin = [max(0, HALO - n) for n in shape]
+    if any(thin):
+        data = da.pad(data, ((0, 0),) + tuple((0, t) for t in thin))
+    padded = da.overlap.overlap(data, depth={0: 0, 1: HALO, 2: HALO, 3: HALO},
+                                boundary={0: "none", 1: 0, 2: 0, 3: 0})
+    chunks = tuple(tuple(c - 2 * HALO for c in cs) for cs in padded.chunks[1:])
+    grid = tuple(len(c) for c in chunks)
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+    delayed_blocks = padded.to_delayed()[0]
+    blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
+    ids = np.arange(int(np.prod(grid))).reshape(grid)
+
+    summaries, origins = {}, {}
+    for idx in np.ndindex(*grid):
+        origins[idx] = tuple(int(starts[d][idx[d]]) for d in range(3))
+        summaries[idx] = dask.delayed(_block_summary, nout=2, pure=True)(
+            blocks[idx], origins[idx], shape, params, bins)
+    links = []
+    high_q = params.quantized()[1]
+    for idx in np.ndindex(*grid):
+        for d in range(3):
+            if idx[d] == 0:
+                continue
+            below = tuple(i - (k == d) for k, i in enumerate(idx))
+            link = dask.delayed(_face_links, pure=True)(
+                summaries[idx][1], summaries[below][1], d, high_q, bins)
+            links.append(((int(ids[below]), int(ids[idx])), link))
+    solution = dask.delayed(_solve, pure=True)(
+        [summaries[idx][0] for idx in np.ndindex(*grid)],
+        [(pair, link) for pair, link in links], params,
+        thr, score, bins)
+
+    n_out = len(thr) + 1
+    nested = [np.empty(grid, object) for _ in range(n_out)]
+    for idx in np.ndindex(*grid):
+        block_shape = tuple(chunks[d][idx[d]] for d in range(3))
+        outs = dask.delayed(_relabel, nout=n_out, pure=True)(
+            blocks[idx], origins[idx], shape, params, solution, int(ids[idx]))
+        for i in range(n_out):
+            nested[i][idx] = da.from_delayed(outs[i], block_shape, dtype=np.uint64)
+    results = [da.block(n.tolist()) for n in nested]
+    if any(thin):
+        results = [r[tuple(slice(0, n) for n in shape)] for r in results]
+    if not return_fragments:
+        results = results[1:]
+    if template is not None:
+        spatial = template.isel(c=0, drop=True) if "c" in template.dims else template
+        results = [xr.DataArray(r, dims=("z", "y", "x"), coords=spatial.coords,
+                                attrs=dict(template.attrs), name="segmentation")
+                   for r in results]
+    if return_info:
+        return results, solution[2]
+    return results

@@ -1,0 +1,153 @@
+"""segment(): blockwise on Dask, identical for any chunking, with clear errors."""
+
+import itertools
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from emdask import contingency_table, open_volume, save_volume
+from emdask.affinities import affinities_from_labels
+from emdask.segment import segment
+
+THRESHOLDS = [0.05, 0.15, 0.25]
+
+
+def noisy_affinities(labels: np.ndarray, seed: int = 0, sigma=(0, 1, 1, 1), noise=0.1):
+    """Affinities of ground truth, blurred and with Gaussian noise: a stand-in for a net."""
+    affs, _ = affinities_from_labels(labels)
+    affs = ndi.gaussian_filter(affs, sigma)
+    rng = np.random.default_rng(seed)
+    return np.clip(affs + rng.normal(0, noise, affs.shape), 0, 1).astype(np.float32)
+
+
+def assert_same_partition(a: np.ndarray, b: np.ndarray):
+    """Every segment of ``a`` maps to exactly one of ``b`` and vice versa (contingency)."""
+    ia, ib, _ = contingency_table(b, a + 1)  # +1: no id is background here
+    assert np.unique(ia).size == ia.size, "a segment of a is split in b"
+    assert np.unique(ib).size == ib.size, "a segment of b is split in a"
+
+
+def _run(affs, chunks, **kwargs):
+    segs = segment(da.from_array(affs, chunks=(3, *chunks)), THRESHOLDS,
+                   return_fragments=True, **kwargs)
+    return np.stack(dask.compute(*segs, scheduler="threads"))
+
+
+def _check_invariance(affs, chunkings, **kwargs):
+    ref = _run(affs, affs.shape[1:], **kwargs)  # a single chunk
+    for level in ref:
+        assert 1 < np.unique(level).size < level.size  # a real segmentation, not trivia
+    for chunks in chunkings:
+        out = _run(affs, chunks, **kwargs)
+        for r, o in zip(ref, out, strict=True):
+            assert_same_partition(r, o)
+            np.testing.assert_array_equal(r, o)  # even the ids agree
+    return ref
+
+
+def test_invariant_to_chunking_random_affinities():
+    affs = np.random.default_rng(1).random((3, 21, 26, 23)).astype(np.float32)
+    _check_invariance(affs, [(7, 9, 11), (10, 13, 4), (5, 25, 22)])
+
+
+def test_invariant_to_chunking_uint8_plateaus():
+    """uint8 affinities have many ties: plateaus must be resolved the same way."""
+    rng = np.random.default_rng(2)
+    affs = (rng.integers(0, 6, (3, 18, 19, 17)) * 51).astype(np.uint8)
+    _check_invariance(affs, [(7, 8, 9), (4, 11, 6), (17, 5, 16)])
+
+
+def test_invariant_to_chunking_medulla(shared_file):
+    gt = open_volume(shared_file("medulla"), "labels/neuron_ids")[:60, :100, :100].values
+    affs = noisy_affinities(gt)
+    ref = _check_invariance(affs, [(23, 41, 37), (60, 33, 51), (17, 100, 29)])
+    assert np.unique(ref[-1]).size > 20
+
+
+def test_invariant_to_chunking_cremi(shared_file):
+    gt = open_volume(shared_file("cremi"), "labels/neuron_ids")[:, :300, :].values
+    affs = noisy_affinities(gt, sigma=(0, 0, 1, 1))
+    _check_invariance(affs, [(2, 77, 93), (3, 131, 61), (5, 101, 57)])
+
+
+def test_segmentation_is_accurate_on_noisy_ground_truth(shared_file):
+    from emdask import evaluate
+
+    gt = open_volume(shared_file("medulla"), "labels/neuron_ids")[:60, :100, :100].values
+    segs = segment(noisy_affinities(gt), [0.1, 0.2, 0.25])
+    best = min(evaluate(s.compute(), gt)["voi"] for s in segs)
+    assert best < 1.0
+
+
+def test_dataarray_in_dataarray_out(tmp_path):
+    from emdask.volumes import as_volume
+
+    affs = as_volume(np.random.default_rng(3).random((3, 8, 9, 10)).astype(np.float32),
+                     voxel_size=(40, 4, 4), offset=(400, 0, 8))
+    [seg] = segment(affs, [0.5])
+    assert seg.dims == ("z", "y", "x") and seg.dtype == np.uint64
+    assert seg.attrs["voxel_size"] == (40.0, 4.0, 4.0) and float(seg.x[0]) == 8.0
+    saved = save_volume(seg, tmp_path / "o.zarr", "segmentation")
+    np.testing.assert_array_equal(saved.values, seg.values)
+
+
+def test_thresholds_give_nested_segmentations():
+    affs = np.random.default_rng(4).random((3, 12, 12, 12)).astype(np.float32)
+    segs = [s.compute() for s in segment(affs, [0.2, 0.4, 0.6, 0.8])]
+    counts = [np.unique(s).size for s in segs]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    for finer, coarser in itertools.pairwise(segs):  # each segment lies inside one coarser one
+        f, _, _ = contingency_table(coarser, finer + 1)
+        assert np.unique(f).size == f.size
+
+
+def test_graph_info():
+    affs = np.random.default_rng(5).random((3, 10, 10, 10)).astype(np.float32)
+    _, info = segment(da.from_array(affs, chunks=(3, 5, 5, 5)), [0.5], return_info=True)
+    info = info.compute()
+    assert info.n_blocks == 8 and info.n_supervoxels <= info.n_basins
+    assert info.graph_nbytes > 0 and info.n_edges > 0
+
+
+# ---------------------------------------------------------------- bad input
+def test_error_wrong_channel_count():
+    with pytest.raises(ValueError, match="3 nearest-neighbour channels .* got 5"):
+        segment(np.zeros((5, 4, 4, 4), np.float32), [0.5])
+
+
+def test_error_not_4d():
+    with pytest.raises(ValueError, match=r"must be 4-D \(3, z, y, x\), got 3-D"):
+        segment(np.zeros((4, 4, 4), np.float32), [0.5])
+
+
+def test_error_nan():
+    affs = np.full((3, 12, 12, 12), 0.5, np.float32)
+    affs[1, 8, 8, 8] = np.nan
+    [seg] = segment(da.from_array(affs, chunks=(3, 6, 6, 6)), [0.5])
+    with pytest.raises(ValueError, match=r"block at voxel \(6, 6, 6\): affinities contain NaN"):
+        seg.compute()
+
+
+def test_error_out_of_range():
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], found \[0, 2\]"):
+        segment(np.full((3, 4, 4, 4), 2.0, np.float32), [0.5])[0].compute()
+
+
+def test_uint8_is_scaled():
+    f = np.random.default_rng(6).integers(0, 256, (3, 9, 9, 9)).astype(np.uint8)
+    a = segment(f, [0.5])[0].compute()
+    b = segment(f.astype(np.float32) / 255, [0.5])[0].compute()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_error_thresholds_out_of_order():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        segment(np.zeros((3, 4, 4, 4), np.float32), [0.5, 0.3])
+
+
+def test_error_bad_dtype():
+    with pytest.raises(ValueError, match="float in \\[0, 1\\] or uint8"):
+        segment(np.zeros((3, 4, 4, 4), np.int32), [0.5])
