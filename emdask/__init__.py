@@ -7,7 +7,7 @@ volumes (:class:`xarray.DataArray` over Dask arrays with nm coordinates).
 
 from emdask.affinities import affinities_from_labels
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
-from emdask.segment import segment
+from emdask.segmentation import segment
 from emdask.volumes import VolumeError, cutout, open_volume, save_volume
 
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ and return, for every region, the region it is merged into.  They run in Numba a
 touch voxels, so their cost is set by the size of the graph, not of the volume.
 
 Determinism: the kernels are pure functions of the graph.  Regions and edges are ordered
-canonically by the caller (:mod:`emdask.segment` orders regions by their lowest global
+canonically by the caller (:mod:`emdask.segmentation` orders regions by their lowest global
 voxel index), edge scores are computed from exact integer sums, and ties are broken by edge
 order, so the same graph always gives the same merges, however the volume was chunked.
 """
@@ -46,11 +46,9 @@ def parse_score(score: str) -> tuple[int, float]:
 
 
 @njit(cache=True)
-def _merge_small_kernel(n, eu, ev, emax, sizes, size_threshold, merge_q):
+def _merge_small_kernel(n, eu, ev, emax, order, sizes, size_threshold, merge_q):
     parent = np.arange(n)
     size = sizes.copy()
-    # strongest edges first; a stable sort keeps canonical edge order among ties
-    order = np.argsort(-emax, kind="mergesort")
     for e in order:
         if emax[e] < merge_q:
             break
@@ -83,7 +81,9 @@ def merge_small_regions(
         ``root[i]``: the lowest-numbered region that region ``i`` was merged with.
     """
     merge_q = int(np.ceil(merge_threshold * Q - 1e-9))
-    return _merge_small_kernel(len(sizes), graph.u, graph.v, graph.max,
+    # strongest edges first; a stable sort keeps canonical edge order among ties
+    order = np.argsort(-graph.max, kind="stable")
+    return _merge_small_kernel(len(sizes), graph.u, graph.v, graph.max, order,
                                np.asarray(sizes, np.int64), int(size_threshold), merge_q)
 
 

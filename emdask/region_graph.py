@@ -52,6 +52,22 @@ class RegionGraph:
         return cls(z, z.copy(), z.copy(), z.copy(), z.copy(), np.zeros((0, bins), np.int64))
 
 
+def _sort_pairs(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order sorting pairs by (lo, hi), and where each run of equal pairs starts.
+
+    Pairs of non-negative ids below 2**31 are packed into one int64 key, whose stable sort
+    (a radix sort in numpy) is several times faster than a two-key lexsort.
+    """
+    if lo.size and lo.min() >= 0 and max(lo.max(), hi.max()) < 2**31:
+        key = (lo << 31) | hi
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        return order, np.r_[True, key[1:] != key[:-1]]
+    order = np.lexsort((hi, lo))
+    lo, hi = lo[order], hi[order]
+    return order, np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
+
+
 def _reduce(u, v, count, total, maxw, hist) -> RegionGraph:
     """Sum statistics of duplicate (u, v) pairs; drop self-edges; orient u < v."""
     keep = u != v
@@ -60,9 +76,9 @@ def _reduce(u, v, count, total, maxw, hist) -> RegionGraph:
     lo, hi = np.minimum(u, v), np.maximum(u, v)
     if lo.size == 0:
         return RegionGraph.empty(hist.shape[1])
-    order = np.lexsort((hi, lo))
+    order, is_start = _sort_pairs(lo, hi)
     lo, hi = lo[order], hi[order]
-    start = np.flatnonzero(np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])])
+    start = np.flatnonzero(is_start)
     return RegionGraph(
         lo[start], hi[start],
         np.add.reduceat(count[order], start),
@@ -81,9 +97,8 @@ def from_observations(u: np.ndarray, v: np.ndarray, w: np.ndarray, bins: int = 0
     lo, hi, w = np.minimum(u, v)[keep], np.maximum(u, v)[keep], w[keep]
     if lo.size == 0:
         return RegionGraph.empty(bins)
-    order = np.lexsort((hi, lo))
+    order, is_start = _sort_pairs(lo, hi)
     lo, hi, w = lo[order], hi[order], w[order]
-    is_start = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
     start = np.flatnonzero(is_start)
     n = start.size
     edge = np.cumsum(is_start) - 1

@@ -251,6 +251,7 @@ def open_volume(
     """
     url = os.fspath(url)
     kind = _container_kind(url)
+    zarr_array = None
     if kind == "hdf5":
         source, meta = _open_hdf5(url, dataset)
         data = da.from_array(source, chunks=source.chunks or "auto", name=False,
@@ -266,6 +267,7 @@ def open_volume(
     else:
         array, meta, path = _open_zarr(url, dataset, level, storage_options)
         data = da.from_zarr(array)
+        zarr_array = array
         where = f"{url}:{path}" if path else url
     _spatial_dims(data.ndim, where)
     _check_dtype(data.dtype, where)
@@ -277,7 +279,25 @@ def open_volume(
         where=where,
     )
     vol.attrs["source"] = where
+    if zarr_array is not None:
+        # lets a stage re-read the stored array with fresh Dask keys (see reread())
+        vol.encoding["zarr_array"] = zarr_array
     return vol
+
+
+def reread(volume: xr.DataArray) -> da.Array:
+    """The volume's Dask array under new keys, read again from storage when possible.
+
+    Two passes over a volume that share Dask keys make Dask hold every block in memory
+    between the passes; a second pass that reads through this does not.  Falls back to the
+    array itself (shared keys) when the volume is not a whole stored zarr array.
+    """
+    import uuid
+
+    array = volume.encoding.get("zarr_array")
+    if array is None or tuple(array.shape) != volume.shape:
+        return volume.data
+    return da.from_zarr(array, chunks=volume.data.chunks, name=f"reread-{uuid.uuid4().hex}")
 
 
 def _volume_name(where: str) -> str:

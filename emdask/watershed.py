@@ -20,7 +20,7 @@ The watershed, in the manner of Zlateski and Seung:
 4. Basins are the connected components of the pointer and high edges.  Each is local
    information (a voxel's pointer needs affinities within 2 voxels), which is what makes the
    blockwise computation exact: a block labels its own basins, and the few pointers that
-   cross a block face are joined afterwards (see :mod:`emdask.segment`).
+   cross a block face are joined afterwards (see :mod:`emdask.segmentation`).
 
 Small basins are then merged along their strongest edge (size-dependent single linkage),
 on the region graph: see :func:`emdask.agglomerate.merge_small_regions`.
@@ -85,10 +85,28 @@ class WatershedParams:
         return int(np.ceil(self.low * Q - 1e-9)), int(np.ceil(self.high * Q - 1e-9))
 
 
-def quantize_affinities(affinities: np.ndarray, where: str = "affinities") -> np.ndarray:
+@njit(cache=True, nogil=True)
+def _quantize_float(a, out):
+    """One pass: out = round(clip(a, 0, 1) * Q), NaN -> 0; returns (#NaN, min, max)."""
+    n_nan, lo, hi = 0, np.inf, -np.inf
+    for i in range(a.size):
+        v = a[i]
+        if np.isnan(v):
+            n_nan += 1
+            out[i] = 0
+            continue
+        lo, hi = min(lo, v), max(hi, v)
+        out[i] = np.uint16(np.rint(min(max(v, 0.0), 1.0) * Q))
+    return n_nan, lo, hi
+
+
+def quantize_affinities(affinities: np.ndarray, where: str = "affinities",
+                        check: bool = True) -> np.ndarray:
     """Check affinities and quantize them to uint16 (1.0 -> 65535).
 
-    Raises ``ValueError`` for NaN or values outside [0, 1], naming ``where``.
+    Raises ``ValueError`` for NaN or values outside [0, 1], naming ``where``.  With
+    ``check=False`` such values are clipped (NaN -> 0) instead: for halos, whose owner
+    block reports them.
     """
     a = np.asarray(affinities)
     if a.dtype == np.uint8:
@@ -102,13 +120,13 @@ def quantize_affinities(affinities: np.ndarray, where: str = "affinities") -> np
             f"{where}: affinities must be float in [0, 1] or uint8 (scaled by 1/255), "
             f"got dtype {a.dtype}"
         )
-    if a.size:
-        if np.isnan(a).any():
-            raise ValueError(f"{where}: affinities contain NaN")
-        lo, hi = float(a.min()), float(a.max())
-        if lo < 0 or hi > 1:
-            raise ValueError(f"{where}: affinities must lie in [0, 1], found [{lo:g}, {hi:g}]")
-    return np.rint(a.astype(np.float32) * Q).astype(np.uint16)
+    out = np.empty(a.shape, np.uint16)
+    n_nan, lo, hi = _quantize_float(np.ascontiguousarray(a).reshape(-1), out.reshape(-1))
+    if check and n_nan:
+        raise ValueError(f"{where}: affinities contain NaN ({n_nan} values)")
+    if check and a.size and (lo < 0 or hi > 1):
+        raise ValueError(f"{where}: affinities must lie in [0, 1], found [{lo:g}, {hi:g}]")
+    return out
 
 
 # Neighbour directions: 0..2 = -z, -y, -x; 3..5 = +z, +y, +x.
@@ -174,11 +192,16 @@ def _basins_kernel(w, origin, shape, halo, high, depth):
     # neighbour ("exit"), capped at depth + 1; computed Jacobi-style (no in-place
     # propagation), so it is the same whatever the block boundaries
     level = np.full((ez, ey, ex), depth + 1, np.int8)
+    plateau = np.empty(ez * ey * ex, np.int64)  # voxels without an exit: usually few
+    n_plateau = 0
     for z in range(1, ez - 2):
         for y in range(1, ey - 2):
             for x in range(1, ex - 2):
                 mp = m[z, y, x]
                 if mp < 0:
+                    continue
+                if mp >= high:  # joined by its high edges anyway: no plateau to divide
+                    level[z, y, x] = 0
                     continue
                 for k in range(6):
                     wk = w[k, z, y, x] if k < 3 else w[k - 3, z + _DZ[k], y + _DY[k],
@@ -186,21 +209,28 @@ def _basins_kernel(w, origin, shape, halo, high, depth):
                     if wk == mp and m[z + _DZ[k], y + _DY[k], x + _DX[k]] > mp:
                         level[z, y, x] = 0
                         break
+                if level[z, y, x] != 0:
+                    plateau[n_plateau] = (z * ey + y) * ex + x
+                    n_plateau += 1
+    update = np.empty(n_plateau, np.int8)
     for r in range(1, depth + 1):
-        previous = level.copy()
-        for z in range(1 + r, ez - 2 - r):
-            for y in range(1 + r, ey - 2 - r):
-                for x in range(1 + r, ex - 2 - r):
-                    mp = m[z, y, x]
-                    if mp < 0 or previous[z, y, x] == 0:
-                        continue
-                    for k in range(6):
-                        wk = w[k, z, y, x] if k < 3 else w[k - 3, z + _DZ[k], y + _DY[k],
-                                                           x + _DX[k]]
-                        q = previous[z + _DZ[k], y + _DY[k], x + _DX[k]]
-                        if wk == mp and m[z + _DZ[k], y + _DY[k], x + _DX[k]] == mp \
-                                and q + 1 < level[z, y, x]:
-                            level[z, y, x] = q + 1
+        for c in range(n_plateau):
+            p = plateau[c]
+            z, y, x = p // (ey * ex), (p // ex) % ey, p % ex
+            update[c] = level[z, y, x]
+            if not (1 + r <= z < ez - 2 - r and 1 + r <= y < ey - 2 - r
+                    and 1 + r <= x < ex - 2 - r):
+                continue
+            mp = m[z, y, x]
+            for k in range(6):
+                wk = w[k, z, y, x] if k < 3 else w[k - 3, z + _DZ[k], y + _DY[k], x + _DX[k]]
+                q = level[z + _DZ[k], y + _DY[k], x + _DX[k]]
+                if wk == mp and m[z + _DZ[k], y + _DY[k], x + _DX[k]] == mp \
+                        and q + 1 < update[c]:
+                    update[c] = q + 1
+        for c in range(n_plateau):  # apply after the sweep (Jacobi)
+            p = plateau[c]
+            level[p // (ey * ex), (p // ex) % ey, p % ex] = update[c]
     parent = np.arange(nz * ny * nx)
     direction = np.full((nz, ny, nx), -1, np.int8)
     for i in range(nz):

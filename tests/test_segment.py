@@ -10,7 +10,7 @@ import scipy.ndimage as ndi
 
 from emdask import contingency_table, open_volume, save_volume
 from emdask.affinities import affinities_from_labels
-from emdask.segment import segment
+from emdask.segmentation import segment
 
 THRESHOLDS = [0.05, 0.15, 0.25]
 
@@ -151,3 +151,15 @@ def test_error_thresholds_out_of_order():
 def test_error_bad_dtype():
     with pytest.raises(ValueError, match="float in \\[0, 1\\] or uint8"):
         segment(np.zeros((3, 4, 4, 4), np.int32), [0.5])
+
+
+def test_zarr_input_is_read_again_for_relabelling(tmp_path):
+    """The relabel pass must not share input keys with the first pass (memory bound)."""
+    affs = np.random.default_rng(7).random((3, 12, 12, 12)).astype(np.float32)
+    save_volume(affs, tmp_path / "a.zarr", "affinities", voxel_size=(1, 1, 1),
+                chunks=(6, 6, 6))
+    vol = open_volume(tmp_path / "a.zarr", "affinities")
+    [seg] = segment(vol, [0.5])
+    keys = [str(k) for k in dict(seg.data.__dask_graph__())]
+    assert any("reread-" in k for k in keys)
+    np.testing.assert_array_equal(seg.values, segment(affs, [0.5])[0].compute())

@@ -2,7 +2,7 @@
 
 ``segment(affinities, thresholds)`` runs in three steps:
 
-1. **Per block** (one task each, block plus a 2-voxel halo): steepest-ascent basins with
+1. **Per block** (one task each, block plus a halo of ``HALO`` voxels): steepest-ascent basins with
    block-local labels (:func:`emdask.watershed.basins`), their sizes and lowest global voxel
    index, the region graph of edges inside the block, and the labels, pointers and
    affinities on the block's faces.
@@ -14,9 +14,10 @@
    hierarchical agglomeration yields one merge table per threshold
    (:func:`emdask.agglomerate.agglomerate`).
 
-Blocks are then relabelled lazily: each output block recomputes its basins (cheap, and it
-keeps memory bounded by blocks rather than the volume) and looks its labels up in the
-table.  Because every decision is made on the global graph with canonical ids (a region is
+Blocks are then relabelled lazily: each output block recomputes its basins (cheap) and
+looks its labels up in the table.  For volumes opened from zarr the relabel pass reads its
+input from the store again, so memory stays bounded by blocks in flight plus the global
+graph rather than the volume; other Dask inputs are held between the two passes.  Because every decision is made on the global graph with canonical ids (a region is
 known by its lowest global voxel index, sums are exact integers), the result is identical
 for every chunking, ids included.
 """
@@ -35,6 +36,7 @@ from numba import njit
 
 from emdask.agglomerate import _check_thresholds, agglomerate, merge_small_regions, parse_score
 from emdask.region_graph import RegionGraph, combine, from_observations, observations
+from emdask.volumes import reread
 from emdask.watershed import HALO, WatershedParams, _find, basins, quantize_affinities
 
 __all__ = ["SegmentationInfo", "segment"]
@@ -61,26 +63,20 @@ class SegmentationInfo:
 # ---------------------------------------------------------------- per block
 def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
     # check only the block itself: the halo belongs to neighbours, which report their own
-    inner = padded[:, HALO:-HALO, HALO:-HALO, HALO:-HALO]
-    quantize_affinities(inner, where=f"affinities block at voxel {tuple(map(int, origin))}")
-    with np.errstate(invalid="ignore"):
-        aq = quantize_affinities(np.nan_to_num(padded, nan=0.0).clip(0, 1)
-                                 if padded.dtype.kind == "f" else padded)
+    quantize_affinities(padded[:, HALO:-HALO, HALO:-HALO, HALO:-HALO],
+                        where=f"affinities block at voxel {tuple(map(int, origin))}")
+    aq = quantize_affinities(padded, check=False)
     labels, direction, first = basins(aq, origin, shape, params)
     inner = aq[:, HALO:-HALO, HALO:-HALO, HALO:-HALO]
     u, v, w = observations(labels, inner)
-    stats = {
-        "n": first.size,
-        "first": first,
-        "sizes": np.bincount(labels.ravel(), minlength=first.size + 1)[1:],
-        "graph": from_observations(u - 1, v - 1, w, bins),
-    }
+    basin_info = (first, np.bincount(labels.ravel(), minlength=first.size + 1)[1:])
+    graph = from_observations(u - 1, v - 1, w, bins)
     faces = {}
     for d in range(3):
         faces[("lower", d)] = (labels.take(0, d), direction.take(0, d) == d,
                                inner[d].take(0, d))
         faces[("upper", d)] = (labels.take(-1, d), direction.take(-1, d) == d + 3)
-    return stats, faces
+    return basin_info, graph, faces
 
 
 def _face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
@@ -119,27 +115,41 @@ def _canonical(root: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- global graph
-def _solve(stats, links, params: WatershedParams, thresholds, score: str, bins: int):
-    counts = np.array([s["n"] for s in stats], np.int64)
+def _supervoxels(basin_info, pairs, links):
+    """Union-find over all block-local basins: basins joined across faces form one
+    supervoxel; supervoxels are numbered by their lowest global voxel index."""
+    counts = np.array([first.size for first, _ in basin_info], np.int64)
     bases = np.concatenate([[0], np.cumsum(counts)])
     n = int(bases[-1])
-    keys = np.concatenate([s["first"] for s in stats]) if n else np.zeros(0, np.int64)
-    sizes = np.concatenate([s["sizes"] for s in stats]) if n else np.zeros(0, np.int64)
-    graphs = []
-    for s, base in zip(stats, bases[:-1], strict=True):
-        g = s["graph"]
-        graphs.append(RegionGraph(g.u + base, g.v + base, g.count, g.total, g.max, g.hist))
+    keys = np.concatenate([first for first, _ in basin_info] + [np.zeros(0, np.int64)])
+    sizes = np.concatenate([size for _, size in basin_info] + [np.zeros(0, np.int64)])
     pa, pb = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for (ia, ib), (pairs, g) in links:
-        pa.append(pairs[0] + bases[ia])
-        pb.append(pairs[1] + bases[ib])
-        graphs.append(RegionGraph(g.u + bases[ia], g.v - _B_OFFSET + bases[ib], g.count,
-                                  g.total, g.max, g.hist))
-    # supervoxels: basins joined across faces, numbered by lowest global voxel index
+    for (ia, ib), joined in zip(pairs, links, strict=True):
+        pa.append(joined[0] + bases[ia])
+        pb.append(joined[1] + bases[ib])
     sv = _canonical(_union_all(n, np.concatenate(pa), np.concatenate(pb)), keys)
     n_sv = int(sv.max()) + 1 if n else 0
-    sv_graph = combine(graphs, relabel=sv)
-    sv_sizes = np.bincount(sv, weights=sizes, minlength=n_sv).astype(np.int64)
+    return bases, sv, np.bincount(sv, weights=sizes, minlength=n_sv).astype(np.int64)
+
+
+def _global_graph(block_graphs, face_graphs, pairs, supervoxels) -> RegionGraph:
+    """Every block's and face's graph in supervoxel ids, summed: the global graph."""
+    bases, sv, _ = supervoxels
+    shifted = [RegionGraph(g.u + bases[b], g.v + bases[b], g.count, g.total, g.max, g.hist)
+               for b, g in enumerate(block_graphs)]
+    shifted += [RegionGraph(g.u + bases[a], g.v - _B_OFFSET + bases[b], g.count, g.total,
+                            g.max, g.hist) for (a, b), g in zip(pairs, face_graphs,
+                                                                strict=True)]
+    return combine(shifted, relabel=sv)
+
+
+def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedParams,
+            thresholds, score: str):
+    """Global graph, small-region merging and agglomeration; lookup tables."""
+    bases, sv, sv_sizes = supervoxels
+    n_blocks = len(block_graphs)
+    sv_graph = _global_graph(block_graphs, face_graphs, pairs, supervoxels)
+    n, n_sv = sv.size, sv_sizes.size
     # fragments: small supervoxels merged (roots are lowest ids, hence canonical)
     frag = np.arange(n_sv)
     if params.size_threshold > 0 and n_sv:
@@ -160,19 +170,23 @@ def _solve(stats, links, params: WatershedParams, thresholds, score: str, bins: 
         tables.append(_consecutive(np.where(dust, 0, seg)))
     # lookup tables from block-local basin to output id, one row per output
     luts = np.stack([t[frag[sv]] for t in tables]) if n else np.zeros((len(tables), 0))
-    info = SegmentationInfo(len(stats), n, n_sv, n_frag, len(sv_graph), sv_graph.nbytes)
+    info = SegmentationInfo(n_blocks, n, n_sv, n_frag, len(sv_graph), sv_graph.nbytes)
     return luts.astype(np.uint64), bases, info
 
 
 def _relabel(padded, origin, shape, params, solution, block: int):
     luts, bases, _ = solution
-    labels, _, _ = basins(quantize_affinities(padded), origin, shape, params)
+    labels, _, _ = basins(quantize_affinities(padded, check=False), origin, shape, params)
     lut = np.concatenate([np.zeros((luts.shape[0], 1), np.uint64),
                           luts[:, bases[block]:bases[block + 1]]], axis=1)
     return tuple(row[labels] for row in lut)
 
 
 # ---------------------------------------------------------------- public
+def _input_chunks(template: xr.DataArray):
+    return da.asarray(template.data).rechunk({0: -1}).chunks
+
+
 def _as_affinities(affinities: Any) -> tuple[da.Array, xr.DataArray | None]:
     template = affinities if isinstance(affinities, xr.DataArray) else None
     data = affinities.data if template is not None else affinities
@@ -266,36 +280,46 @@ def segment(
     chunks = tuple(tuple(c - 2 * HALO for c in cs) for cs in padded.chunks[1:])
     grid = tuple(len(c) for c in chunks)
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
-    delayed_blocks = padded.to_delayed()[0]
+    # optimize_graph=False: dask cannot fuse overlap after rechunk (multiple outputs)
+    delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
     blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
+    # the relabel pass reads its input again (from zarr, under new keys) where it can, so
+    # that Dask need not hold every input block until the global solve
+    again = data
+    if template is not None and data.chunks == _input_chunks(template):
+        again = reread(template).rechunk({0: -1})
+    relabel_blocks = da.overlap.overlap(
+        again, depth={0: 0, 1: HALO, 2: HALO, 3: HALO}, boundary={0: "none", 1: 0, 2: 0, 3: 0}
+    ).to_delayed(optimize_graph=False)[0] if again is not data else delayed_blocks
     ids = np.arange(int(np.prod(grid))).reshape(grid)
 
     summaries, origins = {}, {}
     for idx in np.ndindex(*grid):
         origins[idx] = tuple(int(starts[d][idx[d]]) for d in range(3))
-        summaries[idx] = dask.delayed(_block_summary, nout=2, pure=True)(
+        summaries[idx] = dask.delayed(_block_summary, nout=3, pure=True)(
             blocks[idx], origins[idx], shape, params, bins)
-    links = []
+    pairs, links = [], []
     high_q = params.quantized()[1]
     for idx in np.ndindex(*grid):
         for d in range(3):
             if idx[d] == 0:
                 continue
             below = tuple(i - (k == d) for k, i in enumerate(idx))
-            link = dask.delayed(_face_links, pure=True)(
-                summaries[idx][1], summaries[below][1], d, high_q, bins)
-            links.append(((int(ids[below]), int(ids[idx])), link))
-    solution = dask.delayed(_solve, pure=True)(
-        [summaries[idx][0] for idx in np.ndindex(*grid)],
-        [(pair, link) for pair, link in links], params,
-        thr, score, bins)
+            links.append(dask.delayed(_face_links, nout=2, pure=True)(
+                summaries[idx][2], summaries[below][2], d, high_q, bins))
+            pairs.append((int(ids[below]), int(ids[idx])))
+    supervoxels = dask.delayed(_supervoxels, pure=True)(
+        [summaries[idx][0] for idx in np.ndindex(*grid)], pairs, [lk[0] for lk in links])
+    solution = dask.delayed(_finish, pure=True)(
+        [summaries[idx][1] for idx in np.ndindex(*grid)], [lk[1] for lk in links], pairs,
+        supervoxels, params, thr, score)
 
     n_out = len(thr) + 1
     nested = [np.empty(grid, object) for _ in range(n_out)]
     for idx in np.ndindex(*grid):
         block_shape = tuple(chunks[d][idx[d]] for d in range(3))
         outs = dask.delayed(_relabel, nout=n_out, pure=True)(
-            blocks[idx], origins[idx], shape, params, solution, int(ids[idx]))
+            relabel_blocks[idx], origins[idx], shape, params, solution, int(ids[idx]))
         for i in range(n_out):
             nested[i][idx] = da.from_delayed(outs[i], block_shape, dtype=np.uint64)
     results = [da.block(n.tolist()) for n in nested]
