@@ -21,11 +21,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from emdask.train import load_config, train
+
+    config = load_config(args.config)
+    if args.out:
+        config.out = args.out
+    train(config, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emdask", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the pipeline on the bundled sample")
     demo.set_defaults(func=_demo)
+    tr = sub.add_parser("train", help="train (or resume training) an affinity net")
+    tr.add_argument("config", help="TOML training config (see emdask.train)")
+    tr.add_argument("--out", help="output folder (overrides the config's 'out')")
+    tr.add_argument("--max-minutes", type=float, help="stop after a checkpoint once "
+                    "this much training time has passed (resume later)")
+    tr.set_defaults(func=_train)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -286,7 +286,8 @@ def segment(
     # the relabel pass reads its input again (from zarr, under new keys) where it can, so
     # that Dask need not hold every input block until the global solve
     again = data
-    if template is not None and data.chunks == _input_chunks(template):
+    if (template is not None and "zarr_array" in template.encoding
+            and data.chunks == _input_chunks(template)):
         again = reread(template).rechunk({0: -1})
     relabel_blocks = da.overlap.overlap(
         again, depth={0: 0, 1: HALO, 2: HALO, 3: HALO}, boundary={0: "none", 1: 0, 2: 0, 3: 0}

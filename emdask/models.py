@@ -1,0 +1,232 @@
+"""The boundary net: an anisotropic residual 3D U-Net predicting affinities.
+
+In the spirit of Lee et al. 2017 ("Superhuman accuracy on the SNEMI3D challenge"):
+residual blocks, downsampling in x-y only at the first levels (serial sections are thick),
+2-D (1x3x3) convolutions where z resolution is poor and 3-D convolutions deeper; outputs
+are the 3 nearest-neighbour affinities plus optional long-range affinities, which Lee et
+al. use as an auxiliary objective.
+
+The net is fully convolutional with "same" padding.  Its field of view is computed from the
+architecture (:attr:`AffinityUNet.field_of_view`); chunked inference gives every block a
+halo at least that radius, rounded up to the total downsampling factor, so that every
+output voxel sees exactly what it would see in a single pass over the whole volume.
+
+Pretrained weights ship with the package (``emdask/weights/``); :func:`pretrained` loads
+them without network access.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "AffinityUNet",
+    "ModelConfig",
+    "available_models",
+    "load_model",
+    "pretrained",
+    "save_model",
+]
+
+WEIGHTS = Path(__file__).with_name("weights")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of an :class:`AffinityUNet`.
+
+    Attributes
+    ----------
+    width
+        Feature maps at the first level; doubled at every level below.
+    downsample
+        Pooling factor (z, y, x) between consecutive levels; its length + 1 is the depth.
+        ``(1, 2, 2)`` entries make the first levels x-y only (anisotropic ssTEM);
+        ``(2, 2, 2)`` everywhere suits isotropic FIB-SEM.
+    conv3d_from_level
+        Levels from this one down use 3x3x3 convolutions; above it 1x3x3 (2-D).
+    offsets
+        Affinity offsets (dz, dy, dx): the 3 nearest neighbours first, then long-range.
+    voxel_size
+        The voxel size (nm, z-y-x) the net was trained for; inputs are checked against it.
+    """
+
+    width: int = 12
+    downsample: list = field(default_factory=lambda: [[1, 2, 2], [2, 2, 2], [2, 2, 2]])
+    conv3d_from_level: int = 1
+    offsets: list = field(default_factory=lambda: [
+        [-1, 0, 0], [0, -1, 0], [0, 0, -1], [-3, 0, 0], [0, -9, 0], [0, 0, -9]])
+    voxel_size: list = field(default_factory=lambda: [10.0, 10.0, 10.0])
+    in_channels: int = 1
+
+    def __post_init__(self):
+        if self.width < 1 or not self.downsample:
+            raise ValueError("width must be >= 1 and downsample must list at least one level")
+        if [list(o) for o in self.offsets[:3]] != [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]:
+            raise ValueError("the first 3 offsets must be the nearest neighbours "
+                             "[-1,0,0], [0,-1,0], [0,0,-1]")
+
+
+class _ResBlock(nn.Module):
+    """conv-BN-ELU, conv-BN, + skip, ELU.  BatchNorm (not Group/InstanceNorm): at inference
+    it is a fixed affine map, so an output voxel does not depend on the patch around it."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int]):
+        super().__init__()
+        pad = tuple(k // 2 for k in kernel)
+        self.project = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.conv1 = nn.Conv3d(cout, cout, kernel, padding=pad)
+        self.bn1 = nn.BatchNorm3d(cout)
+        self.conv2 = nn.Conv3d(cout, cout, kernel, padding=pad)
+        self.bn2 = nn.BatchNorm3d(cout)
+        self.act = nn.ELU(inplace=True)
+
+    def forward(self, x):
+        x = self.project(x)
+        y = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(y)) + x)
+
+
+class AffinityUNet(nn.Module):
+    """Residual U-Net from raw EM (1, z, y, x) to affinities (len(offsets), z, y, x).
+
+    Input sizes must be multiples of :attr:`factor`; outputs are probabilities (sigmoid)
+    from :meth:`predict`, logits from :meth:`forward`.
+    """
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        levels = len(config.downsample) + 1
+        widths = [config.width * 2**i for i in range(levels)]
+        kernels = [(1, 3, 3) if i < config.conv3d_from_level else (3, 3, 3)
+                   for i in range(levels)]
+        self.inp = nn.Conv3d(config.in_channels, widths[0], (1, 5, 5), padding=(0, 2, 2))
+        self.down = nn.ModuleList(_ResBlock(widths[max(i - 1, 0)], widths[i], kernels[i])
+                                  for i in range(levels - 1))
+        self.pool = nn.ModuleList(nn.MaxPool3d(tuple(f)) for f in config.downsample)
+        self.bottom = _ResBlock(widths[-2], widths[-1], kernels[-1])
+        self.up = nn.ModuleList(
+            nn.ConvTranspose3d(widths[i + 1], widths[i], tuple(config.downsample[i]),
+                               stride=tuple(config.downsample[i]))
+            for i in range(levels - 1))
+        self.up_blocks = nn.ModuleList(_ResBlock(widths[i], widths[i], kernels[i])
+                                       for i in range(levels - 1))
+        self.out = nn.Conv3d(widths[0], len(config.offsets), 1)
+
+    @property
+    def factor(self) -> tuple[int, int, int]:
+        """Total downsampling (z, y, x): input sizes must be multiples of it."""
+        return tuple(int(v) for v in np.prod(np.asarray(self.config.downsample), axis=0))
+
+    @property
+    def field_of_view(self) -> tuple[int, int, int]:
+        """Radius (z, y, x) of the voxels an output voxel depends on, from the layers."""
+        radius = np.array([0, 2, 2])  # the 1x5x5 input convolution
+        scale = np.ones(3, int)
+        kernels = [np.array(b.conv1.kernel_size) for b in self.down]
+        for k, f in zip(kernels, self.config.downsample, strict=True):
+            radius += 2 * (k // 2) * scale  # two convolutions per residual block
+            radius += (np.array(f) - 1) * scale  # max pooling
+            scale = scale * np.array(f)
+        radius += 2 * (np.array(self.bottom.conv1.kernel_size) // 2) * scale
+        for k, f in reversed(list(zip(kernels, self.config.downsample, strict=True))):
+            scale = scale // np.array(f)
+            radius += (np.array(f) - 1) * scale  # transposed convolution
+            radius += 2 * (k // 2) * scale
+        return tuple(int(r) for r in radius)
+
+    @property
+    def halo(self) -> tuple[int, int, int]:
+        """Inference context per side: the field of view rounded up to :attr:`factor`."""
+        return tuple(int(-(-r // f) * f) for r, f in zip(self.field_of_view, self.factor,
+                                                         strict=True))
+
+    def flops_per_voxel(self) -> float:
+        """Multiply-adds per output voxel x 2 (convolutions only)."""
+        total = 0.0
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
+                level = _level_of(name, len(self.config.downsample))
+                scale = float(np.prod([np.prod(f) for f in self.config.downsample[:level]]))
+                k = float(np.prod(m.kernel_size))
+                if isinstance(m, nn.ConvTranspose3d):
+                    k /= float(np.prod(m.stride))  # one kernel tap per output voxel
+                total += 2 * m.in_channels * m.out_channels * k / scale
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        skips = []
+        for block, pool in zip(self.down, self.pool, strict=True):
+            x = block(x)
+            skips.append(x)
+            x = pool(x)
+        x = self.bottom(x)
+        for i in reversed(range(len(self.up))):
+            x = self.up_blocks[i](self.up[i](x) + skips[i])
+        return self.out(x)
+
+
+def _level_of(name: str, n_down: int) -> int:
+    """Resolution level (0 = full) at which a named convolution runs."""
+    parts = name.split(".")
+    if parts[0] in ("down", "up_blocks"):
+        return int(parts[1])
+    if parts[0] == "up":
+        return int(parts[1]) + 1  # reads the coarser level
+    if parts[0] == "bottom":
+        return n_down
+    return 0
+
+
+def save_model(model: AffinityUNet, path: str | Path, card: dict | None = None) -> None:
+    """Weights (``.pt``) and a JSON side file with the config and the model card."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, tmp)
+    tmp.replace(path)
+    meta = {"config": asdict(model.config), "card": card or {}}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> AffinityUNet:
+    """Load a model saved by :func:`save_model` (or a training checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file")
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    model = AffinityUNet(ModelConfig(**state["config"]))
+    model.load_state_dict(state["state_dict"] if "state_dict" in state else state["model"])
+    model.eval()
+    meta = path.with_suffix(".json")
+    model.card = json.loads(meta.read_text()).get("card", {}) if meta.exists() else {}
+    return model
+
+
+def available_models() -> list[str]:
+    """Names of the pretrained models shipped with emdask."""
+    return sorted(p.stem for p in WEIGHTS.glob("*.pt"))
+
+
+def pretrained(name: str = "fibsem") -> AffinityUNet:
+    """A shipped model, loaded from the package (no network access).
+
+    Parameters
+    ----------
+    name
+        ``"fibsem"``: isotropic FIB-SEM at 10 nm (trained on the FlyEM medulla data).
+    """
+    path = WEIGHTS / f"{name}.pt"
+    if not path.exists():
+        raise ValueError(
+            f"no pretrained model {name!r}; available: {available_models() or '(none)'}"
+        )
+    return load_model(path)

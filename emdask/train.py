@@ -1,0 +1,297 @@
+"""Training of the affinity net from labelled volumes, with checkpoints that resume.
+
+``emdask train CONFIG.toml`` (or :func:`train`) draws random patches from any number of
+labelled volumes (anything :func:`emdask.open_volume` reads), augments them
+(:mod:`emdask.augment`), computes affinity targets from the labels
+(:func:`emdask.affinities.affinities_from_labels`: label 0 is unlabelled, and edges that
+touch it are masked out of the loss rather than taught as boundary), and minimizes a
+class-rebalanced binary cross-entropy with Adam.  Every ``validate_every`` iterations the
+net predicts a validation region that is never trained on; the prediction is segmented
+(:func:`emdask.segment`) and scored (VOI, adapted Rand error) at its best threshold.  Loss
+and validation curves go to ``log.csv`` and ``curves.png`` in the output folder, and
+``checkpoint.pt`` is written atomically, so a killed run resumes where it stopped.
+
+Example config::
+
+    out = "runs/fibsem"
+    iterations = 3000
+    patch = [32, 96, 96]
+    seed = 0
+
+    [[volumes]]
+    url = "../shared/data/flyem_medulla_fib_neuroproof_sample2/medulla_fib_sample2_250cube.h5"
+    raw = "raw"
+    labels = "labels/neuron_ids"
+    roi = [[0, 0, 0], [200, 250, 250]]       # voxels; z 200-249 is validation
+
+    [validation]
+    url = "..."                               # same keys as a volume
+    roi = [[200, 0, 0], [250, 192, 192]]
+
+    [model]                                   # emdask.models.ModelConfig
+    width = 12
+
+    [augment]                                 # emdask.augment.AugmentConfig
+    missing = 0.15
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emdask.affinities import affinities_from_labels
+from emdask.augment import AugmentConfig, augment
+from emdask.models import AffinityUNet, ModelConfig, save_model
+from emdask.predict import normalize_raw
+
+__all__ = ["PatchSampler", "TrainConfig", "VolumeSpec", "load_config", "train"]
+
+
+@dataclass
+class VolumeSpec:
+    """A labelled volume to train (or validate) on."""
+
+    url: str
+    raw: str = "raw"
+    labels: str = "labels/neuron_ids"
+    roi: list | None = None  # [[z0, y0, x0], [z1, y1, x1]] in voxels
+    section_step: int = 1  # take every n-th section (simulate anisotropic ssEM)
+    labels_2d: bool = False  # labels not linked across z: mask z affinities
+    weight: float = 1.0  # sampling weight
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    volumes: list
+    validation: VolumeSpec | None = None
+    iterations: int = 2000
+    patch: list = field(default_factory=lambda: [32, 96, 96])
+    batch_size: int = 1
+    lr: float = 1e-3
+    seed: int = 0
+    threads: int = 0  # torch threads (0: leave torch's default)
+    checkpoint_every: int = 100
+    validate_every: int = 500
+    thresholds: list = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def _from_dict(cls, values: dict, where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a TOML training config, with clear errors for unknown keys."""
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    vols = [_from_dict(VolumeSpec, v, f"{path}: [[volumes]]") for v in raw.pop("volumes", [])]
+    if not vols:
+        raise ValueError(f"{path}: at least one [[volumes]] entry is needed")
+    val = raw.pop("validation", None)
+    model = _from_dict(ModelConfig, raw.pop("model", {}), f"{path}: [model]")
+    aug = _from_dict(AugmentConfig, raw.pop("augment", {}), f"{path}: [augment]")
+    cfg = _from_dict(TrainConfig, {**raw, "volumes": vols, "model": model, "augment": aug,
+                                   "validation": None}, str(path))
+    if val is not None:
+        cfg.validation = _from_dict(VolumeSpec, val, f"{path}: [validation]")
+    return cfg
+
+
+def _load(spec: VolumeSpec) -> tuple[np.ndarray, np.ndarray, Any]:
+    from emdask.volumes import cutout, open_volume
+
+    raw = open_volume(spec.url, spec.raw)
+    labels = open_volume(spec.url, spec.labels)
+    if raw.shape != labels.shape:
+        raise ValueError(f"{spec.url}: raw {raw.shape} and labels {labels.shape} differ")
+    if spec.roi is not None:
+        raw = cutout(raw, *spec.roi, units="voxel")
+        labels = cutout(labels, *spec.roi, units="voxel")
+    step = spec.section_step
+    return raw.values[::step], labels.values[::step].astype(np.uint64), raw
+
+
+class PatchSampler:
+    """Random augmented patches and their affinity targets; a seed fixes the sequence."""
+
+    def __init__(self, volumes: list[VolumeSpec], patch, model_config: ModelConfig,
+                 augment_config: AugmentConfig, seed: int):
+        self.specs = volumes
+        self.data = [_load(v)[:2] for v in volumes]
+        self.patch = np.asarray(patch)
+        self.offsets = model_config.offsets
+        self.aug = augment_config
+        self.margin = augment_config.max_shift if (augment_config.slip
+                                                   or augment_config.shift) else 0
+        self.rng = np.random.default_rng(seed)
+        weights = np.array([v.weight for v in volumes], float)
+        self.p = weights / weights.sum()
+        for spec, (raw, _) in zip(volumes, self.data, strict=True):
+            need = self.patch + [0, 2 * self.margin, 2 * self.margin]
+            if np.any(np.array(raw.shape) < need):
+                raise ValueError(f"{spec.url}: volume {raw.shape} smaller than patch plus "
+                                 f"margin {need.tolist()}")
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One (raw (1,z,y,x), target (C,z,y,x), mask (C,z,y,x)) example."""
+        i = int(self.rng.choice(len(self.data), p=self.p))
+        raw, labels = self.data[i]
+        size = self.patch + [0, 2 * self.margin, 2 * self.margin]
+        start = [int(self.rng.integers(0, n - s + 1)) for n, s in zip(raw.shape, size,
+                                                                     strict=True)]
+        sl = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
+        r, lab = augment(normalize_raw(raw[sl]), labels[sl], self.rng, self.margin, self.aug)
+        target, mask = affinities_from_labels(lab, self.offsets)
+        if self.specs[i].labels_2d:
+            mask[[k for k, o in enumerate(self.offsets) if o[0] != 0]] = 0
+        return r[None], target, mask
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        items = [self.sample() for _ in range(n)]
+        return tuple(torch.from_numpy(np.stack(x)) for x in zip(*items, strict=True))
+
+
+def balanced_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """Binary cross-entropy with each class of each channel weighted to half the loss
+    (boundaries are rare), over the masked-in voxels only."""
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target,
+                                                                reduction="none")
+    dims = (0, 2, 3, 4)
+    n = mask.sum(dims, keepdim=True).clamp(min=1)
+    pos = (target * mask).sum(dims, keepdim=True)
+    frac = (pos / n).clamp(0.01, 0.99)
+    weight = torch.where(target > 0.5, 0.5 / frac, 0.5 / (1 - frac)) * mask
+    return (loss * weight).sum() / mask.sum().clamp(min=1)
+
+
+def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
+    """Segment the model's prediction of the validation region and score it."""
+    import dask
+
+    from emdask.metrics import evaluate
+    from emdask.predict import predict_affinities
+    from emdask.segmentation import segment
+    from emdask.volumes import as_volume
+
+    raw, labels, vol = _load(spec)
+    raw_vol = as_volume(raw, voxel_size=vol.attrs["voxel_size"])
+    affs = predict_affinities(raw_vol, model, chunks=raw.shape, device=_device(),
+                              check_voxel_size=False)
+    with dask.config.set(scheduler="synchronous"):
+        affs = affs[:3].compute()
+        segs = dask.compute(*[s.data for s in segment(affs, thresholds)])
+    rows = [evaluate(s, labels) | {"threshold": t} for s, t in zip(segs, thresholds,
+                                                                   strict=True)]
+    return min(rows, key=lambda r: r["voi"])
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _plot(log_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    it = [int(r["iteration"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(it, [float(r["loss"]) for r in rows])
+    a.set(xlabel="iteration", ylabel="training loss (smoothed)", yscale="log")
+    val = [(int(r["iteration"]), float(r["voi"]), float(r["arand"])) for r in rows
+           if r["voi"]]
+    if val:
+        b.plot([v[0] for v in val], [v[1] for v in val], "o-", label="VOI split+merge")
+        b.plot([v[0] for v in val], [v[2] for v in val], "s-", label="adapted Rand error")
+        b.legend()
+    b.set(xlabel="iteration", title="validation (never trained on)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet:
+    """Train (or resume) from a config; returns the model.  ``max_seconds`` stops early
+    (after a checkpoint), for runs split across working sessions."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = _device()
+    model = AffinityUNet(config.model).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sampler = PatchSampler(config.volumes, config.patch, config.model, config.augment,
+                           config.seed)
+    ckpt, log_path = out / "checkpoint.pt", out / "log.csv"
+    start, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.rng.bit_generator.state = state["sampler_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start, elapsed = state["iteration"], state["elapsed"]
+        print(f"resuming from iteration {start} ({elapsed / 60:.1f} min trained)")
+    if not log_path.exists() or start == 0:
+        log_path.write_text("iteration,loss,seconds,voi_split,voi_merge,voi,arand,threshold\n")
+    t0, smooth = time.perf_counter(), None
+    for it in range(start + 1, config.iterations + 1):
+        model.train()
+        raw, target, mask = (x.to(device) for x in sampler.batch(config.batch_size))
+        loss = balanced_bce(model(raw), target, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        now = elapsed + time.perf_counter() - t0
+        scores = {}
+        if config.validation is not None and (it % config.validate_every == 0
+                                              or it == config.iterations):
+            model.eval()
+            scores = validate(model, config.validation, config.thresholds)
+            print(f"it {it}: validation VOI {scores['voi']:.3f} (split "
+                  f"{scores['voi_split']:.3f}, merge {scores['voi_merge']:.3f}), ARAND "
+                  f"{scores['arand']:.3f} at threshold {scores['threshold']}", flush=True)
+        if it % 10 == 0 or scores:
+            with open(log_path, "a") as f:
+                f.write(f"{it},{smooth:.5f},{now:.0f},"
+                        + ",".join(f"{scores[k]:.4f}" if scores else "" for k in
+                                   ("voi_split", "voi_merge", "voi", "arand", "threshold"))
+                        + "\n")
+        done = it == config.iterations or (max_seconds and now - elapsed > max_seconds)
+        if it % config.checkpoint_every == 0 or done:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "sampler_rng": sampler.rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state(), "iteration": it,
+                        "elapsed": now, "config": dataclasses.asdict(config.model)}, tmp)
+            tmp.replace(ckpt)  # atomic: a crash never leaves a half-written checkpoint
+            save_model(model.eval(), out / "model.pt", card={"iterations": it,
+                                                             "train_seconds": round(now)})
+            _plot(log_path, out / "curves.png")
+            print(f"it {it}: loss {smooth:.4f}, {now / 60:.1f} min", flush=True)
+        if done:
+            break
+    return model.eval()
