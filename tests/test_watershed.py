@@ -180,3 +180,14 @@ def test_affinities_from_labels_long_range_and_mask():
 def test_empty_graph_is_fine():
     assert len(RegionGraph.empty()) == 0
     assert agglomerate(RegionGraph.empty(), 2, [0.5]).tolist() == [[0, 1]]
+
+
+def test_intensity_baseline_affinities_are_low_on_dark_membranes():
+    from emdask.affinities import affinities_from_intensity
+
+    raw = np.full((3, 20, 20), 200, np.uint8)
+    raw[:, :, 10] = 20  # a dark membrane at x = 10
+    affs = affinities_from_intensity(raw, sigma=0.5)
+    assert affs.shape == (3, 3, 20, 20) and affs.min() >= 0 and affs.max() <= 1
+    assert affs[2, :, :, 10].max() < 0.2
+    assert affs[2, :, :, 5].min() > 0.8

@@ -1,0 +1,98 @@
+"""Score a boundary net on its validation region against the classical baseline, and
+optionally ship it (weights + model card) into the package.
+
+    python benchmarks/eval_boundary.py runs/fibsem/model.pt emdask/weights/fibsem.toml \\
+        [--ship fibsem]
+
+The validation region (the config's [validation]) is never trained on.  Both the net's
+affinities and the baseline's (smoothed intensity, no training) are segmented with the same
+threshold sweep; each is reported at its best threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from emdask import evaluate, segment
+from emdask.affinities import affinities_from_intensity
+from emdask.models import WEIGHTS, load_model, save_model
+from emdask.predict import predict_affinities
+from emdask.train import _load, load_config
+from emdask.volumes import as_volume
+
+THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+def sweep(affs: np.ndarray, gt: np.ndarray) -> list[dict]:
+    segs = dask.compute(*segment(affs, THRESHOLDS))
+    return [evaluate(s, gt) | {"threshold": t} for s, t in zip(segs, THRESHOLDS, strict=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("config")
+    parser.add_argument("--ship", help="copy into emdask/weights/NAME.pt with a model card")
+    args = parser.parse_args()
+    cfg = load_config(args.config)
+    model = load_model(args.model)
+    raw, gt, vol = _load(cfg.validation)
+    t = time.perf_counter()
+    affs = predict_affinities(as_volume(raw, vol.attrs["voxel_size"]), model,
+                              chunks=raw.shape)[:3].values
+    predict_s = time.perf_counter() - t
+    net = sweep(affs, gt)
+    base = sweep(affinities_from_intensity(raw), gt)
+    best_net, best_base = (min(r, key=lambda x: x["voi"]) for r in (net, base))
+    print(f"validation region {cfg.validation.roi} of {cfg.validation.url} "
+          f"({raw.size / 1e6:.2f} Mvoxel), prediction {predict_s:.1f} s\n")
+    print("| affinities | threshold | VOI split | VOI merge | VOI | ARAND | CREMI score |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in (("net", net), ("baseline: smoothed intensity", base)):
+        for r in rows:
+            mark = " **best**" if r is min(rows, key=lambda x: x["voi"]) else ""
+            print(f"| {name}{mark} | {r['threshold']} | {r['voi_split']:.3f} | "
+                  f"{r['voi_merge']:.3f} | {r['voi']:.3f} | {r['arand']:.3f} | "
+                  f"{r['cremi_score']:.3f} |")
+    if not args.ship:
+        return
+    run = Path(args.model).parent
+    with open(run / "log.csv") as f:
+        log = list(csv.DictReader(f))
+    card = {
+        "name": args.ship,
+        "data": [{"url": v.url, "raw": v.raw, "labels": v.labels, "roi_voxels": v.roi,
+                  "section_step": v.section_step} for v in cfg.volumes],
+        "validation": {"url": cfg.validation.url, "roi_voxels": cfg.validation.roi,
+                       "note": "never trained on; equals emdask.data.sample()"},
+        "iterations": int(log[-1]["iteration"]),
+        "train_seconds": int(float(log[-1]["seconds"])),
+        "hardware": "2 CPU cores",
+        "threshold": best_net["threshold"],
+        "validation_scores": {k: round(best_net[k], 4) for k in
+                              ("voi_split", "voi_merge", "voi", "arand", "cremi_score")},
+        "baseline_scores": {k: round(best_base[k], 4) for k in
+                            ("voi_split", "voi_merge", "voi", "arand", "cremi_score")}
+                           | {"threshold": best_base["threshold"]},
+        "reproduce": f"emdask train {args.config} && python benchmarks/eval_boundary.py "
+                     f"{run}/model.pt {args.config} --ship {args.ship}",
+        "licence": "weights: BSD-3-Clause; training data: FlyEM medulla (CC BY, HHMI Janelia)"
+                   ", gala tiny FIB (BSD-style, HHMI)",
+    }
+    save_model(model, WEIGHTS / f"{args.ship}.pt", card=card)
+    shutil.copy(run / "curves.png", WEIGHTS / f"{args.ship}_curves.png")
+    print(f"\nshipped {WEIGHTS / (args.ship + '.pt')} "
+          f"({(WEIGHTS / (args.ship + '.pt')).stat().st_size / 1e6:.1f} MB)")
+    print(json.dumps(card, indent=2))
+
+
+if __name__ == "__main__":
+    main()
