@@ -15,9 +15,9 @@
    (:func:`emdask.agglomerate.agglomerate`).
 
 Blocks are then relabelled lazily: each output block recomputes its basins (cheap) and
-looks its labels up in the table.  For volumes opened from zarr the relabel pass reads its
-input from the store again, so memory stays bounded by blocks in flight plus the global
-graph rather than the volume; other Dask inputs are held between the two passes.  Because every decision is made on the global graph with canonical ids (a region is
+looks its labels up in the table.  For volumes opened from zarr, every block task reads its
+block plus halo straight from the store, in both passes, so memory stays bounded by blocks
+in flight plus the global graph; other Dask inputs are held between the two passes.  Because every decision is made on the global graph with canonical ids (a region is
 known by its lowest global voxel index, sums are exact integers), the result is identical
 for every chunking, ids included.
 """
@@ -36,7 +36,6 @@ from numba import njit
 
 from emdask.agglomerate import _check_thresholds, agglomerate, merge_small_regions, parse_score
 from emdask.region_graph import RegionGraph, combine, from_observations, observations
-from emdask.volumes import reread
 from emdask.watershed import HALO, WatershedParams, _find, basins, quantize_affinities
 
 __all__ = ["SegmentationInfo", "segment"]
@@ -61,6 +60,18 @@ class SegmentationInfo:
 
 
 # ---------------------------------------------------------------- per block
+def _read_padded(array, begin, end) -> np.ndarray:
+    """Block ``[begin, end)`` plus the halo from a stored (3, z, y, x) array; zeros beyond
+    the volume."""
+    shape = array.shape[1:]
+    lo = [max(b - HALO, 0) for b in begin]
+    hi = [min(e + HALO, n) for e, n in zip(end, shape, strict=True)]
+    data = np.asarray(array[(slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))])
+    pad = [(0, 0)] + [(a - (b - HALO), (e + HALO) - c) for a, b, c, e in
+                      zip(lo, begin, hi, end, strict=True)]
+    return np.pad(data, pad)
+
+
 def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
     # check only the block itself: the halo belongs to neighbours, which report their own
     quantize_affinities(padded[:, HALO:-HALO, HALO:-HALO, HALO:-HALO],
@@ -183,10 +194,6 @@ def _relabel(padded, origin, shape, params, solution, block: int):
 
 
 # ---------------------------------------------------------------- public
-def _input_chunks(template: xr.DataArray):
-    return da.asarray(template.data).rechunk({0: -1}).chunks
-
-
 def _as_affinities(affinities: Any) -> tuple[da.Array, xr.DataArray | None]:
     template = affinities if isinstance(affinities, xr.DataArray) else None
     data = affinities.data if template is not None else affinities
@@ -269,29 +276,38 @@ def segment(
     bins = (32 if score not in ("mean", "max") else 0) if bins is None else int(bins)
     shape = tuple(int(s) for s in data.shape[1:])
     # Each block task gets its block plus a halo (zeros beyond the volume: the kernel knows
-    # the volume's shape and ignores edges outside it).  Dask's overlap merges chunks smaller
-    # than the halo into their neighbours, which changes nothing in the result; a volume
-    # thinner than the halo is padded at its end and the padding cropped afterwards.
+    # the volume's shape and ignores edges outside it).
     thin = [max(0, HALO - n) for n in shape]
-    if any(thin):
-        data = da.pad(data, ((0, 0),) + tuple((0, t) for t in thin))
-    padded = da.overlap.overlap(data, depth={0: 0, 1: HALO, 2: HALO, 3: HALO},
-                                boundary={0: "none", 1: 0, 2: 0, 3: 0})
-    chunks = tuple(tuple(c - 2 * HALO for c in cs) for cs in padded.chunks[1:])
-    grid = tuple(len(c) for c in chunks)
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
-    # optimize_graph=False: dask cannot fuse overlap after rechunk (multiple outputs)
-    delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
-    blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
-    # the relabel pass reads its input again (from zarr, under new keys) where it can, so
-    # that Dask need not hold every input block until the global solve
-    again = data
-    if (template is not None and "zarr_array" in template.encoding
-            and data.chunks == _input_chunks(template)):
-        again = reread(template).rechunk({0: -1})
-    relabel_blocks = da.overlap.overlap(
-        again, depth={0: 0, 1: HALO, 2: HALO, 3: HALO}, boundary={0: "none", 1: 0, 2: 0, 3: 0}
-    ).to_delayed(optimize_graph=False)[0] if again is not data else delayed_blocks
+    stored = template.encoding.get("zarr_array") if template is not None else None
+    if stored is not None and tuple(stored.shape) == (3, *shape) and not any(thin):
+        # Read straight from the store, one task per block and pass: no halo-exchange tasks,
+        # and nothing is held between the two passes (memory stays bounded by blocks).
+        chunks = data.chunks[1:]
+        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+        grid = tuple(len(c) for c in chunks)
+
+        def reader(idx):
+            begin = [int(starts[d][idx[d]]) for d in range(3)]
+            end = [b + chunks[d][idx[d]] for d, b in enumerate(begin)]
+            return dask.delayed(_read_padded, pure=False)(stored, begin, end)
+
+        blocks = {idx: reader(idx) for idx in np.ndindex(*grid)}
+        relabel_blocks = {idx: reader(idx) for idx in np.ndindex(*grid)}
+    else:
+        # Dask's overlap merges chunks smaller than the halo into their neighbours, which
+        # changes nothing in the result; a volume thinner than the halo is padded at its
+        # end and the padding cropped afterwards.  Dask holds the input blocks between the
+        # two passes here.
+        if any(thin):
+            data = da.pad(data, ((0, 0),) + tuple((0, t) for t in thin))
+        padded = da.overlap.overlap(data, depth={0: 0, 1: HALO, 2: HALO, 3: HALO},
+                                    boundary={0: "none", 1: 0, 2: 0, 3: 0})
+        chunks = tuple(tuple(c - 2 * HALO for c in cs) for cs in padded.chunks[1:])
+        grid = tuple(len(c) for c in chunks)
+        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+        # optimize_graph=False: dask cannot fuse overlap after rechunk (multiple outputs)
+        delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
+        blocks = relabel_blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
     ids = np.arange(int(np.prod(grid))).reshape(grid)
 
     summaries, origins = {}, {}

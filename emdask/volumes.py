@@ -280,24 +280,9 @@ def open_volume(
     )
     vol.attrs["source"] = where
     if zarr_array is not None:
-        # lets a stage re-read the stored array with fresh Dask keys (see reread())
+        # lets a blockwise stage read block plus halo straight from the store
         vol.encoding["zarr_array"] = zarr_array
     return vol
-
-
-def reread(volume: xr.DataArray) -> da.Array:
-    """The volume's Dask array under new keys, read again from storage when possible.
-
-    Two passes over a volume that share Dask keys make Dask hold every block in memory
-    between the passes; a second pass that reads through this does not.  Falls back to the
-    array itself (shared keys) when the volume is not a whole stored zarr array.
-    """
-    import uuid
-
-    array = volume.encoding.get("zarr_array")
-    if array is None or tuple(array.shape) != volume.shape:
-        return volume.data
-    return da.from_zarr(array, chunks=volume.data.chunks, name=f"reread-{uuid.uuid4().hex}")
 
 
 def _volume_name(where: str) -> str:
