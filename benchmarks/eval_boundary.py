@@ -25,7 +25,7 @@ from emdask import evaluate, segment
 from emdask.affinities import affinities_from_intensity
 from emdask.models import WEIGHTS, load_model, save_model
 from emdask.predict import predict_affinities
-from emdask.train import _load, load_config
+from emdask.training import _load, load_config
 from emdask.volumes import as_volume
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]

@@ -7,7 +7,9 @@ volumes (:class:`xarray.DataArray` over Dask arrays with nm coordinates).
 
 from emdask.affinities import affinities_from_labels
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
+from emdask.predict import predict_affinities
 from emdask.segmentation import segment
+from emdask.training import train
 from emdask.volumes import VolumeError, cutout, open_volume, save_volume
 
 __version__ = "0.1.0"
@@ -20,7 +22,9 @@ __all__ = [
     "cutout",
     "evaluate",
     "open_volume",
+    "predict_affinities",
     "save_volume",
     "segment",
+    "train",
     "voi",
 ]

@@ -14,7 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from emdask.train import load_config, train
+    from emdask.training import load_config, train
 
     config = load_config(args.config)
     if args.out:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="emdask_demo_output", help="output folder")
     demo.set_defaults(func=_demo)
     tr = sub.add_parser("train", help="train (or resume training) an affinity net")
-    tr.add_argument("config", help="TOML training config (see emdask.train)")
+    tr.add_argument("config", help="TOML training config (see emdask.training)")
     tr.add_argument("--out", help="output folder (overrides the config's 'out')")
     tr.add_argument("--max-minutes", type=float, help="stop after a checkpoint once "
                     "this much training time has passed (resume later)")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from emdask import save_volume
-from emdask.train import PatchSampler, balanced_bce, load_config, train
+from emdask.training import PatchSampler, balanced_bce, load_config, train
 
 TINY_MODEL = """
 [model]
