@@ -36,7 +36,7 @@ from numba import njit
 
 from emdask.agglomerate import _check_thresholds, agglomerate, merge_small_regions, parse_score
 from emdask.region_graph import RegionGraph, combine, from_observations, observations
-from emdask.watershed import HALO, WatershedParams, _find, basins, quantize_affinities
+from emdask.watershed import HALO, WatershedParams, _find, _union, basins, quantize_affinities
 
 __all__ = ["SegmentationInfo", "segment"]
 
@@ -105,9 +105,7 @@ def _face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
 def _union_all(n, a, b):
     parent = np.arange(n)
     for i in range(a.size):
-        ra, rb = _find(parent, a[i]), _find(parent, b[i])
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
+        _union(parent, a[i], b[i])
     for i in range(n):
         parent[i] = _find(parent, i)
     return parent
