@@ -36,6 +36,38 @@ def sweep(affs: np.ndarray, gt: np.ndarray) -> list[dict]:
     return [evaluate(s, gt) | {"threshold": t} for s, t in zip(segs, THRESHOLDS, strict=True)]
 
 
+def _write_card(card: dict, net: list[dict], base: list[dict], path: Path) -> None:
+    """The model card as markdown, beside the weights."""
+    v, b = card["validation_scores"], card["baseline_scores"]
+    lines = [
+        f"# Model card: `{card['name']}`",
+        "",
+        "Affinity U-Net (emdask.models.AffinityUNet) for isotropic FIB-SEM at 10 nm.",
+        "",
+        "- **Training data**: " + "; ".join(f"{d['url'].split('/')[-1]} `{d['raw']}`/"
+                                           f"`{d['labels']}` voxels {d['roi_voxels']}"
+                                           for d in card["data"]),
+        (f"- **Validation** (never trained on): {card['validation']['url'].split('/')[-1]} "
+        f"voxels {card['validation']['roi_voxels']} ({card['validation']['note']})"),
+        (f"- **Iterations**: {card['iterations']}, **wall time**: "
+        f"{card['train_seconds'] / 60:.0f} min on {card['hardware']}"),
+        f"- **Recommended threshold**: {card['threshold']} (mean-affinity agglomeration)",
+        f"- **Licence**: {card['licence']}",
+        f"- **Reproduce**: `{card['reproduce']}`",
+        "",
+        "| affinities | threshold | VOI split | VOI merge | VOI | ARAND | CREMI score |",
+        "|---|---|---|---|---|---|---|",
+        (f"| this net | {card['threshold']} | {v['voi_split']} | {v['voi_merge']} | {v['voi']} | "
+        f"{v['arand']} | {v['cremi_score']} |"),
+        (f"| baseline: smoothed intensity, no training | {b['threshold']} | {b['voi_split']} | "
+        f"{b['voi_merge']} | {b['voi']} | {b['arand']} | {b['cremi_score']} |"),
+        "",
+        ("Both at their best threshold of the same sweep. Training curves: "
+        f"`{card['name']}_curves.png`."),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
@@ -88,6 +120,7 @@ def main() -> None:
                    ", gala tiny FIB (BSD-style, HHMI)",
     }
     save_model(model, WEIGHTS / f"{args.ship}.pt", card=card)
+    _write_card(card, net, base, WEIGHTS / f"{args.ship}.md")
     shutil.copy(run / "curves.png", WEIGHTS / f"{args.ship}_curves.png")
     print(f"\nshipped {WEIGHTS / (args.ship + '.pt')} "
           f"({(WEIGHTS / (args.ship + '.pt')).stat().st_size / 1e6:.1f} MB)")
