@@ -45,7 +45,7 @@ def _write_card(card: dict, net: list[dict], base: list[dict], path: Path) -> No
         "Affinity U-Net (emdask.models.AffinityUNet) for isotropic FIB-SEM at 10 nm.",
         "",
         "- **Training data**: " + "; ".join(f"{d['url'].split('/')[-1]} `{d['raw']}`/"
-                                           f"`{d['labels']}` voxels {d['roi_voxels']}"
+                                           f"`{d['labels']}` voxels {d['roi_voxels'] or '(all)'}"
                                            for d in card["data"]),
         (f"- **Validation** (never trained on): {card['validation']['url'].split('/')[-1]} "
         f"voxels {card['validation']['roi_voxels']} ({card['validation']['note']})"),
