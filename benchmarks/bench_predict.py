@@ -30,7 +30,7 @@ def main() -> None:
     model = pretrained(args.model)
     flops = model.flops_per_voxel()
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-          f"parameters, {flops / 1e9:.3f} GFLOP per output voxel, field of view "
+          f"parameters, {flops / 1e3:.1f} kFLOP per output voxel, field of view "
           f"{model.field_of_view}, halo {model.halo}")
     raw = np.random.default_rng(0).integers(0, 256, args.shape).astype(np.uint8)
     vol = as_volume(raw, model.config.voxel_size).chunk(dict(zip("zyx", args.chunks,
@@ -39,14 +39,14 @@ def main() -> None:
     print("\n| device | mode | Mvoxel | seconds | voxel/s | GFLOP/s |")
     print("|---|---|---|---|---|---|")
     for device in devices:
-        patch = np.array(args.chunks) + 2 * np.array(model.halo)
+        patch = tuple(int(c + 2 * h) for c, h in zip(args.chunks, model.halo, strict=True))
         x = np.random.default_rng(1).random(patch).astype(np.float32)
         _run_net(model.to(device), x, device, None, 1)  # warm up
         t = time.perf_counter()
         _run_net(model, x, device, None, 1)
         s = time.perf_counter() - t
         n = x.size
-        print(f"| {device} | net on one {tuple(patch)} patch | {n / 1e6:.2f} | {s:.2f} | "
+        print(f"| {device} | net on one {patch} patch | {n / 1e6:.2f} | {s:.2f} | "
               f"{n / s:,.0f} | {n * flops / s / 1e9:.1f} |")
         t = time.perf_counter()
         with dask.config.set(scheduler="threads" if device == "cpu" else "sync"):

@@ -15,9 +15,9 @@
    (:func:`emdask.agglomerate.agglomerate`).
 
 Blocks are then relabelled lazily: each output block recomputes its basins (cheap) and
-looks its labels up in the table.  For volumes opened from zarr, every block task reads its
-block plus halo straight from the store, in both passes, so memory stays bounded by blocks
-in flight plus the global graph; other Dask inputs are held between the two passes.  Because every decision is made on the global graph with canonical ids (a region is
+looks its labels up in the table.  For volumes opened from zarr, the relabel tasks read
+block plus halo straight from the store, so memory stays bounded by blocks in flight plus
+the global graph; other Dask inputs are held between the two passes.  Because every decision is made on the global graph with canonical ids (a region is
 known by its lowest global voxel index, sums are exact integers), the result is identical
 for every chunking, ids included.
 """
@@ -276,36 +276,29 @@ def segment(
     # Each block task gets its block plus a halo (zeros beyond the volume: the kernel knows
     # the volume's shape and ignores edges outside it).
     thin = [max(0, HALO - n) for n in shape]
+    # Dask's overlap merges chunks smaller than the halo into their neighbours, which
+    # changes nothing in the result; a volume thinner than the halo is padded at its end
+    # and the padding cropped afterwards.
+    if any(thin):
+        data = da.pad(data, ((0, 0),) + tuple((0, t) for t in thin))
+    padded = da.overlap.overlap(data, depth={0: 0, 1: HALO, 2: HALO, 3: HALO},
+                                boundary={0: "none", 1: 0, 2: 0, 3: 0})
+    chunks = tuple(tuple(c - 2 * HALO for c in cs) for cs in padded.chunks[1:])
+    grid = tuple(len(c) for c in chunks)
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+    # optimize_graph=False: dask cannot fuse overlap after rechunk (multiple outputs)
+    delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
+    blocks = relabel_blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
     stored = template.encoding.get("zarr_array") if template is not None else None
     if stored is not None and tuple(stored.shape) == (3, *shape) and not any(thin):
-        # Read straight from the store, one task per block and pass: no halo-exchange tasks,
-        # and nothing is held between the two passes (memory stays bounded by blocks).
-        chunks = data.chunks[1:]
-        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
-        grid = tuple(len(c) for c in chunks)
-
+        # The relabel pass reads block plus halo straight from the store: sharing the first
+        # pass's keys would make Dask hold every input block until the global solve.
         def reader(idx):
             begin = [int(starts[d][idx[d]]) for d in range(3)]
             end = [b + chunks[d][idx[d]] for d, b in enumerate(begin)]
             return dask.delayed(_read_padded, pure=False)(stored, begin, end)
 
-        blocks = {idx: reader(idx) for idx in np.ndindex(*grid)}
         relabel_blocks = {idx: reader(idx) for idx in np.ndindex(*grid)}
-    else:
-        # Dask's overlap merges chunks smaller than the halo into their neighbours, which
-        # changes nothing in the result; a volume thinner than the halo is padded at its
-        # end and the padding cropped afterwards.  Dask holds the input blocks between the
-        # two passes here.
-        if any(thin):
-            data = da.pad(data, ((0, 0),) + tuple((0, t) for t in thin))
-        padded = da.overlap.overlap(data, depth={0: 0, 1: HALO, 2: HALO, 3: HALO},
-                                    boundary={0: "none", 1: 0, 2: 0, 3: 0})
-        chunks = tuple(tuple(c - 2 * HALO for c in cs) for cs in padded.chunks[1:])
-        grid = tuple(len(c) for c in chunks)
-        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
-        # optimize_graph=False: dask cannot fuse overlap after rechunk (multiple outputs)
-        delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
-        blocks = relabel_blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
     ids = np.arange(int(np.prod(grid))).reshape(grid)
 
     summaries, origins = {}, {}
