@@ -290,7 +290,11 @@ def segment(
     delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
     blocks = relabel_blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
     stored = template.encoding.get("zarr_array") if template is not None else None
-    if stored is not None and tuple(stored.shape) == (3, *shape) and not any(thin):
+    # only if the data are still exactly the stored array (xarray keeps encoding through
+    # reversing slices, roll, copy(data=...): the Dask name tells)
+    unchanged = (template is not None and isinstance(template.data, da.Array)
+                 and template.encoding.get("dask_name") == template.data.name)
+    if stored is not None and unchanged and not any(thin):
         # The relabel pass reads block plus halo straight from the store: sharing the first
         # pass's keys would make Dask hold every input block until the global solve.
         def reader(idx):

@@ -282,6 +282,7 @@ def open_volume(
     if zarr_array is not None:
         # lets a blockwise stage read block plus halo straight from the store
         vol.encoding["zarr_array"] = zarr_array
+        vol.encoding["dask_name"] = data.name  # changed data (isel, roll...) gets a new name
     return vol
 
 

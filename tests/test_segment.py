@@ -163,3 +163,13 @@ def test_zarr_input_is_read_again_for_relabelling(tmp_path):
     keys = [str(k) for k in dict(seg.data.__dask_graph__())]
     assert sum("_read_padded" in k for k in keys) == 8  # the 8 blocks' relabel tasks
     np.testing.assert_array_equal(seg.values, segment(affs, [0.5])[0].compute())
+
+
+def test_changed_zarr_input_is_not_reread_from_the_store(tmp_path):
+    affs = np.random.default_rng(8).random((3, 12, 12, 12)).astype(np.float32)
+    save_volume(affs, tmp_path / "a.zarr", "affinities", voxel_size=(1, 1, 1),
+                chunks=(6, 6, 6))
+    flipped = open_volume(tmp_path / "a.zarr", "affinities").isel(x=slice(None, None, -1))
+    [seg] = segment(flipped, [0.5], size_threshold=0)
+    expected = segment(np.ascontiguousarray(affs[..., ::-1]), [0.5], size_threshold=0)[0]
+    np.testing.assert_array_equal(seg.values, expected.compute())
