@@ -15,11 +15,12 @@
    (:func:`emdask.agglomerate.agglomerate`).
 
 Blocks are then relabelled lazily: each output block recomputes its basins (cheap) and
-looks its labels up in the table.  For volumes opened from zarr, the relabel tasks read
-block plus halo straight from the store, so memory stays bounded by blocks in flight plus
-the global graph; other Dask inputs are held between the two passes.  Because every decision is made on the global graph with canonical ids (a region is
-known by its lowest global voxel index, sums are exact integers), the result is identical
-for every chunking, ids included.
+looks its labels up in the table.  For volumes opened from a file (zarr, HDF5), the
+relabel tasks read block plus halo straight from it, so memory stays bounded by blocks in
+flight plus the global graph; other Dask inputs are held between the two passes.  Because
+every decision is made on the global graph with canonical ids (a region is known by its
+lowest global voxel index, sums are exact integers), the result is identical for every
+chunking, ids included.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from numba import njit
 
 from emdask.agglomerate import _check_thresholds, agglomerate, merge_small_regions, parse_score
 from emdask.region_graph import RegionGraph, combine, from_observations, observations
+from emdask.volumes import read_box, stored_source
 from emdask.watershed import HALO, WatershedParams, _find, _union, basins, quantize_affinities
 
 __all__ = ["SegmentationInfo", "segment"]
@@ -60,18 +62,6 @@ class SegmentationInfo:
 
 
 # ---------------------------------------------------------------- per block
-def _read_padded(array, begin, end) -> np.ndarray:
-    """Block ``[begin, end)`` plus the halo from a stored (3, z, y, x) array; zeros beyond
-    the volume."""
-    shape = array.shape[1:]
-    lo = [max(b - HALO, 0) for b in begin]
-    hi = [min(e + HALO, n) for e, n in zip(end, shape, strict=True)]
-    data = np.asarray(array[(slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))])
-    pad = [(0, 0)] + [(a - (b - HALO), (e + HALO) - c) for a, b, c, e in
-                      zip(lo, begin, hi, end, strict=True)]
-    return np.pad(data, pad)
-
-
 def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
     # check only the block itself: the halo belongs to neighbours, which report their own
     quantize_affinities(padded[:, HALO:-HALO, HALO:-HALO, HALO:-HALO],
@@ -289,18 +279,14 @@ def segment(
     # optimize_graph=False: dask cannot fuse overlap after rechunk (multiple outputs)
     delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
     blocks = relabel_blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
-    stored = template.encoding.get("zarr_array") if template is not None else None
-    # only if the data are still exactly the stored array (xarray keeps encoding through
-    # reversing slices, roll, copy(data=...): the Dask name tells)
-    unchanged = (template is not None and isinstance(template.data, da.Array)
-                 and template.encoding.get("dask_name") == template.data.name)
-    if stored is not None and unchanged and not any(thin):
+    stored = stored_source(template) if template is not None else None
+    if stored is not None and not any(thin):
         # The relabel pass reads block plus halo straight from the store: sharing the first
         # pass's keys would make Dask hold every input block until the global solve.
         def reader(idx):
             begin = [int(starts[d][idx[d]]) for d in range(3)]
             end = [b + chunks[d][idx[d]] for d, b in enumerate(begin)]
-            return dask.delayed(_read_padded, pure=False)(stored, begin, end)
+            return dask.delayed(read_box, pure=False)(stored, begin, end, (HALO,) * 3)
 
         relabel_blocks = {idx: reader(idx) for idx in np.ndindex(*grid)}
     ids = np.arange(int(np.prod(grid))).reshape(grid)

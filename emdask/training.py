@@ -78,6 +78,9 @@ class TrainConfig:
     patch: list = field(default_factory=lambda: [32, 96, 96])
     batch_size: int = 1
     lr: float = 1e-3
+    # piecewise-constant schedule: [[iteration, lr], ...], e.g. [[5000, 3e-4]] lowers the
+    # rate from iteration 5000 on (computed from the iteration, so it survives a resume)
+    lr_steps: list = field(default_factory=list)
     seed: int = 0
     threads: int = 0  # torch threads (0: leave torch's default)
     checkpoint_every: int = 100
@@ -231,6 +234,14 @@ def _plot(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def _learning_rate(config: TrainConfig, iteration: int) -> float:
+    lr = config.lr
+    for at, value in sorted(config.lr_steps):
+        if iteration >= at:
+            lr = value
+    return lr
+
+
 def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet:
     """Train (or resume) from a config; returns the model.  ``max_seconds`` stops early
     (after a checkpoint), for runs split across working sessions."""
@@ -245,7 +256,7 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
     sampler = PatchSampler(config.volumes, config.patch, config.model, config.augment,
                            config.seed)
     ckpt, log_path = out / "checkpoint.pt", out / "log.csv"
-    start, elapsed = 0, 0.0
+    start, elapsed, smooth = 0, 0.0, None
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -253,12 +264,19 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
         sampler.rng.bit_generator.state = state["sampler_rng"]
         torch.set_rng_state(state["torch_rng"])
         start, elapsed = state["iteration"], state["elapsed"]
+        smooth = state.get("smooth_loss")
         print(f"resuming from iteration {start} ({elapsed / 60:.1f} min trained)")
     if not log_path.exists() or start == 0:
         log_path.write_text("iteration,loss,seconds,voi_split,voi_merge,voi,arand,threshold\n")
-    t0, smooth = time.perf_counter(), None
+    else:  # drop rows logged after the checkpoint: they are about to be redone
+        lines = log_path.read_text().splitlines(keepends=True)
+        log_path.write_text("".join([lines[0]] + [ln for ln in lines[1:]
+                                                   if int(ln.split(",")[0]) <= start]))
+    t0 = time.perf_counter()
     for it in range(start + 1, config.iterations + 1):
         model.train()
+        for group in opt.param_groups:
+            group["lr"] = _learning_rate(config, it)
         raw, target, mask = (x.to(device) for x in sampler.batch(config.batch_size))
         loss = balanced_bce(model(raw), target, mask)
         opt.zero_grad()
@@ -286,7 +304,7 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "sampler_rng": sampler.rng.bit_generator.state,
                         "torch_rng": torch.get_rng_state(), "iteration": it,
-                        "elapsed": now, "config": dataclasses.asdict(config.model)}, tmp)
+                        "elapsed": now, "smooth_loss": smooth, "config": dataclasses.asdict(config.model)}, tmp)
             tmp.replace(ckpt)  # atomic: a crash never leaves a half-written checkpoint
             save_model(model.eval(), out / "model.pt", card={"iterations": it,
                                                              "train_seconds": round(now)})

@@ -251,7 +251,6 @@ def open_volume(
     """
     url = os.fspath(url)
     kind = _container_kind(url)
-    zarr_array = None
     if kind == "hdf5":
         source, meta = _open_hdf5(url, dataset)
         data = da.from_array(source, chunks=source.chunks or "auto", name=False,
@@ -266,8 +265,8 @@ def open_volume(
         where = url
     else:
         array, meta, path = _open_zarr(url, dataset, level, storage_options)
+        source = array
         data = da.from_zarr(array)
-        zarr_array = array
         where = f"{url}:{path}" if path else url
     _spatial_dims(data.ndim, where)
     _check_dtype(data.dtype, where)
@@ -279,11 +278,38 @@ def open_volume(
         where=where,
     )
     vol.attrs["source"] = where
-    if zarr_array is not None:
-        # lets a blockwise stage read block plus halo straight from the store
-        vol.encoding["zarr_array"] = zarr_array
-        vol.encoding["dask_name"] = data.name  # changed data (isel, roll...) gets a new name
+    # a small picklable array-like that lets a blockwise stage read block plus halo straight
+    # from the file (read_box), valid while the data are unchanged: isel, roll... give the
+    # Dask array a new name
+    vol.encoding["source"] = source
+    vol.encoding["dask_name"] = data.name
     return vol
+
+
+def stored_source(volume: xr.DataArray) -> Any | None:
+    """The array-like a volume was opened from, if its data are still exactly that
+    (not a slice, a roll, or a computed array); else None."""
+    source = volume.encoding.get("source")
+    unchanged = (isinstance(volume.data, da.Array)
+                 and volume.encoding.get("dask_name") == volume.data.name)
+    return source if unchanged else None
+
+
+def read_box(source: Any, begin: Sequence[int], end: Sequence[int], halo: Sequence[int] = (0, 0, 0)
+             ) -> np.ndarray:
+    """Voxels ``[begin - halo, end + halo)`` of the last three axes of an array-like (zarr
+    array, HDF5 dataset, numpy array), with zeros where the box leaves the array.  Leading
+    (channel) axes are read whole."""
+    shape = source.shape[-3:]
+    want_lo = [int(b) - int(h) for b, h in zip(begin, halo, strict=True)]
+    want_hi = [int(e) + int(h) for e, h in zip(end, halo, strict=True)]
+    lo = [min(max(a, 0), n) for a, n in zip(want_lo, shape, strict=True)]
+    hi = [max(min(b, n), a) for a, b, n in zip(lo, want_hi, shape, strict=True)]
+    lead = (slice(None),) * (len(source.shape) - 3)
+    data = np.asarray(source[(*lead, *(slice(a, b) for a, b in zip(lo, hi, strict=True)))])
+    pad = [(0, 0)] * len(lead) + [(a - wa, wb - b) for a, wa, b, wb in
+                                   zip(lo, want_lo, hi, want_hi, strict=True)]
+    return np.pad(data, pad) if any(p != (0, 0) for p in pad) else data
 
 
 def _volume_name(where: str) -> str:

@@ -161,7 +161,7 @@ def test_zarr_input_is_read_again_for_relabelling(tmp_path):
     vol = open_volume(tmp_path / "a.zarr", "affinities")
     [seg] = segment(vol, [0.5])
     keys = [str(k) for k in dict(seg.data.__dask_graph__())]
-    assert sum("_read_padded" in k for k in keys) == 8  # the 8 blocks' relabel tasks
+    assert sum("read_box" in k for k in keys) == 8  # the 8 blocks' relabel tasks
     np.testing.assert_array_equal(seg.values, segment(affs, [0.5])[0].compute())
 
 

@@ -97,10 +97,22 @@ def test_training_runs_and_resumes(tmp_path, labelled, capsys):
     assert (run / "checkpoint.pt").exists() and (run / "model.pt").exists()
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["iteration"] == 2
+    with open(run / "log.csv", "a") as f:  # as if a crash came after logging iteration 3
+        f.write("3,0.5,1,,,,,\n")
     train(_config(tmp_path, labelled, 4))  # resumes at 3, validates at 4
     assert "resuming from iteration 2" in capsys.readouterr().out
     log = (run / "log.csv").read_text().splitlines()
     assert log[0].startswith("iteration,loss")
     last = log[-1].split(",")
     assert last[0] == "4" and last[5] != ""  # validation VOI written at iteration 4
+    iterations = [int(row.split(",")[0]) for row in log[1:]]
+    assert iterations == sorted(set(iterations))  # no row twice after the resume
     assert (run / "curves.png").stat().st_size > 1000
+
+
+def test_learning_rate_steps():
+    from emdask.training import TrainConfig, _learning_rate
+
+    cfg = TrainConfig(out="x", volumes=[], lr=1e-3, lr_steps=[[200, 1e-5], [100, 1e-4]])
+    assert [_learning_rate(cfg, i) for i in (1, 99, 100, 199, 200, 10**6)] == [
+        1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5]

@@ -335,3 +335,23 @@ def test_error_voxel_size_zero_or_negative(tmp_path, bad):
         open_volume(tmp_path / "v.h5")
     with pytest.raises(VolumeError, match=r"voxel size must be positive"):
         save_volume(np.zeros((2, 3, 4)), tmp_path / "o.zarr", "raw", voxel_size=bad)
+
+
+def test_read_box_pads_with_zeros_beyond_the_array():
+    from emdask.volumes import read_box
+
+    a = np.arange(2 * 4 * 5 * 6).reshape(2, 4, 5, 6) + 1
+    box = read_box(a, (0, 1, 4), (2, 3, 6), halo=(1, 1, 1))
+    assert box.shape == (2, 4, 4, 4)
+    np.testing.assert_array_equal(box[:, 1:, :, :3], a[:, 0:3, 0:4, 3:6])
+    assert (box[:, 0] == 0).all() and (box[..., 3] == 0).all()
+    np.testing.assert_array_equal(read_box(a[0], (1, 1, 1), (3, 4, 5)), a[0, 1:3, 1:4, 1:5])
+
+
+def test_stored_source_only_for_unchanged_data(tmp_path):
+    from emdask.volumes import stored_source
+
+    vol = save_volume(np.ones((4, 4, 4), np.uint8), tmp_path / "s.zarr", "v", voxel_size=(1, 1, 1))
+    assert stored_source(vol) is not None
+    assert stored_source(vol[::-1]) is None
+    assert stored_source(vol + 1) is None
