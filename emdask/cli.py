@@ -23,6 +23,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from emdask.pipeline import run
+
+    run(args.config, stages=args.stage, scheduler=args.scheduler,
+        overwrite=True if args.overwrite else None)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emdask", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--max-minutes", type=float, help="stop after a checkpoint once "
                     "this much training time has passed (resume later)")
     tr.set_defaults(func=_train)
+    rn = sub.add_parser("run", help="run the pipeline (raw EM -> segmentation) from a config")
+    rn.add_argument("config", help="TOML or YAML run config (see emdask.pipeline)")
+    rn.add_argument("--stage", action="append", help="run only this stage (repeatable): "
+                    "predict, watershed, agglomerate, relabel, report, or segment")
+    rn.add_argument("--scheduler", help="address of a running Dask scheduler to use")
+    rn.add_argument("--overwrite", action="store_true", help="redo stages whose outputs "
+                    "were made with other parameters")
+    rn.set_defaults(func=_run)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -89,6 +89,18 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
     return y
 
 
+def _check_voxel_size(voxel_size, model: AffinityUNet, where: str) -> None:
+    """The input's voxel size must be within 25% of the model's, on every axis."""
+    vs = np.array(voxel_size, float)
+    expected = np.array(model.config.voxel_size, float)
+    if np.any(np.abs(vs / expected - 1) > 0.25):
+        raise ValueError(
+            f"{where}: voxel size {tuple(vs.tolist())} nm does not match the model's "
+            f"{tuple(expected.tolist())} nm; resample the volume, use a model trained for "
+            "this resolution, or pass check_voxel_size=False"
+        )
+
+
 def _aligned_chunks(n: int, chunk: int, factor: int, halo: int) -> tuple[int, ...]:
     """Chunks of an axis of length ``n`` that all start at multiples of the net's factor
     (so the pooling grid is anchored as in a whole-volume pass) and are at least the halo
@@ -143,14 +155,8 @@ def predict_affinities(
         raw = as_volume(raw, voxel_size=model.config.voxel_size, name="raw")
     if raw.ndim != 3:
         raise ValueError(f"raw must be 3-D (z, y, x), got dims {raw.dims}")
-    vs = np.array(raw.attrs["voxel_size"], float)
-    expected = np.array(model.config.voxel_size, float)
-    if check_voxel_size and np.any(np.abs(vs / expected - 1) > 0.25):
-        raise ValueError(
-            f"{raw.attrs.get('source', 'raw')}: voxel size {tuple(vs.tolist())} nm does not "
-            f"match the model's {tuple(expected.tolist())} nm; resample the volume, use a model "
-            "trained for this resolution, or pass check_voxel_size=False"
-        )
+    if check_voxel_size:
+        _check_voxel_size(raw.attrs["voxel_size"], model, raw.attrs.get("source", "raw"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     factor, halo = np.array(model.factor), np.array(model.halo)

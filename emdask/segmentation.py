@@ -63,6 +63,13 @@ class SegmentationInfo:
 
 # ---------------------------------------------------------------- per block
 def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
+    """Basin info, region graph and faces of one block (see :func:`_block_basins`)."""
+    return _block_basins(padded, origin, shape, params, bins)[1:]
+
+
+def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
+    """One block's block-local basin labels and what the global solve needs of it: basin
+    info (lowest global index, size), the region graph inside the block, and its faces."""
     # check only the block itself: the halo belongs to neighbours, which report their own
     quantize_affinities(padded[:, HALO:-HALO, HALO:-HALO, HALO:-HALO],
                         where=f"affinities block at voxel {tuple(map(int, origin))}")
@@ -77,7 +84,7 @@ def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, b
         faces[("lower", d)] = (labels.take(0, d), direction.take(0, d) == d,
                                inner[d].take(0, d))
         faces[("upper", d)] = (labels.take(-1, d), direction.take(-1, d) == d + 3)
-    return basin_info, graph, faces
+    return labels, basin_info, graph, faces
 
 
 def _face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
@@ -174,14 +181,28 @@ def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedPara
 
 
 def _relabel(padded, origin, shape, params, solution, block: int):
-    luts, bases, _ = solution
     labels, _, _ = basins(quantize_affinities(padded, check=False), origin, shape, params)
+    return _apply_luts(labels, solution[0], solution[1], block)
+
+
+def _apply_luts(labels: np.ndarray, luts: np.ndarray, bases: np.ndarray, block: int):
+    """Block-local basin labels -> one output label block per lookup table."""
     lut = np.concatenate([np.zeros((luts.shape[0], 1), np.uint64),
                           luts[:, bases[block]:bases[block + 1]]], axis=1)
     return tuple(row[labels] for row in lut)
 
 
 # ---------------------------------------------------------------- public
+def score_bins(score: str, bins: int | None) -> int:
+    """Histogram bins the region graph needs for ``score`` (checked up front)."""
+    parse_score(score)
+    quantile = score not in ("mean", "max")
+    bins = (32 if quantile else 0) if bins is None else int(bins)
+    if quantile and bins < 2:
+        raise ValueError(f"score {score!r} needs a histogram: bins must be >= 2, got {bins}")
+    return bins
+
+
 def _as_affinities(affinities: Any) -> tuple[da.Array, xr.DataArray | None]:
     template = affinities if isinstance(affinities, xr.DataArray) else None
     data = affinities.data if template is not None else affinities
@@ -259,9 +280,8 @@ def segment(
     """
     data, template = _as_affinities(affinities)
     thr = _check_thresholds(thresholds)
-    parse_score(score)
     params = WatershedParams(low, high, size_threshold, merge_threshold, dust_size)
-    bins = (32 if score not in ("mean", "max") else 0) if bins is None else int(bins)
+    bins = score_bins(score, bins)
     shape = tuple(int(s) for s in data.shape[1:])
     # Each block task gets its block plus a halo (zeros beyond the volume: the kernel knows
     # the volume's shape and ignores edges outside it).

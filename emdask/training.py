@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ import torch
 
 from emdask.affinities import affinities_from_labels
 from emdask.augment import AugmentConfig, augment
+from emdask.config import from_dict, read_file
 from emdask.models import AffinityUNet, ModelConfig, save_model
 from emdask.predict import normalize_raw
 
@@ -90,28 +90,20 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
-def _from_dict(cls, values: dict, where: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**values)
-
-
 def load_config(path: str | Path) -> TrainConfig:
-    """Read a TOML training config, with clear errors for unknown keys."""
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    vols = [_from_dict(VolumeSpec, v, f"{path}: [[volumes]]") for v in raw.pop("volumes", [])]
+    """Read a training config (TOML or YAML), with clear errors for unknown keys and
+    wrong types."""
+    raw = read_file(path)
+    vols = [from_dict(VolumeSpec, v, f"{path}: [[volumes]]") for v in raw.pop("volumes", [])]
     if not vols:
         raise ValueError(f"{path}: at least one [[volumes]] entry is needed")
     val = raw.pop("validation", None)
-    model = _from_dict(ModelConfig, raw.pop("model", {}), f"{path}: [model]")
-    aug = _from_dict(AugmentConfig, raw.pop("augment", {}), f"{path}: [augment]")
-    cfg = _from_dict(TrainConfig, {**raw, "volumes": vols, "model": model, "augment": aug,
+    model = from_dict(ModelConfig, raw.pop("model", {}), f"{path}: [model]")
+    aug = from_dict(AugmentConfig, raw.pop("augment", {}), f"{path}: [augment]")
+    cfg = from_dict(TrainConfig, {**raw, "volumes": vols, "model": model, "augment": aug,
                                    "validation": None}, str(path))
     if val is not None:
-        cfg.validation = _from_dict(VolumeSpec, val, f"{path}: [validation]")
+        cfg.validation = from_dict(VolumeSpec, val, f"{path}: [validation]")
     return cfg
 
 

@@ -22,6 +22,7 @@ chunk read, so the arrays can be shipped to distributed workers.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-__all__ = ["SUPPORTED_DTYPES", "VolumeError", "cutout", "open_volume", "save_volume"]
+__all__ = ["SUPPORTED_DTYPES", "VolumeError", "create_volume", "cutout", "open_volume",
+           "read_box", "save_volume", "stored_source"]
 
 #: dtypes a volume may have (EM intensities, labels, affinities, masks).
 SUPPORTED_DTYPES = tuple(
@@ -566,15 +568,61 @@ def save_volume(
     xarray.DataArray or dask.delayed.Delayed
         The written volume, reopened lazily from the store (or the pending write).
     """
-    import zarr
-
     url = os.fspath(url)
     vol = as_volume(data, voxel_size, offset, where=f"{url}:{dataset}")
     dataset = dataset.strip("/")
-    if not dataset:
-        raise VolumeError(f"{url}: a dataset name is required (e.g. 'raw', 'segmentation')")
+    src_url, _, src_path = str(vol.attrs.get("source", "")).rpartition(":")
+    src_parts = src_path.strip("/").split("/")
+    if len(src_parts) > 1 and re.fullmatch(r"s?\d+", src_parts[-1]):
+        src_parts = src_parts[:-1]  # an OME-Zarr level of the image
+    if (overwrite and src_url.rstrip("/") == url.rstrip("/")
+            and "/".join(src_parts) == dataset):
+        # replacing it would delete the very chunks the write is about to read
+        raise VolumeError(f"{url}: cannot overwrite dataset {dataset!r} with data read from "
+                          "it; write to a new dataset name")
     storage_chunks = _storage_chunks(vol, chunks, f"{url}:{dataset}")
 
+    array = create_volume(url, dataset, vol.shape, vol.dtype, storage_chunks,
+                          vol.attrs["voxel_size"], vol.attrs["offset"], overwrite=overwrite,
+                          storage_options=storage_options, attrs=attrs, name=vol.name)
+    darr = vol.data.rechunk(storage_chunks)
+    write = da.store(darr, array, lock=False, compute=False, return_stored=False)
+    if not compute:
+        return write
+    write.compute()
+    return open_volume(url, dataset, storage_options=storage_options)
+
+
+def create_volume(
+    url: str | os.PathLike,
+    dataset: str,
+    shape: Sequence[int],
+    dtype: Any,
+    chunks: Sequence[int],
+    voxel_size: Sequence[float],
+    offset: Sequence[float] = (0.0, 0.0, 0.0),
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+    attrs: dict | None = None,
+    name: str | None = None,
+):
+    """Create an empty OME-Zarr image ``dataset/s0`` (z, y, x) or (c, z, y, x), filled with
+    zeros, for blockwise writers; returns the zarr array.  Chunks cover all channels."""
+    import zarr
+
+    url = os.fspath(url)
+    dataset = dataset.strip("/")
+    where = f"{url}:{dataset}"
+    if not dataset:
+        raise VolumeError(f"{url}: a dataset name is required (e.g. 'raw', 'segmentation')")
+    shape = tuple(int(n) for n in shape)
+    _spatial_dims(len(shape), where)
+    dtype = _check_dtype(dtype, where)
+    chunks = tuple(int(c) for c in chunks)
+    if len(chunks) == 3 and len(shape) == 4:
+        chunks = (shape[0], *chunks)
+    if len(chunks) != len(shape) or any(c <= 0 for c in chunks):
+        raise VolumeError(f"{where}: chunks {chunks} do not fit shape {shape}")
     store = _zarr_store(url, "w", storage_options)
     root = zarr.open_group(store=store, mode="a", zarr_format=3)
     if dataset in root:
@@ -583,22 +631,13 @@ def save_volume(
                 f"{url}: dataset {dataset!r} already exists; pass overwrite=True to replace it"
             )
         del root[dataset]
+    dims = ("c", "z", "y", "x") if len(shape) == 4 else ("z", "y", "x")
     group = root.require_group(dataset)
-    group.attrs.update(_ome_metadata(vol, attrs))
-    array = group.create_array(
-        "s0",
-        shape=vol.shape,
-        chunks=storage_chunks,
-        dtype=vol.dtype,
-        fill_value=0,
-        dimension_names=list(vol.dims),
-    )
-    darr = vol.data.rechunk(storage_chunks)
-    write = da.store(darr, array, lock=False, compute=False, return_stored=False)
-    if not compute:
-        return write
-    write.compute()
-    return open_volume(url, dataset, storage_options=storage_options)
+    group.attrs.update(_ome_metadata(len(shape), name or _volume_name(where),
+                                     _check_voxel_size(voxel_size, where),
+                                     _check_offset(offset, where), attrs))
+    return group.create_array("s0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                              dimension_names=list(dims))
 
 
 def _storage_chunks(vol: xr.DataArray, chunks, where: str) -> tuple[int, ...]:
@@ -614,16 +653,16 @@ def _storage_chunks(vol: xr.DataArray, chunks, where: str) -> tuple[int, ...]:
     return (vol.shape[0], *chunks) if vol.ndim == 4 else chunks
 
 
-def _ome_metadata(vol: xr.DataArray, extra: dict | None) -> dict:
+def _ome_metadata(ndim: int, name: str, voxel_size, offset, extra: dict | None) -> dict:
     axes = [{"name": d, "type": "space", "unit": "nanometer"} for d in ("z", "y", "x")]
-    scale = list(vol.attrs["voxel_size"])
-    translation = list(vol.attrs["offset"])
-    if vol.ndim == 4:
+    scale = list(voxel_size)
+    translation = list(offset)
+    if ndim == 4:
         axes.insert(0, {"name": "c", "type": "channel"})
         scale.insert(0, 1.0)
         translation.insert(0, 0.0)
     multiscale = {
-        "name": str(vol.name or "image"),
+        "name": str(name or "image"),
         "axes": axes,
         "datasets": [{
             "path": "s0",

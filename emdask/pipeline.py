@@ -1,0 +1,842 @@
+"""``emdask run CONFIG``: raw EM to segmentation, resumable, on any Dask cluster.
+
+Stages, in order (each can be run alone with ``--stage``)::
+
+    predict      raw -> affinities/s0                     one task per block
+    watershed    affinities -> block basins + graphs      one task per block
+    agglomerate  block graphs -> one global graph -> lookup tables (one task per face,
+                 then one global solve)
+    relabel      basins + tables -> fragments/s0, segmentation_<t>/s0 (one per threshold)
+    report       scores against ground truth (if configured), a figure
+
+Every stage is a list of block tasks submitted to a ``distributed`` client.  A task reads
+its block plus halo straight from the store (:func:`emdask.volumes.read_box`), so the
+graph is one small task per block whatever the volume's size, and writes whole chunks.
+Zarr writes whole chunk objects atomically (a local store writes a temporary file and
+renames it; an object store's PUT is atomic), so no half-written chunk is ever visible.
+After its writes a task leaves a marker ``_emdask/done/<stage>/<block>``; a rerun skips
+marked blocks, so an interrupted run resumes where it stopped.  Each stage records its
+parameters, the emdask version and its timings in the store's attributes, and a rerun
+with different parameters is refused unless ``overwrite`` is given.
+
+The store is a zarr v3 group of OME-Zarr images with the input's voxel size and offset
+(of the region of interest), so neuroglancer and napari show outputs in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import io
+import os
+import pickle
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emdask.config import from_dict, read_file
+
+__all__ = ["STAGES", "RunConfig", "load_run_config", "make_cluster", "run"]
+
+STAGES = ("predict", "watershed", "agglomerate", "relabel", "report")
+
+
+# ---------------------------------------------------------------- configuration
+@dataclass
+class InputSpec:
+    """The raw EM volume (anything :func:`emdask.open_volume` reads)."""
+
+    url: str
+    dataset: str | None = None
+    roi: list | None = None  # [[z0, y0, x0], [z1, y1, x1]], in roi_units
+    roi_units: str = "voxel"  # or "nm"
+    voxel_size: list | None = None  # override, e.g. for TIFF stacks (nm)
+
+
+@dataclass
+class OutputSpec:
+    path: str  # zarr store (path or fsspec URL)
+    chunks: list = field(default_factory=lambda: [64, 128, 128])  # blocks = storage chunks
+    overwrite: bool = False  # replace outputs made with other parameters
+
+
+@dataclass
+class PredictSpec:
+    model: str = "fibsem"  # a shipped model name or a path to a .pt file
+    dtype: str = "uint8"  # affinities as uint8 (x255) or float32
+    device: str = "auto"  # "cpu", "cuda" or "auto"
+    patch: list | None = None  # tile blocks for GPU memory
+    batch_size: int = 1
+    check_voxel_size: bool = True
+
+
+@dataclass
+class SegmentSpec:
+    thresholds: list = field(default_factory=lambda: [0.3, 0.5])
+    low: float = 0.0001
+    high: float = 0.9999
+    size_threshold: int = 25
+    merge_threshold: float = 0.5
+    dust_size: int = 0
+    score: str = "mean"
+    bins: int | None = None
+
+
+@dataclass
+class EvaluateSpec:
+    """Ground truth for the report (same grid as the input; the same ROI is cut out)."""
+
+    url: str
+    dataset: str = "labels/neuron_ids"
+
+
+@dataclass
+class ClusterSpec:
+    kind: str = "local"  # local, slurm, pbs, sge or lsf (dask-jobqueue)
+    scheduler: str | None = None  # address of a running scheduler to attach to
+    n_workers: int = 0  # local: 0 = one per core
+    threads_per_worker: int = 1
+    memory_limit: str | int = "auto"  # per worker, e.g. "4GB"
+    processes: bool = True  # local: worker processes (False: threads in this process)
+    jobqueue: dict = field(default_factory=dict)  # keywords of dask_jobqueue.<Kind>Cluster
+    minimum_jobs: int = 0  # jobqueue: adaptive scaling between these
+    maximum_jobs: int = 1
+    retries: int = 3  # a failed (or timed-out) block task is retried this often
+    task_timeout: float = 0.0  # seconds; a block task running longer is abandoned, retried
+    allowed_failures: int = 10  # worker deaths a task survives (preemptible machines)
+
+
+@dataclass
+class RunConfig:
+    input: InputSpec
+    output: OutputSpec
+    predict: PredictSpec = field(default_factory=PredictSpec)
+    segment: SegmentSpec = field(default_factory=SegmentSpec)
+    evaluate: EvaluateSpec | None = None
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+
+
+_JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster",
+             "lsf": "LSFCluster"}
+
+
+def load_run_config(path: str | Path | dict) -> RunConfig:
+    """A run config from a TOML/YAML file (or a dict), checked: unknown keys, wrong
+    types and impossible values are errors naming the key."""
+    where = str(path) if not isinstance(path, dict) else "config"
+    values = read_file(path) if not isinstance(path, dict) else dict(path)
+    cfg = from_dict(RunConfig, values, where)
+    if cfg.input.roi_units not in ("voxel", "nm"):
+        raise ValueError(f"{where}: input.roi_units must be 'voxel' or 'nm', "
+                         f"got {cfg.input.roi_units!r}")
+    if len(cfg.output.chunks) != 3 or any(not isinstance(c, int) or c <= 0
+                                          for c in cfg.output.chunks):
+        raise ValueError(f"{where}: output.chunks must be 3 positive integers (z, y, x), "
+                         f"got {cfg.output.chunks}")
+    if cfg.predict.dtype not in ("uint8", "float32"):
+        raise ValueError(f"{where}: predict.dtype must be 'uint8' or 'float32'")
+    if cfg.cluster.kind != "local" and cfg.cluster.kind not in _JOBQUEUE:
+        raise ValueError(f"{where}: cluster.kind must be 'local' or one of "
+                         f"{sorted(_JOBQUEUE)}, got {cfg.cluster.kind!r}")
+    from emdask.agglomerate import _check_thresholds
+    from emdask.segmentation import score_bins
+
+    try:
+        _check_thresholds(cfg.segment.thresholds)
+        score_bins(cfg.segment.score, cfg.segment.bins)
+    except ValueError as err:
+        raise ValueError(f"{where}: [segment] {err}") from None
+    return cfg
+
+
+# ---------------------------------------------------------------- the store
+def _local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if "://" in url else url
+
+
+def put_bytes(url: str, key: str, data: bytes) -> None:
+    """Write ``url/key`` atomically (temporary file + rename locally; a PUT remotely)."""
+    local = _local_path(url)
+    if local is None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.pipe(f"{root}/{key}", data)
+        return
+    path = Path(local, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def get_bytes(url: str, key: str) -> bytes:
+    local = _local_path(url)
+    if local is None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        return fs.cat(f"{root}/{key}")
+    return Path(local, key).read_bytes()
+
+
+def _list(url: str, prefix: str) -> list[str]:
+    local = _local_path(url)
+    if local is None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        try:
+            return [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{prefix}", detail=False)]
+        except FileNotFoundError:
+            return []
+    folder = Path(local, prefix)
+    return [p.name for p in folder.iterdir() if not p.name.startswith(".")] \
+        if folder.exists() else []
+
+
+def done_blocks(url: str, stage: str) -> set[int]:
+    """Blocks of a stage whose outputs are completely written."""
+    return {int(n) for n in _list(url, f"_emdask/done/{stage}") if n.isdigit()}
+
+
+def _mark_done(url: str, stage: str, block: int) -> None:
+    put_bytes(url, f"_emdask/done/{stage}/{block}", b"")
+
+
+def _open_root(url: str, mode: str = "a"):
+    import zarr
+
+    from emdask.volumes import _zarr_store
+
+    return zarr.open_group(store=_zarr_store(url, "r" if mode == "r" else "w", None),
+                           mode=mode, zarr_format=3)
+
+
+def _array(ctx: _Context, path: str):
+    """A zarr array of the output store (cached per worker process and run)."""
+    return _cached_array(ctx.store, path, ctx.generation)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_array(url: str, path: str, generation: int):
+    return _open_root(url, "r+")[path]
+
+
+# ---------------------------------------------------------------- blocks
+@dataclass(frozen=True)
+class Grid:
+    """The block grid of a ``shape`` volume cut into ``chunks``."""
+
+    shape: tuple
+    chunks: tuple
+
+    @property
+    def counts(self) -> tuple:
+        return tuple(-(-n // c) for n, c in zip(self.shape, self.chunks, strict=True))
+
+    def __len__(self) -> int:
+        return int(np.prod(self.counts))
+
+    def index(self, block: int) -> tuple:
+        return tuple(int(i) for i in np.unravel_index(block, self.counts))
+
+    def box(self, block: int) -> tuple[list, list]:
+        idx = self.index(block)
+        begin = [i * c for i, c in zip(idx, self.chunks, strict=True)]
+        end = [min(b + c, n) for b, c, n in zip(begin, self.chunks, self.shape, strict=True)]
+        return begin, end
+
+    def neighbour(self, block: int, axis: int) -> int | None:
+        """The block below ``block`` along ``axis`` (None at the volume's start)."""
+        idx = list(self.index(block))
+        if idx[axis] == 0:
+            return None
+        idx[axis] -= 1
+        return int(np.ravel_multi_index(idx, self.counts))
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a block task needs (small and picklable)."""
+
+    store: str
+    grid: Grid
+    source: Any = None  # the input array-like (predict)
+    roi_begin: tuple = (0, 0, 0)
+    predict: PredictSpec | None = None
+    segment: SegmentSpec | None = None
+    generation: int = 0  # per run: cached zarr arrays of an earlier run are not reused
+
+
+def _slices(begin, end) -> tuple:
+    return tuple(slice(b, e) for b, e in zip(begin, end, strict=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _model(name: str, device: str):
+    from emdask.models import load_model, pretrained
+
+    model = load_model(name) if name.endswith(".pt") else pretrained(name)
+    return model.to(device).eval()
+
+
+def _device(spec: PredictSpec) -> str:
+    import torch
+
+    if spec.device != "auto":
+        return spec.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _predict_task(ctx: _Context, block: int) -> None:
+    import torch
+
+    from emdask.predict import _predict_block
+    from emdask.volumes import read_box
+
+    with contextlib.suppress(ValueError):  # outside a worker: leave torch's default
+        from distributed import get_worker
+
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    device = _device(ctx.predict)
+    model = _model(ctx.predict.model, device)
+    begin, end = ctx.grid.box(block)
+    src_begin = [b + r for b, r in zip(begin, ctx.roi_begin, strict=True)]
+    src_end = [e + r for e, r in zip(end, ctx.roi_begin, strict=True)]
+    # context beyond the region of interest is real data where the volume has it
+    raw = read_box(ctx.source, src_begin, src_end, model.halo)
+    affs = _predict_block(raw, model, device, ctx.predict.patch, ctx.predict.batch_size,
+                          np.dtype(ctx.predict.dtype))
+    _array(ctx, "affinities/s0")[(slice(None), *_slices(begin, end))] = affs
+    _mark_done(ctx.store, "predict", block)
+
+
+def _watershed_task(ctx: _Context, block: int) -> None:
+    from emdask.segmentation import _block_basins, score_bins
+    from emdask.volumes import read_box
+    from emdask.watershed import HALO
+
+    begin, end = ctx.grid.box(block)
+    affs = read_box(_array(ctx, "affinities/s0"), begin, end, (HALO,) * 3)[:3]
+    seg = ctx.segment
+    labels, basin_info, graph, faces = _block_basins(
+        affs, begin, ctx.grid.shape, _params(seg), score_bins(seg.score, seg.bins))
+    _array(ctx, "_emdask/basins")[_slices(begin, end)] = labels
+    put_bytes(ctx.store, f"_emdask/graph/{block}", pickle.dumps((basin_info, graph)))
+    put_bytes(ctx.store, f"_emdask/faces/{block}", pickle.dumps(faces))
+    _mark_done(ctx.store, "watershed", block)
+
+
+def _params(seg: SegmentSpec):
+    from emdask.watershed import WatershedParams
+
+    return WatershedParams(seg.low, seg.high, seg.size_threshold, seg.merge_threshold,
+                           seg.dust_size)
+
+
+def _face_task(ctx: _Context, block: int, axis: int):
+    from emdask.segmentation import _face_links, score_bins
+
+    below = ctx.grid.neighbour(block, axis)
+    upper = pickle.loads(get_bytes(ctx.store, f"_emdask/faces/{block}"))
+    lower = pickle.loads(get_bytes(ctx.store, f"_emdask/faces/{below}"))
+    return _face_links(upper, lower, axis, _params(ctx.segment).quantized()[1],
+                       score_bins(ctx.segment.score, ctx.segment.bins))
+
+
+def _solve_task(ctx: _Context, faces: list, links: list) -> dict:
+    """The global solve: supervoxels, global graph, agglomeration -> lookup tables."""
+    from emdask.segmentation import _finish, _supervoxels
+
+    summaries = [pickle.loads(get_bytes(ctx.store, f"_emdask/graph/{b}"))
+                 for b in range(len(ctx.grid))]
+    pairs = [(ctx.grid.neighbour(b, axis), b) for b, axis in faces]
+    supervoxels = _supervoxels([s[0] for s in summaries], pairs, [lk[0] for lk in links])
+    luts, bases, info = _finish([s[1] for s in summaries], [lk[1] for lk in links], pairs,
+                                supervoxels, _params(ctx.segment), ctx.segment.thresholds,
+                                ctx.segment.score)
+    root = _open_root(ctx.store)
+    lut = root.create_array("_emdask/lut", shape=luts.shape, dtype=np.uint64,
+                            chunks=(luts.shape[0], max(1, min(1 << 20, luts.shape[1]))),
+                            overwrite=True)
+    lut[...] = luts
+    put_bytes(ctx.store, "_emdask/bases.npy", _npy(bases))
+    _mark_done(ctx.store, "agglomerate", 0)
+    return asdict(info)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=4)
+def _bases(store: str, generation: int) -> np.ndarray:
+    return np.load(io.BytesIO(get_bytes(store, "_emdask/bases.npy")))
+
+
+def _relabel_task(ctx: _Context, block: int) -> None:
+    from emdask.segmentation import _apply_luts
+
+    begin, end = ctx.grid.box(block)
+    labels = np.asarray(_array(ctx, "_emdask/basins")[_slices(begin, end)])
+    bases = _bases(ctx.store, ctx.generation)
+    luts = np.asarray(_array(ctx, "_emdask/lut")[:, bases[block]:bases[block + 1]])
+    for name, out in zip(_label_datasets(ctx.segment), _apply_luts(labels, luts,
+                                                                   [0, luts.shape[1]], 0),
+                         strict=True):
+        _array(ctx, f"{name}/s0")[_slices(begin, end)] = out
+    _mark_done(ctx.store, "relabel", block)
+
+
+def _label_datasets(seg: SegmentSpec) -> list[str]:
+    return ["fragments"] + [f"segmentation_{t:g}" for t in seg.thresholds]
+
+
+# ---------------------------------------------------------------- running tasks
+class TaskTimeout(RuntimeError):
+    """A block task ran past ``cluster.task_timeout`` and was abandoned."""
+
+
+def _guarded(fn: Callable, timeout: float, *args):
+    """Run ``fn(*args)``; if it has not finished after ``timeout`` seconds, raise
+    :class:`TaskTimeout` so that Dask retries the task (Dask has no per-task timeout).
+
+    The abandoned call keeps its thread until it returns; its writes are whole chunks of
+    the same values, so a late finish is harmless."""
+    if not timeout:
+        return fn(*args)
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller below
+            result["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TaskTimeout(f"{getattr(fn, '__name__', fn)}{args} ran past {timeout} s; "
+                          "abandoned, to be retried")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def _progress(futures: list, label: str) -> list:
+    """Wait for futures, printing a progress bar; returns their results in order."""
+    from distributed import as_completed
+
+    total, t0, done = len(futures), time.perf_counter(), 0
+    width = 30
+
+    tty = sys.stderr.isatty()
+
+    def show() -> None:
+        bar = "#" * (width * done // max(total, 1))
+        print(("\r" if tty else "") + f"  {label:<12} [{bar:<{width}}] {done}/{total} "
+              f"{time.perf_counter() - t0:6.1f} s", end="" if tty else "\n",
+              file=sys.stderr, flush=True)
+
+    step = 1 if tty else max(1, total // 4)  # a log file gets a few lines
+    for future in as_completed(futures):
+        future.result()  # raises the task's error (after Dask's retries)
+        done += 1
+        if done % step == 0 or done == total:
+            show()
+    if tty:
+        print(file=sys.stderr)
+    return [f.result() for f in futures]
+
+
+def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: ClusterSpec
+                ) -> int:
+    """Submit one task per unfinished block of a stage; returns how many ran."""
+    finished = done_blocks(ctx.store, stage)
+    todo = [b for b in range(len(ctx.grid)) if b not in finished]
+    if finished:
+        print(f"  {stage}: {len(finished)} of {len(ctx.grid)} blocks already done",
+              file=sys.stderr)
+    task = functools.partial(_guarded, functools.partial(fn, ctx), cluster.task_timeout)
+    futures = client.map(task, todo, key=[f"emdask-{stage}-{b}-{time.time_ns()}"
+                                          for b in todo],
+                         retries=cluster.retries, pure=False)
+    _progress(futures, stage)
+    return len(todo)
+
+
+# ---------------------------------------------------------------- clusters
+def make_cluster(spec: ClusterSpec):
+    """The cluster a config asks for (not for ``scheduler``): a LocalCluster, or a
+    dask-jobqueue cluster scaled adaptively between minimum_jobs and maximum_jobs."""
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": spec.allowed_failures}):
+        if spec.kind == "local":
+            from distributed import LocalCluster
+
+            n = spec.n_workers or max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
+            return LocalCluster(n_workers=n, threads_per_worker=spec.threads_per_worker,
+                                memory_limit=spec.memory_limit, processes=spec.processes,
+                                dashboard_address=":0")
+        try:
+            import dask_jobqueue
+        except ImportError:
+            raise ImportError(f"cluster.kind = {spec.kind!r} needs dask-jobqueue: "
+                              "pip install 'emdask[cluster]'") from None
+        cluster = getattr(dask_jobqueue, _JOBQUEUE[spec.kind])(**spec.jobqueue)
+        cluster.adapt(minimum_jobs=spec.minimum_jobs, maximum_jobs=spec.maximum_jobs)
+        return cluster
+
+
+@contextlib.contextmanager
+def _client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator:
+    import dask
+    from distributed import Client
+
+    address = scheduler or spec.scheduler
+    with dask.config.set({"distributed.scheduler.allowed-failures": spec.allowed_failures}):
+        if address:
+            with Client(address) as client:
+                print(f"attached to {address}; dashboard: {client.dashboard_link}",
+                      file=sys.stderr)
+                yield client
+            return
+        with make_cluster(spec) as cluster, Client(cluster) as client:
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+            yield client
+
+
+# ---------------------------------------------------------------- the run
+def _stage_params(cfg: RunConfig, stage: str) -> dict:
+    """What a stage's output depends on (its upstream included)."""
+    p = {"input": asdict(cfg.input), "chunks": list(cfg.output.chunks)}
+    p["predict"] = {k: v for k, v in asdict(cfg.predict).items()
+                    if k not in ("device", "patch", "batch_size")}  # no effect on output
+    if stage == "predict":
+        return p
+    seg = asdict(cfg.segment)
+    if stage == "watershed":
+        return p | {"segment": {k: seg[k] for k in ("low", "high", "bins", "score")}}
+    p["segment"] = seg
+    if stage == "report":
+        p["evaluate"] = asdict(cfg.evaluate) if cfg.evaluate else None
+    return p
+
+
+def _check_stage(root, cfg: RunConfig, stage: str, overwrite: bool) -> None:
+    import emdask
+
+    stages = dict(root.attrs.get("emdask", {}).get("stages", {}))
+    params = _stage_params(cfg, stage)
+    old = stages.get(stage)
+    if old is not None and old["params"] != params:
+        if not overwrite:
+            raise ValueError(
+                f"{cfg.output.path}: stage {stage!r} was run with other parameters "
+                f"({_diff(old['params'], params)}); use another output, or overwrite "
+                "(output.overwrite = true or --overwrite) to redo it and what follows")
+        _clear(cfg, root, stage)
+        stages = dict(root.attrs.get("emdask", {}).get("stages", {}))
+    if old is None or old["params"] != params:
+        stages[stage] = {"params": params, "version": emdask.__version__,
+                         "started": _now(), "finished": None, "seconds": None}
+        _set_stages(root, stages)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _diff(a, b, f"{prefix}{k}.")
+            if inner:
+                out.append(inner)
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return "; ".join(out)
+
+
+def _clear(cfg: RunConfig, root, stage: str) -> None:
+    """Delete a stage's outputs and everything downstream of it."""
+    import shutil
+
+    downstream = STAGES[STAGES.index(stage):]
+    names = {"predict": ["affinities"], "watershed": ["_emdask/basins"],
+             "agglomerate": ["_emdask/lut"], "relabel": ["fragments"] + [
+                 n for n in root.group_keys() if n.startswith("segmentation_")]}
+    for s in downstream:
+        for name in names.get(s, []):
+            if name in root:
+                del root[name]
+        local = _local_path(cfg.output.path)
+        for folder in [f"_emdask/done/{s}"] + (["_emdask/graph", "_emdask/faces"]
+                                                if s == "watershed" else []):
+            if local is not None:
+                shutil.rmtree(Path(local, folder), ignore_errors=True)
+            else:
+                import fsspec
+
+                fs, base = fsspec.core.url_to_fs(cfg.output.path)
+                if fs.exists(f"{base}/{folder}"):
+                    fs.rm(f"{base}/{folder}", recursive=True)
+    stages = dict(root.attrs.get("emdask", {}).get("stages", {}))
+    _set_stages(root, {k: v for k, v in stages.items() if k not in downstream})
+
+
+def _set_stages(root, stages: dict) -> None:
+    meta = dict(root.attrs.get("emdask", {}))
+    meta["stages"] = stages
+    root.attrs["emdask"] = meta
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _finish_stage(root, stage: str, seconds: float, extra: dict | None = None) -> None:
+    stages = dict(root.attrs["emdask"]["stages"])
+    stages[stage] = {**stages[stage], "finished": _now(), "seconds": round(seconds, 2),
+                     **(extra or {})}
+    _set_stages(root, stages)
+
+
+def _input(cfg: RunConfig):
+    """The input volume, its region of interest, and where that begins (voxels)."""
+    from emdask.volumes import cutout, open_volume
+
+    vol = open_volume(cfg.input.url, cfg.input.dataset, voxel_size=cfg.input.voxel_size)
+    if vol.ndim != 3:
+        raise ValueError(f"{vol.attrs['source']}: the input must be a 3-D EM volume, got "
+                         f"dims {vol.dims}")
+    if cfg.input.roi is None:
+        return vol, vol, (0, 0, 0)
+    roi = np.asarray(cfg.input.roi, float)
+    if roi.shape != (2, 3):
+        raise ValueError(f"input.roi must be [[z0, y0, x0], [z1, y1, x1]], got {cfg.input.roi}")
+    cut = cutout(vol, roi[0], roi[1], units=cfg.input.roi_units)
+    begin = np.rint((np.asarray(cut.attrs["offset"]) - np.asarray(vol.attrs["offset"]))
+                    / np.asarray(vol.attrs["voxel_size"])).astype(int)
+    return vol, cut, tuple(int(b) for b in begin)
+
+
+def _plain_config(cfg: RunConfig) -> dict:
+    return asdict(cfg)
+
+
+def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
+    """Face links (one task per face between two blocks), then one global solve."""
+    if done_blocks(ctx.store, "agglomerate"):
+        print("  agglomerate: already done", file=sys.stderr)
+        return {}
+    grid = ctx.grid
+    faces = [(b, axis) for b in range(len(grid)) for axis in range(3)
+             if grid.neighbour(b, axis) is not None]
+    retries = cfg.cluster.retries
+    links = client.map(lambda f: _face_task(ctx, *f), faces, retries=retries, pure=False,
+                       key=[f"emdask-faces-{b}-{a}-{time.time_ns()}" for b, a in faces])
+    _progress(links, "faces")
+    solve = client.submit(_solve_task, ctx, faces, links, retries=retries, pure=False,
+                          key=f"emdask-solve-{time.time_ns()}")
+    info = _progress([solve], "global graph")[0]
+    print(f"  global graph: {info['n_supervoxels']} supervoxels, {info['n_edges']} edges, "
+          f"{info['graph_nbytes'] / 1e6:.1f} MB", file=sys.stderr)
+    return {"graph": info}
+
+
+def _report(cfg: RunConfig, vol, roi_begin) -> dict:
+    """Scores of each segmentation against the ground truth, and a figure."""
+    from emdask.metrics import evaluate
+    from emdask.volumes import open_volume
+
+    store = cfg.output.path
+    names = [n for n in _label_datasets(cfg.segment)[1:]]
+    scores = {}
+    gt = None
+    if cfg.evaluate is not None:
+        gt_full = open_volume(cfg.evaluate.url, cfg.evaluate.dataset)
+        end = [b + n for b, n in zip(roi_begin, vol.shape, strict=True)]
+        if any(e > n for e, n in zip(end, gt_full.shape, strict=True)):
+            raise ValueError(f"{gt_full.attrs['source']}: ground truth of shape "
+                             f"{gt_full.shape} does not cover the region of interest "
+                             f"[{list(roi_begin)}, {end})")
+        gt = gt_full.data[_slices(roi_begin, end)]
+        print(f"  {'threshold':>9} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} "
+              f"{'ARAND':>7}", file=sys.stderr)
+        for t, name in zip(cfg.segment.thresholds, names, strict=True):
+            seg = open_volume(store, name)
+            s = evaluate(seg.data, gt)
+            scores[name] = {k: float(v) for k, v in s.items()}
+            print(f"  {t:>9g} {s['voi_split']:9.3f} {s['voi_merge']:9.3f} {s['voi']:7.3f} "
+                  f"{s['arand']:7.3f}", file=sys.stderr)
+    local = _local_path(store)
+    if local is not None:
+        best = min(scores, key=lambda n: scores[n]["voi"]) if scores else names[-1]
+        z = vol.shape[0] // 2
+        figure(np.asarray(vol[z]), np.asarray(open_volume(store, "affinities")[:, z]),
+               np.asarray(open_volume(store, best)[z]),
+               None if gt is None else np.asarray(gt[z]),
+               Path(local).with_suffix(".png"),
+               f"emdask, threshold {best.removeprefix('segmentation_')}")
+        print(f"  figure: {Path(local).with_suffix('.png')}", file=sys.stderr)
+    return scores
+
+
+def figure(raw: np.ndarray, affs: np.ndarray, seg: np.ndarray, gt: np.ndarray | None,
+           path: str | Path, title: str = "segmentation") -> None:
+    """One section: raw EM, affinities (x-y mean), segmentation overlay, ground truth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+
+    def colours(labels):
+        ids, inv = np.unique(labels, return_inverse=True)
+        lut = rng.random((ids.size, 3))
+        lut[ids == 0] = 0
+        return lut[inv].reshape(*labels.shape, 3)
+
+    affs = affs.astype(np.float32) / (255 if affs.dtype == np.uint8 else 1)
+    panels = [("raw EM", None), ("predicted affinities (x-y mean)", None), (title, seg)]
+    if gt is not None:
+        panels.append(("ground truth", gt))
+    fig, ax = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
+    for a, (name, labels) in zip(ax, panels, strict=True):
+        if name.startswith("predicted"):
+            a.imshow(affs[1:3].mean(0), cmap="gray", vmin=0, vmax=1)
+        else:
+            a.imshow(raw, cmap="gray")
+        if labels is not None:
+            a.imshow(colours(labels), alpha=0.45)
+        a.set_title(name)
+        a.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _chunks(cfg: RunConfig, factor=(1, 1, 1)) -> tuple:
+    """Output chunks rounded up to the net's downsampling factor (so each block's pooling
+    grid is anchored as in a whole-volume pass)."""
+    return tuple(-(-int(c) // int(f)) * int(f)
+                 for c, f in zip(cfg.output.chunks, factor, strict=True))
+
+
+def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = None,
+        scheduler: str | None = None, overwrite: bool | None = None, client=None) -> dict:
+    """Run the pipeline (or some of its stages); returns the report.
+
+    Parameters
+    ----------
+    config
+        A :class:`RunConfig`, or a TOML/YAML file or dict for :func:`load_run_config`.
+    stages
+        Stage names from :data:`STAGES` (``"segment"`` means watershed, agglomerate and
+        relabel); all by default.
+    scheduler
+        Address of a running Dask scheduler (overrides ``cluster``).
+    overwrite
+        Redo stages whose recorded parameters differ (default: the config's).
+    client
+        An existing ``distributed.Client`` to use (e.g. in a notebook).
+    """
+    cfg = config if isinstance(config, RunConfig) else load_run_config(config)
+    overwrite = cfg.output.overwrite if overwrite is None else overwrite
+    wanted = _expand(stages)
+    if client is not None:
+        return _run(cfg, wanted, overwrite, client)
+    with _client(cfg.cluster, scheduler) as new_client:
+        return _run(cfg, wanted, overwrite, new_client)
+
+
+def _expand(stages: Sequence[str] | None) -> list[str]:
+    if not stages:
+        return list(STAGES)
+    out = []
+    for s in stages:
+        names = ["watershed", "agglomerate", "relabel"] if s == "segment" else [s]
+        for n in names:
+            if n not in STAGES:
+                raise ValueError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}, segment")
+            out.append(n)
+    return [s for s in STAGES if s in out]
+
+
+def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
+    from emdask.predict import _check_voxel_size
+    from emdask.volumes import create_volume
+
+    full, vol, roi_begin = _input(cfg)
+    shape = tuple(int(n) for n in vol.shape)
+    voxel_size, offset = vol.attrs["voxel_size"], vol.attrs["offset"]
+    store = cfg.output.path
+    root = _open_root(store)
+    timings = {}
+    model = None
+    if "predict" in stages or "affinities" not in root:
+        model = _model(cfg.predict.model, "cpu")
+    factor = model.factor if model is not None else tuple(
+        root.attrs["emdask"]["factor"])
+    grid = Grid(shape, _chunks(cfg, factor))
+    meta = dict(root.attrs.get("emdask", {}))
+    meta.update({"config": _plain_config(cfg), "factor": list(factor),
+                 "roi_begin": list(roi_begin), "input_shape": list(shape)})
+    root.attrs["emdask"] = meta
+    ctx = _Context(store, grid, roi_begin=roi_begin, predict=cfg.predict,
+                   segment=cfg.segment, generation=time.time_ns())
+    print(f"emdask run: {vol.attrs['source']} {shape} voxels at {voxel_size} nm, "
+          f"{len(grid)} blocks of {grid.chunks} -> {store}", file=sys.stderr)
+    for stage in stages:
+        if stage != "predict" and "affinities" not in root:
+            raise ValueError(f"{store}: stage {stage!r} needs the predict stage's output "
+                             "(affinities); run it first")
+        _check_stage(root, cfg, stage, overwrite)
+        t0 = time.perf_counter()
+        extra = None
+        if stage == "predict":
+            if "affinities" not in root:
+                create_volume(store, "affinities", (len(model.config.offsets), *shape),
+                              cfg.predict.dtype, grid.chunks, voxel_size, offset,
+                              attrs={"offsets": [list(o) for o in model.config.offsets]})
+            if cfg.predict.check_voxel_size:
+                _check_voxel_size(voxel_size, model, vol.attrs["source"])
+            pctx = _Context(store, grid, source=full.encoding["source"],
+                            roi_begin=roi_begin, predict=cfg.predict, segment=cfg.segment,
+                            generation=ctx.generation)
+            _run_blocks(client, pctx, stage, _predict_task, cfg.cluster)
+        elif stage == "watershed":
+            if "_emdask/basins" not in root:
+                root.create_array("_emdask/basins", shape=shape, chunks=grid.chunks,
+                                  dtype=np.uint32, fill_value=0)
+            _run_blocks(client, ctx, stage, _watershed_task, cfg.cluster)
+        elif stage == "agglomerate":
+            extra = _agglomerate(client, ctx, cfg)
+        elif stage == "relabel":
+            for name in _label_datasets(cfg.segment):
+                if name not in root:
+                    create_volume(store, name, shape, np.uint64, grid.chunks, voxel_size,
+                                  offset)
+            _run_blocks(client, ctx, stage, _relabel_task, cfg.cluster)
+        elif stage == "report":
+            extra = {"scores": _report(cfg, vol, roi_begin)}
+        timings[stage] = time.perf_counter() - t0
+        _finish_stage(root, stage, timings[stage], extra)
+        print(f"  {stage}: {timings[stage]:.1f} s", file=sys.stderr)
+    return {"timings": timings, "store": store,
+            "stages": dict(root.attrs["emdask"]["stages"])}

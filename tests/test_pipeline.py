@@ -1,0 +1,243 @@
+"""emdask run: config checks, stages, resume after SIGKILL, lost workers, hung tasks."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client, LocalCluster
+
+from emdask import open_volume, segment
+from emdask.data import sample_path
+from emdask.models import AffinityUNet, ModelConfig, save_model
+from emdask.pipeline import (
+    ClusterSpec,
+    Grid,
+    _Context,
+    _run_blocks,
+    done_blocks,
+    load_run_config,
+    make_cluster,
+    run,
+)
+from emdask.predict import predict_affinities
+
+THREADS = {"processes": False, "n_workers": 2}  # fast to start; processes where it matters
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A small untrained net: these tests check the machinery, not the accuracy."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(AffinityUNet(ModelConfig(width=4, downsample=[[1, 2, 2]],
+                                        voxel_size=[10.0, 10.0, 10.0])), path)
+    return str(path)
+
+
+def _config(tmp_path, model, name="out", chunks=(16, 64, 64), roi=((0, 0, 0), (40, 160, 160)),
+            cluster=None, **segment):
+    return {
+        "input": {"url": str(sample_path()), "dataset": "raw",
+                  "roi": [list(r) for r in roi] if roi else None},
+        "output": {"path": str(tmp_path / f"{name}.zarr"), "chunks": list(chunks)},
+        "predict": {"model": model},
+        "segment": {"thresholds": [0.3, 0.5], **segment},
+        "evaluate": {"url": str(sample_path()), "dataset": "neuron_ids"},
+        "cluster": cluster or THREADS,
+    }
+
+
+def _write_toml(path: Path, cfg: dict) -> Path:
+    lines = []
+    for section, values in cfg.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if v is None:
+                continue
+            lines.append(f"{k} = {v!r}".replace("'", '"').replace("True", "true")
+                         .replace("False", "false").replace("(", "[").replace(")", "]"))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _outputs(store) -> dict:
+    names = ["affinities", "fragments", "segmentation_0.3", "segmentation_0.5"]
+    return {n: open_volume(store, n).values for n in names}
+
+
+def _chunk_mtimes(store: str, dataset: str) -> dict:
+    root = Path(store, dataset, "s0", "c")
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------ configuration
+def test_config_errors_name_the_key(tmp_path, tiny_model):
+    good = _config(tmp_path, tiny_model)
+    assert load_run_config(good).segment.thresholds == [0.3, 0.5]
+    with pytest.raises(ValueError, match=r"config.segment: unknown keys \['treshold'\]"):
+        load_run_config({**good, "segment": {"treshold": 0.5}})
+    with pytest.raises(TypeError, match=r"config.output: chunks = 64 should be of type list"):
+        load_run_config({**good, "output": {"path": "x.zarr", "chunks": 64}})
+    with pytest.raises(TypeError, match=r"n_workers = '2' should be of type int"):
+        load_run_config({**good, "cluster": {"n_workers": "2"}})
+    with pytest.raises(ValueError, match="thresholds must be strictly increasing"):
+        load_run_config({**good, "segment": {"thresholds": [0.5, 0.3]}})
+    with pytest.raises(ValueError, match="cluster.kind must be"):
+        load_run_config({**good, "cluster": {"kind": "kubernetes"}})
+    with pytest.raises(ValueError, match="missing required keys \\['url'\\]"):
+        load_run_config({**good, "input": {"dataset": "raw"}})
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("input: {url: a.zarr}\noutput: {path: b.zarr}\n"
+                         "cluster: {kind: slurm, jobqueue: {cores: 4, memory: 8GB}}\n")
+    assert load_run_config(yaml_file).cluster.jobqueue == {"cores": 4, "memory": "8GB"}
+
+
+def test_slurm_job_script():
+    spec = load_run_config({
+        "input": {"url": "a.zarr"}, "output": {"path": "b.zarr"},
+        "cluster": {"kind": "slurm", "maximum_jobs": 4, "jobqueue": {
+            "cores": 8, "processes": 2, "memory": "32GB", "queue": "short",
+            "walltime": "02:00:00", "account": "connectomics",
+            "job_extra_directives": ["--gres=gpu:1"]}}}).cluster
+    with make_cluster(spec) as cluster:
+        script = cluster.job_script()
+    for line in ["#SBATCH -p short", "#SBATCH -A connectomics", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --mem=30G", "#SBATCH -t 02:00:00", "#SBATCH --gres=gpu:1"]:
+        assert line in script, (line, script)
+    assert "--nworkers 2" in script and "--nthreads 4" in script
+
+
+# ------------------------------------------------------------------ the stages
+def test_run_equals_the_library_functions(tmp_path, tiny_model):
+    cfg = _config(tmp_path, tiny_model, roi=None, chunks=(16, 64, 64))
+    result = run(cfg)
+    store = cfg["output"]["path"]
+    out = _outputs(store)
+    raw = open_volume(sample_path(), "raw")
+    from emdask.models import load_model
+
+    ref = predict_affinities(raw, load_model(tiny_model), chunks=(50, 192, 192),
+                             dtype="uint8").values
+    assert out["affinities"].shape == ref.shape
+    assert np.abs(out["affinities"].astype(int) - ref).max() <= 1  # float rounding at x.5
+    # the pipeline's blocks give exactly what segment() gives on the same affinities
+    segs = segment(open_volume(store, "affinities")[:3], [0.3, 0.5], return_fragments=True)
+    for name, seg in zip(["fragments", "segmentation_0.3", "segmentation_0.5"], segs,
+                         strict=True):
+        np.testing.assert_array_equal(out[name], seg.values)
+    stages = result["stages"]
+    assert all(stages[s]["finished"] for s in stages)
+    assert set(stages["report"]["scores"]) == {"segmentation_0.3", "segmentation_0.5"}
+    assert Path(store).with_suffix(".png").stat().st_size > 10_000
+
+
+def test_roi_keeps_physical_coordinates_and_reruns_are_checked(tmp_path, tiny_model, capsys):
+    cfg = _config(tmp_path, tiny_model, roi=((8, 32, 16), (40, 160, 160)))
+    run(cfg, stages=["predict", "segment"])
+    store = cfg["output"]["path"]
+    seg = open_volume(store, "segmentation_0.5")
+    assert seg.shape == (32, 128, 144)
+    raw_offset = np.array(open_volume(sample_path(), "raw").attrs["offset"])
+    assert seg.attrs["offset"] == tuple(raw_offset + [80, 320, 160])  # the ROI's corner, nm
+    assert seg.attrs["voxel_size"] == (10, 10, 10)
+    before = _chunk_mtimes(store, "affinities")
+    capsys.readouterr()
+    run(cfg)  # nothing left to do but the report
+    assert "predict: 12 of 12 blocks already done" in capsys.readouterr().err
+    changed = {**cfg, "segment": {"thresholds": [0.3, 0.6]}}
+    with pytest.raises(ValueError, match=r"agglomerate.*other parameters.*thresholds: "
+                                         r"\[0.3, 0.5\] -> \[0.3, 0.6\]"):
+        run(changed)
+    run(changed, overwrite=True)  # redoes agglomerate and relabel, not predict
+    assert _chunk_mtimes(store, "affinities") == before
+    assert "segmentation_0.6" in open_volume(store, "segmentation_0.6").attrs["source"]
+
+
+# ------------------------------------------------------------------ resilience
+SMALL = {"chunks": (8, 32, 32), "roi": ((0, 0, 0), (40, 96, 96))}  # 45 small blocks
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model) -> dict:
+    """Outputs of an undisturbed run, to compare interrupted runs with."""
+    cfg = _config(tmp_path_factory.mktemp("ref"), tiny_model, name="ref", **SMALL)
+    run(cfg)
+    return _outputs(cfg["output"]["path"])
+
+
+def test_sigkill_mid_stage_then_resume(tmp_path, tiny_model, reference):
+    # small blocks so the kill lands mid-stage; worker processes, as in real use
+    cfg = _config(tmp_path, tiny_model, name="killed", **SMALL,
+                  cluster={"n_workers": 1, "threads_per_worker": 1})
+    store = cfg["output"]["path"]
+    toml = _write_toml(tmp_path / "run.toml", cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "emdask.cli", "run", str(toml)],
+                            start_new_session=True, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(done_blocks(store, "predict")) < 8:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker processes, mid-stage
+    proc.wait()
+    assert len(done_blocks(store, "relabel")) < 45  # it was interrupted
+    before = _chunk_mtimes(store, "affinities")
+    run({**cfg, "cluster": THREADS})
+    after = _chunk_mtimes(store, "affinities")
+    assert all(after[p] == t for p, t in before.items())  # finished chunks not redone
+    resumed = _outputs(store)
+    for name in reference:
+        np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+
+
+def test_killed_worker_loses_nothing(tmp_path, tiny_model, reference):
+    cfg = _config(tmp_path, tiny_model, name="lost", **SMALL)
+    store = cfg["output"]["path"]
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+
+        def kill_one():
+            while len(done_blocks(store, "predict")) < 8:
+                time.sleep(0.01)
+            os.kill(pids[0], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one)
+        killer.start()
+        run(cfg, client=client)
+        killer.join()
+        assert len(set(client.run(os.getpid).values()) - set(pids)) >= 1  # restarted
+    lost = _outputs(store)
+    for name in reference:
+        np.testing.assert_array_equal(lost[name], reference[name], err_msg=name)
+
+
+_HANGS: dict = {}
+
+
+def _hangs_once(ctx, block):
+    """Block 2's first attempt hangs (a stuck file system, a preempted GPU...)."""
+    if block == 2 and not _HANGS.get(block):
+        _HANGS[block] = True
+        threading.Event().wait(30)
+    from emdask.pipeline import _mark_done
+
+    _mark_done(ctx.store, "test", block)
+
+
+def test_hung_task_is_abandoned_and_retried(tmp_path):
+    ctx = _Context(str(tmp_path / "s.zarr"), Grid((4, 4, 4), (2, 2, 2)))
+    spec = ClusterSpec(task_timeout=1.0, retries=2)
+    with LocalCluster(n_workers=2, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        t0 = time.perf_counter()
+        assert _run_blocks(client, ctx, "test", _hangs_once, spec) == 8
+        assert time.perf_counter() - t0 < 15
+    assert done_blocks(ctx.store, "test") == set(range(8))
+    assert _HANGS == {2: True}
