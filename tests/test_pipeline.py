@@ -241,3 +241,15 @@ def test_hung_task_is_abandoned_and_retried(tmp_path):
         assert time.perf_counter() - t0 < 15
     assert done_blocks(ctx.store, "test") == set(range(8))
     assert _HANGS == {2: True}
+
+
+def test_roi_in_nm_selects_the_same_voxels(tmp_path, tiny_model):
+    from emdask.pipeline import _input
+
+    offset = np.array(open_volume(sample_path(), "raw").attrs["offset"])
+    voxels = load_run_config(_config(tmp_path, tiny_model, roi=((8, 32, 16), (40, 160, 160))))
+    nm = load_run_config(_config(tmp_path, tiny_model, roi=(
+        tuple(offset + [80, 320, 160]), tuple(offset + [400, 1600, 1600]))))
+    nm.input.roi_units = "nm"
+    (_, a, begin_a), (_, b, begin_b) = _input(voxels), _input(nm)
+    assert begin_a == begin_b == (8, 32, 16) and a.shape == b.shape == (32, 128, 144)
