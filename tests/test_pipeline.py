@@ -253,3 +253,11 @@ def test_roi_in_nm_selects_the_same_voxels(tmp_path, tiny_model):
     nm.input.roi_units = "nm"
     (_, a, begin_a), (_, b, begin_b) = _input(voxels), _input(nm)
     assert begin_a == begin_b == (8, 32, 16) and a.shape == b.shape == (32, 128, 144)
+
+
+def test_cluster_tolerates_the_configured_worker_losses():
+    from emdask.pipeline import _client
+
+    spec = ClusterSpec(n_workers=1, processes=False, allowed_failures=25)
+    with _client(spec) as client:
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 25
