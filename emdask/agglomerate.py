@@ -204,8 +204,8 @@ def agglomerate(
     graph
         Region graph over regions ``0..n_regions-1`` (histogram needed for quantile scores).
     thresholds
-        Strictly increasing costs in [0, 1]: 0 merges nothing, 1 merges everything that
-        touches.
+        Strictly increasing costs in [0, 1]; pairs merge while their cost is below the
+        threshold: 0 merges nothing, 1 merges every touching pair with a non-zero score.
     score
         ``"mean"`` (default), ``"max"``, ``"median"`` or ``"quantile-NN"`` affinity.
 

@@ -109,15 +109,17 @@ def misalign(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator, marg
     nz, ny, nx = raw.shape
     out_y, out_x = ny - 2 * margin, nx - 2 * margin
     shifts = np.zeros((nz, 2), int)
-    d = rng.integers(-min(max_shift, margin), min(max_shift, margin) + 1, 2)
-    if np.all(d == 0):
-        d[int(rng.integers(2))] = 1
-    if mode == "slip":
-        shifts[int(rng.integers(nz))] = d
-    elif mode == "shift":
-        shifts[int(rng.integers(1, nz)) if nz > 1 else 0:] = d
-    else:
+    if mode not in ("slip", "shift"):
         raise ValueError(f"mode must be 'slip' or 'shift', got {mode!r}")
+    limit = min(max_shift, margin)  # 0: no room to displace anything, only crop
+    if limit > 0:
+        d = rng.integers(-limit, limit + 1, 2)
+        if np.all(d == 0):
+            d[int(rng.integers(2))] = 1
+        if mode == "slip":
+            shifts[int(rng.integers(nz))] = d
+        else:
+            shifts[int(rng.integers(1, nz)) if nz > 1 else 0:] = d
     r = np.empty((nz, out_y, out_x), raw.dtype)
     lab = np.empty((nz, out_y, out_x), labels.dtype)
     for z, (dy, dx) in enumerate(shifts):

@@ -11,6 +11,7 @@ zeros (black) beyond its borders, as in training.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import dask.array as da
@@ -158,7 +159,8 @@ def predict_affinities(
     if check_voxel_size:
         _check_voxel_size(raw.attrs["voxel_size"], model, raw.attrs.get("source", "raw"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    if model.training or next(model.parameters()).device != torch.device(device):
+        model = copy.deepcopy(model).to(device).eval()  # the caller's model stays as it was
     factor, halo = np.array(model.factor), np.array(model.halo)
     data = raw.data
     shape = data.shape

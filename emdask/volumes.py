@@ -485,7 +485,10 @@ def _select_level(ms: dict, level, where: str) -> tuple[str, dict]:
         ms.get("coordinateTransformations", [])
     ):
         if t.get("type") == "scale":
-            scale = np.asarray(t["scale"], float) * (1 if scale is None else scale)
+            factor = np.asarray(t["scale"], float)
+            scale = factor * (1 if scale is None else scale)
+            if translation is not None:  # x -> (x * s1 + t1) * s2: t1 is scaled too
+                translation = translation * factor
         elif t.get("type") == "translation":
             tr = np.asarray(t["translation"], float)
             translation = tr if translation is None else translation + tr

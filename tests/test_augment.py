@@ -87,3 +87,13 @@ def test_augment_is_reproducible_and_crops_margin():
     assert a[0].shape == (8, 24, 24)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize(("margin", "max_shift"), [(0, 8), (5, 0)])
+def test_misalignment_without_room_only_crops(margin, max_shift):
+    raw, labels = _patch((4, 20, 20))
+    r, lab, shifts = misalign(raw, labels, np.random.default_rng(0), margin, "shift", max_shift)
+    crop = (slice(None), slice(margin, 20 - margin), slice(margin, 20 - margin))
+    np.testing.assert_array_equal(r, raw[crop])
+    np.testing.assert_array_equal(lab, labels[crop])
+    assert not shifts.any()

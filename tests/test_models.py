@@ -69,6 +69,13 @@ def test_uint8_output_and_missing_section():
     assert np.isfinite(out.values.astype(float)).all()
 
 
+def test_prediction_leaves_the_callers_model_as_it_was():
+    m = _model().train()
+    raw = np.random.default_rng(3).random((8, 24, 24), np.float32)
+    predict_affinities(as_volume(raw, (40, 4, 4)), m).compute()
+    assert m.training  # not switched to eval mode (or moved to another device) under it
+
+
 def test_voxel_size_is_checked():
     raw = as_volume(np.zeros((8, 40, 40), np.uint8), (10, 10, 10))
     with pytest.raises(ValueError, match=r"voxel size \(10.0, 10.0, 10.0\) nm does not match"):

@@ -125,6 +125,13 @@ def test_ome_zarr_v04_multiscale_levels(tmp_path):
     assert open_volume(tmp_path / "ome.zarr", level=1).shape == low.shape
     with pytest.raises(VolumeError, match=r"no multiscale level '7'.*levels: \['0', '1'\]"):
         open_volume(tmp_path / "ome.zarr", level="7")
+    # a multiscale-wide scale applies after the level's translation, so scales it too
+    ms = root.attrs["multiscales"]
+    ms[0]["coordinateTransformations"] = [{"type": "scale", "scale": [1, 2, 2, 2]}]
+    root.attrs["multiscales"] = ms
+    vol = open_volume(tmp_path / "ome.zarr")
+    assert vol.attrs["voxel_size"] == pytest.approx((80, 8, 8))
+    assert vol.attrs["offset"] == pytest.approx((800, 0, 16))
 
 
 @pytest.mark.parametrize(
