@@ -173,3 +173,9 @@ def test_changed_zarr_input_is_not_reread_from_the_store(tmp_path):
     [seg] = segment(flipped, [0.5], size_threshold=0)
     expected = segment(np.ascontiguousarray(affs[..., ::-1]), [0.5], size_threshold=0)[0]
     np.testing.assert_array_equal(seg.values, expected.compute())
+
+
+def test_error_quantile_score_without_histogram():
+    # caught when the graph is built, not after the first pass has run
+    with pytest.raises(ValueError, match="score 'median' needs a histogram: bins must be >= 2"):
+        segment(np.ones((3, 4, 4, 4), np.float32), [0.5], score="median", bins=0)
