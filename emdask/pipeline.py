@@ -43,7 +43,7 @@ import numpy as np
 
 from emdask.config import from_dict, read_file
 
-__all__ = ["STAGES", "RunConfig", "load_run_config", "make_cluster", "run"]
+__all__ = ["STAGES", "RunConfig", "load_run_config", "local_cluster", "make_cluster", "run"]
 
 STAGES = ("predict", "watershed", "agglomerate", "relabel", "report")
 
@@ -479,6 +479,24 @@ def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: Cluste
 
 
 # ---------------------------------------------------------------- clusters
+def local_cluster(**kwargs):
+    """A ``distributed.LocalCluster`` whose worker processes run emdask's kernels at full
+    speed.
+
+    distributed starts worker processes with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand
+    freed memory back to the OS).  Setting it makes glibc give up its adaptive mmap
+    threshold, so every block-sized numpy allocation is mmapped and page-faulted afresh:
+    the watershed block kernel runs 2x slower (71 ms instead of 34 ms for a 74^3 block,
+    measured).  emdask's workers start without it."""
+    import dask
+    from distributed import LocalCluster
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return LocalCluster(**kwargs)
+
+
 def make_cluster(spec: ClusterSpec):
     """The cluster a config asks for (not for ``scheduler``): a LocalCluster, or a
     dask-jobqueue cluster scaled adaptively between minimum_jobs and maximum_jobs."""
@@ -486,12 +504,10 @@ def make_cluster(spec: ClusterSpec):
 
     with dask.config.set({"distributed.scheduler.allowed-failures": spec.allowed_failures}):
         if spec.kind == "local":
-            from distributed import LocalCluster
-
             n = spec.n_workers or max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
-            return LocalCluster(n_workers=n, threads_per_worker=spec.threads_per_worker,
-                                memory_limit=spec.memory_limit, processes=spec.processes,
-                                dashboard_address=":0")
+            return local_cluster(n_workers=n, threads_per_worker=spec.threads_per_worker,
+                                 memory_limit=spec.memory_limit, processes=spec.processes,
+                                 dashboard_address=":0")
         try:
             import dask_jobqueue
         except ImportError:

@@ -15,9 +15,11 @@
    (:func:`emdask.agglomerate.agglomerate`).
 
 Blocks are then relabelled lazily: each output block recomputes its basins (cheap) and
-looks its labels up in the table.  For volumes opened from a file (zarr, HDF5), the
-relabel tasks read block plus halo straight from it, so memory stays bounded by blocks in
-flight plus the global graph; other Dask inputs are held between the two passes.  Because
+looks its labels up in the table.  For volumes opened from a file (zarr, HDF5), every
+block task reads block plus halo straight from it (decoded chunks cached per worker), so
+the graph is one task per block and pass, and memory stays bounded by blocks in flight
+plus the global graph; other Dask inputs go through ``dask.array.overlap`` and are held
+between the two passes.  Because
 every decision is made on the global graph with canonical ids (a region is known by its
 lowest global voxel index, sums are exact integers), the result is identical for every
 chunking, ids included.
@@ -25,6 +27,7 @@ chunking, ids included.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +65,19 @@ class SegmentationInfo:
 
 
 # ---------------------------------------------------------------- per block
+@dataclass(frozen=True)
+class _StoredBlock:
+    """A block plus halo still in its file, read by the task that needs it."""
+
+    source: Any
+    begin: tuple
+    end: tuple
+    token: str  # one per segment() call: names the unchanging input for the chunk cache
+
+    def read(self) -> np.ndarray:
+        return read_box(self.source, self.begin, self.end, (HALO,) * 3, cache=self.token)
+
+
 def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
     """Basin info, region graph and faces of one block (see :func:`_block_basins`)."""
     return _block_basins(padded, origin, shape, params, bins)[1:]
@@ -70,6 +86,8 @@ def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, b
 def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
     """One block's block-local basin labels and what the global solve needs of it: basin
     info (lowest global index, size), the region graph inside the block, and its faces."""
+    if isinstance(padded, _StoredBlock):
+        padded = padded.read()
     # check only the block itself: the halo belongs to neighbours, which report their own
     quantize_affinities(padded[:, HALO:-HALO, HALO:-HALO, HALO:-HALO],
                         where=f"affinities block at voxel {tuple(map(int, origin))}")
@@ -181,6 +199,8 @@ def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedPara
 
 
 def _relabel(padded, origin, shape, params, solution, block: int):
+    if isinstance(padded, _StoredBlock):
+        padded = padded.read()
     labels, _, _ = basins(quantize_affinities(padded, check=False), origin, shape, params)
     return _apply_luts(labels, solution[0], solution[1], block)
 
@@ -285,30 +305,40 @@ def segment(
     shape = tuple(int(s) for s in data.shape[1:])
     # Each block task gets its block plus a halo (zeros beyond the volume: the kernel knows
     # the volume's shape and ignores edges outside it).
-    thin = [max(0, HALO - n) for n in shape]
-    # Dask's overlap merges chunks smaller than the halo into their neighbours, which
-    # changes nothing in the result; a volume thinner than the halo is padded at its end
-    # and the padding cropped afterwards.
-    if any(thin):
-        data = da.pad(data, ((0, 0),) + tuple((0, t) for t in thin))
-    padded = da.overlap.overlap(data, depth={0: 0, 1: HALO, 2: HALO, 3: HALO},
-                                boundary={0: "none", 1: 0, 2: 0, 3: 0})
-    chunks = tuple(tuple(c - 2 * HALO for c in cs) for cs in padded.chunks[1:])
-    grid = tuple(len(c) for c in chunks)
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
-    # optimize_graph=False: dask cannot fuse overlap after rechunk (multiple outputs)
-    delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
-    blocks = relabel_blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
     stored = stored_source(template) if template is not None else None
-    if stored is not None and not any(thin):
-        # The relabel pass reads block plus halo straight from the store: sharing the first
-        # pass's keys would make Dask hold every input block until the global solve.
-        def reader(idx):
-            begin = [int(starts[d][idx[d]]) for d in range(3)]
-            end = [b + chunks[d][idx[d]] for d, b in enumerate(begin)]
-            return dask.delayed(read_box, pure=False)(stored, begin, end, (HALO,) * 3)
-
-        relabel_blocks = {idx: reader(idx) for idx in np.ndindex(*grid)}
+    thin = [0, 0, 0]
+    if stored is not None:
+        # Input in a file (zarr, HDF5): one task per block reads block plus halo straight
+        # from it, in both passes, with decoded chunks cached per worker (a halo reaches
+        # into 26 neighbouring chunks).  A small graph, and nothing is held between the
+        # passes but the block summaries: memory is bounded by blocks in flight plus the
+        # global graph.
+        chunks = data.chunks[1:]
+        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+        grid = tuple(len(c) for c in chunks)
+        token = uuid.uuid4().hex
+        blocks = relabel_blocks = {
+            idx: _StoredBlock(stored, tuple(int(starts[d][idx[d]]) for d in range(3)),
+                              tuple(int(starts[d][idx[d]] + chunks[d][idx[d]])
+                                    for d in range(3)), token)
+            for idx in np.ndindex(*grid)}
+    else:
+        # Dask's overlap merges chunks smaller than the halo into their neighbours, which
+        # changes nothing in the result; a volume thinner than the halo is padded at its
+        # end and the padding cropped afterwards.
+        thin = [max(0, HALO - n) for n in shape]
+        if any(thin):
+            data = da.pad(data, ((0, 0),) + tuple((0, t) for t in thin))
+        padded = da.overlap.overlap(data, depth={0: 0, 1: HALO, 2: HALO, 3: HALO},
+                                    boundary={0: "none", 1: 0, 2: 0, 3: 0})
+        chunks = tuple(tuple(c - 2 * HALO for c in cs) for cs in padded.chunks[1:])
+        grid = tuple(len(c) for c in chunks)
+        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+        # optimize_graph=False: dask cannot fuse overlap after rechunk (multiple outputs).
+        # The relabel pass shares these keys, so Dask holds the input blocks until the
+        # global solve (bounded by the input's size: it is in memory already).
+        delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
+        blocks = relabel_blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
     ids = np.arange(int(np.prod(grid))).reshape(grid)
 
     summaries, origins = {}, {}

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -297,21 +299,71 @@ def stored_source(volume: xr.DataArray) -> Any | None:
     return source if unchanged else None
 
 
-def read_box(source: Any, begin: Sequence[int], end: Sequence[int], halo: Sequence[int] = (0, 0, 0)
-             ) -> np.ndarray:
+def read_box(source: Any, begin: Sequence[int], end: Sequence[int],
+             halo: Sequence[int] = (0, 0, 0), cache: Hashable | None = None) -> np.ndarray:
     """Voxels ``[begin - halo, end + halo)`` of the last three axes of an array-like (zarr
     array, HDF5 dataset, numpy array), with zeros where the box leaves the array.  Leading
-    (channel) axes are read whole."""
+    (channel) axes are read whole.
+
+    A halo reaches into up to 26 neighbouring storage chunks, each decoded whole for a
+    thin slab.  With ``cache`` (a token naming one unchanging input, e.g. one run), the
+    decoded chunks of a chunked source are kept in a per-process LRU cache
+    (:data:`CHUNK_CACHE_BYTES`), so neighbouring blocks on one worker decode each chunk
+    about once."""
     shape = source.shape[-3:]
     want_lo = [int(b) - int(h) for b, h in zip(begin, halo, strict=True)]
     want_hi = [int(e) + int(h) for e, h in zip(end, halo, strict=True)]
     lo = [min(max(a, 0), n) for a, n in zip(want_lo, shape, strict=True)]
     hi = [max(min(b, n), a) for a, b, n in zip(lo, want_hi, shape, strict=True)]
     lead = (slice(None),) * (len(source.shape) - 3)
-    data = np.asarray(source[(*lead, *(slice(a, b) for a, b in zip(lo, hi, strict=True)))])
+    chunks = getattr(source, "chunks", None)
+    if cache is not None and chunks is not None and CHUNK_CACHE_BYTES > 0:
+        data = _read_cached(source, cache, lo, hi, tuple(chunks[-3:]), lead)
+    else:
+        data = np.asarray(source[(*lead, *(slice(a, b) for a, b in zip(lo, hi, strict=True)))])
     pad = [(0, 0)] * len(lead) + [(a - wa, wb - b) for a, wa, b, wb in
                                    zip(lo, want_lo, hi, want_hi, strict=True)]
     return np.pad(data, pad) if any(p != (0, 0) for p in pad) else data
+
+
+#: Bytes of decoded chunks :func:`read_box` keeps per process (0 disables the cache).
+CHUNK_CACHE_BYTES = 512 * 2**20
+_chunk_cache: OrderedDict = OrderedDict()
+_chunk_cache_lock = threading.Lock()
+_chunk_cache_size = [0]
+
+
+def _read_cached(source, token, lo, hi, chunks, lead) -> np.ndarray:
+    first = [a // c for a, c in zip(lo, chunks, strict=True)]
+    last = [max(b - 1, a) // c for a, b, c in zip(lo, hi, chunks, strict=True)]
+    out = np.empty(source.shape[:-3] + tuple(b - a for a, b in zip(lo, hi, strict=True)),
+                   source.dtype)
+    if out.size == 0:
+        return out
+    for idx in np.ndindex(*[b - a + 1 for a, b in zip(first, last, strict=True)]):
+        cidx = tuple(f + i for f, i in zip(first, idx, strict=True))
+        c_lo = [i * c for i, c in zip(cidx, chunks, strict=True)]
+        key = (token, cidx)
+        with _chunk_cache_lock:
+            block = _chunk_cache.get(key)
+            if block is not None:
+                _chunk_cache.move_to_end(key)
+        if block is None:
+            block = np.asarray(source[(*lead, *(slice(a, min(a + c, n)) for a, c, n in
+                                                zip(c_lo, chunks, source.shape[-3:],
+                                                    strict=True)))])
+            with _chunk_cache_lock:
+                if key not in _chunk_cache:
+                    _chunk_cache[key] = block
+                    _chunk_cache_size[0] += block.nbytes
+                while _chunk_cache_size[0] > CHUNK_CACHE_BYTES and _chunk_cache:
+                    _chunk_cache_size[0] -= _chunk_cache.popitem(last=False)[1].nbytes
+        src = tuple(slice(max(a, c) - c, min(b, c + n) - c) for a, b, c, n in
+                    zip(lo, hi, c_lo, block.shape[-3:], strict=True))
+        dst = tuple(slice(max(a, c) - a, min(b, c + n) - a) for a, b, c, n in
+                    zip(lo, hi, c_lo, block.shape[-3:], strict=True))
+        out[(*lead, *dst)] = block[(*lead, *src)]
+    return out
 
 
 def _volume_name(where: str) -> str:

@@ -261,3 +261,12 @@ def test_cluster_tolerates_the_configured_worker_losses():
     spec = ClusterSpec(n_workers=1, processes=False, allowed_failures=25)
     with _client(spec) as client:
         assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 25
+
+
+def test_local_workers_start_without_malloc_trim():
+    # distributed's MALLOC_TRIM_THRESHOLD_ halves the speed of the block kernels
+    from emdask.pipeline import local_cluster
+
+    with local_cluster(n_workers=1, dashboard_address=":0") as cluster, Client(cluster) as c:
+        env = c.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert list(env.values()) == [None]

@@ -369,3 +369,23 @@ def test_overwrite_refuses_to_replace_the_data_being_read(tmp_path):
     with pytest.raises(VolumeError, match="cannot overwrite dataset 'v' with data read from it"):
         save_volume(vol + 1, tmp_path / "s.zarr", "v", overwrite=True)
     assert int(open_volume(tmp_path / "s.zarr", "v").sum()) == 64  # untouched
+
+
+@pytest.mark.parametrize("budget", [512 * 2**20, 3000])  # everything cached / evicting
+def test_read_box_with_chunk_cache_equals_direct_read(tmp_path, monkeypatch, budget):
+    import emdask.volumes as volumes
+
+    monkeypatch.setattr(volumes, "CHUNK_CACHE_BYTES", budget)
+    volumes._chunk_cache.clear()
+    volumes._chunk_cache_size[0] = 0
+    a = np.random.default_rng(0).random((2, 13, 17, 11)).astype(np.float32)
+    arr = save_volume(a, tmp_path / "c.zarr", "v", voxel_size=(1, 1, 1), chunks=(4, 5, 3))
+    source = arr.encoding["source"]
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        begin = rng.integers(0, [13, 17, 11])
+        end = begin + rng.integers(1, 6, 3)
+        halo = rng.integers(0, 4, 3)
+        np.testing.assert_array_equal(volumes.read_box(source, begin, end, halo, cache=budget),
+                                      volumes.read_box(source, begin, end, halo))
+    assert volumes._chunk_cache_size[0] <= budget
