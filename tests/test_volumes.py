@@ -373,7 +373,7 @@ def test_overwrite_refuses_to_replace_the_data_being_read(tmp_path):
 
 @pytest.mark.parametrize("budget", [512 * 2**20, 3000])  # everything cached / evicting
 def test_read_box_with_chunk_cache_equals_direct_read(tmp_path, monkeypatch, budget):
-    import emdask.volumes as volumes
+    from emdask import volumes
 
     monkeypatch.setattr(volumes, "CHUNK_CACHE_BYTES", budget)
     volumes._chunk_cache.clear()
