@@ -314,7 +314,7 @@ def _predict_task(ctx: _Context, block: int) -> None:
     src_begin = [b + r for b, r in zip(begin, ctx.roi_begin, strict=True)]
     src_end = [e + r for e, r in zip(end, ctx.roi_begin, strict=True)]
     # context beyond the region of interest is real data where the volume has it
-    raw = read_box(ctx.source, src_begin, src_end, model.halo)
+    raw = read_box(ctx.source, src_begin, src_end, model.halo, cache=("raw", ctx.generation))
     affs = _predict_block(raw, model, device, ctx.predict.patch, ctx.predict.batch_size,
                           np.dtype(ctx.predict.dtype))
     _array(ctx, "affinities/s0")[(slice(None), *_slices(begin, end))] = affs
@@ -327,7 +327,8 @@ def _watershed_task(ctx: _Context, block: int) -> None:
     from emdask.watershed import HALO
 
     begin, end = ctx.grid.box(block)
-    affs = read_box(_array(ctx, "affinities/s0"), begin, end, (HALO,) * 3)[:3]
+    affs = read_box(_array(ctx, "affinities/s0"), begin, end, (HALO,) * 3,
+                    cache=("affinities", ctx.generation))[:3]
     seg = ctx.segment
     labels, basin_info, graph, faces = _block_basins(
         affs, begin, ctx.grid.shape, _params(seg), score_bins(seg.score, seg.bins))
@@ -491,9 +492,11 @@ def local_cluster(**kwargs):
     import dask
     from distributed import LocalCluster
 
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    # distributed also copies its pre-spawn variables into this process's environment,
+    # where later worker processes inherit them: drop the value it put there
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":
+        del os.environ["MALLOC_TRIM_THRESHOLD_"]
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         return LocalCluster(**kwargs)
 
 
