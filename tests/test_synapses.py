@@ -1,0 +1,107 @@
+"""Synapse objects: blockwise connected components, identical for any chunking."""
+
+import dask.array as da
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.ndimage as ndi
+
+from emdask.synapses import assign_partners, connectome, find_synapses, synapse_scores
+
+
+def test_objects_by_hand():
+    mask = np.zeros((4, 6, 6), bool)
+    mask[0:2, 0:2, 0:2] = True  # 8 voxels, lowest index 0
+    mask[3, 4:6, 4:6] = True  # 4 voxels
+    mask[1, 5, 0] = True  # 1 voxel: below min_size
+    labels, table = find_synapses(da.from_array(mask, chunks=(3, 4, 5)), min_size=2,
+                                  voxel_size=(40, 4, 4))
+    out = labels.values
+    assert out[0, 0, 0] == 1 and out[3, 5, 5] == 2 and out[1, 5, 0] == 0
+    assert table["size"].tolist() == [8, 4]
+    assert table.loc[0, ["z_nm", "y_nm", "x_nm"]].tolist() == [20.0, 2.0, 2.0]
+    assert table.loc[1, "begin"] == (3, 4, 4) and table.loc[1, "end"] == (4, 6, 6)
+
+
+def test_probabilities_thresholded_and_errors():
+    p = np.zeros((2, 3, 3), np.float32)
+    p[0, 0, 0], p[1, 2, 2] = 0.7, 0.4
+    _, table = find_synapses(p, threshold=0.5, min_size=1)
+    assert table["size"].tolist() == [1]
+    _, table = find_synapses((p * 255).astype(np.uint8), threshold=0.3, min_size=1)
+    assert table["size"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="must be 3-D"):
+        find_synapses(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="float, uint8 or bool"):
+        find_synapses(np.zeros((2, 2, 2), np.int32))
+
+
+@pytest.mark.parametrize("chunks", [(20, 1024, 640), (3, 97, 211), (7, 300, 64)])
+def test_vnc_synapses_identical_for_any_chunking(shared_file, chunks):
+    """The larval VNC synapse masks: 3-D objects, the same ids for every chunking."""
+    with h5py.File(shared_file("vnc"), "r") as f:
+        clefts = f["labels/clefts"][:]
+    labels, table = find_synapses(da.from_array(clefts > 0, chunks=chunks), min_size=1,
+                                  voxel_size=(50, 4.6, 4.6))
+    labels = labels.values
+    reference = _single_block(clefts)
+    np.testing.assert_array_equal(labels, reference)
+    _, n = ndi.label(clefts > 0)  # an independent count (6-connected)
+    assert len(table) == labels.max() == n
+    assert table["size"].sum() == (clefts > 0).sum()
+
+
+def _single_block(clefts):
+    return find_synapses(clefts > 0, min_size=1)[0].values
+
+
+def test_scores_by_hand():
+    gt = np.zeros((1, 10, 10), np.uint64)
+    gt[0, 0:2, 0:2], gt[0, 8:10, 8:10] = 1, 2
+    det = np.zeros_like(gt)
+    det[0, 0:2, 0:3] = 4  # matches true object 1 (and 2 extra voxels)
+    det[0, 5, 5] = 5  # a false positive, 3 voxels from object 2's corner (8, 8)
+    det[0, 0, 9] = 6  # another false positive
+    s = synapse_scores(det, gt, voxel_size=(1, 2, 2))
+    assert (s["n_detected"], s["n_true"], s["n_matched"]) == (3, 2, 1)
+    assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == 0.5
+    assert s["f1"] == pytest.approx(0.4)
+    # fp: 4 matched voxels at 0, two at 2 nm (x=2), (5,5) at 6*sqrt(2) nm, (0,9) at 16 nm
+    assert s["fp_distance"] == pytest.approx((2 + 2 + 6 * np.sqrt(2) + 16) / 8)
+    assert synapse_scores(gt, gt)["f1"] == 1.0 and synapse_scores(gt, gt)["fn_distance"] == 0
+
+
+def test_partners_and_connectome_by_hand():
+    seg = np.zeros((3, 12, 12), np.uint64)
+    seg[:, :, :6], seg[:, :, 6:] = 5, 7  # two cells meeting at x = 6
+    seg[:, 10:, :] = 9  # a third one below
+    syn = np.zeros_like(seg)
+    syn[1, 2:5, 5:7] = 1  # on the 5|7 boundary
+    syn[1, 8:10, 1:3] = 2  # inside cell 5, next to cell 9
+    for chunks in [(3, 12, 12), (2, 5, 7)]:
+        out = assign_partners(da.from_array(syn, chunks=chunks), seg, radius=(0, 2, 2))
+        assert out["id"].tolist() == [1, 2]
+        assert out.loc[0, ["partner_1", "partner_2"]].tolist() in ([5, 7], [7, 5])
+        # rows 2-4 grown by 2 (ellipse), cells each side: the same contact
+        assert out.loc[0, "contact_1"] == out.loc[0, "contact_2"] > 0
+        assert out.loc[1, "partner_1"] == 5 and out.loc[1, "partner_2"] == 9
+        assert (out["direction"] == "unknown").all()
+    out["size"] = [6, 4]
+    edges = connectome(pd.concat([out, out.iloc[[0]]]))
+    assert edges[["partner_a", "partner_b", "n_synapses", "total_size"]].values.tolist() == [
+        [5, 7, 2, 12], [5, 9, 1, 4]]
+    assert not edges["directed"].any()
+
+
+def test_vnc_partners_are_the_cells_the_synapse_lies_between(shared_file):
+    """With the per-section cells of the VNC labels as the segmentation, synapses touch
+    two cells (the mask covers the density between them) and chunking changes nothing."""
+    with h5py.File(shared_file("vnc"), "r") as f:
+        clefts, cells = f["labels/clefts"][:], f["labels/cell_ids_2d"][:]
+    labels, table = find_synapses(clefts > 0, min_size=1)
+    whole = assign_partners(labels.values, cells, table)
+    chunked = assign_partners(da.from_array(labels.values, chunks=(7, 300, 200)), cells, table)
+    pd.testing.assert_frame_equal(whole, chunked)
+    two = (whole["partner_2"] > 0).mean()
+    assert two >= 0.9, two
