@@ -7,8 +7,10 @@ volumes (:class:`xarray.DataArray` over Dask arrays with nm coordinates).
 
 from emdask.affinities import affinities_from_labels
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
+from emdask.pipeline import run
 from emdask.predict import predict_affinities
 from emdask.segmentation import segment
+from emdask.synapses import assign_partners, connectome, find_synapses, synapse_scores
 from emdask.training import train
 from emdask.volumes import VolumeError, cutout, open_volume, save_volume
 
@@ -18,13 +20,18 @@ __all__ = [
     "VolumeError",
     "adapted_rand",
     "affinities_from_labels",
+    "assign_partners",
+    "connectome",
     "contingency_table",
     "cutout",
     "evaluate",
+    "find_synapses",
     "open_volume",
     "predict_affinities",
+    "run",
     "save_volume",
     "segment",
+    "synapse_scores",
     "train",
     "voi",
 ]
