@@ -270,3 +270,13 @@ def test_local_workers_start_without_malloc_trim():
     with local_cluster(n_workers=1, dashboard_address=":0") as cluster, Client(cluster) as c:
         env = c.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert list(env.values()) == [None]
+
+
+def test_attaches_to_a_running_scheduler(tmp_path, tiny_model, reference, capsys):
+    cfg = _config(tmp_path, tiny_model, name="attached", **SMALL)
+    with LocalCluster(n_workers=2, processes=False, dashboard_address=":0") as cluster:
+        run(cfg, scheduler=cluster.scheduler_address)
+    assert f"attached to {cluster.scheduler_address}" in capsys.readouterr().err
+    out = _outputs(cfg["output"]["path"])
+    for name in reference:
+        np.testing.assert_array_equal(out[name], reference[name], err_msg=name)
