@@ -8,7 +8,7 @@ volumes (:class:`xarray.DataArray` over Dask arrays with nm coordinates).
 from emdask.affinities import affinities_from_labels
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
 from emdask.pipeline import run
-from emdask.predict import predict_affinities
+from emdask.predict import predict_affinities, predict_synapses
 from emdask.segmentation import segment
 from emdask.synapses import assign_partners, connectome, find_synapses, synapse_scores
 from emdask.training import train
@@ -28,6 +28,7 @@ __all__ = [
     "find_synapses",
     "open_volume",
     "predict_affinities",
+    "predict_synapses",
     "run",
     "save_volume",
     "segment",

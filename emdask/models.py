@@ -55,6 +55,9 @@ class ModelConfig:
         Affinity offsets (dz, dy, dx): the 3 nearest neighbours first, then long-range.
     voxel_size
         The voxel size (nm, z-y-x) the net was trained for; inputs are checked against it.
+    target
+        ``"affinities"`` (one output per offset) or ``"synapses"`` (one output: the
+        probability that a voxel is synaptic; ``offsets`` are then unused).
     """
 
     width: int = 12
@@ -64,13 +67,22 @@ class ModelConfig:
         [-1, 0, 0], [0, -1, 0], [0, 0, -1], [-3, 0, 0], [0, -9, 0], [0, 0, -9]])
     voxel_size: list = field(default_factory=lambda: [10.0, 10.0, 10.0])
     in_channels: int = 1
+    target: str = "affinities"
 
     def __post_init__(self):
         if self.width < 1 or not self.downsample:
             raise ValueError("width must be >= 1 and downsample must list at least one level")
-        if [list(o) for o in self.offsets[:3]] != [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]:
+        if self.target not in ("affinities", "synapses"):
+            raise ValueError(f"target must be 'affinities' or 'synapses', got {self.target!r}")
+        if self.target == "affinities" and [list(o) for o in self.offsets[:3]] != [
+                [-1, 0, 0], [0, -1, 0], [0, 0, -1]]:
             raise ValueError("the first 3 offsets must be the nearest neighbours "
                              "[-1,0,0], [0,-1,0], [0,0,-1]")
+
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.offsets) if self.target == "affinities" else 1
 
 
 class _ResBlock(nn.Module):
@@ -118,7 +130,7 @@ class AffinityUNet(nn.Module):
             for i in range(levels - 1))
         self.up_blocks = nn.ModuleList(_ResBlock(widths[i], widths[i], kernels[i])
                                        for i in range(levels - 1))
-        self.out = nn.Conv3d(widths[0], len(config.offsets), 1)
+        self.out = nn.Conv3d(widths[0], config.n_outputs, 1)
 
     @property
     def factor(self) -> tuple[int, int, int]:

@@ -22,7 +22,7 @@ import xarray as xr
 from emdask.models import AffinityUNet
 from emdask.volumes import as_volume
 
-__all__ = ["normalize_raw", "predict_affinities"]
+__all__ = ["normalize_raw", "predict_affinities", "predict_synapses"]
 
 
 def normalize_raw(raw: np.ndarray) -> np.ndarray:
@@ -41,7 +41,7 @@ def _run_net(model: AffinityUNet, x: np.ndarray, device: str, patch, batch_size:
     and each tile contributes its centre (exact, like the blocks themselves)."""
     halo = np.array(model.halo)
     shape = np.array(x.shape)
-    n_out = len(model.config.offsets)
+    n_out = model.config.n_outputs
     if patch is None:
         tiles = [(np.zeros(3, int), shape)]
     else:
@@ -149,6 +149,34 @@ def predict_affinities(
         Lazy affinities (c, z, y, x), one channel per model offset (the first 3 are the
         nearest neighbours), with the input's coordinates.
     """
+    if model.config.target != "affinities":
+        raise ValueError(f"this model predicts {model.config.target}, not affinities; use "
+                         f"predict_{model.config.target}")
+    return _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size)
+
+
+def predict_synapses(raw: Any, model: AffinityUNet | None = None, **kwargs) -> xr.DataArray:
+    """Synapse probabilities (z, y, x) for a (lazy) EM volume, chunk by chunk, with a net
+    trained with ``target = "synapses"`` (arguments as :func:`predict_affinities`).
+
+    emdask ships no synapse model yet: train one with ``emdask train`` on volumes with
+    synapse labels (e.g. the larval VNC masks) and load it with
+    :func:`emdask.models.load_model`."""
+    if model is None:
+        from emdask.models import available_models, pretrained
+
+        if "synapses" not in available_models():
+            raise ValueError("no shipped synapse model yet: train one (emdask train with "
+                             '[model] target = "synapses") and pass it as model=')
+        model = pretrained("synapses")
+    if model.config.target != "synapses":
+        raise ValueError("this model predicts affinities, not synapses; use "
+                         "predict_affinities")
+    return _predict(raw, model, **kwargs)[0].rename("synapses")
+
+
+def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
+             batch_size=1, check_voxel_size=True) -> xr.DataArray:
     if dtype not in ("float32", "uint8"):
         raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
     out_dtype = np.dtype(dtype)
@@ -173,7 +201,7 @@ def predict_affinities(
                               zip(data.shape, chunks, factor, halo, strict=True)))
     padded = da.overlap.overlap(data, depth=dict(enumerate(halo.tolist())),
                                 boundary=0)
-    n_out = len(model.config.offsets)
+    n_out = model.config.n_outputs
     affs = padded.map_blocks(
         _predict_block, model, device, patch, batch_size, out_dtype,
         new_axis=0, dtype=out_dtype,
@@ -184,7 +212,8 @@ def predict_affinities(
     )
     affs = affs[(slice(None), *(slice(0, n) for n in shape))]
     attrs = {k: v for k, v in raw.attrs.items() if k != "source"}
-    attrs["offsets"] = [list(o) for o in model.config.offsets]
+    if model.config.target == "affinities":
+        attrs["offsets"] = [list(o) for o in model.config.offsets]
     return xr.DataArray(affs, dims=("c", "z", "y", "x"),
                         coords={d: raw.coords[d] for d in ("z", "y", "x")},
                         attrs=attrs, name="affinities")

@@ -130,6 +130,7 @@ class PatchSampler:
         self.data = [_load(v)[:2] for v in volumes]
         self.patch = np.asarray(patch)
         self.offsets = model_config.offsets
+        self.target = model_config.target
         self.aug = augment_config
         self.margin = augment_config.max_shift if (augment_config.slip
                                                    or augment_config.shift) else 0
@@ -151,6 +152,9 @@ class PatchSampler:
                                                                      strict=True)]
         sl = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
         r, lab = augment(normalize_raw(raw[sl]), labels[sl], self.rng, self.margin, self.aug)
+        if self.target == "synapses":  # labels: synapse ids (0 = none)
+            target = (lab > 0)[None].astype(np.float32)
+            return r[None], target, np.ones_like(target)
         target, mask = affinities_from_labels(lab, self.offsets)
         if self.specs[i].labels_2d:
             mask[[k for k, o in enumerate(self.offsets) if o[0] != 0]] = 0
@@ -175,21 +179,38 @@ def balanced_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (loss * weight).sum() / mask.sum().clamp(min=1)
 
 
+#: validation scores logged per target (the best threshold's)
+SCORES = {"affinities": ("voi_split", "voi_merge", "voi", "arand", "threshold"),
+          "synapses": ("precision", "recall", "f1", "fp_distance", "threshold")}
+SYNAPSE_MIN_SIZE = 50  # voxels: smaller detections are dropped when validating
+
+
 def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
-    """Segment the model's prediction of the validation region and score it."""
+    """Score the model on the validation region at each threshold; the best row.
+
+    Affinities are segmented (:func:`emdask.segment`) and scored by VOI (lowest wins);
+    synapse probabilities become objects (:func:`emdask.find_synapses`) scored by F1
+    against the labelled synapses (highest wins)."""
     import dask
 
     from emdask.metrics import evaluate
-    from emdask.predict import predict_affinities
+    from emdask.predict import _predict
     from emdask.segmentation import segment
+    from emdask.synapses import find_synapses, synapse_scores
     from emdask.volumes import as_volume
 
     raw, labels, vol = _load(spec)
-    raw_vol = as_volume(raw, voxel_size=vol.attrs["voxel_size"])
-    affs = predict_affinities(raw_vol, model, chunks=raw.shape, device=_device(),
-                              check_voxel_size=False)
+    vs = vol.attrs["voxel_size"]
+    pred = _predict(as_volume(raw, voxel_size=vs), model, chunks=raw.shape, device=_device(),
+                    check_voxel_size=False)
     with dask.config.set(scheduler="synchronous"):
-        affs = affs[:3].compute()
+        if model.config.target == "synapses":
+            prob = pred[0].values
+            truth = find_synapses(labels > 0, min_size=1)[0].values
+            rows = [synapse_scores(find_synapses(prob, t, SYNAPSE_MIN_SIZE)[0].values,
+                                   truth, vs) | {"threshold": t} for t in thresholds]
+            return max(rows, key=lambda r: r["f1"])
+        affs = pred[:3].compute()
         segs = dask.compute(*[s.data for s in segment(affs, thresholds)])
     rows = [evaluate(s, labels) | {"threshold": t} for s, t in zip(segs, thresholds,
                                                                    strict=True)]
@@ -214,12 +235,14 @@ def _plot(log_path: Path, png_path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(it, [float(r["loss"]) for r in rows])
     a.set(xlabel="iteration", ylabel="training loss (smoothed)", yscale="log")
-    val = [(int(r["iteration"]), float(r["voi"]), float(r["arand"])) for r in rows
-           if r["voi"]]
-    if val:
-        b.plot([v[0] for v in val], [v[1] for v in val], "o-", label="VOI split+merge")
-        b.plot([v[0] for v in val], [v[2] for v in val], "s-", label="adapted Rand error")
-        b.legend()
+    for key, label, marker in [("voi", "VOI split+merge", "o-"),
+                               ("arand", "adapted Rand error", "s-"),
+                               ("f1", "synapse F1", "o-"), ("precision", "precision", "s-"),
+                               ("recall", "recall", "^-")]:
+        val = [(int(r["iteration"]), float(r[key])) for r in rows if r.get(key)]
+        if val:
+            b.plot(*zip(*val, strict=True), marker, label=label)
+            b.legend()
     b.set(xlabel="iteration", title="validation (never trained on)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
@@ -259,7 +282,8 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
         smooth = state.get("smooth_loss")
         print(f"resuming from iteration {start} ({elapsed / 60:.1f} min trained)")
     if not log_path.exists() or start == 0:
-        log_path.write_text("iteration,loss,seconds,voi_split,voi_merge,voi,arand,threshold\n")
+        log_path.write_text(",".join(["iteration", "loss", "seconds",
+                                      *SCORES[config.model.target]]) + "\n")
     else:  # drop rows logged after the checkpoint: they are about to be redone
         lines = log_path.read_text().splitlines(keepends=True)
         log_path.write_text("".join([lines[0]] + [ln for ln in lines[1:]
@@ -281,14 +305,13 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
                                               or it == config.iterations):
             model.eval()
             scores = validate(model, config.validation, config.thresholds)
-            print(f"it {it}: validation VOI {scores['voi']:.3f} (split "
-                  f"{scores['voi_split']:.3f}, merge {scores['voi_merge']:.3f}), ARAND "
-                  f"{scores['arand']:.3f} at threshold {scores['threshold']}", flush=True)
+            print(f"it {it}: validation " + ", ".join(
+                f"{k} {scores[k]:.3f}" for k in SCORES[config.model.target]), flush=True)
         if it % 10 == 0 or scores:
             with open(log_path, "a") as f:
                 f.write(f"{it},{smooth:.5f},{now:.0f},"
                         + ",".join(f"{scores[k]:.4f}" if scores else "" for k in
-                                   ("voi_split", "voi_merge", "voi", "arand", "threshold"))
+                                   SCORES[config.model.target])
                         + "\n")
         done = it == config.iterations or (max_seconds and now - elapsed > max_seconds)
         if it % config.checkpoint_every == 0 or done:

@@ -116,3 +116,32 @@ def test_learning_rate_steps():
     cfg = TrainConfig(out="x", volumes=[], lr=1e-3, lr_steps=[[200, 1e-5], [100, 1e-4]])
     assert [_learning_rate(cfg, i) for i in (1, 99, 100, 199, 200, 10**6)] == [
         1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5]
+
+
+def test_synapse_model_trains_and_validates_by_f1(tmp_path):
+    """target = "synapses": one output, the synaptic mask as target, F1 in the log."""
+    rng = np.random.default_rng(1)
+    syn = np.zeros((16, 48, 48), np.uint64)
+    syn[2:6, 10:16, 10:20], syn[9:13, 30:38, 25:31] = 1, 2  # two dark densities
+    raw = (170 - 90 * (syn > 0) + rng.integers(0, 20, syn.shape)).astype(np.uint8)
+    url = tmp_path / "syn.zarr"
+    save_volume(raw, url, "raw", voxel_size=(40, 4, 4))
+    save_volume(syn, url, "clefts", voxel_size=(40, 4, 4))
+    _config(tmp_path, str(url), 4)  # writes train.toml, edited below for synapses
+    text = (tmp_path / "train.toml").read_text().replace('labels = "labels"',
+                                                         'labels = "clefts"')
+    text = text.replace("[model]", '[model]\ntarget = "synapses"')
+    (tmp_path / "train.toml").write_text(text)
+    model = train(load_config(tmp_path / "train.toml"))
+    assert model.out.out_channels == 1
+    header, *rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert header.endswith("precision,recall,f1,fp_distance,threshold")
+    assert rows[-1].split(",")[0] == "4" and rows[-1].split(",")[5] != ""
+
+    from emdask.predict import predict_affinities, predict_synapses
+    from emdask.volumes import as_volume
+
+    prob = predict_synapses(as_volume(raw, (40, 4, 4)), model)
+    assert prob.dims == ("z", "y", "x") and prob.shape == raw.shape
+    with pytest.raises(ValueError, match="predicts synapses, not affinities"):
+        predict_affinities(as_volume(raw, (40, 4, 4)), model)
