@@ -131,6 +131,8 @@ class PatchSampler:
         self.patch = np.asarray(patch)
         self.offsets = model_config.offsets
         self.target = model_config.target
+        self._positives = [np.argwhere(lab > 0)[::16] if self.target == "synapses"
+                           else np.zeros((0, 3), int) for _, lab in self.data]
         self.aug = augment_config
         self.margin = augment_config.max_shift if (augment_config.slip
                                                    or augment_config.shift) else 0
@@ -150,6 +152,11 @@ class PatchSampler:
         size = self.patch + [0, 2 * self.margin, 2 * self.margin]
         start = [int(self.rng.integers(0, n - s + 1)) for n, s in zip(raw.shape, size,
                                                                      strict=True)]
+        if self.target == "synapses" and self.rng.random() < 0.5 and self._positives[i].size:
+            # synapses are rare (under 1% of voxels): half the patches contain one
+            at = self._positives[i][int(self.rng.integers(len(self._positives[i])))]
+            start = [int(np.clip(a - self.rng.integers(0, s), 0, n - s))
+                     for a, s, n in zip(at, size, raw.shape, strict=True)]
         sl = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
         r, lab = augment(normalize_raw(raw[sl]), labels[sl], self.rng, self.margin, self.aug)
         if self.target == "synapses":  # labels: synapse ids (0 = none)
