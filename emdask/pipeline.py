@@ -26,9 +26,11 @@ The store is a zarr v3 group of OME-Zarr images with the input's voxel size and 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import functools
 import io
+import json
 import os
 import pickle
 import sys
@@ -153,6 +155,10 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
         score_bins(cfg.segment.score, cfg.segment.bins)
     except ValueError as err:
         raise ValueError(f"{where}: [segment] {err}") from None
+    names = _label_datasets(cfg.segment)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: [segment] thresholds {cfg.segment.thresholds} give "
+                         f"the same dataset names {names}; use fewer digits")
     return cfg
 
 
@@ -282,8 +288,15 @@ def _slices(begin, end) -> tuple:
     return tuple(slice(b, e) for b, e in zip(begin, end, strict=True))
 
 
-@functools.lru_cache(maxsize=4)
 def _model(name: str, device: str):
+    """The model (cached per process, and reloaded when its file changes)."""
+    stamp = Path(name).stat().st_mtime_ns if name.endswith(".pt") and Path(name).exists() \
+        else 0
+    return _cached_model(name, device, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(name: str, device: str, stamp: int):
     from emdask.models import load_model, pretrained
 
     model = load_model(name) if name.endswith(".pt") else pretrained(name)
@@ -426,7 +439,8 @@ def _guarded(fn: Callable, timeout: float, *args):
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller below
             result["error"] = err
 
-    worker = threading.Thread(target=target, daemon=True)
+    context = contextvars.copy_context()  # get_worker() and friends work in the thread
+    worker = threading.Thread(target=context.run, args=(target,), daemon=True)
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
@@ -488,7 +502,9 @@ def local_cluster(**kwargs):
     freed memory back to the OS).  Setting it makes glibc give up its adaptive mmap
     threshold, so every block-sized numpy allocation is mmapped and page-faulted afresh:
     the watershed block kernel runs 2x slower (71 ms instead of 34 ms for a 74^3 block,
-    measured).  emdask's workers start without it."""
+    measured).  The workers of this cluster start without it (dask-jobqueue workers are
+    started by the batch system: set ``distributed.nanny.pre-spawn-environ`` in their
+    Dask config there)."""
     import dask
     from distributed import LocalCluster
 
@@ -541,10 +557,17 @@ def _client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator:
 
 # ---------------------------------------------------------------- the run
 def _stage_params(cfg: RunConfig, stage: str) -> dict:
-    """What a stage's output depends on (its upstream included)."""
+    """What a stage's output depends on (its upstream included), as stored."""
+    return _jsonable(_depends_on(cfg, stage))
+
+
+def _depends_on(cfg: RunConfig, stage: str) -> dict:
     p = {"input": asdict(cfg.input), "chunks": list(cfg.output.chunks)}
-    p["predict"] = {k: v for k, v in asdict(cfg.predict).items()
-                    if k not in ("device", "patch", "batch_size")}  # no effect on output
+    p["predict"] = {k: v for k, v in asdict(cfg.predict).items()  # no effect on output:
+                    if k not in ("device", "patch", "batch_size", "check_voxel_size")}
+    if cfg.predict.model.endswith(".pt") and Path(cfg.predict.model).exists():
+        st = Path(cfg.predict.model).stat()  # a retrained file at the same path differs
+        p["predict"]["model_file"] = f"{st.st_size}:{st.st_mtime_ns}"
     if stage == "predict":
         return p
     seg = asdict(cfg.segment)
@@ -554,6 +577,11 @@ def _stage_params(cfg: RunConfig, stage: str) -> dict:
     if stage == "report":
         p["evaluate"] = asdict(cfg.evaluate) if cfg.evaluate else None
     return p
+
+
+def _jsonable(value):
+    """As stored in (and read back from) the store's JSON attributes: tuples -> lists."""
+    return json.loads(json.dumps(value))
 
 
 def _check_stage(root, cfg: RunConfig, stage: str, overwrite: bool) -> None:
@@ -574,6 +602,24 @@ def _check_stage(root, cfg: RunConfig, stage: str, overwrite: bool) -> None:
         stages[stage] = {"params": params, "version": emdask.__version__,
                          "started": _now(), "finished": None, "seconds": None}
         _set_stages(root, stages)
+
+
+def _check_upstream(root, cfg: RunConfig, stage: str, running: list[str]) -> None:
+    """A stage reads the outputs of the stages before it: they must be finished, and made
+    with this config's parameters (stages run in this same call are checked as they run)."""
+    recorded = root.attrs.get("emdask", {}).get("stages", {})
+    for before in STAGES[:STAGES.index(stage)]:
+        if before == "report" or before in running:
+            continue
+        old = recorded.get(before)
+        if old is None or not old.get("finished"):
+            raise ValueError(f"{cfg.output.path}: stage {stage!r} needs stage {before!r} "
+                             "finished first; run it (or the whole pipeline)")
+        if old["params"] != _stage_params(cfg, before):
+            raise ValueError(
+                f"{cfg.output.path}: stage {before!r} was run with other parameters "
+                f"({_diff(old['params'], _stage_params(cfg, before))}); rerun it with "
+                f"--stage {before} (and --overwrite) before {stage!r}")
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:
@@ -693,6 +739,11 @@ def _report(cfg: RunConfig, vol, roi_begin) -> dict:
             raise ValueError(f"{gt_full.attrs['source']}: ground truth of shape "
                              f"{gt_full.shape} does not cover the region of interest "
                              f"[{list(roi_begin)}, {end})")
+        if np.any(np.abs(np.array(gt_full.attrs["voxel_size"]) - vol.attrs["voxel_size"])
+                  > 1e-6):
+            raise ValueError(f"{gt_full.attrs['source']}: ground truth voxel size "
+                             f"{gt_full.attrs['voxel_size']} differs from the input's "
+                             f"{vol.attrs['voxel_size']}")
         gt = gt_full.data[_slices(roi_begin, end)]
         print(f"  {'threshold':>9} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} "
               f"{'ARAND':>7}", file=sys.stderr)
@@ -825,6 +876,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
         if stage != "predict" and "affinities" not in root:
             raise ValueError(f"{store}: stage {stage!r} needs the predict stage's output "
                              "(affinities); run it first")
+        _check_upstream(root, cfg, stage, stages)
         _check_stage(root, cfg, stage, overwrite)
         t0 = time.perf_counter()
         extra = None

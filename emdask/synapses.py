@@ -138,7 +138,8 @@ def find_synapses(
     else:
         raise ValueError(f"synapse probabilities must be float, uint8 or bool, got {data.dtype}")
     attrs = dict(template.attrs) if template is not None else {}
-    vs = np.asarray(voxel_size or attrs.get("voxel_size", (1.0, 1.0, 1.0)), float)
+    vs = np.asarray(voxel_size if voxel_size is not None
+                    else attrs.get("voxel_size", (1.0, 1.0, 1.0)), float)
     offset = np.asarray(attrs.get("offset", (0.0, 0.0, 0.0)), float)
     shape = tuple(int(n) for n in data.shape)
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in mask.chunks]
@@ -174,7 +175,8 @@ def find_synapses(
     table = pd.DataFrame({
         "id": np.arange(1, sizes.size + 1, dtype=np.uint64), "size": sizes,
         "z_nm": centroid[0], "y_nm": centroid[1], "x_nm": centroid[2],
-        "begin": [tuple(map(int, b)) for b in lo.T], "end": [tuple(map(int, e)) for e in hi.T],
+        "begin": pd.Series([tuple(map(int, b)) for b in lo.T], dtype=object),
+        "end": pd.Series([tuple(map(int, e)) for e in hi.T], dtype=object),
     })
     coords = template.coords if template is not None else None
     return (xr.DataArray(labels, dims=("z", "y", "x"), coords=coords,

@@ -208,12 +208,13 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
 
     raw, labels, vol = _load(spec)
     vs = vol.attrs["voxel_size"]
+    vs = (vs[0] * spec.section_step, vs[1], vs[2])
     pred = _predict(as_volume(raw, voxel_size=vs), model, chunks=raw.shape, device=_device(),
                     check_voxel_size=False)
     with dask.config.set(scheduler="synchronous"):
         if model.config.target == "synapses":
             prob = pred[0].values
-            truth = find_synapses(labels > 0, min_size=1)[0].values
+            truth = labels  # the labelled synapse objects, ids as given
             rows = [synapse_scores(find_synapses(prob, t, SYNAPSE_MIN_SIZE)[0].values,
                                    truth, vs) | {"threshold": t} for t in thresholds]
             return max(rows, key=lambda r: r["f1"])
@@ -291,10 +292,14 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
     if not log_path.exists() or start == 0:
         log_path.write_text(",".join(["iteration", "loss", "seconds",
                                       *SCORES[config.model.target]]) + "\n")
-    else:  # drop rows logged after the checkpoint: they are about to be redone
-        lines = log_path.read_text().splitlines(keepends=True)
-        log_path.write_text("".join([lines[0]] + [ln for ln in lines[1:]
-                                                   if int(ln.split(",")[0]) <= start]))
+    else:  # drop rows logged after the checkpoint (redone now) and any half-written row
+        lines = log_path.read_text().splitlines()
+        kept = [ln for ln in lines[1:] if ln.split(",")[0].isdigit()
+                and int(ln.split(",")[0]) <= start and len(ln.split(",")) == len(
+                    lines[0].split(","))]
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text("\n".join([lines[0], *kept]) + "\n")
+        tmp.replace(log_path)
     t0 = time.perf_counter()
     for it in range(start + 1, config.iterations + 1):
         model.train()

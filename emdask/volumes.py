@@ -630,8 +630,7 @@ def save_volume(
     src_parts = src_path.strip("/").split("/")
     if len(src_parts) > 1 and re.fullmatch(r"s?\d+", src_parts[-1]):
         src_parts = src_parts[:-1]  # an OME-Zarr level of the image
-    if (overwrite and src_url.rstrip("/") == url.rstrip("/")
-            and "/".join(src_parts) == dataset):
+    if overwrite and _same_store(src_url, url) and "/".join(src_parts) == dataset:
         # replacing it would delete the very chunks the write is about to read
         raise VolumeError(f"{url}: cannot overwrite dataset {dataset!r} with data read from "
                           "it; write to a new dataset name")
@@ -646,6 +645,15 @@ def save_volume(
         return write
     write.compute()
     return open_volume(url, dataset, storage_options=storage_options)
+
+
+def _same_store(a: str, b: str) -> bool:
+    """Whether two store URLs name the same place (local paths resolved)."""
+    def norm(u: str) -> str:
+        u = u.removeprefix("file://")
+        return os.path.realpath(u) if "://" not in u else u.rstrip("/")
+
+    return bool(a) and norm(a) == norm(b)
 
 
 def create_volume(

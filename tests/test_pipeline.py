@@ -280,3 +280,21 @@ def test_attaches_to_a_running_scheduler(tmp_path, tiny_model, reference, capsys
     out = _outputs(cfg["output"]["path"])
     for name in reference:
         np.testing.assert_array_equal(out[name], reference[name], err_msg=name)
+
+
+def test_a_stage_alone_needs_its_upstream_as_configured(tmp_path, tiny_model):
+    cfg = _config(tmp_path, tiny_model, **SMALL)
+    with pytest.raises(ValueError, match="run it first"):
+        run(cfg, stages=["watershed"])
+    run(cfg, stages=["predict", "watershed", "agglomerate"])
+    changed = {**cfg, "segment": {"thresholds": [0.4, 0.6]}}
+    with pytest.raises(ValueError, match=r"stage 'agglomerate' was run with other parameters"
+                                         r".*thresholds"):
+        run(changed, stages=["relabel"])  # would relabel with the old tables
+    # a config object holding tuples resumes like the lists stored in the attributes
+    tupled = load_run_config(cfg)
+    tupled.input.roi = tuple(tuple(r) for r in tupled.input.roi)
+    tupled.segment.thresholds = tuple(tupled.segment.thresholds)
+    run(tupled, stages=["relabel"])
+    with pytest.raises(ValueError, match="give the same dataset names"):
+        load_run_config({**cfg, "segment": {"thresholds": [0.3, 0.30000001]}})

@@ -368,6 +368,9 @@ def test_overwrite_refuses_to_replace_the_data_being_read(tmp_path):
     vol = save_volume(np.ones((4, 4, 4), np.uint8), tmp_path / "s.zarr", "v", voxel_size=(1, 1, 1))
     with pytest.raises(VolumeError, match="cannot overwrite dataset 'v' with data read from it"):
         save_volume(vol + 1, tmp_path / "s.zarr", "v", overwrite=True)
+    for spelling in (f"{tmp_path}/./s.zarr", f"file://{tmp_path}/s.zarr"):
+        with pytest.raises(VolumeError, match="cannot overwrite"):
+            save_volume(vol, spelling, "v", overwrite=True)
     assert int(open_volume(tmp_path / "s.zarr", "v").sum()) == 64  # untouched
 
 
