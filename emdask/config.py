@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["from_dict", "read_file"]
+__all__ = ["from_dict", "read_file", "to_toml"]
 
 
 def read_file(path: str | Path) -> dict:
@@ -83,3 +83,18 @@ def from_dict(cls: type, values: Any, where: str):
     if missing:
         raise ValueError(f"{where}: missing required keys {missing}")
     return cls(**out)
+
+
+def to_toml(config: dict) -> str:
+    """A config of sections (dicts of plain values) as TOML text; None values are left
+    out (TOML has no null)."""
+    import json
+
+    lines = []
+    for section, values in config.items():
+        if values is None:
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)

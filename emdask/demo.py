@@ -29,21 +29,11 @@ def demo_config(out: Path, model_name: str = "fibsem") -> dict:
     }
 
 
-def _toml(cfg: dict) -> str:
-    import json
-
-    lines = []
-    for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
 def run_demo(out: str | Path = "emdask_demo_output", model_name: str = "fibsem") -> dict:
     """Run the demo; returns the scores.  Writes ``demo.toml``, ``demo.zarr``, ``demo.png``."""
     from emdask import evaluate, segment
     from emdask.affinities import affinities_from_intensity
+    from emdask.config import to_toml
     from emdask.data import sample
     from emdask.models import pretrained
     from emdask.pipeline import run
@@ -54,7 +44,7 @@ def run_demo(out: str | Path = "emdask_demo_output", model_name: str = "fibsem")
     raw, gt = ds.raw, ds.neuron_ids.values
     print(f"sample: {raw.shape} voxels at {raw.attrs['voxel_size']} nm (FlyEM medulla, CC BY)")
     cfg = demo_config(out, model_name)
-    (out / "demo.toml").write_text(_toml(cfg))
+    (out / "demo.toml").write_text(to_toml(cfg))
     result = run(cfg)
     scores = result["stages"]["report"]["scores"]
     rows = [scores[f"segmentation_{t:g}"] | {"threshold": t} for t in THRESHOLDS]

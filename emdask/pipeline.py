@@ -699,10 +699,6 @@ def _input(cfg: RunConfig):
     return vol, cut, tuple(int(b) for b in begin)
 
 
-def _plain_config(cfg: RunConfig) -> dict:
-    return asdict(cfg)
-
-
 def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     """Face links (one task per face between two blocks), then one global solve."""
     if done_blocks(ctx.store, "agglomerate"):
@@ -865,7 +861,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
         root.attrs["emdask"]["factor"])
     grid = Grid(shape, _chunks(cfg, factor))
     meta = dict(root.attrs.get("emdask", {}))
-    meta.update({"config": _plain_config(cfg), "factor": list(factor),
+    meta.update({"config": asdict(cfg), "factor": list(factor),
                  "roi_begin": list(roi_begin), "input_shape": list(shape)})
     root.attrs["emdask"] = meta
     ctx = _Context(store, grid, roi_begin=roi_begin, predict=cfg.predict,

@@ -14,6 +14,7 @@ import torch
 from distributed import Client, LocalCluster
 
 from emdask import open_volume, segment
+from emdask.config import to_toml
 from emdask.data import sample_path
 from emdask.models import AffinityUNet, ModelConfig, save_model
 from emdask.pipeline import (
@@ -52,19 +53,6 @@ def _config(tmp_path, model, name="out", chunks=(16, 64, 64), roi=((0, 0, 0), (4
         "evaluate": {"url": str(sample_path()), "dataset": "neuron_ids"},
         "cluster": cluster or THREADS,
     }
-
-
-def _write_toml(path: Path, cfg: dict) -> Path:
-    lines = []
-    for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            if v is None:
-                continue
-            lines.append(f"{k} = {v!r}".replace("'", '"').replace("True", "true")
-                         .replace("False", "false").replace("(", "[").replace(")", "]"))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _outputs(store) -> dict:
@@ -177,7 +165,8 @@ def test_sigkill_mid_stage_then_resume(tmp_path, tiny_model, reference):
     cfg = _config(tmp_path, tiny_model, name="killed", **SMALL,
                   cluster={"n_workers": 1, "threads_per_worker": 1})
     store = cfg["output"]["path"]
-    toml = _write_toml(tmp_path / "run.toml", cfg)
+    toml = tmp_path / "run.toml"
+    toml.write_text(to_toml(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "emdask.cli", "run", str(toml)],
                             start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.time() + 120
