@@ -7,6 +7,9 @@ Stages, in order (each can be run alone with ``--stage``)::
     agglomerate  block graphs -> one global graph -> lookup tables (one task per face,
                  then one global solve)
     relabel      basins + tables -> fragments/s0, segmentation_<t>/s0 (one per threshold)
+    synapses     (with a [synapses] model) raw -> synapse_probabilities/s0 (one task per
+                 block), then objects synapses/s0 and the tables synapses.parquet and
+                 connectome.parquet (partners in the chosen segmentation)
     report       scores against ground truth (if configured), a figure
 
 Every stage is a list of block tasks submitted to a ``distributed`` client.  A task reads
@@ -47,7 +50,7 @@ from emdask.config import from_dict, read_file
 
 __all__ = ["STAGES", "RunConfig", "load_run_config", "local_cluster", "make_cluster", "run"]
 
-STAGES = ("predict", "watershed", "agglomerate", "relabel", "report")
+STAGES = ("predict", "watershed", "agglomerate", "relabel", "synapses", "report")
 
 
 # ---------------------------------------------------------------- configuration
@@ -92,6 +95,17 @@ class SegmentSpec:
 
 
 @dataclass
+class SynapseSpec:
+    """Synapse detection (a net trained with ``target = "synapses"``) and partners."""
+
+    model: str  # a path to a .pt file (or a shipped model name)
+    threshold: float = 0.5
+    min_size: int = 50  # voxels
+    radius: list = field(default_factory=lambda: [0, 3, 3])  # partner search, voxels
+    segmentation: float | None = None  # which threshold's segmentation (default: last)
+
+
+@dataclass
 class EvaluateSpec:
     """Ground truth for the report (same grid as the input; the same ROI is cut out)."""
 
@@ -121,6 +135,7 @@ class RunConfig:
     output: OutputSpec
     predict: PredictSpec = field(default_factory=PredictSpec)
     segment: SegmentSpec = field(default_factory=SegmentSpec)
+    synapses: SynapseSpec | None = None
     evaluate: EvaluateSpec | None = None
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
@@ -155,6 +170,10 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
         score_bins(cfg.segment.score, cfg.segment.bins)
     except ValueError as err:
         raise ValueError(f"{where}: [segment] {err}") from None
+    if cfg.synapses is not None and cfg.synapses.segmentation is not None and (
+            cfg.synapses.segmentation not in cfg.segment.thresholds):
+        raise ValueError(f"{where}: synapses.segmentation = {cfg.synapses.segmentation} is "
+                         f"not one of the thresholds {cfg.segment.thresholds}")
     names = _label_datasets(cfg.segment)
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: [segment] thresholds {cfg.segment.thresholds} give "
@@ -311,7 +330,10 @@ def _device(spec: PredictSpec) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _predict_task(ctx: _Context, block: int) -> None:
+def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
+                  dataset: str = "affinities", stage: str = "predict") -> None:
+    """Predict one block with the boundary net (or, with ``model_name``, another net such
+    as the synapse detector) into ``dataset``."""
     import torch
 
     from emdask.predict import _predict_block
@@ -322,7 +344,7 @@ def _predict_task(ctx: _Context, block: int) -> None:
 
         torch.set_num_threads(max(1, get_worker().state.nthreads))
     device = _device(ctx.predict)
-    model = _model(ctx.predict.model, device)
+    model = _model(model_name or ctx.predict.model, device)
     begin, end = ctx.grid.box(block)
     src_begin = [b + r for b, r in zip(begin, ctx.roi_begin, strict=True)]
     src_end = [e + r for e, r in zip(end, ctx.roi_begin, strict=True)]
@@ -330,8 +352,10 @@ def _predict_task(ctx: _Context, block: int) -> None:
     raw = read_box(ctx.source, src_begin, src_end, model.halo, cache=("raw", ctx.generation))
     affs = _predict_block(raw, model, device, ctx.predict.patch, ctx.predict.batch_size,
                           np.dtype(ctx.predict.dtype))
-    _array(ctx, "affinities/s0")[(slice(None), *_slices(begin, end))] = affs
-    _mark_done(ctx.store, "predict", block)
+    out = _array(ctx, f"{dataset}/s0")
+    out[(slice(None), *_slices(begin, end)) if out.ndim == 4 else _slices(begin, end)] = (
+        affs if out.ndim == 4 else affs[0])
+    _mark_done(ctx.store, stage, block)
 
 
 def _watershed_task(ctx: _Context, block: int) -> None:
@@ -574,6 +598,12 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     if stage == "watershed":
         return p | {"segment": {k: seg[k] for k in ("low", "high", "bins", "score")}}
     p["segment"] = seg
+    if stage in ("synapses", "report"):
+        p["synapses"] = asdict(cfg.synapses) if cfg.synapses else None
+        if cfg.synapses and cfg.synapses.model.endswith(".pt") and Path(
+                cfg.synapses.model).exists():
+            st = Path(cfg.synapses.model).stat()
+            p["synapses"]["model_file"] = f"{st.st_size}:{st.st_mtime_ns}"
     if stage == "report":
         p["evaluate"] = asdict(cfg.evaluate) if cfg.evaluate else None
     return p
@@ -609,7 +639,8 @@ def _check_upstream(root, cfg: RunConfig, stage: str, running: list[str]) -> Non
     with this config's parameters (stages run in this same call are checked as they run)."""
     recorded = root.attrs.get("emdask", {}).get("stages", {})
     for before in STAGES[:STAGES.index(stage)]:
-        if before == "report" or before in running:
+        if before == "report" or before in running or (before == "synapses"
+                                                        and cfg.synapses is None):
             continue
         old = recorded.get(before)
         if old is None or not old.get("finished"):
@@ -643,7 +674,8 @@ def _clear(cfg: RunConfig, root, stage: str) -> None:
     downstream = STAGES[STAGES.index(stage):]
     names = {"predict": ["affinities"], "watershed": ["_emdask/basins"],
              "agglomerate": ["_emdask/lut"], "relabel": ["fragments"] + [
-                 n for n in root.group_keys() if n.startswith("segmentation_")]}
+                 n for n in root.group_keys() if n.startswith("segmentation_")],
+             "synapses": ["synapse_probabilities", "synapses"]}
     for s in downstream:
         for name in names.get(s, []):
             if name in root:
@@ -717,6 +749,70 @@ def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     print(f"  global graph: {info['n_supervoxels']} supervoxels, {info['n_edges']} edges, "
           f"{info['graph_nbytes'] / 1e6:.1f} MB", file=sys.stderr)
     return {"graph": info}
+
+
+def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> dict:
+    """Synapse probabilities blockwise (resumable like predict), then objects, partners
+    and the connectome (one pass over the stored arrays; redone whole if interrupted)."""
+    from emdask.synapses import assign_partners, connectome, find_synapses
+    from emdask.volumes import create_volume, open_volume
+
+    spec, store = cfg.synapses, cfg.output.path
+    model = _model(spec.model, "cpu")
+    if model.config.target != "synapses":
+        raise ValueError(f"synapses.model {spec.model!r} predicts {model.config.target}, "
+                         "not synapses")
+    if any(-(-c // f) * f != c for c, f in zip(ctx.grid.chunks, model.factor, strict=True)):
+        raise ValueError(f"output.chunks {list(ctx.grid.chunks)} must be multiples of the "
+                         f"synapse model's pooling factor {list(model.factor)}")
+    if cfg.predict.check_voxel_size:
+        from emdask.predict import _check_voxel_size
+
+        _check_voxel_size(vol.attrs["voxel_size"], model, vol.attrs["source"])
+    root = _open_root(store)
+    if "synapse_probabilities" not in root:
+        create_volume(store, "synapse_probabilities", ctx.grid.shape, cfg.predict.dtype,
+                      ctx.grid.chunks, vol.attrs["voxel_size"], vol.attrs["offset"])
+    pctx = _Context(store, ctx.grid, source=full.encoding["source"], roi_begin=roi_begin,
+                    predict=cfg.predict, generation=ctx.generation)
+    _run_blocks(client, pctx, "synapses", functools.partial(
+        _synapse_predict_task, model_name=spec.model), cfg.cluster)
+    probabilities = open_volume(store, "synapse_probabilities")
+    labels, table = find_synapses(probabilities, spec.threshold, spec.min_size)
+    if "synapses" in root:
+        del root["synapses"]
+    save_volume_labels = create_volume(store, "synapses", ctx.grid.shape, np.uint64,
+                                       ctx.grid.chunks, vol.attrs["voxel_size"],
+                                       vol.attrs["offset"])
+    import dask.array as da
+
+    da.store(labels.data.rechunk(ctx.grid.chunks), save_volume_labels, lock=False)
+    t = spec.segmentation if spec.segmentation is not None else cfg.segment.thresholds[-1]
+    segmentation = open_volume(store, f"segmentation_{t:g}")
+    table = assign_partners(open_volume(store, "synapses"), segmentation, table,
+                            radius=tuple(spec.radius))
+    edges = connectome(table)
+    put_bytes(store, "synapses.parquet", _parquet(table))
+    put_bytes(store, "connectome.parquet", _parquet(edges))
+    print(f"  synapses: {len(table)} objects, {len(edges)} connected pairs (segmentation_"
+          f"{t:g}); tables synapses.parquet, connectome.parquet", file=sys.stderr)
+    return {"n_synapses": len(table), "n_edges": len(edges)}
+
+
+def _synapse_predict_task(ctx: _Context, block: int, model_name: str) -> None:
+    _predict_task(ctx, block, model_name, "synapse_probabilities", "synapses")
+
+
+def _parquet(frame) -> bytes:
+    frame = frame.copy()
+    for col in frame.columns:  # tuples and lists of pairs as plain lists for Arrow
+        if frame[col].dtype == object:
+            frame[col] = frame[col].map(lambda v: [list(x) if isinstance(x, tuple) else x
+                                                   for x in v] if isinstance(v, list)
+                                        else list(v) if isinstance(v, tuple) else v)
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
 
 
 def _report(cfg: RunConfig, vol, roi_begin) -> dict:
@@ -900,6 +996,12 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
                     create_volume(store, name, shape, np.uint64, grid.chunks, voxel_size,
                                   offset)
             _run_blocks(client, ctx, stage, _relabel_task, cfg.cluster)
+        elif stage == "synapses":
+            if cfg.synapses is None:
+                print("  synapses: no [synapses] model configured; skipped", file=sys.stderr)
+                extra = {"skipped": True}
+            else:
+                extra = _synapses(client, ctx, cfg, full, vol, roi_begin)
         elif stage == "report":
             extra = {"scores": _report(cfg, vol, roi_begin)}
         timings[stage] = time.perf_counter() - t0

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from distributed import Client, LocalCluster
@@ -287,3 +288,26 @@ def test_a_stage_alone_needs_its_upstream_as_configured(tmp_path, tiny_model):
     run(tupled, stages=["relabel"])
     with pytest.raises(ValueError, match="give the same dataset names"):
         load_run_config({**cfg, "segment": {"thresholds": [0.3, 0.30000001]}})
+
+
+def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
+    torch.manual_seed(1)
+    syn_model = tmp_path / "syn.pt"
+    save_model(AffinityUNet(ModelConfig(width=4, downsample=[[1, 2, 2]], target="synapses",
+                                        voxel_size=[10.0, 10.0, 10.0])), syn_model)
+    cfg = _config(tmp_path, tiny_model, **SMALL)
+    cfg["synapses"] = {"model": str(syn_model), "threshold": 0.5, "min_size": 5}
+    result = run(cfg)
+    store = cfg["output"]["path"]
+    assert result["stages"]["synapses"]["n_synapses"] >= 0
+    probs = open_volume(store, "synapse_probabilities")
+    labels = open_volume(store, "synapses")
+    assert probs.shape == labels.shape == (40, 96, 96) and probs.dtype == np.uint8
+    table = pd.read_parquet(Path(store, "synapses.parquet"))
+    edges = pd.read_parquet(Path(store, "connectome.parquet"))
+    assert len(table) == result["stages"]["synapses"]["n_synapses"] == labels.values.max()
+    assert {"id", "size", "z_nm", "partner_1", "partner_2", "direction"} <= set(table.columns)
+    assert {"partner_a", "partner_b", "n_synapses", "total_size"} <= set(edges.columns)
+    capsys.readouterr()
+    run(cfg, stages=["synapses"])  # resumes: every block already predicted
+    assert "synapses: 45 of 45 blocks already done" in capsys.readouterr().err
