@@ -755,7 +755,7 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> di
     """Synapse probabilities blockwise (resumable like predict), then objects, partners
     and the connectome (one pass over the stored arrays; redone whole if interrupted)."""
     from emdask.synapses import assign_partners, connectome, find_synapses
-    from emdask.volumes import create_volume, open_volume
+    from emdask.volumes import create_volume, open_volume, save_volume
 
     spec, store = cfg.synapses, cfg.output.path
     model = _model(spec.model, "cpu")
@@ -776,20 +776,14 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> di
     pctx = _Context(store, ctx.grid, source=full.encoding["source"], roi_begin=roi_begin,
                     predict=cfg.predict, generation=ctx.generation)
     _run_blocks(client, pctx, "synapses", functools.partial(
-        _synapse_predict_task, model_name=spec.model), cfg.cluster)
-    probabilities = open_volume(store, "synapse_probabilities")
-    labels, table = find_synapses(probabilities, spec.threshold, spec.min_size)
-    if "synapses" in root:
-        del root["synapses"]
-    save_volume_labels = create_volume(store, "synapses", ctx.grid.shape, np.uint64,
-                                       ctx.grid.chunks, vol.attrs["voxel_size"],
-                                       vol.attrs["offset"])
-    import dask.array as da
-
-    da.store(labels.data.rechunk(ctx.grid.chunks), save_volume_labels, lock=False)
+        _predict_task, model_name=spec.model, dataset="synapse_probabilities",
+        stage="synapses"), cfg.cluster)
+    labels, table = find_synapses(open_volume(store, "synapse_probabilities"),
+                                  spec.threshold, spec.min_size)
+    labels = save_volume(labels, store, "synapses", chunks=ctx.grid.chunks, overwrite=True)
     t = spec.segmentation if spec.segmentation is not None else cfg.segment.thresholds[-1]
     segmentation = open_volume(store, f"segmentation_{t:g}")
-    table = assign_partners(open_volume(store, "synapses"), segmentation, table,
+    table = assign_partners(labels, segmentation, table,
                             radius=tuple(spec.radius))
     edges = connectome(table)
     put_bytes(store, "synapses.parquet", _parquet(table))
@@ -799,17 +793,13 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> di
     return {"n_synapses": len(table), "n_edges": len(edges)}
 
 
-def _synapse_predict_task(ctx: _Context, block: int, model_name: str) -> None:
-    _predict_task(ctx, block, model_name, "synapse_probabilities", "synapses")
-
-
 def _parquet(frame) -> bytes:
+    def plain(v):  # Arrow wants lists, not tuples (bounding boxes, ranked partners)
+        return [plain(x) for x in v] if isinstance(v, list | tuple) else v
+
     frame = frame.copy()
-    for col in frame.columns:  # tuples and lists of pairs as plain lists for Arrow
-        if frame[col].dtype == object:
-            frame[col] = frame[col].map(lambda v: [list(x) if isinstance(x, tuple) else x
-                                                   for x in v] if isinstance(v, list)
-                                        else list(v) if isinstance(v, tuple) else v)
+    for col in frame.columns[frame.dtypes == object]:
+        frame[col] = frame[col].map(plain)
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     return buf.getvalue()
