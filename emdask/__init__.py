@@ -5,7 +5,8 @@ detection -> segmentation -> synapses -> evaluation.  Every stage takes and retu
 volumes (:class:`xarray.DataArray` over Dask arrays with nm coordinates).
 """
 
-from emdask.affinities import affinities_from_labels
+from emdask.affinities import affinities_from_labels, mask_affinities
+from emdask.defects import detect_defects
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
 from emdask.pipeline import run
 from emdask.predict import predict_affinities, predict_synapses
@@ -24,8 +25,10 @@ __all__ = [
     "connectome",
     "contingency_table",
     "cutout",
+    "detect_defects",
     "evaluate",
     "find_synapses",
+    "mask_affinities",
     "open_volume",
     "predict_affinities",
     "predict_synapses",

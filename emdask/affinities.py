@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["NEAREST", "affinities_from_intensity", "affinities_from_labels"]
+__all__ = ["NEAREST", "affinities_from_intensity", "affinities_from_labels", "mask_affinities"]
 
 NEAREST: tuple[tuple[int, int, int], ...] = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
 
@@ -99,3 +99,55 @@ def affinities_from_intensity(raw: np.ndarray, sigma: float = 1.0) -> np.ndarray
     affs[1, :, 1:] = np.minimum(b[:, 1:], b[:, :-1])
     affs[2, :, :, 1:] = np.minimum(b[:, :, 1:], b[:, :, :-1])
     return affs
+
+
+def mask_affinities(affinities, mask):
+    """Set to 0 every nearest-neighbour affinity whose edge touches a masked voxel.
+
+    Used with the mask of :func:`emdask.defects.detect_defects`: the watershed then leaves
+    missing voxels as background and joins nothing across a missing section.
+
+    Parameters
+    ----------
+    affinities
+        (3, z, y, x) numpy or Dask array (channel ``d`` at ``v`` joins ``v`` and ``v - e_d``).
+    mask
+        (z, y, x) boolean, True where data is missing.
+
+    Returns
+    -------
+    Array of the same type, shape and dtype (lazy for Dask input).
+
+    Examples
+    --------
+    >>> affs = np.ones((3, 3, 1, 1), np.float32)
+    >>> mask_affinities(affs, np.array([False, True, False])[:, None, None])[0, :, 0, 0].tolist()
+    [1.0, 0.0, 0.0]
+    """
+    import dask.array as da
+
+    mask = mask.data if hasattr(mask, "dims") else mask
+    if tuple(mask.shape) != tuple(affinities.shape[1:]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the affinities' "
+                         f"volume shape {tuple(affinities.shape[1:])}")
+    if not isinstance(affinities, da.Array) and not isinstance(mask, da.Array):
+        return _mask_block(np.asarray(affinities), np.asarray(mask, bool))
+    affinities = da.asarray(affinities)
+    mask = da.asarray(mask).astype(bool).rechunk(affinities.chunks[1:])
+    # A block's edges reach one voxel below it along every axis: a halo of 1.
+    return da.map_overlap(_mask_block, affinities, mask[None], depth=(0, 1, 1, 1),
+                          boundary="none", dtype=affinities.dtype)
+
+
+def _mask_block(affs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    mask = mask.reshape(mask.shape[-3:])
+    out = affs.copy()
+    for d in range(3):
+        touch = mask.copy()
+        below = [slice(None)] * 3
+        below[d] = slice(0, -1)
+        above = [slice(None)] * 3
+        above[d] = slice(1, None)
+        touch[tuple(above)] |= mask[tuple(below)]  # the neighbour at v - e_d is masked
+        out[d][touch] = 0
+    return out

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from emdask.affinities import mask_affinities
 from emdask.models import AffinityUNet
 from emdask.volumes import as_volume
 
@@ -122,6 +123,7 @@ def predict_affinities(
     patch: tuple[int, int, int] | None = None,
     batch_size: int = 1,
     check_voxel_size: bool = True,
+    mask: Any = None,
 ) -> xr.DataArray:
     """Predict affinities for a (lazy) EM volume, chunk by chunk.
 
@@ -142,6 +144,10 @@ def predict_affinities(
     patch, batch_size
         Cut each block into tiles of this size (multiples of the factor) predicted in
         batches: for GPUs, whose memory limits the tile size.
+    mask
+        Optional (z, y, x) boolean volume of missing data (the mask of
+        :func:`emdask.detect_defects`): nearest-neighbour affinities of edges that touch it
+        are set to 0, so segmentation leaves it as background.
 
     Returns
     -------
@@ -152,7 +158,11 @@ def predict_affinities(
     if model.config.target != "affinities":
         raise ValueError(f"this model predicts {model.config.target}, not affinities; use "
                          f"predict_{model.config.target}")
-    return _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size)
+    affs = _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size)
+    if mask is None:
+        return affs
+    nearest = mask_affinities(affs.data[:3], mask)
+    return affs.copy(data=da.concatenate([nearest, affs.data[3:]], axis=0))
 
 
 def predict_synapses(raw: Any, model: AffinityUNet | None = None, **kwargs) -> xr.DataArray:

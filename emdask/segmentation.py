@@ -38,6 +38,7 @@ import numpy as np
 import xarray as xr
 from numba import njit
 
+from emdask.affinities import mask_affinities
 from emdask.agglomerate import _check_thresholds, agglomerate, merge_small_regions, parse_score
 from emdask.region_graph import RegionGraph, combine, from_observations, observations
 from emdask.volumes import read_box, stored_source
@@ -258,6 +259,7 @@ def segment(
     bins: int | None = None,
     return_fragments: bool = False,
     return_info: bool = False,
+    mask: Any = None,
 ):
     """Segment affinities into neurons, blockwise, identically for any chunking.
 
@@ -282,6 +284,10 @@ def segment(
         as the first element of the list.
     return_info
         Also return a delayed :class:`SegmentationInfo` (graph sizes).
+    mask
+        Optional (z, y, x) boolean volume of missing data (from
+        :func:`emdask.detect_defects`): edges touching it get affinity 0, so its voxels are
+        background and no segment is joined across a missing section.
 
     Returns
     -------
@@ -299,6 +305,9 @@ def segment(
     [1, 2]
     """
     data, template = _as_affinities(affinities)
+    if mask is not None:
+        data = mask_affinities(data, mask)
+        template = None if template is None else template.copy(data=data)
     thr = _check_thresholds(thresholds)
     params = WatershedParams(low, high, size_threshold, merge_threshold, dust_size)
     bins = score_bins(score, bins)
