@@ -6,6 +6,7 @@ volumes (:class:`xarray.DataArray` over Dask arrays with nm coordinates).
 """
 
 from emdask.affinities import affinities_from_labels, mask_affinities
+from emdask.align import align, render
 from emdask.defects import detect_defects
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
 from emdask.pipeline import run
@@ -21,6 +22,7 @@ __all__ = [
     "VolumeError",
     "adapted_rand",
     "affinities_from_labels",
+    "align",
     "assign_partners",
     "connectome",
     "contingency_table",
@@ -32,6 +34,7 @@ __all__ = [
     "open_volume",
     "predict_affinities",
     "predict_synapses",
+    "render",
     "run",
     "save_volume",
     "segment",

@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from emdask.config import from_dict, read_file
 
 __all__ = ["STAGES", "RunConfig", "load_run_config", "local_cluster", "make_cluster", "run"]
 
-STAGES = ("predict", "watershed", "agglomerate", "relabel", "synapses", "report")
+STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "report")
 
 
 # ---------------------------------------------------------------- configuration
@@ -70,6 +70,20 @@ class OutputSpec:
     path: str  # zarr store (path or fsspec URL)
     chunks: list = field(default_factory=lambda: [64, 128, 128])  # blocks = storage chunks
     overwrite: bool = False  # replace outputs made with other parameters
+
+
+@dataclass
+class AlignSpec:
+    """Section alignment and defect detection before prediction (:func:`emdask.align`)."""
+
+    spacing: int = 32  # grid of the deformation fields, pixels
+    neighbours: int = 2  # each section is matched against this many previous ones
+    stiffness: float = 20.0  # bending penalty
+    prior: float = 0.01  # pull of each section's field towards 0 (against drift)
+    min_score: float = 0.2  # matches with a lower correlation are rejected
+    window: int = 15  # defects: flat squares of this side are missing data
+    missing_fraction: float = 0.95  # defects: a section this much missing is missing
+    mask: bool = True  # affinities touching missing data are set to 0
 
 
 @dataclass
@@ -133,6 +147,7 @@ class ClusterSpec:
 class RunConfig:
     input: InputSpec
     output: OutputSpec
+    align: AlignSpec | None = None
     predict: PredictSpec = field(default_factory=PredictSpec)
     segment: SegmentSpec = field(default_factory=SegmentSpec)
     synapses: SynapseSpec | None = None
@@ -301,6 +316,8 @@ class _Context:
     predict: PredictSpec | None = None
     segment: SegmentSpec | None = None
     generation: int = 0  # per run: cached zarr arrays of an earlier run are not reused
+    mask: Any = None  # missing-data mask (predict: affinities touching it are 0)
+    window: int = 15  # align: side of the flat squares that are missing data
 
 
 def _slices(begin, end) -> tuple:
@@ -352,10 +369,84 @@ def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
     raw = read_box(ctx.source, src_begin, src_end, model.halo, cache=("raw", ctx.generation))
     affs = _predict_block(raw, model, device, ctx.predict.patch, ctx.predict.batch_size,
                           np.dtype(ctx.predict.dtype))
+    if ctx.mask is not None:  # edges reach one voxel below the block: read a halo of 1
+        from emdask.affinities import _mask_block
+
+        mask = read_box(ctx.mask, begin, end, (1, 1, 1)).astype(bool)
+        padded = np.pad(affs[:3], [(0, 0)] + [(1, 1)] * 3)
+        affs[:3] = _mask_block(padded, mask)[:, 1:-1, 1:-1, 1:-1]
     out = _array(ctx, f"{dataset}/s0")
     out[(slice(None), *_slices(begin, end)) if out.ndim == 4 else _slices(begin, end)] = (
         affs if out.ndim == 4 else affs[0])
     _mark_done(ctx.store, stage, block)
+
+
+def _align_task(ctx: _Context, block: int) -> None:
+    """Render one block of the aligned stack and of its missing-data mask."""
+    from emdask.align import _render_block, source_box
+    from emdask.defects import missing_mask
+    from emdask.volumes import read_box
+
+    fields_arr = _array(ctx, "alignment/fields")
+    fields, spacing = np.asarray(fields_arr[:], np.float64), fields_arr.attrs["spacing"]
+    begin, end = ctx.grid.box(block)
+    out = _array(ctx, "aligned/s0")
+    mask_out = _array(ctx, "defects/s0")
+    shape = [e - b for b, e in zip(begin, end, strict=True)]
+    box = source_box(fields, spacing, begin, end, ctx.grid.shape)
+    if box is None:  # nothing of the input maps here: no data
+        out[_slices(begin, end)] = 0
+        mask_out[_slices(begin, end)] = 1
+    else:
+        lo, hi = box
+        halo = (0, ctx.window - 1, ctx.window - 1)  # the missing-data test is local
+        raw = read_box(ctx.source, [a + r for a, r in zip(lo, ctx.roi_begin, strict=True)],
+                       [b + r for b, r in zip(hi, ctx.roi_begin, strict=True)], halo,
+                       cache=("raw", ctx.generation))
+        mask = missing_mask(raw, ctx.window)[:, halo[1]:raw.shape[1] - halo[1],
+                                             halo[2]:raw.shape[2] - halo[2]]
+        raw = raw[:, halo[1]:raw.shape[1] - halo[1], halo[2]:raw.shape[2] - halo[2]]
+        f = fields[begin[0]:end[0]]
+        out[_slices(begin, end)] = _render_block(raw, f, spacing, begin[1:], shape[1:],
+                                                 lo[1:], 0, 1)
+        mask_out[_slices(begin, end)] = _render_block(mask.astype(np.uint8), f, spacing,
+                                                      begin[1:], shape[1:], lo[1:], 1, 0)
+    _mark_done(ctx.store, "align", block)
+
+
+def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
+    """Defects and deformation fields (one global step: block matching runs as Dask tasks
+    on the cluster), then the aligned stack and mask rendered block by block."""
+    from emdask.align import align
+    from emdask.defects import detect_defects
+    from emdask.volumes import create_volume
+
+    spec, store = cfg.align, cfg.output.path
+    root = _open_root(store)
+    extra = {}
+    if "alignment/fields" not in root:
+        defects = detect_defects(vol, window=spec.window,
+                                 missing_fraction=spec.missing_fraction)
+        result = align(vol, spacing=spec.spacing, neighbours=spec.neighbours,
+                       stiffness=spec.stiffness, prior=spec.prior, min_score=spec.min_score,
+                       defects=defects)
+        table = defects.table.merge(result.table.drop(columns="missing"), on="z")
+        put_bytes(store, "sections.parquet", _parquet(table))
+        # written last: its presence means the fields are complete
+        arr = root.create_array("alignment/fields", shape=result.fields.shape,
+                                dtype=np.float32, chunks=result.fields.shape)
+        arr[:] = result.fields.values
+        arr.attrs.update(spacing=spec.spacing, units="pixels", dims=list(result.fields.dims))
+        extra = {"missing": table["z"][table["missing"]].tolist(),
+                 "unreliable": table["z"][table["unreliable"]].tolist()}
+        print(f"  align: fields solved; missing sections {extra['missing']}, unreliable "
+              f"{extra['unreliable']}; table sections.parquet", file=sys.stderr)
+    for name, dtype in (("aligned", vol.dtype), ("defects", np.uint8)):
+        if name not in root:
+            create_volume(store, name, ctx.grid.shape, dtype, ctx.grid.chunks,
+                          vol.attrs["voxel_size"], vol.attrs["offset"])
+    _run_blocks(client, replace(ctx, window=spec.window), "align", _align_task, cfg.cluster)
+    return extra
 
 
 def _watershed_task(ctx: _Context, block: int) -> None:
@@ -586,7 +677,10 @@ def _stage_params(cfg: RunConfig, stage: str) -> dict:
 
 
 def _depends_on(cfg: RunConfig, stage: str) -> dict:
-    p = {"input": asdict(cfg.input), "chunks": list(cfg.output.chunks)}
+    p = {"input": asdict(cfg.input), "chunks": list(cfg.output.chunks),
+         "align": asdict(cfg.align) if cfg.align else None}
+    if stage == "align":
+        return p
     p["predict"] = {k: v for k, v in asdict(cfg.predict).items()  # no effect on output:
                     if k not in ("device", "patch", "batch_size", "check_voxel_size")}
     if cfg.predict.model.endswith(".pt") and Path(cfg.predict.model).exists():
@@ -639,8 +733,9 @@ def _check_upstream(root, cfg: RunConfig, stage: str, running: list[str]) -> Non
     with this config's parameters (stages run in this same call are checked as they run)."""
     recorded = root.attrs.get("emdask", {}).get("stages", {})
     for before in STAGES[:STAGES.index(stage)]:
-        if before == "report" or before in running or (before == "synapses"
-                                                        and cfg.synapses is None):
+        if before == "report" or before in running or (
+                before == "synapses" and cfg.synapses is None) or (
+                before == "align" and cfg.align is None):
             continue
         old = recorded.get(before)
         if old is None or not old.get("finished"):
@@ -672,7 +767,7 @@ def _clear(cfg: RunConfig, root, stage: str) -> None:
     import shutil
 
     downstream = STAGES[STAGES.index(stage):]
-    names = {"predict": ["affinities"], "watershed": ["_emdask/basins"],
+    names = {"align": ["alignment", "aligned", "defects"], "predict": ["affinities"], "watershed": ["_emdask/basins"],
              "agglomerate": ["_emdask/lut"], "relabel": ["fragments"] + [
                  n for n in root.group_keys() if n.startswith("segmentation_")],
              "synapses": ["synapse_probabilities", "synapses"]}
@@ -731,6 +826,18 @@ def _input(cfg: RunConfig):
     return vol, cut, tuple(int(b) for b in begin)
 
 
+def _raw(cfg: RunConfig, root, full, roi_begin):
+    """What the nets read: the input's region of interest, or the aligned stack (and its
+    missing-data mask) when the pipeline aligns."""
+    if cfg.align is None:
+        return full.encoding["source"], roi_begin, None
+    if "aligned" not in root:
+        raise ValueError(f"{cfg.output.path}: the config has an [align] section but the "
+                         "align stage has not run; run it first")
+    mask = root["defects/s0"] if cfg.align.mask else None
+    return root["aligned/s0"], (0, 0, 0), mask
+
+
 def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     """Face links (one task per face between two blocks), then one global solve."""
     if done_blocks(ctx.store, "agglomerate"):
@@ -773,8 +880,9 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> di
     if "synapse_probabilities" not in root:
         create_volume(store, "synapse_probabilities", ctx.grid.shape, cfg.predict.dtype,
                       ctx.grid.chunks, vol.attrs["voxel_size"], vol.attrs["offset"])
-    pctx = _Context(store, ctx.grid, source=full.encoding["source"], roi_begin=roi_begin,
-                    predict=cfg.predict, generation=ctx.generation)
+    source, begin, _ = _raw(cfg, root, full, roi_begin)
+    pctx = _Context(store, ctx.grid, source=source, roi_begin=begin, predict=cfg.predict,
+                    generation=ctx.generation)
     _run_blocks(client, pctx, "synapses", functools.partial(
         _predict_task, model_name=spec.model, dataset="synapse_probabilities",
         stage="synapses"), cfg.cluster)
@@ -955,23 +1063,30 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
     print(f"emdask run: {vol.attrs['source']} {shape} voxels at {voxel_size} nm, "
           f"{len(grid)} blocks of {grid.chunks} -> {store}", file=sys.stderr)
     for stage in stages:
-        if stage != "predict" and "affinities" not in root:
+        if stage not in ("align", "predict") and "affinities" not in root:
             raise ValueError(f"{store}: stage {stage!r} needs the predict stage's output "
                              "(affinities); run it first")
         _check_upstream(root, cfg, stage, stages)
         _check_stage(root, cfg, stage, overwrite)
         t0 = time.perf_counter()
         extra = None
-        if stage == "predict":
+        if stage == "align":
+            if cfg.align is None:
+                print("  align: no [align] section configured; skipped", file=sys.stderr)
+                extra = {"skipped": True}
+            else:
+                actx = replace(ctx, source=full.encoding["source"])
+                extra = _align(client, actx, cfg, vol)
+        elif stage == "predict":
             if "affinities" not in root:
                 create_volume(store, "affinities", (len(model.config.offsets), *shape),
                               cfg.predict.dtype, grid.chunks, voxel_size, offset,
                               attrs={"offsets": [list(o) for o in model.config.offsets]})
             if cfg.predict.check_voxel_size:
                 _check_voxel_size(voxel_size, model, vol.attrs["source"])
-            pctx = _Context(store, grid, source=full.encoding["source"],
-                            roi_begin=roi_begin, predict=cfg.predict, segment=cfg.segment,
-                            generation=ctx.generation)
+            source, begin, mask = _raw(cfg, root, full, roi_begin)
+            pctx = _Context(store, grid, source=source, roi_begin=begin, predict=cfg.predict,
+                            segment=cfg.segment, generation=ctx.generation, mask=mask)
             _run_blocks(client, pctx, stage, _predict_task, cfg.cluster)
         elif stage == "watershed":
             if "_emdask/basins" not in root:

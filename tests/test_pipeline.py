@@ -311,3 +311,42 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     capsys.readouterr()
     run(cfg, stages=["synapses"])  # resumes: every block already predicted
     assert "synapses: 45 of 45 blocks already done" in capsys.readouterr().err
+
+
+def test_align_stage_aligns_masks_and_resumes(tmp_path, tiny_model, capsys):
+    import zarr
+
+    from emdask.align import align, displacement_error, distort
+
+    raw = open_volume(str(sample_path()), "raw")[:12].values
+    distorted, truth = distort(raw, seed=2, translation=6, rotation=1.0, elastic=3)
+    distorted[6] = 0  # a lost section
+    src = tmp_path / "distorted.zarr"
+    arr = zarr.create_array(str(src), shape=distorted.shape, chunks=(4, 96, 96),
+                            dtype=np.uint8)
+    arr[:] = distorted
+    arr.attrs.update(resolution=[10.0, 10.0, 10.0])
+    cfg = _config(tmp_path, tiny_model, chunks=(6, 96, 96), roi=None)
+    cfg["input"] = {"url": str(src)}
+    cfg["align"] = {}
+    del cfg["evaluate"]
+    run(cfg, stages=["align", "predict"])
+    store = cfg["output"]["path"]
+    aligned = open_volume(store, "aligned").values
+    mask = open_volume(store, "defects").values.astype(bool)
+    table = pd.read_parquet(Path(store, "sections.parquet"))
+    assert table["missing"].tolist() == [z == 6 for z in range(12)]
+    assert mask[6].all() and not mask[:6, 30:-30, 30:-30].any()
+    # the stage renders what the library computes
+    library = align(distorted, stiffness=20.0)
+    np.testing.assert_array_equal(aligned, library.aligned.values)
+    fields = zarr.open_array(str(Path(store, "alignment", "fields")))
+    np.testing.assert_allclose(fields[:], library.fields.values)
+    err = displacement_error(library.fields, truth)[[0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11]]
+    assert np.median(err[:, 4:-4, 4:-4]) < 1.0
+    # nets read the aligned stack; affinities that touch missing data are 0
+    affs = open_volume(store, "affinities").values
+    assert (affs[:3, 6] == 0).all() and (affs[0, 7] == 0).all() and affs[0, 5].any()
+    capsys.readouterr()
+    run(cfg, stages=["align"])
+    assert "align: 8 of 8 blocks already done" in capsys.readouterr().err

@@ -1,0 +1,720 @@
+"""Serial-section alignment: block matching, a regularized global solve, and rendering.
+
+A section's deformation field ``u`` (pixels, components y and x) is kept at the nodes of a
+regular grid (node ``(i, j)`` at pixel ``(i * spacing, j * spacing)``) and interpolated
+bilinearly between them; the aligned section is ``aligned(p) = section(p + u(p))``.
+
+The method is that of the corresponding-points aligners (AlignTK, TrakEM2, EM aligner),
+coarse to fine over a few :class:`Level` s:
+
+1. Render every section with its current field, at the level's downsampling.
+2. Block matching: at every node, the block of a section around the node is located in
+   each of its ``neighbours`` previous sections by normalized cross-correlation (FFT-based,
+   all blocks of a pair in one batch, sub-pixel peak by a parabola).  A match is rejected
+   when its peak is low, at the edge of the search window, or on missing data.
+3. A global solve, one sparse linear least-squares problem for all sections: the
+   correction ``d`` of each node should satisfy every match,
+   ``d[z] - d[z - k] = shift``, weighted by the match's correlation, while the second
+   differences of ``d`` across the grid (which vanish for affine fields) are penalized with
+   weight ``stiffness``; the reference section is held fixed.  Matches left with a residual
+   above ``max(max_residual, 4 MADs)`` are dropped and the problem solved again.  Because
+   each section is tied to several earlier ones and the solve is global, an error in one
+   match is outvoted instead of being handed down the stack: drift grows with the number
+   of sections only as a random walk of the per-section matching noise divided by the
+   number of neighbours, not with every bad match.
+4. The correction is composed with the field.  The first level keeps only an affine field
+   per section (rigid/affine first), the later ones the full regularized field.
+
+Defects: missing sections (:func:`emdask.detect_defects`) are never matched; they, and any
+section with fewer than ``min_matches`` of its matches accepted (flagged ``unreliable`` in
+the table, with a warning), get the field interpolated linearly in z from their valid
+neighbours.  Pixels in the defect mask never count in a match.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import scipy.ndimage as ndi
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import xarray as xr
+
+from emdask.defects import detect_defects
+from emdask.volumes import as_volume
+
+__all__ = ["Alignment", "Level", "align", "block_match", "displacement_error", "distort",
+           "invert_fields", "render", "source_box", "warp_section"]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of the coarse-to-fine alignment.
+
+    Attributes
+    ----------
+    factor
+        Downsampling of the sections at this level.
+    block
+        Side of the matched blocks, in pixels of this level.
+    search
+        Largest shift searched, in pixels of this level.
+    affine
+        Keep only an affine field per section (the first, coarse level).
+    """
+
+    factor: int
+    block: int
+    search: int
+    affine: bool = False
+
+
+#: Default levels: affine at 1/4 resolution (shifts up to 32 pixels), then elastic at 1/2
+#: and full resolution.
+LEVELS = (Level(4, 32, 8, affine=True), Level(2, 32, 6), Level(1, 48, 4), Level(1, 48, 3))
+
+
+class Alignment(NamedTuple):
+    """What :func:`align` returns."""
+
+    #: The aligned stack, lazy, with the input's coordinates.
+    aligned: xr.DataArray
+    #: Fields (z, 2, gy, gx) in pixels (y, x) at the grid nodes; ``attrs["spacing"]``.
+    fields: xr.DataArray
+    #: One row per section: z, missing, matches, accepted, residual (rms pixels of the
+    #: accepted matches after the last solve), unreliable, interpolated.
+    table: pd.DataFrame
+
+
+# ------------------------------------------------------------------------ fields, warping
+def _grid_shape(shape: Sequence[int], spacing: int) -> tuple[int, int]:
+    return tuple(int(np.ceil((n - 1) / spacing)) + 1 for n in shape)
+
+
+def _dense(field: np.ndarray, spacing: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Field (2, gy, gx) interpolated at pixel coordinates ``ys``, ``xs`` (same shapes)."""
+    coords = np.stack([ys / spacing, xs / spacing])
+    return np.stack([ndi.map_coordinates(f, coords, order=1, mode="nearest") for f in field])
+
+
+def _weights(positions: np.ndarray, spacing: float, n_nodes: int) -> np.ndarray:
+    """Linear-interpolation matrix (len(positions), n_nodes) from grid nodes to positions
+    (clamped at the ends, like ``mode="nearest"``)."""
+    g = np.clip(positions / spacing, 0, n_nodes - 1)
+    i0 = np.minimum(np.floor(g).astype(int), max(n_nodes - 2, 0))
+    frac = g - i0
+    w = np.zeros((len(positions), n_nodes))
+    rows = np.arange(len(positions))
+    w[rows, i0] = 1 - frac
+    if n_nodes > 1:
+        w[rows, i0 + 1] += frac
+    return w
+
+
+def _dense_grid(field: np.ndarray, spacing: float, ys: np.ndarray, xs: np.ndarray
+                ) -> np.ndarray:
+    """Field (2, gy, gx) at the pixels of the regular grid ``ys`` x ``xs`` (1-D): bilinear
+    interpolation is separable, so two small matrix products do it."""
+    wy = _weights(ys, spacing, field.shape[1])
+    wx = _weights(xs, spacing, field.shape[2])
+    return np.stack([wy @ f @ wx.T for f in field])
+
+
+def warp_section(section: np.ndarray, field: np.ndarray, spacing: int,
+                 origin: Sequence[int] = (0, 0), shape: Sequence[int] | None = None,
+                 factor: int = 1, order: int = 1, cval: float = 0.0) -> np.ndarray:
+    """Render ``section(p + u(p))`` for the output pixels ``p = origin + factor * q``.
+
+    Parameters
+    ----------
+    section
+        (y, x) image.
+    field
+        (2, gy, gx) displacement in pixels at the grid nodes.
+    spacing
+        Grid spacing in pixels.
+    origin, shape, factor
+        The output grid (default: the whole section at full resolution).
+    order
+        Interpolation order (1: bilinear; 0: nearest, for masks and labels).
+    cval
+        Value outside the section.
+    """
+    shape = tuple(section.shape) if shape is None else tuple(shape)
+    y = origin[0] + factor * np.arange(shape[0], dtype=np.float64)
+    x = origin[1] + factor * np.arange(shape[1], dtype=np.float64)
+    u = _dense_grid(np.asarray(field, np.float64), spacing, y, x)
+    coords = [y[:, None] + u[0], x[None, :] + u[1]]
+    return ndi.map_coordinates(section, coords, order=order, mode="constant", cval=cval,
+                               output=section.dtype if order == 0 else None)
+
+
+def _compose(field: np.ndarray, delta: np.ndarray, spacing: int) -> np.ndarray:
+    """Field of ``p -> p + d(p) + u(p + d(p))``: first the correction, then the old field."""
+    gy, gx = field.shape[1:]
+    ys, xs = np.meshgrid(np.arange(gy) * spacing, np.arange(gx) * spacing, indexing="ij")
+    return delta + _dense(field, spacing, ys + delta[0], xs + delta[1])
+
+
+def invert_fields(fields: Any, iterations: int = 20) -> Any:
+    """Fields of the inverse mappings: ``v(q) = -u(q + v(q))``, by fixed-point iteration.
+
+    Rendering an aligned stack with the inverse fields gives back the original sections
+    (up to interpolation), and maps annotations made on aligned data back to the raw data.
+    """
+    arr = np.asarray(fields.values if isinstance(fields, xr.DataArray) else fields, np.float64)
+    spacing = fields.attrs["spacing"] if isinstance(fields, xr.DataArray) else None
+    if spacing is None:
+        raise ValueError("invert_fields needs the fields DataArray of align (its spacing)")
+    gy, gx = arr.shape[2:]
+    ys, xs = np.meshgrid(np.arange(gy) * spacing, np.arange(gx) * spacing, indexing="ij")
+    inv = -arr
+    for z in range(arr.shape[0]):
+        for _ in range(iterations):
+            inv[z] = -_dense(arr[z], spacing, ys + inv[z][0], xs + inv[z][1])
+    return fields.copy(data=inv)
+
+
+# ------------------------------------------------------------------------ block matching
+def _box_sums(images: np.ndarray, size: int) -> np.ndarray:
+    """Sums over every ``size`` x ``size`` box of each image (integral images)."""
+    c = np.pad(images, ((0, 0), (1, 0), (1, 0))).cumsum(1).cumsum(2)
+    return c[:, size:, size:] - c[:, :-size, size:] - c[:, size:, :-size] + c[:, :-size, :-size]
+
+
+def block_match(templates: np.ndarray, windows: np.ndarray, invalid: np.ndarray | None = None,
+                max_invalid: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Locate each template in its search window by normalized cross-correlation.
+
+    Parameters
+    ----------
+    templates
+        (n, b, b) blocks.
+    windows
+        (n, b + 2s, b + 2s) search windows centred on the templates' positions.
+    invalid
+        Optional (n, b + 2s, b + 2s) boolean: window pixels without data; a position whose
+        box has more than ``max_invalid`` of them does not count.
+
+    Returns
+    -------
+    offsets : (n, 2) float
+        Sub-pixel position of each template in its window, relative to the centre: the
+        template's content lies at ``offset`` from where it was cut.  NaN when the peak is
+        on the edge of the window.
+    scores : (n,) float
+        The correlation at the peak (-1..1; 0 for a flat template).
+    """
+    n, b = templates.shape[0], templates.shape[1]
+    w = windows.shape[1]
+    s = (w - b) // 2
+    t = templates - templates.mean(axis=(1, 2), keepdims=True)
+    tnorm = np.sqrt((t ** 2).sum(axis=(1, 2)))
+    f = np.fft.rfft2(windows, s=(w, w))
+    g = np.fft.rfft2(t, s=(w, w))
+    corr = np.fft.irfft2(f * np.conj(g), s=(w, w))[:, : 2 * s + 1, : 2 * s + 1]
+    s1 = _box_sums(windows, b)
+    s2 = _box_sums(windows ** 2, b)
+    var = np.maximum(s2 - s1 ** 2 / (b * b), 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ncc = corr / (tnorm[:, None, None] * np.sqrt(var))
+    ncc[~np.isfinite(ncc)] = -1
+    if invalid is not None:
+        ncc[_box_sums(invalid.astype(np.float64), b) > max_invalid * b * b] = -1
+    flat = ncc.reshape(n, -1).argmax(axis=1)
+    iy, ix = np.unravel_index(flat, ncc.shape[1:])
+    scores = ncc[np.arange(n), iy, ix]
+    scores[tnorm == 0] = 0
+    offsets = np.stack([_subpixel(ncc, iy, ix, 0), _subpixel(ncc, iy, ix, 1)], axis=1) - s
+    return offsets, scores
+
+
+def _subpixel(ncc: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.ndarray:
+    """Peak position along one axis, refined by a parabola through the peak and its two
+    neighbours; NaN on the edge of the window (the true peak may lie beyond it)."""
+    i = (iy, ix)[axis]
+    m = ncc.shape[1 + axis] - 1
+    inside = (i > 0) & (i < m)
+    lo = np.where(inside, i - 1, i)
+    hi = np.where(inside, i + 1, i)
+    rows = np.arange(len(i))
+    at = (lambda k: ncc[rows, k, ix]) if axis == 0 else (lambda k: ncc[rows, iy, k])
+    c0, c1, c2 = at(lo), at(i), at(hi)
+    denom = c0 - 2 * c1 + c2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(denom < 0, 0.5 * (c0 - c2) / denom, 0.0)
+    return np.where(inside, i + np.clip(frac, -0.5, 0.5), np.nan)
+
+
+def _level_image(section: np.ndarray, mask: np.ndarray, field: np.ndarray, spacing: int,
+                 factor: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """A section rendered at a level (smoothed against aliasing), padded by ``pad`` level
+    pixels before (and more after), with the mask of pixels without data (outside, or missing)."""
+    img = section.astype(np.float32)
+    if factor > 1:
+        img = ndi.gaussian_filter(img, 0.5 * factor)
+    # The last grid node may lie up to a spacing beyond the section's end.
+    shape = tuple(-(-(n + spacing) // factor) + 2 * pad for n in section.shape)
+    origin = (-pad * factor, -pad * factor)
+    out = warp_section(img, field, spacing, origin, shape, factor, cval=np.nan)
+    bad = ~np.isfinite(out)
+    if mask is not None:
+        bad |= warp_section(mask.astype(np.uint8), field, spacing, origin, shape, factor,
+                            order=0, cval=1).astype(bool)
+    good = ~bad
+    out[bad] = out[good].mean() if good.any() else 0  # flat fill: no false edges
+    return out, bad
+
+
+def _match_pair(moving, fixed, mask_m, mask_f, field_m, field_f, spacing: int, level: Level):
+    """Shifts (gy, gx, 2) in full-resolution pixels that bring the rendered ``moving``
+    section onto the rendered ``fixed`` one at every node, and their scores."""
+    f, b, s = level.factor, level.block, level.search
+    pad = b // 2 + s + 1
+    a, bad_a = _level_image(moving, mask_m, field_m, spacing, f, pad)
+    r, bad_r = _level_image(fixed, mask_f, field_f, spacing, f, pad)
+    gy, gx = _grid_shape(moving.shape, spacing)
+    cy, cx = np.meshgrid(np.arange(gy) * spacing / f, np.arange(gx) * spacing / f,
+                         indexing="ij")
+    cy = np.rint(cy.ravel()).astype(int) + pad
+    cx = np.rint(cx.ravel()).astype(int) + pad
+    h = b // 2
+    iy = cy[:, None] + np.arange(-h, b - h)[None]
+    ix = cx[:, None] + np.arange(-h, b - h)[None]
+    templates = a[iy[:, :, None], ix[:, None, :]]
+    bad_t = bad_a[iy[:, :, None], ix[:, None, :]].mean(axis=(1, 2))
+    wy = cy[:, None] + np.arange(-h - s, b - h + s)[None]
+    wx = cx[:, None] + np.arange(-h - s, b - h + s)[None]
+    windows = r[wy[:, :, None], wx[:, None, :]]
+    invalid = bad_r[wy[:, :, None], wx[:, None, :]]
+    offsets, scores = block_match(templates, windows, invalid)
+    scores[bad_t > 0.1] = -1
+    # The moving block's content sits at +offset in the fixed section: moving(p) =
+    # fixed(p + offset), so moving(p - offset) = fixed(p) and the correction is -offset.
+    return (-f * offsets).reshape(gy, gx, 2), scores.reshape(gy, gx)
+
+
+# ------------------------------------------------------------------------ global solve
+def _smoothness(gy: int, gx: int) -> sp.csr_matrix:
+    """Second differences of a (gy, gx) grid (along y, along x, and mixed): zero exactly
+    for affine fields, so only bending is penalized."""
+    idx = np.arange(gy * gx).reshape(gy, gx)
+    rows, cols, vals = [], [], []
+    r = 0
+    stencils = [((0, 0), (1, 0), (2, 0), (1, -2, 1)), ((0, 0), (0, 1), (0, 2), (1, -2, 1))]
+    for offs in stencils:
+        (a0, a1), (b0, b1), (c0, c1), w = offs
+        ny, nx = gy - max(a0, b0, c0), gx - max(a1, b1, c1)
+        if ny <= 0 or nx <= 0:
+            continue
+        for (dy, dx), wv in zip(((a0, a1), (b0, b1), (c0, c1)), w, strict=True):
+            cols.append(idx[dy:dy + ny, dx:dx + nx].ravel())
+            rows.append(r + np.arange(ny * nx))
+            vals.append(np.full(ny * nx, float(wv)))
+        r += ny * nx
+    if gy > 1 and gx > 1:  # mixed: d(i+1,j+1) - d(i+1,j) - d(i,j+1) + d(i,j), weight 2
+        n = (gy - 1) * (gx - 1)
+        for (dy, dx), wv in (((1, 1), 1), ((1, 0), -1), ((0, 1), -1), ((0, 0), 1)):
+            cols.append(idx[dy:dy + gy - 1, dx:dx + gx - 1].ravel())
+            rows.append(r + np.arange(n))
+            vals.append(np.full(n, np.sqrt(2) * wv))
+        r += n
+    if not rows:
+        return sp.csr_matrix((0, gy * gx))
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(r, gy * gx))
+
+
+def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
+           current: np.ndarray, grid: tuple[int, int], stiffness: float, prior: float
+           ) -> np.ndarray:
+    """Corrections (len(sections), 2, gy, gx) from weighted pairwise node shifts, given
+    the sections' ``current`` fields at the nodes (same shape)."""
+    n_nodes = grid[0] * grid[1]
+    pos = {z: i for i, z in enumerate(sections)}
+    n = len(sections) * n_nodes
+    rows, cols, vals, rhs = [], [], [], []
+    r = 0
+    for (zm, zf), shift, w in zip(pairs, shifts, weights, strict=True):
+        w = w.ravel()
+        nodes = np.flatnonzero(w > 0)
+        if not len(nodes):
+            continue
+        sw = np.sqrt(w[nodes])
+        k = np.arange(len(nodes)) + r
+        rows += [k, k]
+        cols += [pos[zm] * n_nodes + nodes, pos[zf] * n_nodes + nodes]
+        vals += [sw, -sw]
+        rhs.append(sw[:, None] * shift.reshape(-1, 2)[nodes])
+        r += len(nodes)
+    data = sp.csr_matrix((np.concatenate(vals) if vals else [], (
+        np.concatenate(rows) if rows else [], np.concatenate(cols) if cols else [])),
+        shape=(r, n))
+    smooth = sp.block_diag([_smoothness(*grid)] * len(sections), format="csr")
+    # The prior: each section's whole field (current + correction) is pulled gently to 0.
+    a = sp.vstack([data, np.sqrt(stiffness) * smooth,
+                   np.sqrt(prior) * sp.identity(n, format="csr")]).tocsc()
+    b = np.zeros((a.shape[0], 2))
+    if rhs:
+        b[:r] = np.concatenate(rhs)
+    b[a.shape[0] - n:] = -np.sqrt(prior) * current.reshape(len(sections), 2, -1).transpose(
+        0, 2, 1).reshape(n, 2)
+    ata = (a.T @ a).tocsc()
+    solve = spla.factorized(ata)
+    out = np.stack([solve(a.T @ b[:, c]) for c in range(2)], axis=1)
+    return out.reshape(len(sections), n_nodes, 2).transpose(0, 2, 1).reshape(
+        len(sections), 2, *grid)
+
+
+def _affine(delta: np.ndarray, spacing: int) -> np.ndarray:
+    """The affine field closest (least squares over the nodes) to each section's field."""
+    gy, gx = delta.shape[2:]
+    ys, xs = np.meshgrid(np.arange(gy) * spacing, np.arange(gx) * spacing, indexing="ij")
+    design = np.stack([np.ones(gy * gx), ys.ravel(), xs.ravel()], axis=1)
+    out = np.empty_like(delta)
+    for z in range(delta.shape[0]):
+        coef, *_ = np.linalg.lstsq(design, delta[z].reshape(2, -1).T, rcond=None)
+        out[z] = (design @ coef).T.reshape(2, gy, gx)
+    return out
+
+
+def _detrend(fields: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Fields minus, at every node, their least-squares line in z over the ``good``
+    sections: the stack keeps its mean position and is not sheared."""
+    zs = np.flatnonzero(good)
+    if len(zs) < 2:
+        return fields
+    design = np.stack([np.ones(len(zs)), zs - zs.mean()], axis=1)
+    flat = fields[zs].reshape(len(zs), -1)
+    coef, *_ = np.linalg.lstsq(design, flat, rcond=None)
+    full = np.stack([np.ones(len(fields)), np.arange(len(fields)) - zs.mean()], axis=1)
+    return fields - (full @ coef).reshape(fields.shape)
+
+
+def _interpolate_z(fields: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Fields of the sections that are not ``good``, linear in z between good ones."""
+    zs = np.flatnonzero(good)
+    out = fields.copy()
+    for z in np.flatnonzero(~good):
+        below, above = zs[zs < z], zs[zs > z]
+        if len(below) and len(above):
+            t = (z - below[-1]) / (above[0] - below[-1])
+            out[z] = (1 - t) * fields[below[-1]] + t * fields[above[0]]
+        else:
+            out[z] = fields[below[-1] if len(below) else above[0]]
+    return out
+
+
+# ------------------------------------------------------------------------ public API
+def align(
+    stack: Any,
+    *,
+    spacing: int = 32,
+    levels: Sequence[Level] = LEVELS,
+    neighbours: int = 2,
+    stiffness: float = 2.0,
+    min_score: float = 0.2,
+    max_residual: float = 3.0,
+    min_matches: float = 0.25,
+    prior: float = 0.01,
+    defects: Any = None,
+) -> Alignment:
+    """Align a stack of serial sections.
+
+    Parameters
+    ----------
+    stack
+        (z, y, x) intensities: a DataArray or a Dask/numpy array.  Each match task reads
+        whole sections, so chunks should span at least whole sections in y and x or be
+        cheap to gather.
+    spacing
+        Grid spacing of the deformation fields, in pixels.
+    levels
+        The coarse-to-fine schedule (:class:`Level`).
+    neighbours
+        Each section is matched against this many previous valid sections.
+    stiffness
+        Weight of the smoothness (bending) penalty relative to a match of score 1.
+    min_score
+        Matches with a lower correlation peak are rejected.
+    max_residual
+        Matches whose residual after the solve exceeds this (full-resolution pixels) or 4
+        median absolute deviations, whichever is larger, are dropped and the solve redone.
+    min_matches
+        A section with a smaller fraction of accepted matches (against its first
+        neighbour) is flagged ``unreliable`` and gets the interpolated field of its
+        neighbours instead of being warped by its own matches.
+    prior
+        Weight (relative to a match of score 1) pulling every section's field towards 0.
+        Block matching cannot tell misalignment from neurites that run obliquely through
+        many sections (medulla columns do): each section follows such anatomy a little,
+        and along a chain of sections the errors add up into a drift.  Sections are cut
+        and distorted independently, so the field of every section should be small; this
+        weak pull leaves the section-to-section differences to the matches and removes
+        the slow drift that the matches cannot see.
+    defects
+        The :class:`~emdask.defects.Defects` of the stack (computed if not given).
+
+    Returns
+    -------
+    Alignment
+        The lazy aligned stack, the fields and the per-section table.
+    """
+    vol = stack if isinstance(stack, xr.DataArray) else as_volume(stack, (1.0, 1.0, 1.0))
+    if vol.ndim != 3:
+        raise ValueError(f"a stack of sections must be 3-D (z, y, x), got shape {vol.shape}")
+    if spacing < 4:
+        raise ValueError(f"spacing must be at least 4 pixels, got {spacing}")
+    if neighbours < 1:
+        raise ValueError(f"neighbours must be at least 1, got {neighbours}")
+    nz, ny, nx = vol.shape
+    for lv in levels:
+        if lv.block > min(ny, nx) // lv.factor:
+            raise ValueError(f"{lv}: the block exceeds the section "
+                             f"({ny} x {nx} pixels at 1/{lv.factor})")
+    defects = detect_defects(vol) if defects is None else defects
+    missing = defects.table["missing"].to_numpy(bool)
+    valid = [int(z) for z in np.flatnonzero(~missing)]
+    if not valid:
+        raise ValueError("every section of the stack is missing (black or constant)")
+    if prior <= 0:
+        raise ValueError(f"prior must be positive (it fixes the stack's frame), got {prior}")
+    grid = _grid_shape((ny, nx), spacing)
+    fields = np.zeros((nz, 2, *grid))
+    # Pairs: each valid section with its `neighbours` previous valid ones.
+    pairs = [(z, valid[i - k]) for i, z in enumerate(valid)
+             for k in range(1, neighbours + 1) if i - k >= 0]
+    sections = [vol.data[z] for z in range(nz)]
+    masks = [defects.mask.data[z] for z in range(nz)]
+    for level in levels:
+        tasks = [dask.delayed(_match_pair, pure=True)(
+            sections[zm], sections[zf], masks[zm], masks[zf], fields[zm], fields[zf],
+            spacing, level) for zm, zf in pairs]
+        results = dask.compute(*tasks)
+        shifts = [r[0] for r in results]
+        weights = [np.where((r[1] >= min_score) & np.isfinite(r[0]).all(axis=2), r[1], 0)
+                   for r in results]
+        shifts = [np.nan_to_num(s) for s in shifts]
+        delta = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid, stiffness,
+                              prior, max_residual * level.factor)
+        if level.affine:
+            delta = _affine(delta, spacing)
+        for i, z in enumerate(valid):
+            fields[z] = _compose(fields[z], delta[i], spacing)
+    table = _table(nz, pairs, weights, shifts, delta, valid, missing, min_matches)
+    good = ~(table["missing"] | table["unreliable"]).to_numpy(bool)
+    if (~good & ~missing).any():
+        warnings.warn("sections with unreliable matches, given their neighbours' fields: "
+                      f"{np.flatnonzero(~good & ~missing).tolist()}", stacklevel=2)
+    fields = _interpolate_z(fields, good)
+    table["interpolated"] = ~good
+    vs = vol.attrs.get("voxel_size", (1.0, 1.0, 1.0))
+    fda = xr.DataArray(
+        fields.astype(np.float32), dims=("z", "c", "gy", "gx"),
+        coords={"z": vol.coords["z"].values if "z" in vol.coords else np.arange(nz),
+                "c": ["y", "x"]},
+        attrs={"spacing": spacing, "units": "pixels", "voxel_size": tuple(vs)},
+        name="fields")
+    return Alignment(render(vol, fda), fda, table)
+
+
+def _robust_solve(pairs, shifts, weights, valid, current, grid, stiffness, prior,
+                  max_residual):
+    for _ in range(3):
+        delta = _solve(pairs, shifts, weights, valid, current, grid, stiffness, prior)
+        pos = {z: i for i, z in enumerate(valid)}
+        res = [np.linalg.norm(delta[pos[zm]].transpose(1, 2, 0) - delta[pos[zf]].transpose(
+            1, 2, 0) - s, axis=2) for (zm, zf), s in zip(pairs, shifts, strict=True)]
+        used = np.concatenate([r[w > 0] for r, w in zip(res, weights, strict=True)])
+        if not len(used):
+            break
+        mad = np.median(np.abs(used - np.median(used))) * 1.4826
+        limit = max(max_residual, np.median(used) + 4 * mad)
+        dropped = [(r > limit) & (w > 0) for r, w in zip(res, weights, strict=True)]
+        if not any(d.any() for d in dropped):
+            break
+        weights = [np.where(d, 0, w) for d, w in zip(dropped, weights, strict=True)]
+    return delta
+
+
+def _table(nz, pairs, weights, shifts, delta, valid, missing, min_matches) -> pd.DataFrame:
+    pos = {z: i for i, z in enumerate(valid)}
+    matches = np.zeros(nz, int)
+    accepted = np.zeros(nz, int)
+    first = np.full(nz, np.nan)
+    sq = np.zeros(nz)
+    for (zm, zf), w, s in zip(pairs, weights, shifts, strict=True):
+        ok = w > 0
+        matches[zm] += w.size
+        accepted[zm] += int(ok.sum())
+        if np.isnan(first[zm]):  # the pair with the nearest neighbour comes first
+            first[zm] = ok.mean()
+        r = delta[pos[zm]].transpose(1, 2, 0) - delta[pos[zf]].transpose(1, 2, 0) - s
+        sq[zm] += float((r[ok] ** 2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        residual = np.sqrt(sq / accepted)
+    unreliable = ~missing & (first < min_matches)
+    return pd.DataFrame({"z": np.arange(nz), "missing": missing, "matches": matches,
+                         "accepted": accepted, "residual": residual,
+                         "unreliable": unreliable})
+
+
+def source_box(fields: np.ndarray, spacing: int, begin: Sequence[int], end: Sequence[int],
+               shape: Sequence[int]) -> tuple[list, list] | None:
+    """The part ``[lo, hi)`` of the input that the output block ``[begin, end)`` reads,
+    from the largest displacement of the grid nodes around the block; None if it reads
+    nothing inside the input."""
+    (z0, y0, x0), (z1, y1, x1) = begin, end
+    gy0, gy1 = y0 // spacing, min((y1 - 1) // spacing + 2, fields.shape[2])
+    gx0, gx1 = x0 // spacing, min((x1 - 1) // spacing + 2, fields.shape[3])
+    sub = fields[z0:z1, :, gy0:gy1, gx0:gx1]
+    lo = np.floor(sub.min(axis=(0, 2, 3))) - 2
+    hi = np.ceil(sub.max(axis=(0, 2, 3))) + 2
+    ny, nx = shape[1:]
+    sy0, sx0 = int(np.clip(y0 + lo[0], 0, ny)), int(np.clip(x0 + lo[1], 0, nx))
+    sy1, sx1 = int(np.clip(y1 + hi[0], sy0, ny)), int(np.clip(x1 + hi[1], sx0, nx))
+    if sy1 == sy0 or sx1 == sx0:
+        return None
+    return [z0, sy0, sx0], [z1, sy1, sx1]
+
+
+def _render_block(source: np.ndarray, field: np.ndarray, spacing: int, origin, shape,
+                  src_origin, fill, order: int) -> np.ndarray:
+    out = np.empty((source.shape[0], *shape), source.dtype)
+    for i in range(source.shape[0]):
+        # Output pixel p reads source(p + u(p)); the source piece starts at src_origin.
+        sub = field[i] - np.asarray(src_origin, np.float64)[:, None, None]
+        img = warp_section(source[i], sub, spacing, origin, shape, order=order, cval=fill)
+        if order and np.issubdtype(out.dtype, np.integer):
+            info = np.iinfo(out.dtype)
+            img = np.clip(np.rint(img), info.min, info.max)
+        out[i] = img
+    return out
+
+
+def render(stack: Any, fields: xr.DataArray, chunks: Sequence[int] | None = None,
+           fill: float = 0, order: int = 1) -> xr.DataArray:
+    """Apply deformation fields to a stack, lazily and blockwise.
+
+    Each output block reads only the part of the input its pixels map to (its box grown by
+    the largest displacement over the block), so the rendering scales to large sections.
+
+    Parameters
+    ----------
+    stack
+        (z, y, x) DataArray or array, the shape the fields were computed for.
+    fields
+        The fields of :func:`align` (or of :func:`invert_fields`).
+    chunks
+        Output chunks (default: the input's).
+    fill
+        Value of pixels that map outside the input.
+    order
+        1: bilinear interpolation (intensities); 0: nearest (labels, masks).
+    """
+    vol = stack if isinstance(stack, xr.DataArray) else as_volume(stack, (1.0, 1.0, 1.0))
+    if fields.shape[0] != vol.shape[0]:
+        raise ValueError(f"fields for {fields.shape[0]} sections, stack has {vol.shape[0]}")
+    spacing = int(fields.attrs["spacing"])
+    if tuple(fields.shape[2:]) != _grid_shape(vol.shape[1:], spacing):
+        raise ValueError(f"fields grid {tuple(fields.shape[2:])} does not fit sections of "
+                         f"{tuple(vol.shape[1:])} pixels at spacing {spacing}")
+    f = np.asarray(fields.values, np.float64)
+    data = vol.data
+    chunks = data.chunks if chunks is None else da.core.normalize_chunks(chunks, vol.shape)
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+    blocks = np.empty(tuple(len(c) for c in chunks), object)
+    for idx in np.ndindex(*blocks.shape):
+        begin = [int(starts[d][idx[d]]) for d in range(3)]
+        end = [b + int(chunks[d][idx[d]]) for d, b in enumerate(begin)]
+        shape = [e - b for b, e in zip(begin, end, strict=True)]
+        box = source_box(f, spacing, begin, end, vol.shape)
+        if box is None:  # the block maps entirely outside the input
+            blocks[idx] = da.full(shape, fill, dtype=vol.dtype)
+            continue
+        piece = data[tuple(slice(a, b) for a, b in zip(*box, strict=True))]
+        task = dask.delayed(_render_block, pure=True)(
+            piece, f[begin[0]:end[0]], spacing, begin[1:], shape[1:], box[0][1:], fill, order)
+        blocks[idx] = da.from_delayed(task, shape, dtype=vol.dtype)
+    out = da.block(blocks.tolist())
+    return xr.DataArray(out, dims=vol.dims, coords=vol.coords, attrs=dict(vol.attrs),
+                        name=vol.name)
+
+
+# ------------------------------------------------------------------------ evaluation
+def distort(stack: np.ndarray, seed: int = 0, translation: float = 12.0,
+            rotation: float = 1.5, elastic: float = 6.0, smoothness: float = 64.0,
+            max_displacement: float = 20.0, reference: int = 0
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Misalign an aligned stack with known random distortions, to measure an aligner.
+
+    Every section but ``reference`` gets a random translation (up to ``translation``
+    pixels per axis), a rotation about its centre (up to ``rotation`` degrees) and a smooth
+    elastic field (Gaussian-smoothed noise of scale ``smoothness`` pixels, amplitude up to
+    ``elastic`` pixels), scaled down where needed so that no pixel moves more than
+    ``max_displacement``.
+
+    Returns
+    -------
+    distorted : array like ``stack``
+        ``distorted[z](p) = stack[z](p + t[z](p))``; pixels mapped from outside are 0.
+    truth : float32 (z, 2, y, x)
+        The true displacement ``t`` in pixels.
+    """
+    rng = np.random.default_rng(seed)
+    stack = np.asarray(stack)
+    nz, ny, nx = stack.shape
+    ys, xs = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64),
+                         indexing="ij")
+    cy, cx = (ny - 1) / 2, (nx - 1) / 2
+    truth = np.zeros((nz, 2, ny, nx), np.float32)
+    out = stack.copy()
+    for z in range(nz):
+        if z == reference:
+            continue
+        theta = np.deg2rad(rng.uniform(-rotation, rotation))
+        t = rng.uniform(-translation, translation, 2)
+        ry = np.cos(theta) * (ys - cy) - np.sin(theta) * (xs - cx) + cy - ys
+        rx = np.sin(theta) * (ys - cy) + np.cos(theta) * (xs - cx) + cx - xs
+        el = np.stack([ndi.gaussian_filter(rng.standard_normal((ny, nx)), smoothness)
+                       for _ in range(2)])
+        el *= rng.uniform(0, elastic) / max(np.abs(el).max(), 1e-12)
+        d = np.stack([ry + t[0], rx + t[1]]) + el
+        d *= min(1.0, max_displacement / np.linalg.norm(d, axis=0).max())
+        truth[z] = d
+        img = ndi.map_coordinates(stack[z].astype(np.float32), [ys + d[0], xs + d[1]],
+                                  order=1, mode="constant", cval=0)
+        out[z] = np.clip(np.rint(img), 0, 255) if stack.dtype == np.uint8 else img
+    return out, truth
+
+
+def displacement_error(fields: xr.DataArray, truth: np.ndarray, step: int = 4,
+                       detrend: bool = True) -> np.ndarray:
+    """Residual displacement (pixels) of an alignment against the known truth of
+    :func:`distort`, at every ``step``-th pixel: ``|e(p)|`` with ``e(p) = u(p) + t(p + u(p))``,
+    zero for a perfect alignment.  Shape (z, y // step, x // step).
+
+    With ``detrend``, the linear trend in z of ``e`` at each pixel is removed first: no
+    aligner can know the absolute position or the shear of the stack from its images (see
+    :func:`align`), only the relative position of its sections.
+    """
+    spacing = int(fields.attrs["spacing"])
+    nz, _, ny, nx = truth.shape
+    ys, xs = np.meshgrid(np.arange(0, ny, step, dtype=np.float64),
+                         np.arange(0, nx, step, dtype=np.float64), indexing="ij")
+    vec = np.empty((nz, 2, *ys.shape))
+    for z in range(nz):
+        u = _dense(np.asarray(fields.values[z], np.float64), spacing, ys, xs)
+        t = np.stack([ndi.map_coordinates(truth[z, c], [ys + u[0], xs + u[1]], order=1,
+                                          mode="nearest") for c in range(2)])
+        vec[z] = u + t
+    if detrend:
+        vec = _detrend(vec, np.ones(nz, bool))
+    return np.linalg.norm(vec, axis=1)

@@ -1,0 +1,130 @@
+"""Section alignment: block matching, the global solve, rendering, and real stacks."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import xarray as xr
+
+from emdask.align import (
+    _dense,
+    _solve,
+    align,
+    block_match,
+    displacement_error,
+    distort,
+    invert_fields,
+    render,
+    warp_section,
+)
+from emdask.volumes import open_volume
+
+
+def test_block_match_finds_a_subpixel_shift(shared_file):
+    img = open_volume(shared_file("isbi"), "raw")[0].values.astype(np.float32)
+    moved = ndi.shift(img, (3.3, -5.6), order=3)  # moved(p) = img(p - s)
+    centres = [(150, 150), (300, 200), (250, 380)]
+    templates = np.stack([img[y - 24:y + 24, x - 24:x + 24] for y, x in centres])
+    windows = np.stack([moved[y - 32:y + 32, x - 32:x + 32] for y, x in centres])
+    offsets, scores = block_match(templates, windows)
+    np.testing.assert_allclose(offsets, [[3.3, -5.6]] * 3, atol=0.15)
+    assert (scores > 0.9).all()
+    # a shift beyond the search window is not reported as a match on its edge
+    far = np.stack([ndi.shift(img, (12, 0))[y - 32:y + 32, x - 32:x + 32] for y, x in centres])
+    offsets, _ = block_match(templates, far)
+    assert np.isnan(offsets[:, 0]).all()
+
+
+def test_global_solve_by_hand():
+    # Three sections, a 2x2 grid: section 1 must move 2 pixels down relative to 0, section
+    # 2 one pixel left relative to 1 (and the pair 2-0 agrees).  The weak prior towards 0
+    # fixes the common frame: the corrections sum to 0.
+    grid = (2, 2)
+    shifts = [np.tile(s, (2, 2, 1)) for s in ([2.0, 0.0], [0.0, -1.0], [2.0, -1.0])]
+    w = np.ones(grid)
+    delta = _solve([(1, 0), (2, 1), (2, 0)], shifts, [w, w, w], [0, 1, 2],
+                   np.zeros((3, 2, *grid)), grid, stiffness=1.0, prior=1e-6)
+    d0 = -np.array([4.0, -1.0]) / 3
+    for z, expected in enumerate([d0, d0 + [2, 0], d0 + [2, -1]]):
+        np.testing.assert_allclose(delta[z], expected[:, None, None] * np.ones((2, 2, 2)),
+                                   atol=1e-3)
+    # the prior acts on the whole field: sections already displaced are pulled back by it
+    current = np.zeros((3, 2, *grid))
+    current[:, 0] = 5.0
+    delta = _solve([(1, 0), (2, 1), (2, 0)], shifts, [w, w, w], [0, 1, 2], current, grid,
+                   stiffness=1.0, prior=1e-6)
+    np.testing.assert_allclose(delta[0], (d0 - [5, 0])[:, None, None] * np.ones((2, 2, 2)),
+                               atol=1e-3)
+
+
+def _medulla(shared_file, n=12, size=192):
+    return open_volume(shared_file("medulla"))[:n, :size, :size].values
+
+
+def test_aligns_distorted_real_sections(shared_file):
+    stack = _medulla(shared_file)
+    distorted, truth = distort(stack, seed=3, translation=10, rotation=1.5, elastic=5,
+                               max_displacement=15)
+    before = displacement_error(
+        xr.DataArray(np.zeros((len(stack), 2, 7, 7)), attrs={"spacing": 32}), truth)
+    assert np.median(before) > 5
+    result = align(da.from_array(distorted, chunks=(4, 96, 96)))
+    err = displacement_error(result.fields, truth)[:, 4:-4, 4:-4]
+    assert np.median(err) < 1.0 and np.percentile(err, 95) < 2.0, (
+        np.median(err), np.percentile(err, 95))
+    assert not result.table["unreliable"].any()
+    # the aligned stack is the distorted one rendered with the fields
+    aligned = result.aligned.values
+    ncc = [np.corrcoef(a[20:-20, 20:-20].ravel(), b[20:-20, 20:-20].ravel())[0, 1]
+           for a, b in zip(aligned[1:], aligned[:-1], strict=True)]
+    ncc_before = [np.corrcoef(a[20:-20, 20:-20].ravel(), b[20:-20, 20:-20].ravel())[0, 1]
+                  for a, b in zip(distorted[1:], distorted[:-1], strict=True)]
+    assert np.mean(ncc) > np.mean(ncc_before) + 0.2
+
+
+def test_missing_section_is_skipped_and_interpolated(shared_file):
+    stack = _medulla(shared_file, n=8, size=160)
+    distorted, truth = distort(stack, seed=4, translation=6, rotation=0.5, elastic=3)
+    distorted[4] = 0
+    result = align(distorted)
+    table = result.table.set_index("z")
+    assert table.loc[4, "missing"] and table.loc[4, "interpolated"]
+    assert table.loc[4, "matches"] == 0 and table.loc[5, "matches"] > 0
+    fields = result.fields.values
+    np.testing.assert_allclose(fields[4], (fields[3] + fields[5]) / 2, atol=1e-4)
+    err = displacement_error(result.fields, truth)[[0, 1, 2, 3, 5, 6, 7], 4:-4, 4:-4]
+    assert np.median(err) < 1.0
+
+
+def test_render_is_blockwise_and_invertible(shared_file):
+    img = open_volume(shared_file("isbi"), "raw")[:3, :200, :240].values
+    rng = np.random.default_rng(0)
+    fields = xr.DataArray(rng.uniform(-6, 6, (3, 2, 8, 9)), dims=("z", "c", "gy", "gx"),
+                          attrs={"spacing": 30})
+    whole = np.stack([np.clip(np.rint(warp_section(img[z], fields.values[z], 30)), 0, 255)
+                      for z in range(3)]).astype(np.uint8)
+    for chunks in [(1, 64, 50), (3, 200, 240), (2, 77, 131)]:
+        out = render(da.from_array(img, chunks=chunks), fields).values
+        np.testing.assert_array_equal(out, whole)
+    inverse = invert_fields(fields)
+    for z in range(3):  # v(q) + u(q + v(q)) = 0 at every node
+        ys, xs = np.meshgrid(np.arange(8) * 30.0, np.arange(9) * 30.0, indexing="ij")
+        v = inverse.values[z]
+        u = _dense(fields.values[z], 30, ys + v[0], xs + v[1])
+        np.testing.assert_allclose(u + v, 0, atol=0.05)
+    smooth = ndi.gaussian_filter(img.astype(np.float32), (0, 2, 2))
+    back = render(render(smooth, fields), inverse).values
+    inner = np.s_[:, 20:-20, 20:-20]
+    assert np.abs(back[inner] - smooth[inner]).mean() < 0.1 * smooth.std()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="3-D"):
+        align(np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError, match="every section"):
+        align(np.zeros((3, 300, 300), np.uint8))
+    with pytest.raises(ValueError, match="block exceeds the section"):
+        align(np.random.default_rng(0).integers(0, 255, (3, 100, 100)).astype(np.uint8))
+    fields = xr.DataArray(np.zeros((2, 2, 3, 3)), attrs={"spacing": 32})
+    with pytest.raises(ValueError, match="fields for 2 sections"):
+        render(np.zeros((3, 65, 65), np.uint8), fields)
