@@ -16,12 +16,13 @@ coarse to fine over a few :class:`Level` s:
    correction ``d`` of each node should satisfy every match,
    ``d[z] - d[z - k] = shift``, weighted by the match's correlation, while the second
    differences of ``d`` across the grid (which vanish for affine fields) are penalized with
-   weight ``stiffness``; the reference section is held fixed.  Matches left with a residual
-   above ``max(max_residual, 4 MADs)`` are dropped and the problem solved again.  Because
-   each section is tied to several earlier ones and the solve is global, an error in one
-   match is outvoted instead of being handed down the stack: drift grows with the number
-   of sections only as a random walk of the per-section matching noise divided by the
-   number of neighbours, not with every bad match.
+   weight ``stiffness``, and every section's whole field is pulled weakly towards 0
+   (weight ``prior``).  Matches left with a residual above ``max(max_residual, 4 MADs)``
+   are dropped and the problem solved again.  Drift is bounded in two ways: each section
+   is tied to several earlier ones inside one global solve, so a bad match is outvoted
+   instead of being handed down the stack; and the pull towards 0 (sections are cut and
+   warped independently, so no section should need a large field) removes the slow drift
+   that chained matching accumulates where neurites run obliquely through the sections.
 4. The correction is composed with the field.  The first level keeps only an affine field
    per section (rigid/affine first), the later ones the full regularized field.
 
@@ -387,7 +388,7 @@ def _affine(delta: np.ndarray, spacing: int) -> np.ndarray:
 
 def _detrend(fields: np.ndarray, good: np.ndarray) -> np.ndarray:
     """Fields minus, at every node, their least-squares line in z over the ``good``
-    sections: the stack keeps its mean position and is not sheared."""
+    sections (the stack's mean position and linear shear)."""
     zs = np.flatnonzero(good)
     if len(zs) < 2:
         return fields
@@ -419,7 +420,7 @@ def align(
     spacing: int = 32,
     levels: Sequence[Level] = LEVELS,
     neighbours: int = 2,
-    stiffness: float = 2.0,
+    stiffness: float = 200.0,
     min_score: float = 0.2,
     max_residual: float = 3.0,
     min_matches: float = 0.25,
@@ -696,14 +697,17 @@ def distort(stack: np.ndarray, seed: int = 0, translation: float = 12.0,
 
 
 def displacement_error(fields: xr.DataArray, truth: np.ndarray, step: int = 4,
-                       detrend: bool = True) -> np.ndarray:
+                       detrend: bool = True, reference: xr.DataArray | None = None
+                       ) -> np.ndarray:
     """Residual displacement (pixels) of an alignment against the known truth of
     :func:`distort`, at every ``step``-th pixel: ``|e(p)|`` with ``e(p) = u(p) + t(p + u(p))``,
     zero for a perfect alignment.  Shape (z, y // step, x // step).
 
     With ``detrend``, the linear trend in z of ``e`` at each pixel is removed first: no
     aligner can know the absolute position or the shear of the stack from its images (see
-    :func:`align`), only the relative position of its sections.
+    :func:`align`), only the relative position of its sections.  With ``reference`` (the
+    fields of aligning the undistorted stack), ``e`` is measured against that alignment
+    instead of the stack as given: how well the distortions alone are undone.
     """
     spacing = int(fields.attrs["spacing"])
     nz, _, ny, nx = truth.shape
@@ -715,6 +719,8 @@ def displacement_error(fields: xr.DataArray, truth: np.ndarray, step: int = 4,
         t = np.stack([ndi.map_coordinates(truth[z, c], [ys + u[0], xs + u[1]], order=1,
                                           mode="nearest") for c in range(2)])
         vec[z] = u + t
+        if reference is not None:
+            vec[z] -= _dense(np.asarray(reference.values[z], np.float64), spacing, ys, xs)
     if detrend:
         vec = _detrend(vec, np.ones(nz, bool))
     return np.linalg.norm(vec, axis=1)

@@ -196,6 +196,7 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
     """Score the model on the validation region at each threshold; the best row.
 
     Affinities are segmented (:func:`emdask.segment`) and scored by VOI (lowest wins);
+    with ``labels_2d`` every section is segmented and scored on its own (pooled);
     synapse probabilities become objects (:func:`emdask.find_synapses`) scored by F1
     against the labelled synapses (highest wins)."""
     import dask
@@ -219,6 +220,8 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
                                    truth, vs) | {"threshold": t} for t in thresholds]
             return max(rows, key=lambda r: r["f1"])
         affs = pred[:3].compute()
+        if spec.labels_2d:  # labels of single sections: segment each section on its own
+            affs[0] = 0
         segs = dask.compute(*[s.data for s in segment(affs, thresholds)])
     rows = [evaluate(s, labels) | {"threshold": t} for s, t in zip(segs, thresholds,
                                                                    strict=True)]

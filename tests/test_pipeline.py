@@ -338,7 +338,7 @@ def test_align_stage_aligns_masks_and_resumes(tmp_path, tiny_model, capsys):
     assert table["missing"].tolist() == [z == 6 for z in range(12)]
     assert mask[6].all() and not mask[:6, 30:-30, 30:-30].any()
     # the stage renders what the library computes
-    library = align(distorted, stiffness=20.0)
+    library = align(distorted)
     np.testing.assert_array_equal(aligned, library.aligned.values)
     fields = zarr.open_array(str(Path(store, "alignment", "fields")))
     np.testing.assert_allclose(fields[:], library.fields.values)

@@ -1,0 +1,106 @@
+"""Score a synapse net on the larval VNC validation rows: detection and partners.
+
+    python benchmarks/eval_synapses.py runs/synapses_vnc/model.pt [--threshold 0.98]
+
+Detection: the net runs chunkwise (``predict_synapses`` over 4 x 2 x 2 blocks), objects
+come from ``find_synapses``, and are scored against the labelled synaptic densities
+(precision, recall, F1 by overlap; CREMI distances in nm) at each threshold.
+
+Partners: for every labelled synapse that a detection matches, the true partners are the
+two cells (``labels/cell_ids_2d``: cells per section, from the ground-truth membranes) with
+most contact within the partner radius of the true mask.  ``assign_partners`` ranks the
+segments the *detected* object touches in a segmentation; a synapse counts as right when
+its two top-ranked segments lie (by majority overlap) in the two true cells.  Scored for
+the ground-truth cells (isolates detection errors) and for a segmentation that needs no
+training (per-section watershed of the smoothed intensity).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import dask
+import dask.array as da
+import numpy as np
+
+from emdask import segment
+from emdask.affinities import affinities_from_intensity
+from emdask.metrics import contingency_table
+from emdask.models import load_model
+from emdask.predict import predict_synapses
+from emdask.synapses import assign_partners, find_synapses, synapse_scores
+from emdask.volumes import cutout, open_volume
+
+VNC = "../shared/data/drosophila_vnc_sstem_gerhard2013/vnc_stack1_synapses_x0-640.h5"
+ROI = ((0, 768, 0), (20, 1024, 640))  # validation rows, never trained on
+RADIUS = (0, 3, 3)
+
+
+def majority(segmentation: np.ndarray, cells: np.ndarray) -> dict:
+    """Each segment's cell of largest overlap."""
+    cell_ids, seg_ids, counts = contingency_table(segmentation, cells)
+    order = np.lexsort((-counts, seg_ids))
+    out = {}
+    for s, c in zip(seg_ids[order], cell_ids[order], strict=True):
+        out.setdefault(int(s), int(c))
+    return out
+
+
+def partner_accuracy(detected, table, true_labels, cells, segmentation) -> tuple[int, int]:
+    """Matched synapses whose two top segments are in the two true cells."""
+    truth = assign_partners(true_labels, cells, radius=RADIUS).set_index("id")
+    pred = assign_partners(detected, segmentation, table, radius=RADIUS).set_index("id")
+    to_cell = majority(segmentation, cells)
+    gt_ids, det_ids, counts = contingency_table(detected, true_labels)
+    both = (gt_ids > 0) & (det_ids > 0)
+    best = {}
+    for g, d, c in sorted(zip(gt_ids[both], det_ids[both], counts[both], strict=True),
+                          key=lambda r: -r[2]):
+        if g not in best.values() and d not in best:
+            best[int(d)] = int(g)
+    right = 0
+    for d, g in best.items():
+        want = {truth.loc[g, "partner_1"], truth.loc[g, "partner_2"]}
+        got = {to_cell.get(int(pred.loc[d, "partner_1"]), -1),
+               to_cell.get(int(pred.loc[d, "partner_2"]), -2)}
+        right += want == got
+    return right, len(best)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
+    parser.add_argument("--min-size", type=int, default=50)
+    args = parser.parse_args()
+    model = load_model(args.model)
+    raw = cutout(open_volume(VNC, "raw"), *ROI, units="voxel")
+    clefts = cutout(open_volume(VNC, "labels/clefts"), *ROI, units="voxel").values
+    cells = cutout(open_volume(VNC, "labels/cell_ids_2d"), *ROI, units="voxel").values
+    vs = raw.attrs["voxel_size"]
+    lazy = raw.copy(data=raw.data.rechunk((5, 128, 320)))
+    prob = predict_synapses(lazy, model).compute()
+    print(f"VNC validation rows {ROI}: {len(np.unique(clefts)) - 1} labelled synapses; "
+          f"net {args.model}")
+    print("threshold precision recall    F1  fp_dist  fn_dist (nm)")
+    rows = []
+    for t in args.thresholds:
+        labels, table = find_synapses(da.from_array(prob.values, chunks=(10, 128, 160)), t,
+                                      args.min_size, voxel_size=vs)
+        s = synapse_scores(labels.values, clefts, vs)
+        rows.append((t, labels.values, table, s))
+        print(f"{t:9.2f} {s['precision']:9.3f} {s['recall']:6.3f} {s['f1']:5.3f} "
+              f"{s['fp_distance']:8.1f} {s['fn_distance']:8.1f}")
+    t, detected, table, s = max(rows, key=lambda r: r[3]["f1"])
+    affs = affinities_from_intensity(raw.values, sigma=(0, 2, 2))
+    affs[0] = 0  # per section
+    with dask.config.set(scheduler="threads"):
+        baseline = segment(affs, [0.5])[0].compute()
+    for name, seg in [("ground-truth cells", cells), ("baseline watershed", baseline)]:
+        right, n = partner_accuracy(detected, table, clefts, cells, seg)
+        print(f"partners at threshold {t}, {name}: {right} of {n} matched synapses "
+              f"({right / max(n, 1):.0%}) have both true cells as their top two segments")
+
+
+if __name__ == "__main__":
+    main()
