@@ -449,9 +449,9 @@ def align(
         Matches whose residual after the solve exceeds this (full-resolution pixels) or 4
         median absolute deviations, whichever is larger, are dropped and the solve redone.
     min_matches
-        A section with a smaller fraction of accepted matches (against its first
-        neighbour) is flagged ``unreliable`` and gets the interpolated field of its
-        neighbours instead of being warped by its own matches.
+        A section with a smaller fraction of accepted matches against its nearest
+        neighbour, at every level, is flagged ``unreliable`` and gets the interpolated
+        field of its neighbours instead of being warped by its own matches.
     prior
         Weight (relative to a match of score 1) pulling every section's field towards 0.
         Block matching cannot tell misalignment from neurites that run obliquely through
@@ -494,6 +494,7 @@ def align(
              for k in range(1, neighbours + 1) if i - k >= 0]
     sections = [vol.data[z] for z in range(nz)]
     masks = [defects.mask.data[z] for z in range(nz)]
+    coverage = np.full(nz, np.nan)  # best accepted fraction against the nearest neighbour
     for level in levels:
         tasks = [dask.delayed(_match_pair, pure=True)(
             sections[zm], sections[zf], masks[zm], masks[zf], fields[zm], fields[zf],
@@ -503,13 +504,21 @@ def align(
         weights = [np.where((r[1] >= min_score) & np.isfinite(r[0]).all(axis=2), r[1], 0)
                    for r in results]
         shifts = [np.nan_to_num(s) for s in shifts]
+        nearest = {}
+        for (zm, _), w in zip(pairs, weights, strict=True):
+            nearest.setdefault(zm, float((w > 0).mean()))  # pairs list the nearest first
+        for zm, frac in nearest.items():
+            coverage[zm] = np.fmax(coverage[zm], frac)
         delta = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid, stiffness,
                               prior, max_residual * level.factor)
         if level.affine:
             delta = _affine(delta, spacing)
         for i, z in enumerate(valid):
             fields[z] = _compose(fields[z], delta[i], spacing)
-    table = _table(nz, pairs, weights, shifts, delta, valid, missing, min_matches)
+    table = _table(nz, pairs, weights, shifts, delta, valid, missing)
+    # Fine levels of 40-50 nm ssTEM accept few matches (sections differ in detail), so a
+    # section is unreliable only if no level matched enough of it.
+    table["unreliable"] = ~missing & (coverage < min_matches)
     good = ~(table["missing"] | table["unreliable"]).to_numpy(bool)
     if (~good & ~missing).any():
         warnings.warn("sections with unreliable matches, given their neighbours' fields: "
@@ -545,26 +554,22 @@ def _robust_solve(pairs, shifts, weights, valid, current, grid, stiffness, prior
     return delta
 
 
-def _table(nz, pairs, weights, shifts, delta, valid, missing, min_matches) -> pd.DataFrame:
+def _table(nz, pairs, weights, shifts, delta, valid, missing) -> pd.DataFrame:
+    """Matches, accepted matches and their rms residual (pixels) per section, last level."""
     pos = {z: i for i, z in enumerate(valid)}
     matches = np.zeros(nz, int)
     accepted = np.zeros(nz, int)
-    first = np.full(nz, np.nan)
     sq = np.zeros(nz)
     for (zm, zf), w, s in zip(pairs, weights, shifts, strict=True):
         ok = w > 0
         matches[zm] += w.size
         accepted[zm] += int(ok.sum())
-        if np.isnan(first[zm]):  # the pair with the nearest neighbour comes first
-            first[zm] = ok.mean()
         r = delta[pos[zm]].transpose(1, 2, 0) - delta[pos[zf]].transpose(1, 2, 0) - s
         sq[zm] += float((r[ok] ** 2).sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         residual = np.sqrt(sq / accepted)
-    unreliable = ~missing & (first < min_matches)
     return pd.DataFrame({"z": np.arange(nz), "missing": missing, "matches": matches,
-                         "accepted": accepted, "residual": residual,
-                         "unreliable": unreliable})
+                         "accepted": accepted, "residual": residual})
 
 
 def source_box(fields: np.ndarray, spacing: int, begin: Sequence[int], end: Sequence[int],

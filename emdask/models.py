@@ -56,8 +56,13 @@ class ModelConfig:
     voxel_size
         The voxel size (nm, z-y-x) the net was trained for; inputs are checked against it.
     target
-        ``"affinities"`` (one output per offset) or ``"synapses"`` (one output: the
-        probability that a voxel is synaptic; ``offsets`` are then unused).
+        ``"affinities"`` (one output per offset), ``"synapses"`` (one output: the
+        probability that a voxel is synaptic; ``offsets`` are then unused) or
+        ``"partners"`` (the attentional partner net of Turner et al. 2020: input raw plus
+        a ball marking one synapse, outputs the voxels of its presynaptic and its
+        postsynaptic cell).
+    attention
+        ``"partners"``: radius (z, y, x voxels) of the ball that marks the synapse.
     """
 
     width: int = 12
@@ -68,12 +73,16 @@ class ModelConfig:
     voxel_size: list = field(default_factory=lambda: [10.0, 10.0, 10.0])
     in_channels: int = 1
     target: str = "affinities"
+    attention: list = field(default_factory=lambda: [1, 6, 6])
 
     def __post_init__(self):
         if self.width < 1 or not self.downsample:
             raise ValueError("width must be >= 1 and downsample must list at least one level")
-        if self.target not in ("affinities", "synapses"):
-            raise ValueError(f"target must be 'affinities' or 'synapses', got {self.target!r}")
+        if self.target not in ("affinities", "synapses", "partners"):
+            raise ValueError("target must be 'affinities', 'synapses' or 'partners', got "
+                             f"{self.target!r}")
+        if self.target == "partners" and self.in_channels != 2:
+            raise ValueError("a partner net reads raw and the synapse mark: in_channels = 2")
         if self.target == "affinities" and [list(o) for o in self.offsets[:3]] != [
                 [-1, 0, 0], [0, -1, 0], [0, 0, -1]]:
             raise ValueError("the first 3 offsets must be the nearest neighbours "
@@ -82,7 +91,7 @@ class ModelConfig:
 
     @property
     def n_outputs(self) -> int:
-        return len(self.offsets) if self.target == "affinities" else 1
+        return {"affinities": len(self.offsets), "synapses": 1, "partners": 2}[self.target]
 
 
 class _ResBlock(nn.Module):

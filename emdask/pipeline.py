@@ -117,6 +117,8 @@ class SynapseSpec:
     min_size: int = 50  # voxels
     radius: list = field(default_factory=lambda: [0, 3, 3])  # partner search, voxels
     segmentation: float | None = None  # which threshold's segmentation (default: last)
+    direction_model: str | None = None  # a partner net (target "partners"): pre and post
+    direction_patch: list = field(default_factory=lambda: [8, 96, 96])  # voxels per synapse
 
 
 @dataclass
@@ -698,6 +700,10 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
                 cfg.synapses.model).exists():
             st = Path(cfg.synapses.model).stat()
             p["synapses"]["model_file"] = f"{st.st_size}:{st.st_mtime_ns}"
+        direction = cfg.synapses.direction_model if cfg.synapses else None
+        if direction and direction.endswith(".pt") and Path(direction).exists():
+            st = Path(direction).stat()
+            p["synapses"]["direction_model_file"] = f"{st.st_size}:{st.st_mtime_ns}"
     if stage == "report":
         p["evaluate"] = asdict(cfg.evaluate) if cfg.evaluate else None
     return p
@@ -893,6 +899,13 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> di
     segmentation = open_volume(store, f"segmentation_{t:g}")
     table = assign_partners(labels, segmentation, table,
                             radius=tuple(spec.radius))
+    if spec.direction_model:  # which partner is presynaptic; else direction "unknown"
+        from emdask.synapses import predict_direction
+
+        raw = open_volume(store, "aligned") if cfg.align is not None else vol
+        table = predict_direction(raw, segmentation, table,
+                                  _model(spec.direction_model, "cpu"),
+                                  patch=tuple(spec.direction_patch))
     edges = connectome(table)
     put_bytes(store, "synapses.parquet", _parquet(table))
     put_bytes(store, "connectome.parquet", _parquet(edges))

@@ -8,7 +8,11 @@ by its lowest global voxel index.  Sizes are summed over blocks before the size 
 so the objects and their ids are the same for any chunking.
 
 ``assign_partners`` ranks, for each synapse, the segments it touches (within a small
-in-plane radius) by contact; ``connectome`` turns the partner table into an edge list;
+in-plane radius) by contact; ``predict_direction`` decides which of the two top partners
+is presynaptic with an attentional partner net (Turner et al. 2020: given the EM and a
+mark on one synapse, the net outputs the voxels of that synapse's presynaptic and
+postsynaptic cells), trained from CREMI partner annotations
+(``read_partner_annotations``); ``connectome`` turns the partner table into an edge list;
 ``synapse_scores`` compares detected objects with ground truth (precision, recall and F1
 of objects matched by overlap, and the CREMI distances).
 """
@@ -25,7 +29,8 @@ import xarray as xr
 
 from emdask.segmentation import _apply_luts, _supervoxels
 
-__all__ = ["assign_partners", "connectome", "find_synapses", "synapse_scores"]
+__all__ = ["assign_partners", "connectome", "find_synapses", "predict_direction",
+           "read_partner_annotations", "synapse_scores"]
 
 
 # ---------------------------------------------------------------- objects
@@ -330,3 +335,156 @@ def connectome(partners: pd.DataFrame) -> pd.DataFrame:
              .agg(n_synapses=("size", "size"), total_size=("size", "sum")))
     edges["directed"] = directed
     return edges
+
+
+# ---------------------------------------------------------------- direction
+def read_partner_annotations(url: str, volume: str = "volumes/raw",
+                             group: str = "annotations") -> pd.DataFrame:
+    """Pre/post partner locations from a CREMI-format HDF5 file, in voxels of ``volume``.
+
+    Reads ``<group>/ids``, ``<group>/locations`` (nm, relative to the group's ``offset``
+    attribute if any), and ``<group>/presynaptic_site/partners`` (pairs of ids), and
+    converts locations with the volume's ``resolution`` and ``offset``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per pair: ``pre_id``, ``post_id``, ``pre`` and ``post`` (z, y, x voxels).
+    """
+    import h5py
+
+    with h5py.File(url, "r") as f:
+        for key in (f"{group}/ids", f"{group}/locations", f"{group}/presynaptic_site/partners",
+                    volume):
+            if key not in f:
+                raise ValueError(f"{url}: no {key!r}; partner annotations need the CREMI "
+                                 f"layout ({group}/ids, {group}/locations, "
+                                 f"{group}/presynaptic_site/partners)")
+        ids = f[f"{group}/ids"][:]
+        loc = f[f"{group}/locations"][:].astype(np.float64) + np.asarray(
+            f[group].attrs.get("offset", (0.0, 0.0, 0.0)), np.float64)
+        pairs = f[f"{group}/presynaptic_site/partners"][:]
+        res = np.asarray(f[volume].attrs.get("resolution", (1.0, 1.0, 1.0)), np.float64)
+        off = np.asarray(f[volume].attrs.get("offset", (0.0, 0.0, 0.0)), np.float64)
+    where = {int(i): np.rint((p - off) / res).astype(int) for i, p in zip(ids, loc,
+                                                                            strict=True)}
+    missing = [int(i) for pair in pairs for i in pair if int(i) not in where]
+    if missing:
+        raise ValueError(f"{url}: partner ids without a location: {missing[:5]}")
+    return pd.DataFrame({"pre_id": pairs[:, 0].astype(int), "post_id": pairs[:, 1].astype(int),
+                         "pre": [tuple(where[int(a)]) for a in pairs[:, 0]],
+                         "post": [tuple(where[int(b)]) for b in pairs[:, 1]]})
+
+
+def attention_ball(shape, centre, radius) -> np.ndarray:
+    """The partner net's synapse mark: an ellipsoid of ``radius`` voxels at ``centre``."""
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    r = [max(float(v), 0.5) for v in radius]
+    return sum(((g - c) / q) ** 2 for g, c, q in zip(grids, centre, r, strict=True)) <= 1
+
+
+def partner_maps(model, raws: np.ndarray, centres) -> np.ndarray:
+    """The partner net's presynaptic and postsynaptic outputs (n, 2, z, y, x) for patches
+    ``raws`` (n, z, y, x; sizes multiples of the model's factor), each marked at its
+    centre."""
+    import torch
+
+    from emdask.predict import normalize_raw
+
+    marks = [attention_ball(raws.shape[1:], c, model.config.attention) for c in centres]
+    x = np.stack([np.stack([normalize_raw(r), m.astype(np.float32)])
+                  for r, m in zip(raws, marks, strict=True)])
+    with torch.no_grad():
+        return torch.sigmoid(model(torch.from_numpy(x))).numpy()
+
+
+def direction_score(maps: np.ndarray, centre, segmentation: np.ndarray, a: int, b: int,
+                    attention) -> float:
+    """How strongly segment ``a`` (rather than ``b``) is the presynaptic partner, in
+    [-1, 1], from a patch's :func:`partner_maps` (2, z, y, x): the presynaptic output on
+    ``a`` minus on ``b``, plus the postsynaptic output on ``b`` minus on ``a``, halved,
+    over the voxels within 3 mark radii of the synapse."""
+    pre, post = maps
+    near = attention_ball(segmentation.shape, centre, [3 * r for r in attention])
+    in_a, in_b = near & (segmentation == a), near & (segmentation == b)
+    if not in_a.any() or not in_b.any():
+        return 0.0
+    return float((pre[in_a].mean() - pre[in_b].mean()
+                  + post[in_b].mean() - post[in_a].mean()) / 2)
+
+
+def predict_direction(raw: Any, segmentation: Any, table: pd.DataFrame, model,
+                      patch=(8, 96, 96)) -> pd.DataFrame:
+    """Which of each synapse's two top partners is presynaptic, by a partner net.
+
+    Parameters
+    ----------
+    raw, segmentation
+        (z, y, x) EM and neuron segmentation on the same grid (lazy arrays are read patch
+        by patch).
+    table
+        The table of :func:`assign_partners` (``partner_1``, ``partner_2``, and the
+        bounding box ``begin``/``end`` of :func:`find_synapses`).
+    model
+        A net trained with ``target = "partners"`` (:func:`emdask.train`).
+    patch
+        Patch (voxels) around each synapse; rounded up to the model's factor.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table with ``pre``, ``post`` (0 where a synapse has fewer than two partners),
+        ``direction`` (``"1->2"``, ``"2->1"`` or ``"unknown"``) and ``direction_score``
+        (0..1, how clearly the net prefers that direction).
+    """
+    if model.config.target != "partners":
+        raise ValueError(f"this model predicts {model.config.target}, not partners")
+    raw = raw.data if isinstance(raw, xr.DataArray) else raw
+    seg = segmentation.data if isinstance(segmentation, xr.DataArray) else segmentation
+    if tuple(raw.shape) != tuple(seg.shape):
+        raise ValueError(f"raw shape {tuple(raw.shape)} differs from segmentation shape "
+                         f"{tuple(seg.shape)}")
+    size = [-(-p // f) * f for p, f in zip(patch, model.factor, strict=True)]
+    out = table.copy()
+    pre, post, direction, score = [], [], [], []
+    rows = list(out.itertuples())
+    for first_row in range(0, len(rows), 256):  # one Dask computation per 256 synapses
+        batch = rows[first_row:first_row + 256]
+        boxes, pads, centres = [], [], []
+        for row in batch:
+            centre = [(int(lo) + int(hi) - 1) // 2 for lo, hi in zip(row.begin, row.end,
+                                                                      strict=True)]
+            start = [c - n // 2 for c, n in zip(centre, size, strict=True)]
+            boxes.append(tuple(slice(max(s0, 0), s0 + n) for s0, n in zip(start, size,
+                                                                          strict=True)))
+            pads.append([(max(-s0, 0), s0 + n - min(s0 + n, m)) for s0, n, m in
+                         zip(start, size, raw.shape, strict=True)])
+            centres.append([c - s0 for c, s0 in zip(centre, start, strict=True)])
+        keep = [k for k, row in enumerate(batch) if row.partner_1 and row.partner_2]
+        loaded = dask.compute(*[(raw[boxes[k]], seg[boxes[k]]) for k in keep])
+        patches = {k: (np.pad(np.asarray(r), pads[k]), np.pad(np.asarray(g), pads[k]))
+                   for k, (r, g) in zip(keep, loaded, strict=True)}
+        maps = {}
+        for n in range(0, len(keep), 16):  # the net runs on 16 patches at a time
+            ks = keep[n:n + 16]
+            out_maps = partner_maps(model, np.stack([patches[k][0] for k in ks]),
+                                    [centres[k] for k in ks])
+            maps.update(zip(ks, out_maps, strict=True))
+        for k, row in enumerate(batch):
+            a, b = int(row.partner_1), int(row.partner_2)
+            if k not in maps:
+                pre.append(0)
+                post.append(0)
+                direction.append("unknown")
+                score.append(0.0)
+                continue
+            s = direction_score(maps[k], centres[k], patches[k][1], a, b,
+                                model.config.attention)
+            first = s >= 0
+            pre.append(a if first else b)
+            post.append(b if first else a)
+            direction.append("1->2" if first else "2->1")
+            score.append(abs(s))
+    out["pre"], out["post"] = pre, post
+    out["direction"], out["direction_score"] = direction, score
+    return out

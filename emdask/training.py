@@ -67,6 +67,7 @@ class VolumeSpec:
     section_step: int = 1  # take every n-th section (simulate anisotropic ssEM)
     labels_2d: bool = False  # labels not linked across z: mask z affinities
     weight: float = 1.0  # sampling weight
+    annotations: str = "annotations"  # partner nets: the CREMI annotations group
 
 
 @dataclass
@@ -121,6 +122,46 @@ def _load(spec: VolumeSpec) -> tuple[np.ndarray, np.ndarray, Any]:
     return raw.values[::step], labels.values[::step].astype(np.uint64), raw
 
 
+def _partner_pairs(spec: VolumeSpec, labels: np.ndarray) -> np.ndarray:
+    """The annotated (pre, post) voxel pairs inside the loaded volume, as rows
+    ``[pre_z, pre_y, pre_x, post_z, post_y, post_x, pre_cell, post_cell]``; pairs whose
+    sites lie on unlabelled voxels are dropped."""
+    from emdask.synapses import read_partner_annotations
+
+    table = read_partner_annotations(spec.url, spec.raw, spec.annotations)
+    begin = np.asarray(spec.roi[0]) if spec.roi is not None else np.zeros(3, int)
+    rows = []
+    for pre, post in zip(table["pre"], table["post"], strict=True):
+        a, b = np.asarray(pre) - begin, np.asarray(post) - begin
+        if a[0] % spec.section_step or b[0] % spec.section_step:
+            continue
+        a[0] //= spec.section_step
+        b[0] //= spec.section_step
+        if not all(0 <= v < n for p in (a, b) for v, n in zip(p, labels.shape, strict=True)):
+            continue
+        ca, cb = int(labels[tuple(a)]), int(labels[tuple(b)])
+        if ca and cb and ca != cb:
+            rows.append([*a, *b, ca, cb])
+    if not rows:
+        raise ValueError(f"{spec.url}: no partner pair with both sites on labelled cells "
+                         "inside the volume's roi")
+    return np.asarray(rows, np.int64)
+
+
+def _partner_example(raw, labels, pair, start, size, attention):
+    """Window ``[start, start + size)`` around a pair, with the cells and the synapse mark
+    coded as bits of one label volume, so augmentations move them with the raw:
+    1 = presynaptic cell, 2 = postsynaptic cell, 4 = the mark at the pair's midpoint."""
+    from emdask.synapses import attention_ball
+
+    sl = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
+    lab = labels[sl]
+    mid = (pair[:3] + pair[3:6]) / 2 - np.asarray(start)
+    code = ((lab == pair[6]) * 1 + (lab == pair[7]) * 2
+            + attention_ball(lab.shape, mid, attention) * 4).astype(np.uint64)
+    return raw[sl], code
+
+
 class PatchSampler:
     """Random augmented patches and their affinity targets; a seed fixes the sequence."""
 
@@ -133,6 +174,10 @@ class PatchSampler:
         self.target = model_config.target
         self._positives = [np.argwhere(lab > 0)[::16] if self.target == "synapses"
                            else np.zeros((0, 3), int) for _, lab in self.data]
+        self.attention = model_config.attention
+        self.pairs = [_partner_pairs(v, lab) for v, (_, lab) in zip(volumes, self.data,
+                                                                     strict=True)
+                      ] if self.target == "partners" else []
         self.aug = augment_config
         self.margin = augment_config.max_shift if (augment_config.slip
                                                    or augment_config.shift) else 0
@@ -157,6 +202,16 @@ class PatchSampler:
             at = self._positives[i][int(self.rng.integers(len(self._positives[i])))]
             start = [int(np.clip(a - self.rng.integers(0, s), 0, n - s))
                      for a, s, n in zip(at, size, raw.shape, strict=True)]
+        if self.target == "partners":  # a window around a random annotated pair
+            pair = self.pairs[i][int(self.rng.integers(len(self.pairs[i])))]
+            mid = (pair[:3] + pair[3:6]) // 2
+            start = [int(np.clip(m - n // 2 + self.rng.integers(-(n // 4), n // 4 + 1), 0,
+                                 d - n)) for m, n, d in zip(mid, size, raw.shape, strict=True)]
+            r, code = _partner_example(raw, labels, pair, start, size, self.attention)
+            r, code = augment(normalize_raw(r), code, self.rng, self.margin, self.aug)
+            x = np.stack([r, (code & 4) > 0]).astype(np.float32)
+            target = np.stack([(code & 1) > 0, (code & 2) > 0]).astype(np.float32)
+            return x, target, np.ones_like(target)
         sl = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
         r, lab = augment(normalize_raw(raw[sl]), labels[sl], self.rng, self.margin, self.aug)
         if self.target == "synapses":  # labels: synapse ids (0 = none)
@@ -188,8 +243,10 @@ def balanced_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 #: validation scores logged per target (the best threshold's)
 SCORES = {"affinities": ("voi_split", "voi_merge", "voi", "arand", "threshold"),
-          "synapses": ("precision", "recall", "f1", "fp_distance", "threshold")}
+          "synapses": ("precision", "recall", "f1", "fp_distance", "threshold"),
+          "partners": ("accuracy", "pairs")}
 SYNAPSE_MIN_SIZE = 50  # voxels: smaller detections are dropped when validating
+PARTNER_WINDOW = (8, 96, 96)  # voxels around each pair when validating a partner net
 
 
 def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
@@ -198,7 +255,8 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
     Affinities are segmented (:func:`emdask.segment`) and scored by VOI (lowest wins);
     with ``labels_2d`` every section is segmented and scored on its own (pooled);
     synapse probabilities become objects (:func:`emdask.find_synapses`) scored by F1
-    against the labelled synapses (highest wins)."""
+    against the labelled synapses (highest wins); partner nets by the fraction of
+    annotated pairs whose direction they get right."""
     import dask
 
     from emdask.metrics import evaluate
@@ -208,6 +266,8 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
     from emdask.volumes import as_volume
 
     raw, labels, vol = _load(spec)
+    if model.config.target == "partners":
+        return _validate_partners(model, spec, raw, labels)
     vs = vol.attrs["voxel_size"]
     vs = (vs[0] * spec.section_step, vs[1], vs[2])
     pred = _predict(as_volume(raw, voxel_size=vs), model, chunks=raw.shape, device=_device(),
@@ -226,6 +286,28 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
     rows = [evaluate(s, labels) | {"threshold": t} for s, t in zip(segs, thresholds,
                                                                    strict=True)]
     return min(rows, key=lambda r: r["voi"])
+
+
+def _validate_partners(model: AffinityUNet, spec: VolumeSpec, raw, labels) -> dict:
+    """Fraction of annotated pairs whose direction the net gets right (see
+    :func:`emdask.synapses.direction_score`), each scored in a window of the training
+    patch size around the pair."""
+    from emdask.synapses import direction_score, partner_maps
+
+    pairs = _partner_pairs(spec, labels)
+    size = [(min(n, w) // f) * f for n, w, f in zip(raw.shape, PARTNER_WINDOW, model.factor,
+                                                    strict=True)]
+    right = 0
+    for pair in pairs:
+        mid = (pair[:3] + pair[3:6]) // 2
+        start = [int(np.clip(m - n // 2, 0, d - n)) for m, n, d in zip(mid, size, raw.shape,
+                                                                     strict=True)]
+        sl = tuple(slice(s0, s0 + n) for s0, n in zip(start, size, strict=True))
+        centre = (pair[:3] + pair[3:6]) / 2 - np.asarray(start)
+        maps = partner_maps(model, raw[sl][None], [centre])[0]
+        right += direction_score(maps, centre, labels[sl], int(pair[6]), int(pair[7]),
+                                 model.config.attention) > 0
+    return {"accuracy": right / len(pairs), "pairs": float(len(pairs))}
 
 
 def _device() -> str:
@@ -249,7 +331,8 @@ def _plot(log_path: Path, png_path: Path) -> None:
     for key, label, marker in [("voi", "VOI split+merge", "o-"),
                                ("arand", "adapted Rand error", "s-"),
                                ("f1", "synapse F1", "o-"), ("precision", "precision", "s-"),
-                               ("recall", "recall", "^-")]:
+                               ("recall", "recall", "^-"),
+                               ("accuracy", "direction accuracy", "o-")]:
         val = [(int(r["iteration"]), float(r[key])) for r in rows if r.get(key)]
         if val:
             b.plot(*zip(*val, strict=True), marker, label=label)

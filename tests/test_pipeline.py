@@ -295,8 +295,13 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     syn_model = tmp_path / "syn.pt"
     save_model(AffinityUNet(ModelConfig(width=4, downsample=[[1, 2, 2]], target="synapses",
                                         voxel_size=[10.0, 10.0, 10.0])), syn_model)
+    partner_model = tmp_path / "partners.pt"  # untrained: checks the machinery only
+    save_model(AffinityUNet(ModelConfig(width=4, downsample=[[1, 2, 2]], target="partners",
+                                        in_channels=2, voxel_size=[10.0, 10.0, 10.0])),
+               partner_model)
     cfg = _config(tmp_path, tiny_model, **SMALL)
-    cfg["synapses"] = {"model": str(syn_model), "threshold": 0.5, "min_size": 5}
+    cfg["synapses"] = {"model": str(syn_model), "threshold": 0.5, "min_size": 30,
+                       "direction_model": str(partner_model), "direction_patch": [8, 16, 16]}
     result = run(cfg)
     store = cfg["output"]["path"]
     assert result["stages"]["synapses"]["n_synapses"] >= 0
@@ -308,6 +313,10 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     assert len(table) == result["stages"]["synapses"]["n_synapses"] == labels.values.max()
     assert {"id", "size", "z_nm", "partner_1", "partner_2", "direction"} <= set(table.columns)
     assert {"partner_a", "partner_b", "n_synapses", "total_size"} <= set(edges.columns)
+    assert {"pre", "post", "direction_score"} <= set(table.columns)
+    both = (table["partner_1"] > 0) & (table["partner_2"] > 0)
+    assert table.loc[both, "direction"].isin(["1->2", "2->1"]).all()
+    assert edges["directed"].all()
     capsys.readouterr()
     run(cfg, stages=["synapses"])  # resumes: every block already predicted
     assert "synapses: 45 of 45 blocks already done" in capsys.readouterr().err
