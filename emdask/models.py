@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 WEIGHTS = Path(__file__).with_name("weights")
+#: Models trained on data that allow only non-commercial use, kept apart with their licence.
+WEIGHTS_NC = Path(__file__).with_name("weights_nc")
 
 
 @dataclass
@@ -234,7 +236,7 @@ def load_model(path: str | Path, map_location: str = "cpu") -> AffinityUNet:
 
 def available_models() -> list[str]:
     """Names of the pretrained models shipped with emdask."""
-    return sorted(p.stem for p in WEIGHTS.glob("*.pt"))
+    return sorted(p.stem for folder in (WEIGHTS, WEIGHTS_NC) for p in folder.glob("*.pt"))
 
 
 def pretrained(name: str = "fibsem") -> AffinityUNet:
@@ -244,8 +246,12 @@ def pretrained(name: str = "fibsem") -> AffinityUNet:
     ----------
     name
         ``"fibsem"``: isotropic FIB-SEM at 10 nm (trained on the FlyEM medulla data).
+        ``"synapses"``: synaptic densities in ssTEM at 50 x 4.6 x 4.6 nm (trained on the
+        larval VNC masks of Gerhard et al. 2013; CC BY-NC-SA 3.0, non-commercial use only,
+        see ``emdask/weights_nc/README.md``).
     """
-    path = WEIGHTS / f"{name}.pt"
+    path = next((f / f"{name}.pt" for f in (WEIGHTS, WEIGHTS_NC) if (f / f"{name}.pt").exists()),
+                WEIGHTS / f"{name}.pt")
     if not path.exists():
         raise ValueError(
             f"no pretrained model {name!r}; available: {available_models() or '(none)'}"

@@ -169,9 +169,9 @@ def predict_synapses(raw: Any, model: AffinityUNet | None = None, **kwargs) -> x
     """Synapse probabilities (z, y, x) for a (lazy) EM volume, chunk by chunk, with a net
     trained with ``target = "synapses"`` (arguments as :func:`predict_affinities`).
 
-    emdask ships no synapse model yet: train one with ``emdask train`` on volumes with
-    synapse labels (e.g. the larval VNC masks) and load it with
-    :func:`emdask.models.load_model`."""
+    By default the shipped ``"synapses"`` model (ssTEM at 50 x 4.6 x 4.6 nm, trained on the
+    larval VNC masks of Gerhard et al. 2013: its weights are for non-commercial use only,
+    CC BY-NC-SA 3.0).  Train your own with ``emdask train`` (``target = "synapses"``)."""
     if model is None:
         from emdask.models import available_models, pretrained
 
