@@ -132,7 +132,7 @@ def mask_affinities(affinities, mask):
                          f"volume shape {tuple(affinities.shape[1:])}")
     if not isinstance(affinities, da.Array) and not isinstance(mask, da.Array):
         return _mask_block(np.asarray(affinities), np.asarray(mask, bool))
-    affinities = da.asarray(affinities)
+    affinities = da.asarray(affinities).rechunk({0: -1})  # a block needs all 3 channels
     mask = da.asarray(mask).astype(bool).rechunk(affinities.chunks[1:])
     # A block's edges reach one voxel below it along every axis: a halo of 1.
     return da.map_overlap(_mask_block, affinities, mask[None], depth=(0, 1, 1, 1),

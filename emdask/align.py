@@ -386,17 +386,15 @@ def _affine(delta: np.ndarray, spacing: int) -> np.ndarray:
     return out
 
 
-def _detrend(fields: np.ndarray, good: np.ndarray) -> np.ndarray:
-    """Fields minus, at every node, their least-squares line in z over the ``good``
-    sections (the stack's mean position and linear shear)."""
-    zs = np.flatnonzero(good)
-    if len(zs) < 2:
+def _detrend(fields: np.ndarray) -> np.ndarray:
+    """Fields minus, at every node, their least-squares line in z (the stack's mean
+    position and linear shear)."""
+    if len(fields) < 2:
         return fields
-    design = np.stack([np.ones(len(zs)), zs - zs.mean()], axis=1)
-    flat = fields[zs].reshape(len(zs), -1)
-    coef, *_ = np.linalg.lstsq(design, flat, rcond=None)
-    full = np.stack([np.ones(len(fields)), np.arange(len(fields)) - zs.mean()], axis=1)
-    return fields - (full @ coef).reshape(fields.shape)
+    z = np.arange(len(fields)) - (len(fields) - 1) / 2
+    design = np.stack([np.ones(len(fields)), z], axis=1)
+    coef, *_ = np.linalg.lstsq(design, fields.reshape(len(fields), -1), rcond=None)
+    return fields - (design @ coef).reshape(fields.shape)
 
 
 def _interpolate_z(fields: np.ndarray, good: np.ndarray) -> np.ndarray:
@@ -446,8 +444,9 @@ def align(
     min_score
         Matches with a lower correlation peak are rejected.
     max_residual
-        Matches whose residual after the solve exceeds this (full-resolution pixels) or 4
-        median absolute deviations, whichever is larger, are dropped and the solve redone.
+        Matches whose residual after the solve exceeds this (full-resolution pixels at full
+        resolution; times the downsampling at coarser levels) or 4 median absolute
+        deviations, whichever is larger, are dropped and the solve redone.
     min_matches
         A section with a smaller fraction of accepted matches against its nearest
         neighbour, at every level, is flagged ``unreliable`` and gets the interpolated
@@ -495,7 +494,8 @@ def align(
     sections = [vol.data[z] for z in range(nz)]
     masks = [defects.mask.data[z] for z in range(nz)]
     coverage = np.full(nz, np.nan)  # best accepted fraction against the nearest neighbour
-    for level in levels:
+    shifts, weights, delta = [], [], np.zeros((len(valid), 2, *grid))
+    for level in levels if pairs else ():  # a single usable section stays as it is
         tasks = [dask.delayed(_match_pair, pure=True)(
             sections[zm], sections[zf], masks[zm], masks[zf], fields[zm], fields[zf],
             spacing, level) for zm, zf in pairs]
@@ -509,8 +509,8 @@ def align(
             nearest.setdefault(zm, float((w > 0).mean()))  # pairs list the nearest first
         for zm, frac in nearest.items():
             coverage[zm] = np.fmax(coverage[zm], frac)
-        delta = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid, stiffness,
-                              prior, max_residual * level.factor)
+        delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid,
+                                       stiffness, prior, max_residual * level.factor)
         if level.affine:
             delta = _affine(delta, spacing)
         for i, z in enumerate(valid):
@@ -551,7 +551,7 @@ def _robust_solve(pairs, shifts, weights, valid, current, grid, stiffness, prior
         if not any(d.any() for d in dropped):
             break
         weights = [np.where(d, 0, w) for d, w in zip(dropped, weights, strict=True)]
-    return delta
+    return delta, weights
 
 
 def _table(nz, pairs, weights, shifts, delta, valid, missing) -> pd.DataFrame:
@@ -727,5 +727,5 @@ def displacement_error(fields: xr.DataArray, truth: np.ndarray, step: int = 4,
         if reference is not None:
             vec[z] -= _dense(np.asarray(reference.values[z], np.float64), spacing, ys, xs)
     if detrend:
-        vec = _detrend(vec, np.ones(nz, bool))
+        vec = _detrend(vec)
     return np.linalg.norm(vec, axis=1)

@@ -319,6 +319,7 @@ class _Context:
     segment: SegmentSpec | None = None
     generation: int = 0  # per run: cached zarr arrays of an earlier run are not reused
     mask: Any = None  # missing-data mask (predict: affinities touching it are 0)
+    source_name: str = "raw"  # names the source in the per-worker chunk cache
     window: int = 15  # align: side of the flat squares that are missing data
 
 
@@ -368,7 +369,8 @@ def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
     src_begin = [b + r for b, r in zip(begin, ctx.roi_begin, strict=True)]
     src_end = [e + r for e, r in zip(end, ctx.roi_begin, strict=True)]
     # context beyond the region of interest is real data where the volume has it
-    raw = read_box(ctx.source, src_begin, src_end, model.halo, cache=("raw", ctx.generation))
+    raw = read_box(ctx.source, src_begin, src_end, model.halo,
+                   cache=(ctx.source_name, ctx.generation))
     affs = _predict_block(raw, model, device, ctx.predict.patch, ctx.predict.batch_size,
                           np.dtype(ctx.predict.dtype))
     if ctx.mask is not None:  # edges reach one voxel below the block: read a halo of 1
@@ -389,13 +391,18 @@ def _align_task(ctx: _Context, block: int) -> None:
     from emdask.defects import missing_mask
     from emdask.volumes import read_box
 
-    fields_arr = _array(ctx, "alignment/fields")
-    fields, spacing = np.asarray(fields_arr[:], np.float64), fields_arr.attrs["spacing"]
     begin, end = ctx.grid.box(block)
+    fields_arr = _array(ctx, "alignment/fields")  # only this block's sections
+    fields = np.asarray(fields_arr[begin[0]:end[0]], np.float64)
+    spacing = fields_arr.attrs["spacing"]
     out = _array(ctx, "aligned/s0")
     mask_out = _array(ctx, "defects/s0")
     shape = [e - b for b, e in zip(begin, end, strict=True)]
-    box = source_box(fields, spacing, begin, end, ctx.grid.shape)
+    z0 = begin[0]
+    box = source_box(fields, spacing, [0, *begin[1:]], [end[0] - z0, *end[1:]],
+                     ctx.grid.shape)
+    if box is not None:
+        box = ([box[0][0] + z0, *box[0][1:]], [box[1][0] + z0, *box[1][1:]])
     if box is None:  # nothing of the input maps here: no data
         out[_slices(begin, end)] = 0
         mask_out[_slices(begin, end)] = 1
@@ -408,12 +415,15 @@ def _align_task(ctx: _Context, block: int) -> None:
         mask = missing_mask(raw, ctx.window)[:, halo[1]:raw.shape[1] - halo[1],
                                              halo[2]:raw.shape[2] - halo[2]]
         raw = raw[:, halo[1]:raw.shape[1] - halo[1], halo[2]:raw.shape[2] - halo[2]]
-        f = fields[begin[0]:end[0]]
-        out[_slices(begin, end)] = _render_block(raw, f, spacing, begin[1:], shape[1:],
+        out[_slices(begin, end)] = _render_block(raw, fields, spacing, begin[1:], shape[1:],
                                                  lo[1:], 0, 1)
-        mask_out[_slices(begin, end)] = _render_block(mask.astype(np.uint8), f, spacing,
+        mask_out[_slices(begin, end)] = _render_block(mask.astype(np.uint8), fields, spacing,
                                                       begin[1:], shape[1:], lo[1:], 1, 0)
     _mark_done(ctx.store, "align", block)
+
+
+def _array_complete(root, path: str) -> bool:
+    return path in root and bool(root[path].attrs.get("complete"))
 
 
 def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
@@ -426,7 +436,7 @@ def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     spec, store = cfg.align, cfg.output.path
     root = _open_root(store)
     extra = {}
-    if "alignment/fields" not in root:
+    if not _array_complete(root, "alignment/fields"):
         defects = detect_defects(vol, window=spec.window,
                                  missing_fraction=spec.missing_fraction)
         result = align(vol, spacing=spec.spacing, neighbours=spec.neighbours,
@@ -434,11 +444,14 @@ def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
                        defects=defects)
         table = defects.table.merge(result.table.drop(columns="missing"), on="z")
         put_bytes(store, "sections.parquet", _parquet(table))
-        # written last: its presence means the fields are complete
+        # one chunk per section (a block task reads only its sections); the "complete"
+        # attribute, set after the data, tells a resumed run the fields need no new solve
         arr = root.create_array("alignment/fields", shape=result.fields.shape,
-                                dtype=np.float32, chunks=result.fields.shape)
+                                dtype=np.float32, chunks=(1, *result.fields.shape[1:]),
+                                overwrite=True)
         arr[:] = result.fields.values
-        arr.attrs.update(spacing=spec.spacing, units="pixels", dims=list(result.fields.dims))
+        arr.attrs.update(spacing=spec.spacing, units="pixels", dims=list(result.fields.dims),
+                         complete=True)
         extra = {"missing": table["z"][table["missing"]].tolist(),
                  "unreliable": table["z"][table["unreliable"]].tolist()}
         print(f"  align: fields solved; missing sections {extra['missing']}, unreliable "
@@ -679,10 +692,12 @@ def _stage_params(cfg: RunConfig, stage: str) -> dict:
 
 
 def _depends_on(cfg: RunConfig, stage: str) -> dict:
-    p = {"input": asdict(cfg.input), "chunks": list(cfg.output.chunks),
-         "align": asdict(cfg.align) if cfg.align else None}
-    if stage == "align":
-        return p
+    p = {"input": asdict(cfg.input), "chunks": list(cfg.output.chunks)}
+    if cfg.align is not None:  # (stores made without alignment keep their records)
+        p["align"] = asdict(cfg.align)
+    if stage == "align":  # the mask setting acts in predict, not on the alignment
+        return p | ({"align": {k: v for k, v in p["align"].items() if k != "mask"}}
+                    if "align" in p else {})
     p["predict"] = {k: v for k, v in asdict(cfg.predict).items()  # no effect on output:
                     if k not in ("device", "patch", "batch_size", "check_voxel_size")}
     if cfg.predict.model.endswith(".pt") and Path(cfg.predict.model).exists():
@@ -773,7 +788,8 @@ def _clear(cfg: RunConfig, root, stage: str) -> None:
     import shutil
 
     downstream = STAGES[STAGES.index(stage):]
-    names = {"align": ["alignment", "aligned", "defects"], "predict": ["affinities"], "watershed": ["_emdask/basins"],
+    names = {"align": ["alignment", "aligned", "defects"],
+             "predict": ["affinities"], "watershed": ["_emdask/basins"],
              "agglomerate": ["_emdask/lut"], "relabel": ["fragments"] + [
                  n for n in root.group_keys() if n.startswith("segmentation_")],
              "synapses": ["synapse_probabilities", "synapses"]}
@@ -836,12 +852,12 @@ def _raw(cfg: RunConfig, root, full, roi_begin):
     """What the nets read: the input's region of interest, or the aligned stack (and its
     missing-data mask) when the pipeline aligns."""
     if cfg.align is None:
-        return full.encoding["source"], roi_begin, None
+        return full.encoding["source"], roi_begin, None, "raw"
     if "aligned" not in root:
         raise ValueError(f"{cfg.output.path}: the config has an [align] section but the "
                          "align stage has not run; run it first")
     mask = root["defects/s0"] if cfg.align.mask else None
-    return root["aligned/s0"], (0, 0, 0), mask
+    return root["aligned/s0"], (0, 0, 0), mask, "aligned"
 
 
 def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
@@ -886,9 +902,9 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> di
     if "synapse_probabilities" not in root:
         create_volume(store, "synapse_probabilities", ctx.grid.shape, cfg.predict.dtype,
                       ctx.grid.chunks, vol.attrs["voxel_size"], vol.attrs["offset"])
-    source, begin, _ = _raw(cfg, root, full, roi_begin)
+    source, begin, _, name = _raw(cfg, root, full, roi_begin)
     pctx = _Context(store, ctx.grid, source=source, roi_begin=begin, predict=cfg.predict,
-                    generation=ctx.generation)
+                    generation=ctx.generation, source_name=name)
     _run_blocks(client, pctx, "synapses", functools.partial(
         _predict_task, model_name=spec.model, dataset="synapse_probabilities",
         stage="synapses"), cfg.cluster)
@@ -1097,9 +1113,10 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
                               attrs={"offsets": [list(o) for o in model.config.offsets]})
             if cfg.predict.check_voxel_size:
                 _check_voxel_size(voxel_size, model, vol.attrs["source"])
-            source, begin, mask = _raw(cfg, root, full, roi_begin)
+            source, begin, mask, name = _raw(cfg, root, full, roi_begin)
             pctx = _Context(store, grid, source=source, roi_begin=begin, predict=cfg.predict,
-                            segment=cfg.segment, generation=ctx.generation, mask=mask)
+                            segment=cfg.segment, generation=ctx.generation, mask=mask,
+                            source_name=name)
             _run_blocks(client, pctx, stage, _predict_task, cfg.cluster)
         elif stage == "watershed":
             if "_emdask/basins" not in root:

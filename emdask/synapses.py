@@ -320,21 +320,22 @@ def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None
 
 def connectome(partners: pd.DataFrame) -> pd.DataFrame:
     """Edges between segments from a partner table: one row per pair of partners with
-    their synapse count and total synapse size.  Without a direction model the pairs are
-    unordered (``directed`` False, ``partner_a`` < ``partner_b``); with one, ``pre`` and
-    ``post`` columns in the table give directed edges."""
+    their synapse count and total synapse size.  Synapses whose direction is known (``pre``
+    and ``post`` columns of :func:`predict_direction`, non-zero) give directed edges
+    ``partner_a`` -> ``partner_b``; the others unordered pairs (``directed`` False,
+    ``partner_a`` < ``partner_b``), never a guessed direction."""
     pairs = partners[(partners["partner_1"] > 0) & (partners["partner_2"] > 0)]
-    if {"pre", "post"} <= set(pairs.columns):
-        a, b, directed = pairs["pre"].to_numpy(), pairs["post"].to_numpy(), True
-    else:
-        p1, p2 = pairs["partner_1"].to_numpy(), pairs["partner_2"].to_numpy()
-        a, b, directed = np.minimum(p1, p2), np.maximum(p1, p2), False
+    p1, p2 = pairs["partner_1"].to_numpy(), pairs["partner_2"].to_numpy()
+    a, b = np.minimum(p1, p2), np.maximum(p1, p2)
+    directed = np.zeros(len(pairs), bool)
+    if {"pre", "post"} <= set(pairs.columns):  # synapses of unknown direction stay unordered
+        directed = (pairs["pre"].to_numpy() > 0) & (pairs["post"].to_numpy() > 0)
+        a = np.where(directed, pairs["pre"].to_numpy(), a)
+        b = np.where(directed, pairs["post"].to_numpy(), b)
     size = pairs["size"].to_numpy() if "size" in pairs else np.ones(len(pairs), np.int64)
-    edges = (pd.DataFrame({"partner_a": a, "partner_b": b, "size": size})
-             .groupby(["partner_a", "partner_b"], as_index=False)
-             .agg(n_synapses=("size", "size"), total_size=("size", "sum")))
-    edges["directed"] = directed
-    return edges
+    return (pd.DataFrame({"partner_a": a, "partner_b": b, "directed": directed, "size": size})
+            .groupby(["partner_a", "partner_b", "directed"], as_index=False)
+            .agg(n_synapses=("size", "size"), total_size=("size", "sum")))
 
 
 # ---------------------------------------------------------------- direction
@@ -394,8 +395,9 @@ def partner_maps(model, raws: np.ndarray, centres) -> np.ndarray:
     marks = [attention_ball(raws.shape[1:], c, model.config.attention) for c in centres]
     x = np.stack([np.stack([normalize_raw(r), m.astype(np.float32)])
                   for r, m in zip(raws, marks, strict=True)])
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return torch.sigmoid(model(torch.from_numpy(x))).numpy()
+        return torch.sigmoid(model(torch.from_numpy(x).to(device))).float().cpu().numpy()
 
 
 def direction_score(maps: np.ndarray, centre, segmentation: np.ndarray, a: int, b: int,
@@ -433,9 +435,10 @@ def predict_direction(raw: Any, segmentation: Any, table: pd.DataFrame, model,
     Returns
     -------
     pandas.DataFrame
-        The table with ``pre``, ``post`` (0 where a synapse has fewer than two partners),
-        ``direction`` (``"1->2"``, ``"2->1"`` or ``"unknown"``) and ``direction_score``
-        (0..1, how clearly the net prefers that direction).
+        The table with ``pre``, ``post``, ``direction`` (``"1->2"``, ``"2->1"``, or
+        ``"unknown"`` with ``pre`` = ``post`` = 0 where a synapse has fewer than two
+        partners or the net shows no preference) and ``direction_score`` (0..1, how
+        clearly the net prefers that direction).
     """
     if model.config.target != "partners":
         raise ValueError(f"this model predicts {model.config.target}, not partners")
@@ -472,15 +475,15 @@ def predict_direction(raw: Any, segmentation: Any, table: pd.DataFrame, model,
             maps.update(zip(ks, out_maps, strict=True))
         for k, row in enumerate(batch):
             a, b = int(row.partner_1), int(row.partner_2)
-            if k not in maps:
+            s = direction_score(maps[k], centres[k], patches[k][1], a, b,
+                                model.config.attention) if k in maps else 0.0
+            if s == 0:  # fewer than two partners, or no evidence either way
                 pre.append(0)
                 post.append(0)
                 direction.append("unknown")
                 score.append(0.0)
                 continue
-            s = direction_score(maps[k], centres[k], patches[k][1], a, b,
-                                model.config.attention)
-            first = s >= 0
+            first = s > 0
             pre.append(a if first else b)
             post.append(b if first else a)
             direction.append("1->2" if first else "2->1")

@@ -290,8 +290,8 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
 
 def _validate_partners(model: AffinityUNet, spec: VolumeSpec, raw, labels) -> dict:
     """Fraction of annotated pairs whose direction the net gets right (see
-    :func:`emdask.synapses.direction_score`), each scored in a window of the training
-    patch size around the pair."""
+    :func:`emdask.synapses.direction_score`), each scored in a :data:`PARTNER_WINDOW`
+    around the pair."""
     from emdask.synapses import direction_score, partner_maps
 
     pairs = _partner_pairs(spec, labels)

@@ -118,6 +118,13 @@ def test_render_is_blockwise_and_invertible(shared_file):
     assert np.abs(back[inner] - smooth[inner]).mean() < 0.1 * smooth.std()
 
 
+def test_a_single_usable_section_stays_in_place():
+    img = np.random.default_rng(0).integers(1, 255, (1, 128, 128)).astype(np.uint8)
+    result = align(img)
+    assert not result.fields.values.any()
+    np.testing.assert_array_equal(result.aligned.values, img)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="3-D"):
         align(np.zeros((64, 64), np.uint8))

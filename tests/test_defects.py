@@ -74,6 +74,8 @@ def test_mask_affinities_matches_brute_force_for_any_chunking():
     lazy = mask_affinities(da.from_array(affs, chunks=(3, 5, 6, 7)),
                            da.from_array(mask, chunks=(4, 7, 3)))
     np.testing.assert_array_equal(lazy.compute(), expected)
+    per_channel = mask_affinities(da.from_array(affs, chunks=(1, 5, 6, 7)), mask)
+    np.testing.assert_array_equal(per_channel.compute(), expected)
     with pytest.raises(ValueError, match="mask shape"):
         mask_affinities(affs, mask[1:])
 

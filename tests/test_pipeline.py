@@ -315,8 +315,8 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     assert {"partner_a", "partner_b", "n_synapses", "total_size"} <= set(edges.columns)
     assert {"pre", "post", "direction_score"} <= set(table.columns)
     both = (table["partner_1"] > 0) & (table["partner_2"] > 0)
-    assert table.loc[both, "direction"].isin(["1->2", "2->1"]).all()
-    assert edges["directed"].all()
+    assert table.loc[both, "direction"].isin(["1->2", "2->1", "unknown"]).all()
+    assert edges["directed"].any() == (table["pre"] > 0).any()
     capsys.readouterr()
     run(cfg, stages=["synapses"])  # resumes: every block already predicted
     assert "synapses: 45 of 45 blocks already done" in capsys.readouterr().err

@@ -92,6 +92,11 @@ def test_partners_and_connectome_by_hand():
     assert edges[["partner_a", "partner_b", "n_synapses", "total_size"]].values.tolist() == [
         [5, 7, 2, 12], [5, 9, 1, 4]]
     assert not edges["directed"].any()
+    # with a direction for synapse 1 only (9 -> 5 unknown stays unordered)
+    out["pre"], out["post"] = [7, 0], [5, 0]
+    edges = connectome(out)
+    assert edges[["partner_a", "partner_b", "directed"]].values.tolist() == [
+        [5, 9, False], [7, 5, True]]
 
 
 def test_vnc_partners_are_the_cells_the_synapse_lies_between(shared_file):
