@@ -274,14 +274,19 @@ def _level_image(section: np.ndarray, mask: np.ndarray, field: np.ndarray, spaci
     return out, bad
 
 
-def _match_pair(moving, fixed, mask_m, mask_f, field_m, field_f, spacing: int, level: Level):
-    """Shifts (gy, gx, 2) in full-resolution pixels that bring the rendered ``moving``
-    section onto the rendered ``fixed`` one at every node, and their scores."""
+def _pad(level: Level) -> int:
+    """Level pixels around a rendered section, so every node's search window fits."""
+    return level.block // 2 + level.search + 1
+
+
+def _match_pair(moving, fixed, grid: tuple[int, int], spacing: int, level: Level):
+    """Shifts (gy, gx, 2) in full-resolution pixels that bring the ``moving`` section onto
+    the ``fixed`` one at every node, and their scores; both sections as rendered by
+    :func:`_level_image` (image, mask of pixels without data)."""
+    (a, bad_a), (r, bad_r) = moving, fixed
     f, b, s = level.factor, level.block, level.search
-    pad = b // 2 + s + 1
-    a, bad_a = _level_image(moving, mask_m, field_m, spacing, f, pad)
-    r, bad_r = _level_image(fixed, mask_f, field_f, spacing, f, pad)
-    gy, gx = _grid_shape(moving.shape, spacing)
+    pad = _pad(level)
+    gy, gx = grid
     cy, cx = np.meshgrid(np.arange(gy) * spacing / f, np.arange(gx) * spacing / f,
                          indexing="ij")
     cy = np.rint(cy.ravel()).astype(int) + pad
@@ -496,9 +501,12 @@ def align(
     coverage = np.full(nz, np.nan)  # best accepted fraction against the nearest neighbour
     shifts, weights, delta = [], [], np.zeros((len(valid), 2, *grid))
     for level in levels if pairs else ():  # a single usable section stays as it is
-        tasks = [dask.delayed(_match_pair, pure=True)(
-            sections[zm], sections[zf], masks[zm], masks[zf], fields[zm], fields[zf],
-            spacing, level) for zm, zf in pairs]
+        # each section rendered once per level, shared by the pairs it is in
+        rendered = {z: dask.delayed(_level_image, pure=True)(
+            sections[z], masks[z], fields[z], spacing, level.factor, _pad(level))
+            for z in valid}
+        tasks = [dask.delayed(_match_pair, pure=True)(rendered[zm], rendered[zf], grid,
+                                                      spacing, level) for zm, zf in pairs]
         results = dask.compute(*tasks)
         shifts = [r[0] for r in results]
         weights = [np.where((r[1] >= min_score) & np.isfinite(r[0]).all(axis=2), r[1], 0)
