@@ -497,7 +497,10 @@ def align(
     pairs = [(z, valid[i - k]) for i, z in enumerate(valid)
              for k in range(1, neighbours + 1) if i - k >= 0]
     sections = [vol.data[z] for z in range(nz)]
-    masks = [defects.mask.data[z] for z in range(nz)]
+    # The mask is computed from the raw once (it costs more than reading the raw) and kept
+    # in (cluster) memory, 1 byte per voxel, for the levels.
+    mask = defects.mask.data.persist()
+    masks = [mask[z] for z in range(nz)]
     coverage = np.full(nz, np.nan)  # best accepted fraction against the nearest neighbour
     shifts, weights, delta = [], [], np.zeros((len(valid), 2, *grid))
     for level in levels if pairs else ():  # a single usable section stays as it is
