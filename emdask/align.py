@@ -587,11 +587,12 @@ def source_box(fields: np.ndarray, spacing: int, begin: Sequence[int], end: Sequ
                shape: Sequence[int]) -> tuple[list, list] | None:
     """The part ``[lo, hi)`` of the input that the output block ``[begin, end)`` reads,
     from the largest displacement of the grid nodes around the block; None if it reads
-    nothing inside the input."""
+    nothing inside the input.  ``fields`` are those of the block's sections only
+    (``fields[begin[0]:end[0]]``)."""
     (z0, y0, x0), (z1, y1, x1) = begin, end
     gy0, gy1 = y0 // spacing, min((y1 - 1) // spacing + 2, fields.shape[2])
     gx0, gx1 = x0 // spacing, min((x1 - 1) // spacing + 2, fields.shape[3])
-    sub = fields[z0:z1, :, gy0:gy1, gx0:gx1]
+    sub = fields[:, :, gy0:gy1, gx0:gx1]
     lo = np.floor(sub.min(axis=(0, 2, 3))) - 2
     hi = np.ceil(sub.max(axis=(0, 2, 3))) + 2
     ny, nx = shape[1:]
@@ -652,7 +653,7 @@ def render(stack: Any, fields: xr.DataArray, chunks: Sequence[int] | None = None
         begin = [int(starts[d][idx[d]]) for d in range(3)]
         end = [b + int(chunks[d][idx[d]]) for d, b in enumerate(begin)]
         shape = [e - b for b, e in zip(begin, end, strict=True)]
-        box = source_box(f, spacing, begin, end, vol.shape)
+        box = source_box(f[begin[0]:end[0]], spacing, begin, end, vol.shape)
         if box is None:  # the block maps entirely outside the input
             blocks[idx] = da.full(shape, fill, dtype=vol.dtype)
             continue

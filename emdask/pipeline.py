@@ -398,11 +398,7 @@ def _align_task(ctx: _Context, block: int) -> None:
     out = _array(ctx, "aligned/s0")
     mask_out = _array(ctx, "defects/s0")
     shape = [e - b for b, e in zip(begin, end, strict=True)]
-    z0 = begin[0]
-    box = source_box(fields, spacing, [0, *begin[1:]], [end[0] - z0, *end[1:]],
-                     ctx.grid.shape)
-    if box is not None:
-        box = ([box[0][0] + z0, *box[0][1:]], [box[1][0] + z0, *box[1][1:]])
+    box = source_box(fields, spacing, begin, end, ctx.grid.shape)
     if box is None:  # nothing of the input maps here: no data
         out[_slices(begin, end)] = 0
         mask_out[_slices(begin, end)] = 1
