@@ -496,15 +496,14 @@ def _face_task(ctx: _Context, block: int, axis: int):
 
 def _solve_task(ctx: _Context, faces: list, links: list) -> dict:
     """The global solve: supervoxels, global graph, agglomeration -> lookup tables."""
-    from emdask.segmentation import _finish, _supervoxels
+    from emdask.segmentation import _solve
 
     summaries = [pickle.loads(get_bytes(ctx.store, f"_emdask/graph/{b}"))
                  for b in range(len(ctx.grid))]
     pairs = [(ctx.grid.neighbour(b, axis), b) for b, axis in faces]
-    supervoxels = _supervoxels([s[0] for s in summaries], pairs, [lk[0] for lk in links])
-    luts, bases, info = _finish([s[1] for s in summaries], [lk[1] for lk in links], pairs,
-                                supervoxels, _params(ctx.segment), ctx.segment.thresholds,
-                                ctx.segment.score)
+    luts, bases, info = _solve([s[0] for s in summaries], [s[1] for s in summaries], links,
+                               pairs, _params(ctx.segment), ctx.segment.thresholds,
+                               ctx.segment.score)
     root = _open_root(ctx.store)
     lut = root.create_array("_emdask/lut", shape=luts.shape, dtype=np.uint64,
                             chunks=(luts.shape[0], max(1, min(1 << 20, luts.shape[1]))),

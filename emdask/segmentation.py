@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -40,6 +39,7 @@ from numba import njit
 
 from emdask.affinities import mask_affinities
 from emdask.agglomerate import _check_thresholds, agglomerate, merge_small_regions, parse_score
+from emdask.blockgraph import BlockGraph
 from emdask.region_graph import RegionGraph, combine, from_observations, observations
 from emdask.volumes import read_box, stored_source
 from emdask.watershed import HALO, WatershedParams, _find, _union, basins, quantize_affinities
@@ -199,7 +199,15 @@ def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedPara
     return luts.astype(np.uint64), bases, info
 
 
-def _relabel(padded, origin, shape, params, solution, block: int):
+def _solve(basin_info, block_graphs, links, pairs, params: WatershedParams, thresholds,
+           score: str):
+    """The global solve from the block and face summaries: lookup tables and info."""
+    supervoxels = _supervoxels(basin_info, pairs, [lk[0] for lk in links])
+    return _finish(block_graphs, [lk[1] for lk in links], pairs, supervoxels, params,
+                   thresholds, score)
+
+
+def _relabel(padded, solution, origin, shape, params, block: int):
     if isinstance(padded, _StoredBlock):
         padded = padded.read()
     labels, _, _ = basins(quantize_affinities(padded, check=False), origin, shape, params)
@@ -319,18 +327,13 @@ def segment(
     if stored is not None:
         # Input in a file (zarr, HDF5): one task per block reads block plus halo straight
         # from it, in both passes, with decoded chunks cached per worker (a halo reaches
-        # into 26 neighbouring chunks).  A small graph, and nothing is held between the
-        # passes but the block summaries: memory is bounded by blocks in flight plus the
-        # global graph.
-        chunks = data.chunks[1:]
-        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
-        grid = tuple(len(c) for c in chunks)
+        # into 26 neighbouring chunks).  Nothing is held between the passes but the block
+        # summaries: memory is bounded by blocks in flight plus the global graph.
+        g = BlockGraph("segment", data.chunks[1:])
         token = uuid.uuid4().hex
-        blocks = relabel_blocks = {
-            idx: _StoredBlock(stored, tuple(int(starts[d][idx[d]]) for d in range(3)),
-                              tuple(int(starts[d][idx[d]] + chunks[d][idx[d]])
-                                    for d in range(3)), token)
-            for idx in np.ndindex(*grid)}
+        inputs = {idx: g.constant("input", idx, _StoredBlock(
+            stored, origin, tuple(o + n for o, n in zip(origin, size, strict=True)), token))
+            for idx, _, origin, size in g.blocks()}
     else:
         # Dask's overlap merges chunks smaller than the halo into their neighbours, which
         # changes nothing in the result; a volume thinner than the halo is padded at its
@@ -340,46 +343,34 @@ def segment(
             data = da.pad(data, ((0, 0),) + tuple((0, t) for t in thin))
         padded = da.overlap.overlap(data, depth={0: 0, 1: HALO, 2: HALO, 3: HALO},
                                     boundary={0: "none", 1: 0, 2: 0, 3: 0})
-        chunks = tuple(tuple(c - 2 * HALO for c in cs) for cs in padded.chunks[1:])
-        grid = tuple(len(c) for c in chunks)
-        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
-        # optimize_graph=False: dask cannot fuse overlap after rechunk (multiple outputs).
         # The relabel pass shares these keys, so Dask holds the input blocks until the
         # global solve (bounded by the input's size: it is in memory already).
-        delayed_blocks = padded.to_delayed(optimize_graph=False)[0]
-        blocks = relabel_blocks = {idx: delayed_blocks[idx] for idx in np.ndindex(*grid)}
-    ids = np.arange(int(np.prod(grid))).reshape(grid)
+        g = BlockGraph("segment", tuple(tuple(c - 2 * HALO for c in cs)
+                                        for cs in padded.chunks[1:]), dependency=padded)
+        keys = np.empty((1, *g.grid), object)
+        keys[...] = padded.__dask_keys__()
+        inputs = {idx: keys[(0, *idx)] for idx in np.ndindex(*g.grid)}
 
-    summaries, origins = {}, {}
-    for idx in np.ndindex(*grid):
-        origins[idx] = tuple(int(starts[d][idx[d]]) for d in range(3))
-        summaries[idx] = dask.delayed(_block_summary, nout=3, pure=True)(
-            blocks[idx], origins[idx], shape, params, bins)
+    summaries = {}
+    for idx, _, origin, _ in g.blocks():
+        s = g.add("summary", idx, _block_summary, inputs[idx], origin=origin, shape=shape,
+                  params=params, bins=bins)
+        summaries[idx] = [g.item(f"summary{i}", idx, s, i) for i in range(3)]
     pairs, links = [], []
     high_q = params.quantized()[1]
-    for idx in np.ndindex(*grid):
-        for d in range(3):
-            if idx[d] == 0:
-                continue
-            below = tuple(i - (k == d) for k, i in enumerate(idx))
-            links.append(dask.delayed(_face_links, nout=2, pure=True)(
-                summaries[idx][2], summaries[below][2], d, high_q, bins))
-            pairs.append((int(ids[below]), int(ids[idx])))
-    supervoxels = dask.delayed(_supervoxels, pure=True)(
-        [summaries[idx][0] for idx in np.ndindex(*grid)], pairs, [lk[0] for lk in links])
-    solution = dask.delayed(_finish, pure=True)(
-        [summaries[idx][1] for idx in np.ndindex(*grid)], [lk[1] for lk in links], pairs,
-        supervoxels, params, thr, score)
-
-    n_out = len(thr) + 1
-    nested = [np.empty(grid, object) for _ in range(n_out)]
-    for idx in np.ndindex(*grid):
-        block_shape = tuple(chunks[d][idx[d]] for d in range(3))
-        outs = dask.delayed(_relabel, nout=n_out, pure=True)(
-            relabel_blocks[idx], origins[idx], shape, params, solution, int(ids[idx]))
-        for i in range(n_out):
-            nested[i][idx] = da.from_delayed(outs[i], block_shape, dtype=np.uint64)
-    results = [da.block(n.tolist()) for n in nested]
+    for below, idx, d in g.faces():
+        links.append(g.add("face", (*idx, d), _face_links, summaries[idx][2],
+                           summaries[below][2], d=d, high_q=high_q, bins=bins))
+        pairs.append((int(g.ids[below]), int(g.ids[idx])))
+    order = list(np.ndindex(*g.grid))
+    solution = g.add("solve", (), _solve, [summaries[i][0] for i in order],
+                     [summaries[i][1] for i in order], links, pairs=pairs, params=params,
+                     thresholds=thr, score=score)
+    relabelled = {idx: g.add("relabel", idx, _relabel, inputs[idx], solution, origin=origin,
+                             shape=shape, params=params, block=block)
+                  for idx, block, origin, _ in g.blocks()}
+    results = [g.array(f"labels{i}", relabelled, np.uint64, item=i)
+               for i in range(len(thr) + 1)]
     if any(thin):
         results = [r[tuple(slice(0, n) for n in shape)] for r in results]
     if not return_fragments:
@@ -390,5 +381,5 @@ def segment(
                                 attrs=dict(template.attrs), name="segmentation")
                    for r in results]
     if return_info:
-        return results, solution[2]
+        return results, g.delayed(g.item("info", (), solution, 2))
     return results

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from emdask.blockgraph import BlockGraph
 from emdask.segmentation import _apply_luts, _supervoxels
 
 __all__ = ["assign_partners", "connectome", "find_synapses", "predict_direction",
@@ -72,7 +73,7 @@ def _face_joins(upper_faces, lower_faces, d: int) -> np.ndarray:
                                lb[both].astype(np.int64) - 1]), axis=1)
 
 
-def _objects(infos, stats, pairs, links, min_size: int):
+def _objects(infos, stats, links, pairs, min_size: int):
     """Global objects: lookup table from block-local component to final id, and the
     per-object statistics."""
     bases, group, sizes = _supervoxels(infos, pairs, links)
@@ -93,9 +94,9 @@ def _objects(infos, stats, pairs, links, min_size: int):
     return lut, bases, (sizes[keep], sums, lo, hi)
 
 
-def _relabel(mask: np.ndarray, solution, block: int) -> np.ndarray:
-    lut, bases, _ = solution
-    return _apply_luts(_components(mask), lut, bases, block)[0]
+def _relabel(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Block-local components -> object ids, with the block's part of the lookup table."""
+    return _apply_luts(_components(mask), lut, [0, lut.shape[1]], 0)[0]
 
 
 def find_synapses(
@@ -147,35 +148,31 @@ def find_synapses(
                     else attrs.get("voxel_size", (1.0, 1.0, 1.0)), float)
     offset = np.asarray(attrs.get("offset", (0.0, 0.0, 0.0)), float)
     shape = tuple(int(n) for n in data.shape)
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in mask.chunks]
-    grid = tuple(len(c) for c in mask.chunks)
-    blocks = mask.to_delayed(optimize_graph=False)
-    ids = np.arange(int(np.prod(grid))).reshape(grid)
-    summaries = {idx: dask.delayed(_block_objects, nout=3, pure=True)(
-        blocks[idx], tuple(int(starts[d][idx[d]]) for d in range(3)), shape)
-        for idx in np.ndindex(*grid)}
+    g = BlockGraph("synapses", mask.chunks, dependency=mask)
+    keys = np.empty(g.grid, object)
+    keys[...] = mask.__dask_keys__()
+    summaries = {}
+    for idx, _, origin, _ in g.blocks():
+        s = g.add("summary", idx, _block_objects, keys[idx], origin=origin, shape=shape)
+        summaries[idx] = [g.item(f"summary{i}", idx, s, i) for i in range(3)]
     pairs, links = [], []
-    for idx in np.ndindex(*grid):
-        for d in range(3):
-            if idx[d] > 0:
-                below = tuple(i - (k == d) for k, i in enumerate(idx))
-                links.append(dask.delayed(_face_joins, pure=True)(
-                    summaries[idx][2], summaries[below][2], d))
-                pairs.append((int(ids[below]), int(ids[idx])))
-    order = list(np.ndindex(*grid))
-    solution = dask.delayed(_objects, pure=True)(
-        [summaries[i][0] for i in order], [summaries[i][1] for i in order], pairs, links,
-        int(min_size))
-    # the global solve is small (one row per object): compute it now for the table
-    solution = dask.compute(solution)[0]
-    nested = np.empty(grid, object)
-    for idx in order:
-        out = dask.delayed(_relabel, pure=True)(blocks[idx], solution, int(ids[idx]))
-        nested[idx] = da.from_delayed(out, tuple(c[i] for c, i in zip(mask.chunks, idx,
-                                                                          strict=True)),
-                                      dtype=np.uint64)
-    labels = da.block(nested.tolist())
-    sizes, sums, lo, hi = solution[2]
+    for below, idx, d in g.faces():
+        links.append(g.add("face", (*idx, d), _face_joins, summaries[idx][2],
+                           summaries[below][2], d=d))
+        pairs.append((int(g.ids[below]), int(g.ids[idx])))
+    order = list(np.ndindex(*g.grid))
+    solution = g.add("solve", (), _objects, [summaries[i][0] for i in order],
+                     [summaries[i][1] for i in order], links, pairs=pairs,
+                     min_size=int(min_size))
+    # The global solve is small (one row per object): computed now for the table, it
+    # enters the relabel pass as a value, each block given its own part of the table.
+    lut, bases, stats = g.delayed(solution).compute()
+    out = BlockGraph("synapses", mask.chunks, dependency=mask)
+    relabelled = {idx: out.add("relabel", idx, _relabel, keys[idx],
+                               lut=lut[:, bases[block]:bases[block + 1]])
+                  for idx, block, _, _ in out.blocks()}
+    labels = out.array("labels", relabelled, np.uint64)
+    sizes, sums, lo, hi = stats
     centroid = offset[:, None] + vs[:, None] * (sums / np.maximum(sizes, 1))
     table = pd.DataFrame({
         "id": np.arange(1, sizes.size + 1, dtype=np.uint64), "size": sizes,

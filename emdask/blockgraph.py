@@ -1,0 +1,117 @@
+"""Dask graphs of blockwise solves: a task per block, a task per face between neighbouring
+blocks, one global task that sees them all, and a task per block that applies its answer.
+
+Segmentation (:func:`emdask.segment`) and synapse objects (:func:`emdask.find_synapses`)
+both have this shape.  Built with ``dask.delayed``, such a graph takes time quadratic in the
+number of blocks, because every call merges the graphs of all its arguments and the output
+tasks all depend on the global task (109 s for 1728 blocks).  :class:`BlockGraph` writes the
+tasks into one dict instead: linear time, and one layer for Dask to schedule.
+"""
+
+from __future__ import annotations
+
+import operator
+import uuid
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+__all__ = ["BlockGraph"]
+
+
+def _constant(value: Any) -> Any:
+    return value
+
+
+class BlockGraph:
+    """Tasks over the blocks of a 3-D chunk grid, collected into one Dask graph.
+
+    Parameters
+    ----------
+    name
+        Prefix of the task keys (a unique suffix is added).
+    chunks
+        The three spatial chunk tuples: the blocks.
+    dependency
+        Optional Dask collection whose keys tasks refer to (for example a block input).
+
+    Tasks are ``func(*values of keys, **literals)``: positional arguments are keys (or lists
+    of keys) of this graph or of ``dependency``, resolved by Dask; everything else is passed
+    by keyword, untouched.
+    """
+
+    def __init__(self, name: str, chunks, dependency: Any = None):
+        self.name = f"{name}-{uuid.uuid4().hex[:16]}"
+        self.chunks = tuple(tuple(int(c) for c in cs) for cs in chunks)
+        self.grid = tuple(len(c) for c in self.chunks)
+        self.starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int)
+                       for c in self.chunks]
+        self.ids = np.arange(int(np.prod(self.grid))).reshape(self.grid)
+        self.dependency = dependency
+        self.tasks: dict = {}
+
+    # ---------------------------------------------------------------- the grid
+    def blocks(self) -> Iterator[tuple[tuple, int, tuple, tuple]]:
+        """``(index, id, origin, shape)`` of every block, in C order."""
+        for idx in np.ndindex(*self.grid):
+            origin = tuple(int(self.starts[d][idx[d]]) for d in range(3))
+            shape = tuple(self.chunks[d][idx[d]] for d in range(3))
+            yield idx, int(self.ids[idx]), origin, shape
+
+    def faces(self) -> Iterator[tuple[tuple, tuple, int]]:
+        """``(lower index, upper index, axis)`` of every pair of face neighbours."""
+        for idx in np.ndindex(*self.grid):
+            for d in range(3):
+                if idx[d] > 0:
+                    yield tuple(i - (k == d) for k, i in enumerate(idx)), idx, d
+
+    # ---------------------------------------------------------------- tasks
+    def add(self, step: str, index: tuple, func: Callable, *keys, **literals) -> tuple:
+        """Add the task ``func(*keys, **literals)``; return its key."""
+        key = (f"{self.name}-{step}", *index)
+        self.tasks[key] = (partial(func, **literals) if literals else func, *keys)
+        return key
+
+    def constant(self, step: str, index: tuple, value: Any) -> tuple:
+        """A task that returns ``value`` (for a small per-block object, passed as is)."""
+        key = (f"{self.name}-{step}", *index)
+        self.tasks[key] = (partial(_constant, value),)
+        return key
+
+    def item(self, step: str, index: tuple, key: tuple, i: int) -> tuple:
+        """A task that picks element ``i`` of the tuple a task returns."""
+        out = (f"{self.name}-{step}", *index)
+        self.tasks[out] = (operator.getitem, key, int(i))
+        return out
+
+    # ---------------------------------------------------------------- collections
+    def _graph(self, name: str | None = None, layer: dict | None = None) -> HighLevelGraph:
+        layers, deps = {self.name: dict(self.tasks)}, {self.name: set()}
+        if self.dependency is not None:
+            hlg = self.dependency.__dask_graph__()
+            if not isinstance(hlg, HighLevelGraph):
+                hlg = HighLevelGraph.from_collections(
+                    self.dependency.__dask_layers__()[0], hlg, dependencies=())
+            layers.update(hlg.layers)
+            deps.update(hlg.dependencies)
+            deps[self.name] = set(self.dependency.__dask_layers__())
+        if name is not None:
+            layers[name], deps[name] = layer, {self.name}
+        return HighLevelGraph(layers, deps)
+
+    def array(self, step: str, keys: dict, dtype, item: int | None = None) -> da.Array:
+        """A Dask array on the grid whose block ``idx`` is the value of ``keys[idx]``
+        (its element ``item`` if the task returns a tuple)."""
+        name = f"{self.name}-{step}"
+        layer = {(name, *idx): (operator.getitem, keys[idx], item) if item is not None
+                 else (_constant, keys[idx]) for idx in np.ndindex(*self.grid)}
+        return da.Array(self._graph(name, layer), name, self.chunks, dtype=dtype)
+
+    def delayed(self, key: tuple) -> Delayed:
+        """The value of one task, as a Dask delayed."""
+        return Delayed(key, self._graph(), layer=self.name)
