@@ -31,7 +31,21 @@ from emdask.volumes import as_volume
 THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
-def sweep(affs: np.ndarray, gt: np.ndarray) -> list[dict]:
+# terms of the training data in ../shared/data, by folder (from each folder's README)
+DATA_TERMS = {
+    "flyem_medulla_fib_neuroproof_sample2": "FlyEM medulla (CC BY, HHMI Janelia)",
+    "gala_tiny_fib": "gala tiny FIB (BSD-style, HHMI)",
+    "isbi2012_sstem": "ISBI 2012 challenge stack (the challenge's terms; cite Cardona et al. "
+                      "2010 and Arganda-Carreras et al. 2015)",
+}
+
+
+def sweep(affs: np.ndarray, gt: np.ndarray, planar: bool = False) -> list[dict]:
+    """Segment at each threshold and score; ``planar``: 2-D labels, so every section is
+    segmented on its own (z affinities 0)."""
+    if planar:
+        affs = affs.copy()
+        affs[0] = 0
     segs = dask.compute(*segment(affs, THRESHOLDS))
     return [evaluate(s, gt) | {"threshold": t} for s, t in zip(segs, THRESHOLDS, strict=True)]
 
@@ -42,7 +56,7 @@ def _write_card(card: dict, net: list[dict], base: list[dict], path: Path) -> No
     lines = [
         f"# Model card: `{card['name']}`",
         "",
-        "Affinity U-Net (emdask.models.AffinityUNet) for isotropic FIB-SEM at 10 nm.",
+        f"Affinity U-Net (emdask.models.AffinityUNet) for {card['description']}.",
         "",
         "- **Training data**: " + "; ".join(f"{d['url'].split('/')[-1]} `{d['raw']}`/"
                                            f"`{d['labels']}` voxels {d['roi_voxels'] or '(all)'}"
@@ -68,11 +82,23 @@ def _write_card(card: dict, net: list[dict], base: list[dict], path: Path) -> No
     path.write_text("\n".join(lines) + "\n")
 
 
+def _description(model, cfg) -> str:
+    vs = model.config.voxel_size
+    kind = "isotropic FIB-SEM" if vs[0] == vs[1] else "anisotropic ssTEM"
+    text = f"{kind} at {' x '.join(f'{v:g}' for v in vs)} nm (z, y, x)"
+    if all(v.labels_2d for v in cfg.volumes):
+        text += (". Trained on 2-D labels only: its z affinities are untrained and "
+                 "`predict_affinities` sets them to 0, so sections are segmented separately")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
     parser.add_argument("config")
     parser.add_argument("--ship", help="copy into emdask/weights/NAME.pt with a model card")
+    parser.add_argument("--note", default="never trained on",
+                        help="what the model card says of the validation region")
     args = parser.parse_args()
     cfg = load_config(args.config)
     model = load_model(args.model)
@@ -81,11 +107,13 @@ def main() -> None:
     affs = predict_affinities(as_volume(raw, vol.attrs["voxel_size"]), model,
                               chunks=raw.shape)[:3].values
     predict_s = time.perf_counter() - t
-    net = sweep(affs, gt)
-    base = sweep(affinities_from_intensity(raw), gt)
+    planar = cfg.validation.labels_2d
+    net = sweep(affs, gt, planar)
+    base = sweep(affinities_from_intensity(raw), gt, planar)
     best_net, best_base = (min(r, key=lambda x: x["voi"]) for r in (net, base))
     print(f"validation region {cfg.validation.roi} of {cfg.validation.url} "
-          f"({raw.size / 1e6:.2f} Mvoxel), prediction {predict_s:.1f} s\n")
+          f"({raw.size / 1e6:.2f} Mvoxel{', sections segmented separately' if planar else ''})"
+          f", prediction {predict_s:.1f} s\n")
     print("| affinities | threshold | VOI split | VOI merge | VOI | ARAND | CREMI score |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in (("net", net), ("baseline: smoothed intensity", base)):
@@ -103,8 +131,9 @@ def main() -> None:
         "name": args.ship,
         "data": [{"url": v.url, "raw": v.raw, "labels": v.labels, "roi_voxels": v.roi,
                   "section_step": v.section_step} for v in cfg.volumes],
+        "description": _description(model, cfg),
         "validation": {"url": cfg.validation.url, "roi_voxels": cfg.validation.roi,
-                       "note": "never trained on; equals emdask.data.sample()"},
+                       "note": args.note},
         "iterations": int(log[-1]["iteration"]),
         "train_seconds": int(float(log[-1]["seconds"])),
         "hardware": "2 CPU cores",
@@ -116,8 +145,8 @@ def main() -> None:
                            | {"threshold": best_base["threshold"]},
         "reproduce": f"emdask train {args.config} && python benchmarks/eval_boundary.py "
                      f"{run}/model.pt {args.config} --ship {args.ship}",
-        "licence": "weights: BSD-3-Clause; training data: FlyEM medulla (CC BY, HHMI Janelia)"
-                   ", gala tiny FIB (BSD-style, HHMI)",
+        "licence": "weights: BSD-3-Clause; training data: " + ", ".join(
+            DATA_TERMS[Path(v.url).parent.name] for v in cfg.volumes),
     }
     save_model(model, WEIGHTS / f"{args.ship}.pt", card=card)
     _write_card(card, net, base, WEIGHTS / f"{args.ship}.md")

@@ -65,6 +65,10 @@ class ModelConfig:
         postsynaptic cell).
     attention
         ``"partners"``: radius (z, y, x voxels) of the ball that marks the synapse.
+    planar
+        Trained on 2-D labels only (every training volume ``labels_2d``, as ISBI 2012): the
+        offsets with a z component never saw a target, so :func:`emdask.predict_affinities`
+        returns 0 for them and sections are segmented separately (set by training).
     """
 
     width: int = 12
@@ -76,6 +80,7 @@ class ModelConfig:
     in_channels: int = 1
     target: str = "affinities"
     attention: list = field(default_factory=lambda: [1, 6, 6])
+    planar: bool = False
 
     def __post_init__(self):
         if self.width < 1 or not self.downsample:

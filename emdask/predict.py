@@ -153,12 +153,16 @@ def predict_affinities(
     -------
     xarray.DataArray
         Lazy affinities (c, z, y, x), one channel per model offset (the first 3 are the
-        nearest neighbours), with the input's coordinates.
+        nearest neighbours), with the input's coordinates.  A model trained on 2-D labels
+        only (``config.planar``) gives 0 for offsets across sections.
     """
     if model.config.target != "affinities":
         raise ValueError(f"this model predicts {model.config.target}, not affinities; use "
                          f"predict_{model.config.target}")
     affs = _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size)
+    if model.config.planar:  # z offsets never trained: no link across sections
+        planar = np.array([dz == 0 for dz, _, _ in model.config.offsets], affs.dtype)
+        affs = affs.copy(data=affs.data * planar[:, None, None, None])
     if mask is None:
         return affs
     nearest = mask_affinities(affs.data[:3], mask)

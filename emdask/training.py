@@ -40,7 +40,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -360,7 +360,10 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = _device()
-    model = AffinityUNet(config.model).to(device)
+    model_config = config.model
+    if model_config.target == "affinities" and all(v.labels_2d for v in config.volumes):
+        model_config = replace(model_config, planar=True)  # z affinities never trained
+    model = AffinityUNet(model_config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sampler = PatchSampler(config.volumes, config.patch, config.model, config.augment,
                            config.seed)

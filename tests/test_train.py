@@ -145,3 +145,22 @@ def test_synapse_model_trains_and_validates_by_f1(tmp_path):
     assert prob.dims == ("z", "y", "x") and prob.shape == raw.shape
     with pytest.raises(ValueError, match="predicts synapses, not affinities"):
         predict_affinities(as_volume(raw, (40, 4, 4)), model)
+
+
+def test_2d_labels_mask_z_and_make_a_planar_model(tmp_path, labelled):
+    """Labels of single sections (ISBI 2012): z affinities get no loss, and the trained
+    model predicts 0 across sections, so nothing is linked across sections by chance."""
+    from emdask import predict_affinities
+    from emdask.models import load_model
+
+    cfg = _config(tmp_path, labelled, 2)
+    for v in cfg.volumes:
+        v.labels_2d = True
+    _, _, mask = PatchSampler(cfg.volumes, cfg.patch, cfg.model, cfg.augment, 0).batch(1)
+    assert mask[:, 0].sum() == 0 and mask[:, 1:].sum() > 0  # offset 0 is z, others x-y
+    train(cfg)
+    model = load_model(tmp_path / "run" / "model.pt")
+    assert model.config.planar
+    raw = np.random.default_rng(1).integers(0, 255, (8, 24, 24), np.uint8)
+    affs = predict_affinities(raw, model).values
+    assert np.all(affs[0] == 0) and np.all(affs[1:].std(axis=(1, 2, 3)) > 0)
