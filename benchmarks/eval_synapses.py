@@ -26,53 +26,14 @@ import numpy as np
 
 from emdask import segment
 from emdask.affinities import affinities_from_intensity
-from emdask.metrics import contingency_table
 from emdask.models import load_model
 from emdask.predict import predict_synapses
-from emdask.synapses import assign_partners, find_synapses, synapse_scores
+from emdask.synapses import find_synapses, partner_accuracy, synapse_scores
 from emdask.volumes import cutout, open_volume
 
 VNC = "../shared/data/drosophila_vnc_sstem_gerhard2013/vnc_stack1_synapses_x0-640.h5"
 ROI = ((0, 768, 0), (20, 1024, 640))  # validation rows, never trained on
 RADIUS = (0, 6, 6)  # voxels: the densities lie 4 px (median) from the nearest cell
-
-
-def majority(segmentation: np.ndarray, cells: np.ndarray) -> dict:
-    """Each segment's cell of largest overlap."""
-    cell_ids, seg_ids, counts = contingency_table(segmentation, cells)
-    order = np.lexsort((-counts, seg_ids))
-    out = {}
-    for s, c in zip(seg_ids[order], cell_ids[order], strict=True):
-        out.setdefault(int(s), int(c))
-    return out
-
-
-def partner_accuracy(detected, true_labels, cells, segmentation) -> tuple[int, int]:
-    """Matched synapses whose two top segments are in the two true cells, judged in the
-    section where the true synapse is largest (the cells are per-section labels)."""
-    gt_ids, det_ids, counts = contingency_table(detected, true_labels)
-    both = (gt_ids > 0) & (det_ids > 0)
-    best = {}
-    for g, d, _ in sorted(zip(gt_ids[both], det_ids[both], counts[both], strict=True),
-                          key=lambda r: -r[2]):
-        if int(g) not in best.values() and int(d) not in best:
-            best[int(d)] = int(g)
-    right = 0
-    for d, g in best.items():
-        z = int(np.argmax((true_labels == g).sum(axis=(1, 2))))
-        sl = slice(z, z + 1)
-        truth = assign_partners(np.where(true_labels[sl] == g, g, 0), cells[sl],
-                                radius=RADIUS).set_index("id")
-        pred = assign_partners(np.where(detected[sl] == d, d, 0), segmentation[sl],
-                               radius=RADIUS).set_index("id")
-        if d not in pred.index or g not in truth.index:
-            continue
-        to_cell = majority(segmentation[sl], cells[sl])
-        want = {int(truth.loc[g, "partner_1"]), int(truth.loc[g, "partner_2"])}
-        got = {to_cell.get(int(pred.loc[d, "partner_1"]), -1),
-               to_cell.get(int(pred.loc[d, "partner_2"]), -2)}
-        right += want == got and 0 not in want
-    return right, len(best)
 
 
 def main() -> None:
@@ -105,7 +66,7 @@ def main() -> None:
     with dask.config.set(scheduler="threads"):
         baseline = segment(affs, [0.5])[0].compute()
     for name, seg in [("ground-truth cells", cells), ("baseline watershed", baseline)]:
-        right, n = partner_accuracy(detected, clefts, cells, seg)
+        right, n = partner_accuracy(detected, clefts, cells, seg, RADIUS)
         print(f"partners at threshold {t}, {name}: {right} of {n} matched synapses "
               f"({right / max(n, 1):.0%}) have both true cells as their top two segments")
 

@@ -12,7 +12,13 @@ from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
 from emdask.pipeline import run
 from emdask.predict import predict_affinities, predict_synapses
 from emdask.segmentation import segment
-from emdask.synapses import assign_partners, connectome, find_synapses, synapse_scores
+from emdask.synapses import (
+    assign_partners,
+    connectome,
+    find_synapses,
+    partner_accuracy,
+    synapse_scores,
+)
 from emdask.training import train
 from emdask.volumes import VolumeError, cutout, open_volume, save_volume
 
@@ -32,6 +38,7 @@ __all__ = [
     "find_synapses",
     "mask_affinities",
     "open_volume",
+    "partner_accuracy",
     "predict_affinities",
     "predict_synapses",
     "render",

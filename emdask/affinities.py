@@ -36,32 +36,42 @@ def _shifted_pair(labels: np.ndarray, offset: Sequence[int]):
 def affinities_from_labels(
     labels: np.ndarray,
     offsets: Sequence[Sequence[int]] = NEAREST,
+    background: str = "unlabelled",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Affinities and their validity mask from a label volume.
 
     Parameters
     ----------
     labels
-        Integer labels (z, y, x); 0 = unlabelled/boundary.
+        Integer labels (z, y, x).
     offsets
         One (dz, dy, dx) per output channel.
+    background
+        What label 0 means: ``"unlabelled"`` (unknown: edges that touch it are masked) or
+        ``"boundary"`` (membrane, as in ISBI 2012 and the larval VNC labels: edges that
+        touch it have affinity 0 and count).
 
     Returns
     -------
     affinities : float32 (len(offsets), z, y, x)
     mask : float32, same shape
-        1 where both voxels exist and are labelled; 0 at the volume border and where
-        either voxel has label 0.
+        1 where both voxels exist (and, for ``"unlabelled"``, are labelled); 0 at the
+        volume border.
 
     Examples
     --------
     >>> affs, mask = affinities_from_labels(np.array([[[1, 1, 2, 0]]]))
     >>> affs[2, 0, 0].tolist(), mask[2, 0, 0].tolist()
     ([0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0])
+    >>> affs, mask = affinities_from_labels(np.array([[[1, 1, 0, 2]]]), background="boundary")
+    >>> affs[2, 0, 0].tolist(), mask[2, 0, 0].tolist()
+    ([0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0])
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
+    if background not in ("unlabelled", "boundary"):
+        raise ValueError(f"background must be 'unlabelled' or 'boundary', got {background!r}")
     affs = np.zeros((len(offsets), *labels.shape), np.float32)
     mask = np.zeros_like(affs)
     for c, offset in enumerate(offsets):
@@ -70,7 +80,7 @@ def affinities_from_labels(
         a, b, sl = _shifted_pair(labels, offset)
         labelled = (a != 0) & (b != 0)
         affs[c][sl] = labelled & (a == b)
-        mask[c][sl] = labelled
+        mask[c][sl] = labelled if background == "unlabelled" else 1
     return affs, mask
 
 

@@ -39,6 +39,7 @@ import pickle
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ from emdask.config import from_dict, read_file
 __all__ = ["STAGES", "RunConfig", "load_run_config", "local_cluster", "make_cluster", "run"]
 
 STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "report")
+
 
 
 # ---------------------------------------------------------------- configuration
@@ -127,6 +129,8 @@ class EvaluateSpec:
 
     url: str
     dataset: str = "labels/neuron_ids"
+    synapses: str | None = None  # true synapse objects: detection precision, recall, F1
+    cells: str | None = None  # per-section true cells: partner accuracy (with synapses)
 
 
 @dataclass
@@ -253,6 +257,21 @@ def done_blocks(url: str, stage: str) -> set[int]:
 
 def _mark_done(url: str, stage: str, block: int) -> None:
     put_bytes(url, f"_emdask/done/{stage}/{block}", b"")
+
+
+@contextlib.contextmanager
+def _quiet_listing():
+    """zarr warns, whenever it lists the store, of the Parquet tables that live beside the
+    images: silence that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Object at \S+ is not recognized")
+        yield
+
+
+def _has(root, name: str) -> bool:
+    """Whether the store holds ``name``."""
+    with _quiet_listing():
+        return name in root
 
 
 def _open_root(url: str, mode: str = "a"):
@@ -419,7 +438,7 @@ def _align_task(ctx: _Context, block: int) -> None:
 
 
 def _array_complete(root, path: str) -> bool:
-    return path in root and bool(root[path].attrs.get("complete"))
+    return _has(root, path) and bool(root[path].attrs.get("complete"))
 
 
 def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
@@ -453,7 +472,7 @@ def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
         print(f"  align: fields solved; missing sections {extra['missing']}, unreliable "
               f"{extra['unreliable']}; table sections.parquet", file=sys.stderr)
     for name, dtype in (("aligned", vol.dtype), ("defects", np.uint8)):
-        if name not in root:
+        if not _has(root, name):
             create_volume(store, name, ctx.grid.shape, dtype, ctx.grid.chunks,
                           vol.attrs["voxel_size"], vol.attrs["offset"])
     _run_blocks(client, replace(ctx, window=spec.window), "align", _align_task, cfg.cluster)
@@ -783,14 +802,15 @@ def _clear(cfg: RunConfig, root, stage: str) -> None:
     import shutil
 
     downstream = STAGES[STAGES.index(stage):]
+    with _quiet_listing():
+        segmentations = [n for n in root.group_keys() if n.startswith("segmentation_")]
     names = {"align": ["alignment", "aligned", "defects"],
              "predict": ["affinities"], "watershed": ["_emdask/basins"],
-             "agglomerate": ["_emdask/lut"], "relabel": ["fragments"] + [
-                 n for n in root.group_keys() if n.startswith("segmentation_")],
+             "agglomerate": ["_emdask/lut"], "relabel": ["fragments"] + segmentations,
              "synapses": ["synapse_probabilities", "synapses"]}
     for s in downstream:
         for name in names.get(s, []):
-            if name in root:
+            if _has(root, name):
                 del root[name]
         local = _local_path(cfg.output.path)
         for folder in [f"_emdask/done/{s}"] + (["_emdask/graph", "_emdask/faces"]
@@ -848,7 +868,7 @@ def _raw(cfg: RunConfig, root, full, roi_begin):
     missing-data mask) when the pipeline aligns."""
     if cfg.align is None:
         return full.encoding["source"], roi_begin, None, "raw"
-    if "aligned" not in root:
+    if not _has(root, "aligned"):
         raise ValueError(f"{cfg.output.path}: the config has an [align] section but the "
                          "align stage has not run; run it first")
     mask = root["defects/s0"] if cfg.align.mask else None
@@ -894,7 +914,7 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> di
 
         _check_voxel_size(vol.attrs["voxel_size"], model, vol.attrs["source"])
     root = _open_root(store)
-    if "synapse_probabilities" not in root:
+    if not _has(root, "synapse_probabilities"):
         create_volume(store, "synapse_probabilities", ctx.grid.shape, cfg.predict.dtype,
                       ctx.grid.chunks, vol.attrs["voxel_size"], vol.attrs["offset"])
     source, begin, _, name = _raw(cfg, root, full, roi_begin)
@@ -937,28 +957,35 @@ def _parquet(frame) -> bytes:
     return buf.getvalue()
 
 
+def _ground_truth(cfg: RunConfig, dataset: str, vol, roi_begin):
+    """A ground-truth dataset of ``[evaluate]``, cut to the region of interest."""
+    from emdask.volumes import open_volume
+
+    full = open_volume(cfg.evaluate.url, dataset)
+    end = [b + n for b, n in zip(roi_begin, vol.shape, strict=True)]
+    if any(e > n for e, n in zip(end, full.shape, strict=True)):
+        raise ValueError(f"{full.attrs['source']}: ground truth of shape {full.shape} does "
+                         f"not cover the region of interest [{list(roi_begin)}, {end})")
+    if np.any(np.abs(np.array(full.attrs["voxel_size"]) - vol.attrs["voxel_size"]) > 1e-6):
+        raise ValueError(f"{full.attrs['source']}: ground truth voxel size "
+                         f"{full.attrs['voxel_size']} differs from the input's "
+                         f"{vol.attrs['voxel_size']}")
+    return full.data[_slices(roi_begin, end)]
+
+
 def _report(cfg: RunConfig, vol, roi_begin) -> dict:
-    """Scores of each segmentation against the ground truth, and a figure."""
+    """Scores of each segmentation (and of the synapses) against the ground truth, and a
+    figure."""
     from emdask.metrics import evaluate
+    from emdask.synapses import partner_accuracy, synapse_scores
     from emdask.volumes import open_volume
 
     store = cfg.output.path
     names = [n for n in _label_datasets(cfg.segment)[1:]]
     scores = {}
-    gt = None
+    gt = synapses = true_synapses = None
     if cfg.evaluate is not None:
-        gt_full = open_volume(cfg.evaluate.url, cfg.evaluate.dataset)
-        end = [b + n for b, n in zip(roi_begin, vol.shape, strict=True)]
-        if any(e > n for e, n in zip(end, gt_full.shape, strict=True)):
-            raise ValueError(f"{gt_full.attrs['source']}: ground truth of shape "
-                             f"{gt_full.shape} does not cover the region of interest "
-                             f"[{list(roi_begin)}, {end})")
-        if np.any(np.abs(np.array(gt_full.attrs["voxel_size"]) - vol.attrs["voxel_size"])
-                  > 1e-6):
-            raise ValueError(f"{gt_full.attrs['source']}: ground truth voxel size "
-                             f"{gt_full.attrs['voxel_size']} differs from the input's "
-                             f"{vol.attrs['voxel_size']}")
-        gt = gt_full.data[_slices(roi_begin, end)]
+        gt = _ground_truth(cfg, cfg.evaluate.dataset, vol, roi_begin)
         print(f"  {'threshold':>9} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} "
               f"{'ARAND':>7}", file=sys.stderr)
         for t, name in zip(cfg.segment.thresholds, names, strict=True):
@@ -967,22 +994,50 @@ def _report(cfg: RunConfig, vol, roi_begin) -> dict:
             scores[name] = {k: float(v) for k, v in s.items()}
             print(f"  {t:>9g} {s['voi_split']:9.3f} {s['voi_merge']:9.3f} {s['voi']:7.3f} "
                   f"{s['arand']:7.3f}", file=sys.stderr)
+    if cfg.synapses is not None and _has(_open_root(store), "synapses"):
+        synapses = open_volume(store, "synapses").values
+    if synapses is not None and cfg.evaluate is not None and cfg.evaluate.synapses:
+        true_synapses = np.asarray(_ground_truth(cfg, cfg.evaluate.synapses, vol, roi_begin))
+        s = synapse_scores(synapses, true_synapses, vol.attrs["voxel_size"])
+        line = (f"  synapses: precision {s['precision']:.3f} recall {s['recall']:.3f} "
+                f"F1 {s['f1']:.3f} ({s['n_matched']} of {s['n_true']} true, "
+                f"{s['n_detected']} detected); FP distance {s['fp_distance']:.1f} nm, "
+                f"FN distance {s['fn_distance']:.1f} nm")
+        if cfg.evaluate.cells:
+            t = cfg.synapses.segmentation
+            t = cfg.segment.thresholds[-1] if t is None else t
+            right, n = partner_accuracy(
+                synapses, true_synapses,
+                np.asarray(_ground_truth(cfg, cfg.evaluate.cells, vol, roi_begin)),
+                open_volume(store, f"segmentation_{t:g}").values, tuple(cfg.synapses.radius))
+            s |= {"partners_right": right, "partners_of": n}
+            line += f"; partners right for {right} of {n} matched synapses"
+        scores["synapses"] = {k: float(v) for k, v in s.items()}
+        print(line, file=sys.stderr)
     local = _local_path(store)
     if local is not None:
-        best = min(scores, key=lambda n: scores[n]["voi"]) if scores else names[-1]
-        z = vol.shape[0] // 2
+        segs = [n for n in names if n in scores]
+        best = min(segs, key=lambda n: scores[n]["voi"]) if segs else names[-1]
+        # the section with most synapse voxels if there are any, else the middle one
+        z = (int(np.argmax((synapses > 0).sum(axis=(1, 2)))) if synapses is not None
+             and synapses.any() else vol.shape[0] // 2)
         figure(np.asarray(vol[z]), np.asarray(open_volume(store, "affinities")[:, z]),
                np.asarray(open_volume(store, best)[z]),
                None if gt is None else np.asarray(gt[z]),
                Path(local).with_suffix(".png"),
-               f"emdask, threshold {best.removeprefix('segmentation_')}")
+               f"emdask, threshold {best.removeprefix('segmentation_')}",
+               None if synapses is None else synapses[z],
+               None if true_synapses is None else true_synapses[z])
         print(f"  figure: {Path(local).with_suffix('.png')}", file=sys.stderr)
     return scores
 
 
 def figure(raw: np.ndarray, affs: np.ndarray, seg: np.ndarray, gt: np.ndarray | None,
-           path: str | Path, title: str = "segmentation") -> None:
-    """One section: raw EM, affinities (x-y mean), segmentation overlay, ground truth."""
+           path: str | Path, title: str = "segmentation", synapses: np.ndarray | None = None,
+           true_synapses: np.ndarray | None = None) -> None:
+    """One section: raw EM, affinities (x-y mean), segmentation overlay, ground truth;
+    detected synapses outlined in red on the segmentation, true ones in yellow on the
+    ground truth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1008,6 +1063,10 @@ def figure(raw: np.ndarray, affs: np.ndarray, seg: np.ndarray, gt: np.ndarray | 
             a.imshow(raw, cmap="gray")
         if labels is not None:
             a.imshow(colours(labels), alpha=0.45)
+        outline = {title: (synapses, "red"), "ground truth": (true_synapses, "yellow")}
+        mask, colour = outline.get(name, (None, None))
+        if mask is not None and mask.any():
+            a.contour(mask > 0, levels=[0.5], colors=colour, linewidths=1.2)
         a.set_title(name)
         a.axis("off")
     fig.tight_layout()
@@ -1073,7 +1132,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
     root = _open_root(store)
     timings = {}
     model = None
-    if "predict" in stages or "affinities" not in root:
+    if "predict" in stages or not _has(root, "affinities"):
         model = _model(cfg.predict.model, "cpu")
     factor = model.factor if model is not None else tuple(
         root.attrs["emdask"]["factor"])
@@ -1087,7 +1146,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
     print(f"emdask run: {vol.attrs['source']} {shape} voxels at {voxel_size} nm, "
           f"{len(grid)} blocks of {grid.chunks} -> {store}", file=sys.stderr)
     for stage in stages:
-        if stage not in ("align", "predict") and "affinities" not in root:
+        if stage not in ("align", "predict") and not _has(root, "affinities"):
             raise ValueError(f"{store}: stage {stage!r} needs the predict stage's output "
                              "(affinities); run it first")
         _check_upstream(root, cfg, stage, stages)
@@ -1102,7 +1161,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
                 actx = replace(ctx, source=full.encoding["source"])
                 extra = _align(client, actx, cfg, vol)
         elif stage == "predict":
-            if "affinities" not in root:
+            if not _has(root, "affinities"):
                 create_volume(store, "affinities", (len(model.config.offsets), *shape),
                               cfg.predict.dtype, grid.chunks, voxel_size, offset,
                               attrs={"offsets": [list(o) for o in model.config.offsets]})
@@ -1114,7 +1173,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
                             source_name=name)
             _run_blocks(client, pctx, stage, _predict_task, cfg.cluster)
         elif stage == "watershed":
-            if "_emdask/basins" not in root:
+            if not _has(root, "_emdask/basins"):
                 root.create_array("_emdask/basins", shape=shape, chunks=grid.chunks,
                                   dtype=np.uint32, fill_value=0)
             _run_blocks(client, ctx, stage, _watershed_task, cfg.cluster)
@@ -1122,7 +1181,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
             extra = _agglomerate(client, ctx, cfg)
         elif stage == "relabel":
             for name in _label_datasets(cfg.segment):
-                if name not in root:
+                if not _has(root, name):
                     create_volume(store, name, shape, np.uint64, grid.chunks, voxel_size,
                                   offset)
             _run_blocks(client, ctx, stage, _relabel_task, cfg.cluster)

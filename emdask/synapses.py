@@ -30,8 +30,8 @@ import xarray as xr
 from emdask.blockgraph import BlockGraph
 from emdask.segmentation import _apply_luts, _supervoxels
 
-__all__ = ["assign_partners", "connectome", "find_synapses", "predict_direction",
-           "read_partner_annotations", "synapse_scores"]
+__all__ = ["assign_partners", "connectome", "find_synapses", "partner_accuracy",
+           "predict_direction", "read_partner_annotations", "synapse_scores"]
 
 
 # ---------------------------------------------------------------- objects
@@ -203,21 +203,12 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0)) -> dic
     """
     import scipy.ndimage as ndi
 
-    from emdask.metrics import contingency_table
-
     det = np.asarray(detected)
     gt = np.asarray(truth)
     if det.shape != gt.shape:
         raise ValueError(f"detected shape {det.shape} differs from truth shape {gt.shape}")
-    gt_ids, det_ids, counts = contingency_table(det, gt)
-    both = det_ids > 0
-    order = np.argsort(-counts[both], kind="stable")
-    used_gt, used_det = set(), set()
-    for g, d in zip(gt_ids[both][order], det_ids[both][order], strict=True):
-        if g not in used_gt and d not in used_det:
-            used_gt.add(g)
-            used_det.add(d)
-    n_det, n_gt, n_match = len(np.unique(det[det > 0])), len(np.unique(gt[gt > 0])), len(used_gt)
+    n_det, n_gt = len(np.unique(det[det > 0])), len(np.unique(gt[gt > 0]))
+    n_match = len(_match(det, gt))
     precision = n_match / n_det if n_det else 1.0
     recall = n_match / n_gt if n_gt else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -233,6 +224,62 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0)) -> dic
             "n_true": n_gt, "n_matched": n_match,
             "fp_distance": mean_distance(det > 0, gt > 0),
             "fn_distance": mean_distance(gt > 0, det > 0)}
+
+
+def _match(detected: np.ndarray, truth: np.ndarray) -> dict[int, int]:
+    """One-to-one matches, detected id -> true id, largest overlaps first."""
+    from emdask.metrics import contingency_table
+
+    gt_ids, det_ids, counts = contingency_table(detected, truth)  # true 0 left out
+    both = det_ids > 0
+    order = np.argsort(-counts[both], kind="stable")
+    matches, used = {}, set()
+    for g, d in zip(gt_ids[both][order], det_ids[both][order], strict=True):
+        if int(g) not in used and int(d) not in matches:
+            matches[int(d)] = int(g)
+            used.add(int(g))
+    return matches
+
+
+def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
+                     radius=(0, 6, 6)) -> tuple[int, int]:
+    """How many detected synapses get the right two partners, of those matching a true one.
+
+    For each detected synapse matched to a true synapse (by overlap, as
+    :func:`synapse_scores`), in the section where the true synapse is largest: the true
+    partners are the two ``cells`` (per-section ground-truth cells, as the larval VNC's
+    ``labels/cell_ids_2d``) with most contact within ``radius`` of the true synapse; the
+    detection is right when its two top-ranked segments of ``segmentation``
+    (:func:`assign_partners`) lie, by majority overlap, in those two cells.
+
+    Returns
+    -------
+    right, matched : int
+    """
+    from emdask.metrics import contingency_table
+
+    det, gt = np.asarray(detected), np.asarray(truth)
+    cells, seg = np.asarray(cells), np.asarray(segmentation)
+    right, matches = 0, _match(det, gt)
+    for d, g in matches.items():
+        z = int(np.argmax((gt == g).sum(axis=(1, 2))))
+        sl = slice(z, z + 1)
+        true = assign_partners(np.where(gt[sl] == g, g, 0), cells[sl],
+                               radius=radius).set_index("id")
+        found = assign_partners(np.where(det[sl] == d, d, 0), seg[sl],
+                                radius=radius).set_index("id")
+        if d not in found.index or g not in true.index:
+            continue
+        cell_ids, seg_ids, counts = contingency_table(seg[sl], cells[sl])
+        order = np.lexsort((-counts, seg_ids))  # each segment's cell of largest overlap
+        cell_of = {}
+        for s_, c in zip(seg_ids[order], cell_ids[order], strict=True):
+            cell_of.setdefault(int(s_), int(c))
+        want = {int(true.loc[g, "partner_1"]), int(true.loc[g, "partner_2"])}
+        got = {cell_of.get(int(found.loc[d, "partner_1"]), -1),
+               cell_of.get(int(found.loc[d, "partner_2"]), -2)}
+        right += want == got and 0 not in want
+    return right, len(matches)
 
 
 # ---------------------------------------------------------------- partners

@@ -4,7 +4,8 @@
 labelled volumes (anything :func:`emdask.open_volume` reads), augments them
 (:mod:`emdask.augment`), computes affinity targets from the labels
 (:func:`emdask.affinities.affinities_from_labels`: label 0 is unlabelled, and edges that
-touch it are masked out of the loss rather than taught as boundary), and minimizes a
+touch it are masked out of the loss rather than taught as boundary, unless the volume says
+``background = "boundary"``: label 0 is membrane, as in ISBI 2012), and minimizes a
 class-rebalanced binary cross-entropy with Adam.  Every ``validate_every`` iterations the
 net predicts a validation region that is never trained on; the prediction is segmented
 (:func:`emdask.segment`) and scored (VOI, adapted Rand error) at its best threshold.  Loss
@@ -66,8 +67,14 @@ class VolumeSpec:
     roi: list | None = None  # [[z0, y0, x0], [z1, y1, x1]] in voxels
     section_step: int = 1  # take every n-th section (simulate anisotropic ssEM)
     labels_2d: bool = False  # labels not linked across z: mask z affinities
+    background: str = "unlabelled"  # label 0: "unlabelled" (masked) or "boundary" (membrane)
     weight: float = 1.0  # sampling weight
     annotations: str = "annotations"  # partner nets: the CREMI annotations group
+
+    def __post_init__(self):
+        if self.background not in ("unlabelled", "boundary"):
+            raise ValueError(f"{self.url}: background must be 'unlabelled' or 'boundary', "
+                             f"got {self.background!r}")
 
 
 @dataclass
@@ -217,7 +224,7 @@ class PatchSampler:
         if self.target == "synapses":  # labels: synapse ids (0 = none)
             target = (lab > 0)[None].astype(np.float32)
             return r[None], target, np.ones_like(target)
-        target, mask = affinities_from_labels(lab, self.offsets)
+        target, mask = affinities_from_labels(lab, self.offsets, self.specs[i].background)
         if self.specs[i].labels_2d:
             mask[[k for k, o in enumerate(self.offsets) if o[0] != 0]] = 0
         return r[None], target, mask

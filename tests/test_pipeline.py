@@ -14,7 +14,7 @@ import pytest
 import torch
 from distributed import Client, LocalCluster
 
-from emdask import open_volume, segment
+from emdask import open_volume, save_volume, segment
 from emdask.config import to_toml
 from emdask.data import sample_path
 from emdask.models import AffinityUNet, ModelConfig, save_model
@@ -320,6 +320,27 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     capsys.readouterr()
     run(cfg, stages=["synapses"])  # resumes: every block already predicted
     assert "synapses: 45 of 45 blocks already done" in capsys.readouterr().err
+    # the report scores synapses against ground truth: here 3 of the detections and one
+    # that no detection touches
+    sample = open_volume(str(sample_path()), "raw")
+    found = labels.values
+    n, k = int(found.max()), min(3, int(found.max()))
+    truth = np.zeros(sample.shape, np.uint64)
+    truth[:40, :96, :96] = np.where(found <= k, found, 0)
+    free = np.argwhere(found[39] == 0)[0]
+    truth[39, free[0], free[1]] = n + 1
+    gt_url = str(tmp_path / "truth.zarr")
+    for name, data in (("synapses", truth),
+                       ("cells", open_volume(str(sample_path()), "neuron_ids").values)):
+        save_volume(data, gt_url, name, voxel_size=sample.attrs["voxel_size"])
+    cfg["evaluate"] = {"url": gt_url, "dataset": "cells", "synapses": "synapses",
+                       "cells": "cells"}
+    scores = run(cfg, stages=["report"], overwrite=True)["stages"]["report"]["scores"][
+        "synapses"]
+    assert (scores["n_detected"], scores["n_true"], scores["n_matched"]) == (n, k + 1, k)
+    assert scores["recall"] == pytest.approx(k / (k + 1))
+    assert scores["precision"] == pytest.approx(k / n) and scores["partners_of"] == k
+    assert f"({k} of {k + 1} true, {n} detected)" in capsys.readouterr().err
 
 
 def test_align_stage_aligns_masks_and_resumes(tmp_path, tiny_model, capsys):

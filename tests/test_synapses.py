@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 import scipy.ndimage as ndi
 
-from emdask.synapses import assign_partners, connectome, find_synapses, synapse_scores
+from emdask.synapses import (
+    assign_partners,
+    connectome,
+    find_synapses,
+    partner_accuracy,
+    synapse_scores,
+)
 
 
 def test_objects_by_hand():
@@ -97,6 +103,21 @@ def test_partners_and_connectome_by_hand():
     edges = connectome(out)
     assert edges[["partner_a", "partner_b", "directed"]].values.tolist() == [
         [5, 9, False], [7, 5, True]]
+
+
+def test_partner_accuracy_by_hand():
+    cells = np.zeros((1, 12, 12), np.uint64)
+    cells[:, :, :6], cells[:, :, 6:] = 5, 7  # two cells meeting at x = 6
+    cells[:, 10:, :] = 9  # a third one below
+    truth = np.zeros_like(cells)
+    truth[0, 2:5, 5:7] = 1  # between cells 5 and 7
+    detected = np.where(truth > 0, 3, 0).astype(np.uint64)
+    detected[0, 0, 0] = 4  # a false positive: not counted
+    assert partner_accuracy(detected, truth, cells, cells * 10) == (1, 1)  # renamed: right
+    over = np.where(cells == 9, 1, 2)  # 5 and 7 merged: the top two are 2 and 1
+    assert partner_accuracy(detected, truth, cells, over) == (0, 1)
+    split = cells * 10 + (np.arange(12) >= 3)[None, :, None]  # 5 and 7 each split at y=3
+    assert partner_accuracy(detected, truth, cells, split) == (1, 1)  # pieces of the cells
 
 
 def test_vnc_partners_are_the_cells_the_synapse_lies_between(shared_file):

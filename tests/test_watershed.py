@@ -175,6 +175,12 @@ def test_affinities_from_labels_long_range_and_mask():
     assert mask[0, 0, 0].tolist() == [0, 1, 1, 1, 1, 0]
     assert affs[1, 0, 0].tolist() == [0, 0, 1, 0, 0, 0]
     assert mask[1, 0, 0].tolist() == [0, 0, 1, 1, 1, 0]
+    # label 0 as membrane (ISBI 2012): edges touching it are boundaries that count
+    affs, mask = affinities_from_labels(labels, [(0, 0, -1)], background="boundary")
+    assert affs[0, 0, 0].tolist() == [0, 1, 1, 0, 1, 0]
+    assert mask[0, 0, 0].tolist() == [0, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="background must be"):
+        affinities_from_labels(labels, background="membrane")
 
 
 def test_empty_graph_is_fine():
