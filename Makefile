@@ -21,8 +21,12 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --nbmake tests notebooks
 
+# Where the larval VNC stack lies beside the repository (CC BY-NC-SA, so not bundled), the
+# demo also detects synapses and builds the connectome on it.
+VNC ?= $(wildcard ../shared/data/drosophila_vnc_sstem_gerhard2013/vnc_stack1_synapses_x0-640.h5)
+
 demo: $(STAMP)
-	$(BIN)/emdask demo
+	$(BIN)/emdask demo $(if $(VNC),--vnc $(VNC))
 
 clean:
 	rm -rf $(VENV) emdask_demo_output

@@ -54,6 +54,7 @@ class BlockGraph:
         self.ids = np.arange(int(np.prod(self.grid))).reshape(self.grid)
         self.dependency = dependency
         self.tasks: dict = {}
+        self._frozen = False  # collections made: their layer must not change afterwards
 
     # ---------------------------------------------------------------- the grid
     def blocks(self) -> Iterator[tuple[tuple, int, tuple, tuple]]:
@@ -71,27 +72,29 @@ class BlockGraph:
                     yield tuple(i - (k == d) for k, i in enumerate(idx)), idx, d
 
     # ---------------------------------------------------------------- tasks
+    def _put(self, step: str, index: tuple, task: tuple) -> tuple:
+        if self._frozen:
+            raise RuntimeError("add every task before making arrays or delayeds of the graph")
+        key = (f"{self.name}-{step}", *index)
+        self.tasks[key] = task
+        return key
+
     def add(self, step: str, index: tuple, func: Callable, *keys, **literals) -> tuple:
         """Add the task ``func(*keys, **literals)``; return its key."""
-        key = (f"{self.name}-{step}", *index)
-        self.tasks[key] = (partial(func, **literals) if literals else func, *keys)
-        return key
+        return self._put(step, index, (partial(func, **literals) if literals else func, *keys))
 
     def constant(self, step: str, index: tuple, value: Any) -> tuple:
         """A task that returns ``value`` (for a small per-block object, passed as is)."""
-        key = (f"{self.name}-{step}", *index)
-        self.tasks[key] = (partial(_constant, value),)
-        return key
+        return self._put(step, index, (partial(_constant, value),))
 
     def item(self, step: str, index: tuple, key: tuple, i: int) -> tuple:
         """A task that picks element ``i`` of the tuple a task returns."""
-        out = (f"{self.name}-{step}", *index)
-        self.tasks[out] = (operator.getitem, key, int(i))
-        return out
+        return self._put(step, index, (operator.getitem, key, int(i)))
 
     # ---------------------------------------------------------------- collections
     def _graph(self, name: str | None = None, layer: dict | None = None) -> HighLevelGraph:
-        layers, deps = {self.name: dict(self.tasks)}, {self.name: set()}
+        self._frozen = True  # every collection of this graph sees the same tasks
+        layers, deps = {self.name: self.tasks}, {self.name: set()}
         if self.dependency is not None:
             hlg = self.dependency.__dask_graph__()
             if not isinstance(hlg, HighLevelGraph):
@@ -108,6 +111,8 @@ class BlockGraph:
         """A Dask array on the grid whose block ``idx`` is the value of ``keys[idx]``
         (its element ``item`` if the task returns a tuple)."""
         name = f"{self.name}-{step}"
+        if any(k[0] == name for k in self.tasks):
+            raise ValueError(f"array step {step!r} is also the name of tasks")
         layer = {(name, *idx): (operator.getitem, keys[idx], item) if item is not None
                  else (_constant, keys[idx]) for idx in np.ndindex(*self.grid)}
         return da.Array(self._graph(name, layer), name, self.chunks, dtype=dtype)

@@ -9,7 +9,7 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from emdask.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, vnc=args.vnc)
     return 0
 
 
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the pipeline on the bundled sample")
     demo.add_argument("--out", default="emdask_demo_output", help="output folder")
+    demo.add_argument("--vnc", help="the larval VNC stack (vnc_stack1_synapses_x0-640.h5): "
+                                    "also detect synapses and build the connectome")
     demo.set_defaults(func=_demo)
     tr = sub.add_parser("train", help="train (or resume training) an affinity net")
     tr.add_argument("config", help="TOML training config (see emdask.training)")

@@ -86,6 +86,8 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
     x = np.pad(x, [(0, int(e)) for e in extra])
     y = _run_net(model, x, device, patch, batch_size)
     y = y[(slice(None), *(slice(int(h), int(h + n)) for h, n in zip(halo, inner, strict=True)))]
+    if model.config.planar:  # z offsets never trained: no link across sections
+        y[[k for k, (dz, _, _) in enumerate(model.config.offsets) if dz != 0]] = 0
     if out_dtype == np.uint8:
         return np.rint(y * 255).astype(np.uint8)
     return y
@@ -160,9 +162,6 @@ def predict_affinities(
         raise ValueError(f"this model predicts {model.config.target}, not affinities; use "
                          f"predict_{model.config.target}")
     affs = _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size)
-    if model.config.planar:  # z offsets never trained: no link across sections
-        planar = np.array([dz == 0 for dz, _, _ in model.config.offsets], affs.dtype)
-        affs = affs.copy(data=affs.data * planar[:, None, None, None])
     if mask is None:
         return affs
     nearest = mask_affinities(affs.data[:3], mask)

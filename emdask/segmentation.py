@@ -369,6 +369,7 @@ def segment(
     relabelled = {idx: g.add("relabel", idx, _relabel, inputs[idx], solution, origin=origin,
                              shape=shape, params=params, block=block)
                   for idx, block, origin, _ in g.blocks()}
+    info = g.item("info", (), solution, 2)
     results = [g.array(f"labels{i}", relabelled, np.uint64, item=i)
                for i in range(len(thr) + 1)]
     if any(thin):
@@ -381,5 +382,5 @@ def segment(
                                 attrs=dict(template.attrs), name="segmentation")
                    for r in results]
     if return_info:
-        return results, g.delayed(g.item("info", (), solution, 2))
+        return results, g.delayed(info)
     return results

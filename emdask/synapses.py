@@ -276,8 +276,9 @@ def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
         for s_, c in zip(seg_ids[order], cell_ids[order], strict=True):
             cell_of.setdefault(int(s_), int(c))
         want = {int(true.loc[g, "partner_1"]), int(true.loc[g, "partner_2"])}
-        got = {cell_of.get(int(found.loc[d, "partner_1"]), -1),
-               cell_of.get(int(found.loc[d, "partner_2"]), -2)}
+        # a missing partner (0) is never right
+        got = {cell_of.get(int(found.loc[d, "partner_1"]) or -1, -1),
+               cell_of.get(int(found.loc[d, "partner_2"]) or -2, -2)}
         right += want == got and 0 not in want
     return right, len(matches)
 

@@ -427,7 +427,8 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "sampler_rng": sampler.rng.bit_generator.state,
                         "torch_rng": torch.get_rng_state(), "iteration": it,
-                        "elapsed": now, "smooth_loss": smooth, "config": dataclasses.asdict(config.model)}, tmp)
+                        "elapsed": now, "smooth_loss": smooth,
+                        "config": dataclasses.asdict(model.config)}, tmp)
             tmp.replace(ckpt)  # atomic: a crash never leaves a half-written checkpoint
             save_model(model.eval(), out / "model.pt", card={"iterations": it,
                                                              "train_seconds": round(now)})

@@ -212,3 +212,11 @@ def test_graph_is_built_in_linear_time():
     own = sum(len(layer) for name, layer in graph.layers.items()
               if name.startswith("segment-"))
     assert own < 12 * 1728  # a fixed number of tasks per block and face
+
+
+def test_info_and_segmentation_computed_together():
+    affs = np.random.default_rng(3).random((3, 10, 12, 12)).astype(np.float32)
+    segs, info = segment(da.from_array(affs, chunks=(3, 5, 6, 6)), [0.5], return_info=True)
+    for args in [(info, segs[0]), (segs[0], info)]:  # the graphs merge in either order
+        out = dask.compute(*args, optimize_graph=False)
+        assert {type(o).__name__ for o in out} == {"SegmentationInfo", "ndarray"}

@@ -118,6 +118,8 @@ def test_partner_accuracy_by_hand():
     assert partner_accuracy(detected, truth, cells, over) == (0, 1)
     split = cells * 10 + (np.arange(12) >= 3)[None, :, None]  # 5 and 7 each split at y=3
     assert partner_accuracy(detected, truth, cells, split) == (1, 1)  # pieces of the cells
+    one = np.where(cells == 5, 50, 0)  # cell 7 not segmented: one partner is not two
+    assert partner_accuracy(detected, truth, cells, one) == (0, 1)
 
 
 def test_vnc_partners_are_the_cells_the_synapse_lies_between(shared_file):
