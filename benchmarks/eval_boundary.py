@@ -28,7 +28,7 @@ from emdask.predict import predict_affinities
 from emdask.training import _load, load_config
 from emdask.volumes import as_volume
 
-THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
 # terms of the training data in ../shared/data, by folder (from each folder's README)

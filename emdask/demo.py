@@ -35,25 +35,29 @@ def demo_config(out: Path, model_name: str = "fibsem") -> dict:
     }
 
 
-def vnc_config(vnc: str | Path, out: Path, model_name: str = "sstem") -> dict:
+def vnc_config(vnc: str | Path, out: Path, model_name: str = "sstem", roi=VNC_ROI) -> dict:
     """The synapse part: the larval VNC stack's validation rows (never trained on),
     boundary net -> segmentation -> synapses -> partners -> connectome, scored."""
+    from emdask.models import model_from
+
     vnc = str(vnc)
+    # partners from the segmentation at the threshold chosen on the net's validation
+    chosen = model_from(model_name).card.get("threshold", 0.5)
     return {
-        "input": {"url": vnc, "dataset": "raw", "roi": [list(b) for b in VNC_ROI]},
+        "input": {"url": vnc, "dataset": "raw", "roi": [list(b) for b in roi]},
         "output": {"path": str(out / "vnc.zarr"), "chunks": [20, 128, 320],
                    "overwrite": True},
         "predict": {"model": model_name},
-        "segment": {"thresholds": THRESHOLDS},
+        "segment": {"thresholds": sorted({*THRESHOLDS, chosen})},
         "synapses": {"model": "synapses", "threshold": 0.99, "radius": [0, 6, 6],
-                     "segmentation": 0.5},
+                     "segmentation": chosen},
         "evaluate": {"url": vnc, "dataset": "labels/cell_ids_2d",
                      "synapses": "labels/clefts", "cells": "labels/cell_ids_2d"},
     }
 
 
 def run_vnc_demo(vnc: str | Path, out: str | Path = "emdask_demo_output",
-                 model_name: str = "sstem") -> dict:
+                 model_name: str = "sstem", roi=VNC_ROI) -> dict:
     """Synapses and the connectome on the larval VNC stack (Gerhard et al. 2013; CC BY-NC-SA
     3.0, so not bundled: pass the path of ``vnc_stack1_synapses_x0-640.h5``).  Writes
     ``vnc.toml``, ``vnc.zarr`` (with ``synapses.parquet`` and ``connectome.parquet``) and
@@ -63,9 +67,9 @@ def run_vnc_demo(vnc: str | Path, out: str | Path = "emdask_demo_output",
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = vnc_config(vnc, out, model_name)
+    cfg = vnc_config(vnc, out, model_name, roi)
     (out / "vnc.toml").write_text(to_toml(cfg))
-    print(f"\nlarval VNC ssTEM, validation rows {VNC_ROI} (no net was trained on them)")
+    print(f"\nlarval VNC ssTEM, region {roi} of the validation rows (no net trained on them)")
     scores = run(cfg)["stages"]["report"]["scores"]
     s = scores["synapses"]
     print(f"\nsynapses: {s['n_detected']:.0f} detected, {s['n_true']:.0f} labelled; precision "

@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "available_models",
     "load_model",
+    "model_from",
     "pretrained",
     "save_model",
 ]
@@ -244,6 +245,12 @@ def available_models() -> list[str]:
     return sorted(p.stem for folder in (WEIGHTS, WEIGHTS_NC) for p in folder.glob("*.pt"))
 
 
+def model_from(name: str | Path) -> AffinityUNet:
+    """A model file (``.pt``, :func:`load_model`) or a shipped model's name
+    (:func:`pretrained`): what configs name."""
+    return load_model(name) if str(name).endswith(".pt") else pretrained(str(name))
+
+
 def pretrained(name: str = "fibsem") -> AffinityUNet:
     """A shipped model, loaded from the package (no network access).
 
@@ -251,6 +258,8 @@ def pretrained(name: str = "fibsem") -> AffinityUNet:
     ----------
     name
         ``"fibsem"``: isotropic FIB-SEM at 10 nm (trained on the FlyEM medulla data).
+        ``"sstem"``: anisotropic ssTEM at 50 x 4 x 4 nm (trained on the ISBI 2012 stack,
+        whose labels are 2-D: a planar model, each section segmented on its own).
         ``"synapses"``: synaptic densities in ssTEM at 50 x 4.6 x 4.6 nm (trained on the
         larval VNC masks of Gerhard et al. 2013; CC BY-NC-SA 3.0, non-commercial use only,
         see ``emdask/weights_nc/README.md``).

@@ -355,10 +355,9 @@ def _model(name: str, device: str):
 
 @functools.lru_cache(maxsize=4)
 def _cached_model(name: str, device: str, stamp: int):
-    from emdask.models import load_model, pretrained
+    from emdask.models import model_from
 
-    model = load_model(name) if name.endswith(".pt") else pretrained(name)
-    return model.to(device).eval()
+    return model_from(name).to(device).eval()
 
 
 def _device(spec: PredictSpec) -> str:
