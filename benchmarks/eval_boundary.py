@@ -134,8 +134,9 @@ def main() -> None:
         "description": _description(model, cfg),
         "validation": {"url": cfg.validation.url, "roi_voxels": cfg.validation.roi,
                        "note": args.note},
-        "iterations": int(log[-1]["iteration"]),
-        "train_seconds": int(float(log[-1]["seconds"])),
+        # the model file's own record (the log may run on past the last checkpoint)
+        "iterations": int(model.card.get("iterations", log[-1]["iteration"])),
+        "train_seconds": int(float(model.card.get("train_seconds", log[-1]["seconds"]))),
         "hardware": "2 CPU cores",
         "threshold": best_net["threshold"],
         "validation_scores": {k: round(best_net[k], 4) for k in
