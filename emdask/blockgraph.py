@@ -91,6 +91,29 @@ class BlockGraph:
         """A task that picks element ``i`` of the tuple a task returns."""
         return self._put(step, index, (operator.getitem, key, int(i)))
 
+    def solve(self, inputs: dict, summarize: Callable, link: Callable, solve: Callable, *,
+              summary_args: dict, link_args: dict, solve_args: dict) -> tuple:
+        """The blockwise-solve pattern; returns the key of the global task.
+
+        Per block, ``summarize(inputs[idx], origin=..., **summary_args)`` returns
+        ``(part_a, part_b, faces)``; per pair of face neighbours,
+        ``link(faces of the upper block, faces of the lower, d=axis, **link_args)``; once,
+        ``solve([part_a...], [part_b...], [link...], pairs=[(lower id, upper id)...],
+        **solve_args)``, blocks in C order.  Only the faces travel to the face tasks.
+        """
+        parts = {}
+        for idx, _, origin, _ in self.blocks():
+            s = self.add("summary", idx, summarize, inputs[idx], origin=origin, **summary_args)
+            parts[idx] = [self.item(f"summary{i}", idx, s, i) for i in range(3)]
+        links, pairs = [], []
+        for below, idx, d in self.faces():
+            links.append(self.add("face", (*idx, d), link, parts[idx][2], parts[below][2],
+                                  d=d, **link_args))
+            pairs.append((int(self.ids[below]), int(self.ids[idx])))
+        order = list(np.ndindex(*self.grid))
+        return self.add("solve", (), solve, [parts[i][0] for i in order],
+                        [parts[i][1] for i in order], links, pairs=pairs, **solve_args)
+
     # ---------------------------------------------------------------- collections
     def _graph(self, name: str | None = None, layer: dict | None = None) -> HighLevelGraph:
         self._frozen = True  # every collection of this graph sees the same tasks

@@ -351,21 +351,11 @@ def segment(
         keys[...] = padded.__dask_keys__()
         inputs = {idx: keys[(0, *idx)] for idx in np.ndindex(*g.grid)}
 
-    summaries = {}
-    for idx, _, origin, _ in g.blocks():
-        s = g.add("summary", idx, _block_summary, inputs[idx], origin=origin, shape=shape,
-                  params=params, bins=bins)
-        summaries[idx] = [g.item(f"summary{i}", idx, s, i) for i in range(3)]
-    pairs, links = [], []
-    high_q = params.quantized()[1]
-    for below, idx, d in g.faces():
-        links.append(g.add("face", (*idx, d), _face_links, summaries[idx][2],
-                           summaries[below][2], d=d, high_q=high_q, bins=bins))
-        pairs.append((int(g.ids[below]), int(g.ids[idx])))
-    order = list(np.ndindex(*g.grid))
-    solution = g.add("solve", (), _solve, [summaries[i][0] for i in order],
-                     [summaries[i][1] for i in order], links, pairs=pairs, params=params,
-                     thresholds=thr, score=score)
+    solution = g.solve(
+        inputs, _block_summary, _face_links, _solve,
+        summary_args={"shape": shape, "params": params, "bins": bins},
+        link_args={"high_q": params.quantized()[1], "bins": bins},
+        solve_args={"params": params, "thresholds": thr, "score": score})
     relabelled = {idx: g.add("relabel", idx, _relabel, inputs[idx], solution, origin=origin,
                              shape=shape, params=params, block=block)
                   for idx, block, origin, _ in g.blocks()}

@@ -151,19 +151,10 @@ def find_synapses(
     g = BlockGraph("synapses", mask.chunks, dependency=mask)
     keys = np.empty(g.grid, object)
     keys[...] = mask.__dask_keys__()
-    summaries = {}
-    for idx, _, origin, _ in g.blocks():
-        s = g.add("summary", idx, _block_objects, keys[idx], origin=origin, shape=shape)
-        summaries[idx] = [g.item(f"summary{i}", idx, s, i) for i in range(3)]
-    pairs, links = [], []
-    for below, idx, d in g.faces():
-        links.append(g.add("face", (*idx, d), _face_joins, summaries[idx][2],
-                           summaries[below][2], d=d))
-        pairs.append((int(g.ids[below]), int(g.ids[idx])))
-    order = list(np.ndindex(*g.grid))
-    solution = g.add("solve", (), _objects, [summaries[i][0] for i in order],
-                     [summaries[i][1] for i in order], links, pairs=pairs,
-                     min_size=int(min_size))
+    inputs = {idx: keys[idx] for idx in np.ndindex(*g.grid)}
+    solution = g.solve(inputs, _block_objects, _face_joins, _objects,
+                       summary_args={"shape": shape}, link_args={},
+                       solve_args={"min_size": int(min_size)})
     # The global solve is small (one row per object): computed now for the table, it
     # enters the relabel pass as a value, each block given its own part of the table.
     lut, bases, stats = g.delayed(solution).compute()
