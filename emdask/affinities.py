@@ -33,6 +33,9 @@ def _shifted_pair(labels: np.ndarray, offset: Sequence[int]):
     return labels[tuple(out)], labels[tuple(src)], tuple(out)
 
 
+BACKGROUNDS = ("unlabelled", "boundary")  # what label 0 can mean in training labels
+
+
 def affinities_from_labels(
     labels: np.ndarray,
     offsets: Sequence[Sequence[int]] = NEAREST,
@@ -70,8 +73,8 @@ def affinities_from_labels(
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
-    if background not in ("unlabelled", "boundary"):
-        raise ValueError(f"background must be 'unlabelled' or 'boundary', got {background!r}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     affs = np.zeros((len(offsets), *labels.shape), np.float32)
     mask = np.zeros_like(affs)
     for c, offset in enumerate(offsets):

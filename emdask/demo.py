@@ -38,11 +38,11 @@ def demo_config(out: Path, model_name: str = "fibsem") -> dict:
 def vnc_config(vnc: str | Path, out: Path, model_name: str = "sstem", roi=VNC_ROI) -> dict:
     """The synapse part: the larval VNC stack's validation rows (never trained on),
     boundary net -> segmentation -> synapses -> partners -> connectome, scored."""
-    from emdask.models import model_from
+    from emdask.models import model_card
 
     vnc = str(vnc)
     # partners from the segmentation at the threshold chosen on the net's validation
-    chosen = model_from(model_name).card.get("threshold", 0.5)
+    chosen = model_card(model_name).get("threshold", 0.5)
     return {
         "input": {"url": vnc, "dataset": "raw", "roi": [list(b) for b in roi]},
         "output": {"path": str(out / "vnc.zarr"), "chunks": [20, 128, 320],
@@ -90,7 +90,7 @@ def run_demo(out: str | Path = "emdask_demo_output", model_name: str = "fibsem",
     from emdask.affinities import affinities_from_intensity
     from emdask.config import to_toml
     from emdask.data import sample
-    from emdask.models import pretrained
+    from emdask.models import model_card
     from emdask.pipeline import run
 
     out = Path(out)
@@ -104,7 +104,7 @@ def run_demo(out: str | Path = "emdask_demo_output", model_name: str = "fibsem",
     scores = result["stages"]["report"]["scores"]
     rows = [scores[f"segmentation_{t:g}"] | {"threshold": t} for t in THRESHOLDS]
     # the threshold chosen on the model's validation, not the best one here
-    card_threshold = pretrained(model_name).card.get("threshold")
+    card_threshold = model_card(model_name).get("threshold")
     chosen = next((r for r in rows if r["threshold"] == card_threshold),
                   min(rows, key=lambda r: r["voi"]))
 

@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "available_models",
     "load_model",
+    "model_card",
     "model_from",
     "pretrained",
     "save_model",
@@ -235,9 +236,13 @@ def load_model(path: str | Path, map_location: str = "cpu") -> AffinityUNet:
     model = AffinityUNet(ModelConfig(**state["config"]))
     model.load_state_dict(state["state_dict"] if "state_dict" in state else state["model"])
     model.eval()
-    meta = path.with_suffix(".json")
-    model.card = json.loads(meta.read_text()).get("card", {}) if meta.exists() else {}
+    model.card = _card(path)
     return model
+
+
+def _card(path: Path) -> dict:
+    meta = path.with_suffix(".json")
+    return json.loads(meta.read_text()).get("card", {}) if meta.exists() else {}
 
 
 def available_models() -> list[str]:
@@ -245,10 +250,31 @@ def available_models() -> list[str]:
     return sorted(p.stem for folder in (WEIGHTS, WEIGHTS_NC) for p in folder.glob("*.pt"))
 
 
+def _model_path(name: str | Path) -> Path:
+    """The file of a model file name (``.pt``) or of a shipped model's name."""
+    if str(name).endswith(".pt"):
+        return Path(name)
+    path = next((f / f"{name}.pt" for f in (WEIGHTS, WEIGHTS_NC) if (f / f"{name}.pt").exists()),
+                None)
+    if path is None:
+        raise ValueError(
+            f"no pretrained model {name!r}; available: {available_models() or '(none)'}"
+        )
+    return path
+
+
 def model_from(name: str | Path) -> AffinityUNet:
     """A model file (``.pt``, :func:`load_model`) or a shipped model's name
     (:func:`pretrained`): what configs name."""
-    return load_model(name) if str(name).endswith(".pt") else pretrained(str(name))
+    return load_model(_model_path(name))
+
+
+def model_card(name: str | Path) -> dict:
+    """The model card of a model file or shipped model, without loading its weights."""
+    path = _model_path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file")
+    return _card(path)
 
 
 def pretrained(name: str = "fibsem") -> AffinityUNet:
@@ -264,10 +290,4 @@ def pretrained(name: str = "fibsem") -> AffinityUNet:
         larval VNC masks of Gerhard et al. 2013; CC BY-NC-SA 3.0, non-commercial use only,
         see ``emdask/weights_nc/README.md``).
     """
-    path = next((f / f"{name}.pt" for f in (WEIGHTS, WEIGHTS_NC) if (f / f"{name}.pt").exists()),
-                WEIGHTS / f"{name}.pt")
-    if not path.exists():
-        raise ValueError(
-            f"no pretrained model {name!r}; available: {available_models() or '(none)'}"
-        )
-    return load_model(path)
+    return load_model(_model_path(name))

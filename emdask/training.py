@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from emdask.affinities import affinities_from_labels
+from emdask.affinities import BACKGROUNDS, affinities_from_labels
 from emdask.augment import AugmentConfig, augment
 from emdask.config import from_dict, read_file
 from emdask.models import AffinityUNet, ModelConfig, save_model
@@ -72,8 +72,8 @@ class VolumeSpec:
     annotations: str = "annotations"  # partner nets: the CREMI annotations group
 
     def __post_init__(self):
-        if self.background not in ("unlabelled", "boundary"):
-            raise ValueError(f"{self.url}: background must be 'unlabelled' or 'boundary', "
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"{self.url}: background must be one of {BACKGROUNDS}, "
                              f"got {self.background!r}")
 
 
