@@ -75,8 +75,10 @@ def run_vnc_demo(vnc: str | Path, out: str | Path = "emdask_demo_output",
     print(f"\nsynapses: {s['n_detected']:.0f} detected, {s['n_true']:.0f} labelled; precision "
           f"{s['precision']:.3f}, recall {s['recall']:.3f}, F1 {s['f1']:.3f}; CREMI distances "
           f"FP {s['fp_distance']:.1f} nm, FN {s['fn_distance']:.1f} nm")
-    print(f"partners: the two top-ranked segments lie in the two true cells for "
-          f"{s['partners_right']:.0f} of {s['partners_of']:.0f} matched synapses")
+    print(f"partners: the two top-ranked segments lie in the cell with most contact and in "
+          f"a second one facing the synapse for {s['partners_right']:.0f} of "
+          f"{s['partners_of']:.0f} matched synapses ({s['partners_right_strict']:.0f} in the "
+          "two cells with most contact)")
     print(f"wrote {out / 'vnc.png'} (detected synapses outlined in red, labelled ones in "
           f"yellow) and {out / 'vnc.zarr'}/connectome.parquet")
     return scores

@@ -118,6 +118,9 @@ class SynapseSpec:
     threshold: float = 0.5
     min_size: int = 50  # voxels
     radius: list = field(default_factory=lambda: [0, 3, 3])  # partner search, voxels
+    # Probabilities as stored: a synapse net's output crowds near 1 (the shipped one is used
+    # at 0.99, between two uint8 steps), so float32 unless space matters more.
+    dtype: str = "float32"
     segmentation: float | None = None  # which threshold's segmentation (default: last)
     direction_model: str | None = None  # a partner net (target "partners"): pre and post
     direction_patch: list = field(default_factory=lambda: [8, 96, 96])  # voxels per synapse
@@ -180,6 +183,9 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
                          f"got {cfg.output.chunks}")
     if cfg.predict.dtype not in ("uint8", "float32"):
         raise ValueError(f"{where}: predict.dtype must be 'uint8' or 'float32'")
+    if cfg.synapses is not None and cfg.synapses.dtype not in ("uint8", "float32"):
+        raise ValueError(f"{where}: synapses.dtype must be 'uint8' or 'float32', got "
+                         f"{cfg.synapses.dtype!r}")
     if cfg.cluster.kind != "local" and cfg.cluster.kind not in _JOBQUEUE:
         raise ValueError(f"{where}: cluster.kind must be 'local' or one of "
                          f"{sorted(_JOBQUEUE)}, got {cfg.cluster.kind!r}")
@@ -914,10 +920,11 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> di
         _check_voxel_size(vol.attrs["voxel_size"], model, vol.attrs["source"])
     root = _open_root(store)
     if not _has(root, "synapse_probabilities"):
-        create_volume(store, "synapse_probabilities", ctx.grid.shape, cfg.predict.dtype,
+        create_volume(store, "synapse_probabilities", ctx.grid.shape, spec.dtype,
                       ctx.grid.chunks, vol.attrs["voxel_size"], vol.attrs["offset"])
     source, begin, _, name = _raw(cfg, root, full, roi_begin)
-    pctx = _Context(store, ctx.grid, source=source, roi_begin=begin, predict=cfg.predict,
+    pctx = _Context(store, ctx.grid, source=source, roi_begin=begin,
+                    predict=replace(cfg.predict, dtype=spec.dtype),
                     generation=ctx.generation, source_name=name)
     _run_blocks(client, pctx, "synapses", functools.partial(
         _predict_task, model_name=spec.model, dataset="synapse_probabilities",
@@ -997,7 +1004,8 @@ def _report(cfg: RunConfig, vol, roi_begin) -> dict:
         synapses = open_volume(store, "synapses").values
     if synapses is not None and cfg.evaluate is not None and cfg.evaluate.synapses:
         true_synapses = np.asarray(_ground_truth(cfg, cfg.evaluate.synapses, vol, roi_begin))
-        s = synapse_scores(synapses, true_synapses, vol.attrs["voxel_size"])
+        s = synapse_scores(synapses, true_synapses, vol.attrs["voxel_size"],
+                           min_size=cfg.synapses.min_size)
         line = (f"  synapses: precision {s['precision']:.3f} recall {s['recall']:.3f} "
                 f"F1 {s['f1']:.3f} ({s['n_matched']} of {s['n_true']} true, "
                 f"{s['n_detected']} detected); FP distance {s['fp_distance']:.1f} nm, "
@@ -1005,12 +1013,15 @@ def _report(cfg: RunConfig, vol, roi_begin) -> dict:
         if cfg.evaluate.cells:
             t = cfg.synapses.segmentation
             t = cfg.segment.thresholds[-1] if t is None else t
-            right, n = partner_accuracy(
-                synapses, true_synapses,
-                np.asarray(_ground_truth(cfg, cfg.evaluate.cells, vol, roi_begin)),
-                open_volume(store, f"segmentation_{t:g}").values, tuple(cfg.synapses.radius))
-            s |= {"partners_right": right, "partners_of": n}
-            line += f"; partners right for {right} of {n} matched synapses"
+            args = (synapses, true_synapses,
+                    np.asarray(_ground_truth(cfg, cfg.evaluate.cells, vol, roi_begin)),
+                    open_volume(store, f"segmentation_{t:g}").values,
+                    tuple(cfg.synapses.radius))
+            right, n = partner_accuracy(*args)
+            strict, _ = partner_accuracy(*args, second=1.0)
+            s |= {"partners_right": right, "partners_right_strict": strict, "partners_of": n}
+            line += (f"; partners right for {right} of {n} matched synapses ({strict} with "
+                     "the second-ranked true cell itself)")
         scores["synapses"] = {k: float(v) for k, v in s.items()}
         print(line, file=sys.stderr)
     local = _local_path(store)

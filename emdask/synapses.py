@@ -178,13 +178,19 @@ def find_synapses(
 
 
 # ---------------------------------------------------------------- scores
-def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0)) -> dict:
+def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0),
+                   min_size: int = 0) -> dict:
     """Detected synapse objects against ground-truth objects.
 
     Objects are matched one to one by overlap, largest overlaps first; a detection that
     overlaps no unmatched true object is a false positive.  Also the CREMI distances
     (nm): the mean distance of detected synaptic voxels to the nearest true one
     (``fp_distance``) and of true voxels to the nearest detected one (``fn_distance``).
+
+    A true object with fewer than ``min_size`` voxels inside the volume (a synapse that
+    lies almost entirely outside the region scored, cut by its edge) is not scored: give
+    the detection's size filter, since smaller objects could never be detected.  Neither
+    it nor a detection that overlaps only such pieces counts.
 
     Returns
     -------
@@ -198,6 +204,15 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0)) -> dic
     gt = np.asarray(truth)
     if det.shape != gt.shape:
         raise ValueError(f"detected shape {det.shape} differs from truth shape {gt.shape}")
+    if min_size > 0:
+        ids, counts = np.unique(gt, return_counts=True)
+        pieces = ids[(ids > 0) & (counts < min_size)]
+        if len(pieces):
+            cut = np.isin(gt, pieces)
+            # detections touching only cut pieces are left out, like the pieces
+            outside = np.setdiff1d(np.unique(det[cut]), np.unique(det[(gt > 0) & ~cut]))
+            det = np.where(np.isin(det, outside[outside > 0]), 0, det)
+            gt = np.where(cut, 0, gt)
     n_det, n_gt = len(np.unique(det[det > 0])), len(np.unique(gt[gt > 0]))
     n_match = len(_match(det, gt))
     precision = n_match / n_det if n_det else 1.0
@@ -233,15 +248,18 @@ def _match(detected: np.ndarray, truth: np.ndarray) -> dict[int, int]:
 
 
 def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
-                     radius=(0, 6, 6)) -> tuple[int, int]:
+                     radius=(0, 6, 6), second: float = 0.5) -> tuple[int, int]:
     """How many detected synapses get the right two partners, of those matching a true one.
 
     For each detected synapse matched to a true synapse (by overlap, as
-    :func:`synapse_scores`), in the section where the true synapse is largest: the true
-    partners are the two ``cells`` (per-section ground-truth cells, as the larval VNC's
-    ``labels/cell_ids_2d``) with most contact within ``radius`` of the true synapse; the
-    detection is right when its two top-ranked segments of ``segmentation``
-    (:func:`assign_partners`) lie, by majority overlap, in those two cells.
+    :func:`synapse_scores`), in the section where the true synapse is largest, the
+    ``cells`` (per-section ground-truth cells, as the larval VNC's ``labels/cell_ids_2d``)
+    within ``radius`` of the true synapse are ranked by contact.  The detection is right
+    when its two top-ranked segments of ``segmentation`` (:func:`assign_partners`) lie, by
+    majority overlap, in the first cell and in one whose contact is at least ``second``
+    times that of the second cell.  Insect synapses are polyadic (one presynaptic cell
+    facing several postsynaptic ones, often with near-equal contact), so which of those
+    ranks second is a toss-up; ``second=1`` asks for the second cell itself (or a tie).
 
     Returns
     -------
@@ -266,36 +284,102 @@ def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
         cell_of = {}
         for s_, c in zip(seg_ids[order], cell_ids[order], strict=True):
             cell_of.setdefault(int(s_), int(c))
-        want = {int(true.loc[g, "partner_1"]), int(true.loc[g, "partner_2"])}
+        ranked = true.loc[g, "partners"]
+        if len(ranked) < 2:
+            continue
+        first = ranked[0][0]
+        seconds = {c for c, n in ranked[1:] if n >= second * ranked[1][1]}
         # a missing partner (0) is never right
-        got = {cell_of.get(int(found.loc[d, "partner_1"]) or -1, -1),
-               cell_of.get(int(found.loc[d, "partner_2"]) or -2, -2)}
-        right += want == got and 0 not in want
+        a = cell_of.get(int(found.loc[d, "partner_1"]) or -1, -1)
+        b = cell_of.get(int(found.loc[d, "partner_2"]) or -2, -2)
+        right += (a == first and b in seconds) or (b == first and a in seconds)
     return right, len(matches)
 
 
 # ---------------------------------------------------------------- partners
-def _contacts(synapses: np.ndarray, segmentation: np.ndarray, radius, halo) -> np.ndarray:
-    """(synapse, segment, voxels) for segment voxels within ``radius`` of a synapse (an
-    ellipsoid, in voxels per axis), each voxel counted for its nearest synapse only, in
-    the block's core (the arrays carry ``halo`` extra voxels per side)."""
+def _moments(synapses: np.ndarray, origin) -> tuple:
+    """Per synapse id in a block: voxel count, sum of global voxel coordinates, and sum of
+    their outer products (float64: exact enough for covariances at any volume size)."""
+    ids, inverse = np.unique(synapses, return_inverse=True)
+    keep = ids > 0
+    if not keep.any():
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 3)), np.zeros((0, 3, 3))
+    p = np.stack(np.unravel_index(np.arange(synapses.size), synapses.shape), axis=1)
+    p = (p + np.asarray(origin)).astype(np.float64)
+    inverse = inverse.ravel()
+    n = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
+    first = np.stack([np.bincount(inverse, p[:, i], len(ids)) for i in range(3)], axis=1)
+    second = np.stack([[np.bincount(inverse, p[:, i] * p[:, j], len(ids)) for j in range(3)]
+                       for i in range(3)]).transpose(2, 0, 1)
+    return ids[keep].astype(np.int64), n[keep], first[keep], second[keep]
+
+
+def _normals(moments, voxel_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synapse ids, centroids (voxels) and unit normals (voxels, z-y-x): the axis along
+    which the synapse is thinnest, in physical units.  A synaptic density is a sheet
+    between its partners.  Where sections are much thicker than the pixels (ssTEM) or the
+    synapse lies in one section, the normal is sought in the section's plane."""
+    ids = np.concatenate([m[0] for m in moments])
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    n = np.bincount(inverse, np.concatenate([m[1] for m in moments]), len(uniq))
+    first = np.zeros((len(uniq), 3))
+    second = np.zeros((len(uniq), 3, 3))
+    np.add.at(first, inverse, np.concatenate([m[2] for m in moments]))
+    np.add.at(second, inverse, np.concatenate([m[3] for m in moments]))
+    centre = first / n[:, None]
+    vs = np.asarray(voxel_size, np.float64)
+    cov = (second / n[:, None, None] - centre[:, :, None] * centre[:, None, :]) * np.outer(vs, vs)
+    planar = vs[0] >= 2 * max(vs[1], vs[2])
+    normals = np.zeros((len(uniq), 3))
+    for k in range(len(uniq)):
+        axes = [1, 2] if planar or cov[k, 0, 0] < 1e-9 * vs[0] ** 2 else [0, 1, 2]
+        _, vec = np.linalg.eigh(cov[k][np.ix_(axes, axes)])
+        normals[k, axes] = vec[:, 0] / vs[axes]  # back to voxel units (only the sign is used)
+    return uniq, centre, normals
+
+
+def _contacts(synapses: np.ndarray, segmentation: np.ndarray, radius, halo, origin,
+              ids, centres, normals) -> np.ndarray:
+    """(synapse, segment, voxels on the normal's side, voxels on the other side) for
+    segment voxels within ``radius`` of a synapse (an ellipsoid, in voxels per axis),
+    each voxel counted for its nearest synapse only, in the block's core (the arrays carry
+    ``halo`` extra voxels per side and start at global voxel ``origin``)."""
     import scipy.ndimage as ndi
 
     core = tuple(slice(h, n - h) for h, n in zip(halo, synapses.shape, strict=True))
     if not synapses.any():
-        return np.zeros((3, 0), np.int64)
+        return np.zeros((4, 0), np.int64)
     # distances in units of the radius: an axis with radius 0 is not grown along
     sampling = [1.0 / r if r else 1e6 for r in radius]
     dist, nearest = ndi.distance_transform_edt(synapses == 0, sampling=sampling,
                                                return_indices=True)
-    grown = np.where(dist <= 1.0 + 1e-9, synapses[tuple(nearest)], 0)
-    s, g = grown[core].ravel(), segmentation[core].ravel()
-    keep = (s > 0) & (g > 0)
+    grown = np.where(dist <= 1.0 + 1e-9, synapses[tuple(nearest)], 0)[core]
+    seg = segmentation[core]
+    keep = (grown > 0) & (seg > 0)
     if not keep.any():
-        return np.zeros((3, 0), np.int64)
-    pairs, counts = np.unique(np.stack([s[keep], g[keep]]).astype(np.int64), axis=1,
-                              return_counts=True)
-    return np.vstack([pairs, counts])
+        return np.zeros((4, 0), np.int64)
+    s, g = grown[keep].astype(np.int64), seg[keep].astype(np.int64)
+    p = np.argwhere(keep) + np.asarray(origin) + np.asarray(halo)
+    row = np.searchsorted(ids, s)
+    plus = ((p - centres[row]) * normals[row]).sum(axis=1) >= 0
+    pairs, inverse = np.unique(np.stack([s, g]), axis=1, return_inverse=True)
+    inverse = inverse.ravel()
+    return np.vstack([pairs, np.bincount(inverse, plus, pairs.shape[1]),
+                      np.bincount(inverse, ~plus, pairs.shape[1])]).astype(np.int64)
+
+
+def _rank(segments, contact, plus, minus) -> list[tuple[int, int]]:
+    """(segment, contact) of one synapse, from its rows sorted by contact (then segment
+    id): most contact first, then the segment with most contact on the other side of the
+    synapse, then the rest by contact."""
+    other = minus if plus[0] >= minus[0] else plus
+    rest = np.arange(1, len(segments))
+    across = rest[other[rest] > 0]
+    order = [0]
+    if len(across):
+        order.append(int(across[np.lexsort((segments[across], -other[across]))[0]]))
+    order += [int(i) for i in rest if i not in order]
+    return [(int(segments[i]), int(contact[i])) for i in order]
 
 
 def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None = None,
@@ -304,14 +388,20 @@ def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None
 
     A segment's contact is its number of voxels within ``radius`` (voxels, z-y-x: an
     ellipsoid) of the synapse, each voxel counted for its nearest synapse: the synapse
-    lies on the membranes between its partners, so its grown mask reaches into both.  No direction model is applied: ``direction`` is ``"unknown"``
-    rather than a guess (``partner_1`` is not implied to be presynaptic).
+    lies on the membranes between its partners, so its grown mask reaches into both.
+    The first partner is the segment with most contact; the second the one with most
+    contact on the *other side* of the synapse (the side of a voxel is that of the
+    synapse's normal, its thinnest axis), so two pieces of one cell on the same side of
+    the density are not taken for the two partners; the rest follow by contact.  No
+    direction model is applied: ``direction`` is ``"unknown"`` rather than a guess
+    (``partner_1`` is not implied to be presynaptic).
 
     Parameters
     ----------
     synapses, segmentation
         Synapse object ids (from :func:`find_synapses`) and the neuron segmentation, on
         the same grid; lazy arrays are counted blockwise (with a halo of ``radius``).
+        The synapses' ``voxel_size`` attribute (if a DataArray) sets their normals.
     table
         The synapse table to extend (default: one row per synapse id found).
 
@@ -322,6 +412,8 @@ def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None
         there is none), ``partners`` (all touching segments, ranked, with contacts) and
         ``direction``.
     """
+    vs = (synapses.attrs.get("voxel_size", (1.0, 1.0, 1.0))
+          if isinstance(synapses, xr.DataArray) else (1.0, 1.0, 1.0))
     syn = synapses.data if isinstance(synapses, xr.DataArray) else synapses
     seg = segmentation.data if isinstance(segmentation, xr.DataArray) else segmentation
     if tuple(np.shape(syn)) != tuple(np.shape(seg)):
@@ -330,20 +422,34 @@ def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None
     radius = tuple(int(r) for r in radius)
     syn = syn if isinstance(syn, da.Array) else da.from_array(np.asarray(syn), chunks=-1)
     seg = da.asarray(seg).rechunk(syn.chunks)
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in syn.chunks]
+    origins = [tuple(int(starts[d][i]) for d, i in enumerate(idx))
+               for idx in np.ndindex(*syn.numblocks)]
+    moments = dask.compute(*[dask.delayed(_moments)(b, o) for b, o in zip(
+        syn.to_delayed().ravel(), origins, strict=True)])
+    ids, centres, normals = _normals(moments, vs) if moments else (np.zeros(0, np.int64),) * 3
     depth = dict(enumerate(radius))
-    parts = [dask.delayed(_contacts)(a, b, radius, radius) for a, b in zip(
-        da.overlap.overlap(syn, depth=depth, boundary=0).to_delayed().ravel(),
-        da.overlap.overlap(seg, depth=depth, boundary=0).to_delayed().ravel(), strict=True)]
-    found = np.hstack(dask.compute(*parts)) if parts else np.zeros((3, 0), np.int64)
-    contacts = (pd.DataFrame({"id": found[0], "segment": found[1], "contact": found[2]})
-                .groupby(["id", "segment"], as_index=False)["contact"].sum()
-                .sort_values(["id", "contact", "segment"], ascending=[True, False, True]))
-    ranked = contacts.groupby("id")
+    parts = [dask.delayed(_contacts)(a, b, radius, radius,
+                                     tuple(o - r for o, r in zip(origin, radius, strict=True)),
+                                     ids, centres, normals)
+             for a, b, origin in zip(
+                 da.overlap.overlap(syn, depth=depth, boundary=0).to_delayed().ravel(),
+                 da.overlap.overlap(seg, depth=depth, boundary=0).to_delayed().ravel(),
+                 origins, strict=True)]
+    found = np.hstack(dask.compute(*parts)) if parts else np.zeros((4, 0), np.int64)
+    contacts = (pd.DataFrame({"id": found[0], "segment": found[1], "plus": found[2],
+                              "minus": found[3]})
+                .groupby(["id", "segment"], as_index=False)[["plus", "minus"]].sum())
+    contacts["contact"] = contacts["plus"] + contacts["minus"]
+    contacts = contacts.sort_values(["id", "contact", "segment"],
+                                    ascending=[True, False, True])
     if table is None:
-        table = pd.DataFrame({"id": np.unique(np.asarray(syn[syn > 0].compute()))})
+        table = pd.DataFrame({"id": ids})
     out = table.copy()
-    lists = {int(i): list(zip(g["segment"].astype(int), g["contact"].astype(int),
-                              strict=True)) for i, g in ranked}
+    cols = [contacts[c].to_numpy() for c in ("id", "segment", "contact", "plus", "minus")]
+    cuts = np.flatnonzero(np.diff(cols[0])) + 1
+    lists = {int(part[0][0]): _rank(*part[1:])
+             for part in zip(*(np.split(c, cuts) for c in cols), strict=True) if len(part[0])}
     for k in (1, 2):
         out[f"partner_{k}"] = [lists.get(int(i), [])[k - 1][0]
                                if len(lists.get(int(i), [])) >= k else 0 for i in out["id"]]

@@ -284,7 +284,8 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
             prob = pred[0].values
             truth = labels  # the labelled synapse objects, ids as given
             rows = [synapse_scores(find_synapses(prob, t, SYNAPSE_MIN_SIZE)[0].values,
-                                   truth, vs) | {"threshold": t} for t in thresholds]
+                                   truth, vs, SYNAPSE_MIN_SIZE) | {"threshold": t}
+                    for t in thresholds]
             return max(rows, key=lambda r: r["f1"])
         affs = pred[:3].compute()
         if spec.labels_2d:  # labels of single sections: segment each section on its own

@@ -82,6 +82,8 @@ def test_config_errors_name_the_key(tmp_path, tiny_model):
         load_run_config({**good, "cluster": {"kind": "kubernetes"}})
     with pytest.raises(ValueError, match="missing required keys \\['url'\\]"):
         load_run_config({**good, "input": {"dataset": "raw"}})
+    with pytest.raises(ValueError, match="synapses.dtype must be 'uint8' or 'float32'"):
+        load_run_config({**good, "synapses": {"model": "synapses", "dtype": "float16"}})
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("input: {url: a.zarr}\noutput: {path: b.zarr}\n"
                          "cluster: {kind: slurm, jobqueue: {cores: 4, memory: 8GB}}\n")
@@ -307,7 +309,7 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     assert result["stages"]["synapses"]["n_synapses"] >= 0
     probs = open_volume(store, "synapse_probabilities")
     labels = open_volume(store, "synapses")
-    assert probs.shape == labels.shape == (40, 96, 96) and probs.dtype == np.uint8
+    assert probs.shape == labels.shape == (40, 96, 96) and probs.dtype == np.float32
     table = pd.read_parquet(Path(store, "synapses.parquet"))
     edges = pd.read_parquet(Path(store, "connectome.parquet"))
     assert len(table) == result["stages"]["synapses"]["n_synapses"] == labels.values.max()
@@ -327,8 +329,10 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     n, k = int(found.max()), min(3, int(found.max()))
     truth = np.zeros(sample.shape, np.uint64)
     truth[:40, :96, :96] = np.where(found <= k, found, 0)
-    free = np.argwhere(found[39] == 0)[0]
-    truth[39, free[0], free[1]] = n + 1
+    # a true synapse of 36 voxels (above the size filter) where nothing was detected
+    y, x = next((y, x) for y in range(0, 90, 6) for x in range(0, 90, 6)
+                if not found[39, y:y + 6, x:x + 6].any())
+    truth[39, y:y + 6, x:x + 6] = n + 1
     gt_url = str(tmp_path / "truth.zarr")
     for name, data in (("synapses", truth),
                        ("cells", open_volume(str(sample_path()), "neuron_ids").values)):

@@ -78,6 +78,23 @@ def test_scores_by_hand():
     assert synapse_scores(gt, gt)["f1"] == 1.0 and synapse_scores(gt, gt)["fn_distance"] == 0
 
 
+def test_scores_leave_out_cut_pieces():
+    # object 3 is the 2-voxel end of a synapse cut by the region's edge
+    gt = np.zeros((1, 10, 10), np.uint64)
+    gt[0, 0:3, 0:3], gt[0, 9, 4:6] = 1, 3
+    det = np.zeros_like(gt)
+    det[0, 0:3, 0:3] = 4
+    det[0, 8:10, 4:6] = 5  # detects only the piece: neither right nor wrong
+    det[0, 5, 8] = 6  # a false positive
+    full = synapse_scores(det, gt)
+    assert (full["n_detected"], full["n_true"], full["n_matched"]) == (3, 2, 2)
+    s = synapse_scores(det, gt, min_size=4)
+    assert (s["n_detected"], s["n_true"], s["n_matched"]) == (2, 1, 1)
+    assert s["precision"] == 0.5 and s["recall"] == 1.0
+    det[0, 2, 2] = 5  # object 5 now overlaps object 1 too: it counts again
+    assert synapse_scores(det, gt, min_size=4)["n_detected"] == 3
+
+
 def test_partners_and_connectome_by_hand():
     seg = np.zeros((3, 12, 12), np.uint64)
     seg[:, :, :6], seg[:, :, 6:] = 5, 7  # two cells meeting at x = 6
@@ -120,6 +137,38 @@ def test_partner_accuracy_by_hand():
     assert partner_accuracy(detected, truth, cells, split) == (1, 1)  # pieces of the cells
     one = np.where(cells == 5, 50, 0)  # cell 7 not segmented: one partner is not two
     assert partner_accuracy(detected, truth, cells, one) == (0, 1)
+
+
+def test_second_partner_is_across_the_synapse():
+    # a vertical density at x = 5-6; on its left one cell split in two segments (1: rows
+    # < 6, 2: rows >= 6), on its right a cell (3) touching it less than either piece
+    seg = np.zeros((1, 12, 12), np.uint64)
+    seg[0, :6, :5], seg[0, 6:, :5], seg[0, 5:8, 7:9] = 1, 2, 3
+    syn = np.zeros_like(seg)
+    syn[0, 2:10, 5:7] = 1
+    out = assign_partners(syn, seg, radius=(0, 3, 3))
+    ranked = out["partners"][0]
+    assert [s for s, _ in ranked] == [1, 3, 2] or [s for s, _ in ranked] == [2, 3, 1]
+    assert ranked[1][1] < ranked[2][1]  # 3 has less contact than the other piece
+    assert out.loc[0, "partner_2"] == 3
+    # lazily in blocks that cut the synapse: the same
+    chunked = assign_partners(da.from_array(syn, chunks=(1, 5, 4)), seg, radius=(0, 3, 3))
+    assert chunked["partners"][0] == ranked
+
+
+def test_partner_accuracy_polyadic():
+    # cell 5 faces cells 7 (rows < 6) and 8 (rows >= 6) across x = 6; the synapse (rows 3-6)
+    # touches 7 more than 8, but 8 is a postsynaptic cell too
+    cells = np.zeros((1, 12, 12), np.uint64)
+    cells[:, :, :6], cells[:, :6, 6:], cells[:, 6:, 6:] = 5, 7, 8
+    truth = np.zeros_like(cells)
+    truth[0, 3:7, 5:7] = 1
+    true = assign_partners(truth, cells, radius=(0, 2, 2))
+    assert true["partners"][0][:3] == [(5, 18), (7, 12), (8, 6)]  # 8: half of 7
+    seg = np.where(cells == 7, 0, cells)  # cell 7 unsegmented: the top two are 5 and 8
+    assert partner_accuracy(truth, truth, cells, seg, (0, 2, 2)) == (1, 1)
+    assert partner_accuracy(truth, truth, cells, seg, (0, 2, 2), second=1.0) == (0, 1)
+    assert partner_accuracy(truth, truth, cells, cells, (0, 2, 2), second=1.0) == (1, 1)
 
 
 def test_vnc_partners_are_the_cells_the_synapse_lies_between(shared_file):
