@@ -15,7 +15,15 @@ part, and :func:`emdask.align` aligns the result.  Printed per stack:
   stack as given, i.e. how exactly the known distortions alone are removed;
 * the mean NCC of consecutive sections: aligned as published, distorted, realigned;
 * missing-section detection: false alarms on the undistorted stack, and whether the
-  blacked-out section is found.
+  blacked-out section is found;
+* what the residual is made of: its non-affine part (the residual minus each section's
+  best affine fit: what is left once the sections' position, rotation and scale are
+  right), and the stack's own jitter: the median, over consecutive sections of the stack
+  as given, of the shift that block matching (blocks of 96 pixels or a third of the
+  section, median over the blocks)
+  finds between them.  A large jitter means the given stack is itself misaligned by that
+  much, or its anatomy moves coherently from section to section: either way the residual
+  against it cannot be much smaller.
 
     python benchmarks/bench_align.py [--sections 30]
 """
@@ -23,6 +31,7 @@ part, and :func:`emdask.align` aligns the result.  Printed per stack:
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 import warnings
@@ -34,7 +43,7 @@ import scipy.ndimage as ndi
 sys.path.insert(0, str(Path(__file__).parent))
 from common import MEDULLA, SHARED
 
-from emdask.align import _dense, align, displacement_error, distort
+from emdask.align import _dense, align, block_match, displacement_error, distort
 from emdask.defects import detect_defects
 from emdask.volumes import open_volume
 
@@ -54,6 +63,38 @@ def ncc(stack: np.ndarray, margin: int = 24) -> float:
     return float(np.mean([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in pairs]))
 
 
+def nonaffine(vec: np.ndarray) -> np.ndarray:
+    """|residual - its least-squares affine fit|, per section of a (z, 2, y, x) field."""
+    nz, _, h, w = vec.shape
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    design = np.stack([np.ones(h * w), ys.ravel(), xs.ravel()], axis=1)
+    out = np.empty((nz, h, w))
+    for z in range(nz):
+        flat = vec[z].reshape(2, -1).T
+        coef, *_ = np.linalg.lstsq(design, flat, rcond=None)
+        out[z] = np.linalg.norm(flat - design @ coef, axis=1).reshape(h, w)
+    return out
+
+
+def jitter(stack: np.ndarray, search: int = 32) -> float:
+    """Median over consecutive sections of |median block-matching shift| (pixels)."""
+    smooth = [ndi.gaussian_filter(s.astype(np.float32), 2) for s in stack]
+    ny, nx = stack.shape[1:]
+    block = min(96, ny // 3, nx // 3)
+    starts = [(y, x) for y in range(search + 8, ny - block - search - 8, 64)
+              for x in range(search + 8, nx - block - search - 8, 64)]
+    shifts = []
+    for a, b in itertools.pairwise(smooth):
+        t = np.stack([a[y:y + block, x:x + block] for y, x in starts])
+        w = np.stack([b[y - search:y + block + search, x - search:x + block + search]
+                      for y, x in starts])
+        off, score = block_match(t, w)
+        good = (score > 0.3) & np.isfinite(off).all(axis=1)
+        if good.sum() >= 3:
+            shifts.append(np.linalg.norm(np.median(off[good], axis=0)))
+    return float(np.median(shifts)) if shifts else float("nan")
+
+
 def stats(err: np.ndarray) -> str:
     return f"{np.median(err):5.2f} {np.percentile(err, 95):5.2f}" if err.size else "    -     -"
 
@@ -68,7 +109,7 @@ def main() -> None:
           "alignment of the undistorted stack")
     print(f"{'stack':48s} {'sections':>8s} {'s':>5s} | {'data':>11s} {'blacked':>11s} "
           f"{'undistorted':>11s} {'undone':>11s} | NCC {'given':>5s} {'dist':>5s} "
-          f"{'after':>5s} | missing: false found")
+          f"{'after':>5s} | missing: false found | {'non-affine':>11s} jitter")
     for name, (path, dataset, step) in STACKS.items():
         if not Path(path).exists():
             print(f"{name}: {path} not found; skipped")
@@ -88,7 +129,8 @@ def main() -> None:
         result = align(distorted)
         seconds = time.perf_counter() - t0
         found = bool(result.table["missing"].iloc[lost])
-        err = displacement_error(result.fields, truth)[:, 4:-4, 4:-4]
+        vec = displacement_error(result.fields, truth, vectors=True)[:, :, 4:-4, 4:-4]
+        err = np.linalg.norm(vec, axis=1)
         keep = [z for z in range(nz) if z != lost]
         # which residual samples fall into the blacked-out region of `part`
         in_region = np.zeros(err.shape, bool)
@@ -100,6 +142,7 @@ def main() -> None:
                                       order=0)
             in_region[part] = hit[4:-4, 4:-4].astype(bool)
         data = err[keep][~in_region[keep]]
+        bent = nonaffine(vec[keep])[~in_region[keep]]
         blacked = err[in_region]
         still = align(stack)
         moved = displacement_error(still.fields, np.zeros_like(truth))[:, 4:-4, 4:-4]
@@ -108,7 +151,8 @@ def main() -> None:
         aligned = result.aligned.values
         print(f"{name:48s} {nz:8d} {seconds:5.0f} | {stats(data)} {stats(blacked)} "
               f"{stats(moved)} {stats(undone)} |     {ncc(stack):5.3f} {ncc(distorted):5.3f} "
-              f"{ncc(aligned):5.3f} | {false_alarms:13d} {found!s:>5s}", flush=True)
+              f"{ncc(aligned):5.3f} | {false_alarms:13d} {found!s:>5s} | {stats(bent)} "
+              f"{jitter(stack):6.2f}", flush=True)
 
 
 if __name__ == "__main__":

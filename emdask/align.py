@@ -714,8 +714,8 @@ def distort(stack: np.ndarray, seed: int = 0, translation: float = 12.0,
 
 
 def displacement_error(fields: xr.DataArray, truth: np.ndarray, step: int = 4,
-                       detrend: bool = True, reference: xr.DataArray | None = None
-                       ) -> np.ndarray:
+                       detrend: bool = True, reference: xr.DataArray | None = None,
+                       vectors: bool = False) -> np.ndarray:
     """Residual displacement (pixels) of an alignment against the known truth of
     :func:`distort`, at every ``step``-th pixel: ``|e(p)|`` with ``e(p) = u(p) + t(p + u(p))``,
     zero for a perfect alignment.  Shape (z, y // step, x // step).
@@ -724,7 +724,8 @@ def displacement_error(fields: xr.DataArray, truth: np.ndarray, step: int = 4,
     aligner can know the absolute position or the shear of the stack from its images (see
     :func:`align`), only the relative position of its sections.  With ``reference`` (the
     fields of aligning the undistorted stack), ``e`` is measured against that alignment
-    instead of the stack as given: how well the distortions alone are undone.
+    instead of the stack as given: how well the distortions alone are undone.  With
+    ``vectors``, ``e`` itself, shape (z, 2, y // step, x // step).
     """
     spacing = int(fields.attrs["spacing"])
     nz, _, ny, nx = truth.shape
@@ -740,4 +741,4 @@ def displacement_error(fields: xr.DataArray, truth: np.ndarray, step: int = 4,
             vec[z] -= _dense(np.asarray(reference.values[z], np.float64), spacing, ys, xs)
     if detrend:
         vec = _detrend(vec)
-    return np.linalg.norm(vec, axis=1)
+    return vec if vectors else np.linalg.norm(vec, axis=1)

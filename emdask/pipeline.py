@@ -134,6 +134,8 @@ class EvaluateSpec:
     dataset: str = "labels/neuron_ids"
     synapses: str | None = None  # true synapse objects: detection precision, recall, F1
     cells: str | None = None  # per-section true cells: partner accuracy (with synapses)
+    # voxels around a true synapse within which cells count as its true partners
+    cells_radius: list = field(default_factory=lambda: [0, 6, 6])
 
 
 @dataclass
@@ -1017,8 +1019,9 @@ def _report(cfg: RunConfig, vol, roi_begin) -> dict:
                     np.asarray(_ground_truth(cfg, cfg.evaluate.cells, vol, roi_begin)),
                     open_volume(store, f"segmentation_{t:g}").values,
                     tuple(cfg.synapses.radius))
-            right, n = partner_accuracy(*args)
-            strict, _ = partner_accuracy(*args, second=1.0)
+            within = tuple(cfg.evaluate.cells_radius)
+            right, n = partner_accuracy(*args, cells_radius=within)
+            strict, _ = partner_accuracy(*args, second=1.0, cells_radius=within)
             s |= {"partners_right": right, "partners_right_strict": strict, "partners_of": n}
             line += (f"; partners right for {right} of {n} matched synapses ({strict} with "
                      "the second-ranked true cell itself)")

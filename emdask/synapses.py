@@ -248,14 +248,16 @@ def _match(detected: np.ndarray, truth: np.ndarray) -> dict[int, int]:
 
 
 def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
-                     radius=(0, 6, 6), second: float = 0.5) -> tuple[int, int]:
+                     radius=(0, 6, 6), second: float = 0.5,
+                     cells_radius=None) -> tuple[int, int]:
     """How many detected synapses get the right two partners, of those matching a true one.
 
     For each detected synapse matched to a true synapse (by overlap, as
     :func:`synapse_scores`), in the section where the true synapse is largest, the
     ``cells`` (per-section ground-truth cells, as the larval VNC's ``labels/cell_ids_2d``)
-    within ``radius`` of the true synapse are ranked by contact.  The detection is right
-    when its two top-ranked segments of ``segmentation`` (:func:`assign_partners`) lie, by
+    within ``cells_radius`` (default: ``radius``) of the true synapse are ranked by
+    contact.  The detection is right when its two top-ranked segments of ``segmentation``
+    (:func:`assign_partners` with ``radius``) lie, by
     majority overlap, in the first cell and in one whose contact is at least ``second``
     times that of the second cell.  Insect synapses are polyadic (one presynaptic cell
     facing several postsynaptic ones, often with near-equal contact), so which of those
@@ -274,7 +276,8 @@ def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
         z = int(np.argmax((gt == g).sum(axis=(1, 2))))
         sl = slice(z, z + 1)
         true = assign_partners(np.where(gt[sl] == g, g, 0), cells[sl],
-                               radius=radius).set_index("id")
+                               radius=radius if cells_radius is None else cells_radius
+                               ).set_index("id")
         found = assign_partners(np.where(det[sl] == d, d, 0), seg[sl],
                                 radius=radius).set_index("id")
         if d not in found.index or g not in true.index:
@@ -341,7 +344,8 @@ def _normals(moments, voxel_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _contacts(synapses: np.ndarray, segmentation: np.ndarray, radius, halo, origin,
               ids, centres, normals) -> np.ndarray:
     """(synapse, segment, voxels on the normal's side, voxels on the other side) for
-    segment voxels within ``radius`` of a synapse (an ellipsoid, in voxels per axis),
+    segment voxels within ``radius`` of a synapse (an ellipsoid, in voxels per axis) but
+    outside it,
     each voxel counted for its nearest synapse only, in the block's core (the arrays carry
     ``halo`` extra voxels per side and start at global voxel ``origin``)."""
     import scipy.ndimage as ndi
@@ -353,7 +357,9 @@ def _contacts(synapses: np.ndarray, segmentation: np.ndarray, radius, halo, orig
     sampling = [1.0 / r if r else 1e6 for r in radius]
     dist, nearest = ndi.distance_transform_edt(synapses == 0, sampling=sampling,
                                                return_indices=True)
-    grown = np.where(dist <= 1.0 + 1e-9, synapses[tuple(nearest)], 0)[core]
+    # the synapse's own voxels do not count: its dark density looks like membrane, and a
+    # segmentation cuts it into fragments that are no cell
+    grown = np.where((dist > 0) & (dist <= 1.0 + 1e-9), synapses[tuple(nearest)], 0)[core]
     seg = segmentation[core]
     keep = (grown > 0) & (seg > 0)
     if not keep.any():
@@ -387,8 +393,9 @@ def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None
     """The segments each synapse touches, ranked by contact.
 
     A segment's contact is its number of voxels within ``radius`` (voxels, z-y-x: an
-    ellipsoid) of the synapse, each voxel counted for its nearest synapse: the synapse
-    lies on the membranes between its partners, so its grown mask reaches into both.
+    ellipsoid) of the synapse but outside it, each voxel counted for its nearest synapse:
+    the synapse lies on the membranes between its partners, so its grown mask reaches into
+    both.
     The first partner is the segment with most contact; the second the one with most
     contact on the *other side* of the synapse (the side of a voxel is that of the
     synapse's normal, its thinnest axis), so two pieces of one cell on the same side of

@@ -70,6 +70,8 @@ def test_aligns_distorted_real_sections(shared_file):
     assert np.median(before) > 5
     result = align(da.from_array(distorted, chunks=(4, 96, 96)))
     err = displacement_error(result.fields, truth)[:, 4:-4, 4:-4]
+    vec = displacement_error(result.fields, truth, vectors=True)[:, :, 4:-4, 4:-4]
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), err)
     assert np.median(err) < 1.0 and np.percentile(err, 95) < 2.0, (
         np.median(err), np.percentile(err, 95))
     assert not result.table["unreliable"].any()
