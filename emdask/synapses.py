@@ -182,8 +182,8 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0),
                    min_size: int = 0) -> dict:
     """Detected synapse objects against ground-truth objects.
 
-    Objects are matched one to one by overlap, largest overlaps first; a detection that
-    overlaps no unmatched true object is a false positive.  Also the CREMI distances
+    Objects are matched one to one by overlap, the assignment of largest total overlap; a
+    detection left without a true object is a false positive.  Also the CREMI distances
     (nm): the mean distance of detected synaptic voxels to the nearest true one
     (``fp_distance``) and of true voxels to the nearest detected one (``fn_distance``).
 
@@ -233,17 +233,38 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0),
 
 
 def _match(detected: np.ndarray, truth: np.ndarray) -> dict[int, int]:
-    """One-to-one matches, detected id -> true id, largest overlaps first."""
+    """One-to-one matches, detected id -> true id, of largest total overlap.
+
+    Greedy matching (largest overlap first) can waste a match: a detection spanning two
+    true synapses takes the one it overlaps most, although that one is also covered by a
+    second detection.  The optimal assignment (Hungarian, within each group of objects
+    linked by overlaps, so the matrices stay small) matches both."""
+    import scipy.sparse as sp
+    from scipy.optimize import linear_sum_assignment
+    from scipy.sparse.csgraph import connected_components
+
     from emdask.metrics import contingency_table
 
     gt_ids, det_ids, counts = contingency_table(detected, truth)  # true 0 left out
     both = det_ids > 0
-    order = np.argsort(-counts[both], kind="stable")
-    matches, used = {}, set()
-    for g, d in zip(gt_ids[both][order], det_ids[both][order], strict=True):
-        if int(g) not in used and int(d) not in matches:
-            matches[int(d)] = int(g)
-            used.add(int(g))
+    gt_ids, det_ids, counts = gt_ids[both], det_ids[both], counts[both]
+    if not len(counts):
+        return {}
+    dets, di = np.unique(det_ids, return_inverse=True)
+    gts, gi = np.unique(gt_ids, return_inverse=True)
+    nd = len(dets)
+    graph = sp.coo_matrix((np.ones(len(di)), (di, nd + gi)), shape=(nd + len(gts),) * 2)
+    _, group = connected_components(graph, directed=False)
+    matches = {}
+    for g in np.unique(group[di]):
+        edges = np.flatnonzero(group[di] == g)
+        rows, r = np.unique(di[edges], return_inverse=True)
+        cols, c = np.unique(gi[edges], return_inverse=True)
+        overlap = np.zeros((len(rows), len(cols)))
+        overlap[r, c] = counts[edges]
+        for a, b in zip(*linear_sum_assignment(overlap, maximize=True), strict=True):
+            if overlap[a, b] > 0:
+                matches[int(dets[rows[a]])] = int(gts[cols[b]])
     return matches
 
 

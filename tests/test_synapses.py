@@ -78,6 +78,17 @@ def test_scores_by_hand():
     assert synapse_scores(gt, gt)["f1"] == 1.0 and synapse_scores(gt, gt)["fn_distance"] == 0
 
 
+def test_scores_match_objects_optimally():
+    # detection 5 spans true 1 and 2 (more of 2); detection 6 covers the rest of 2: the
+    # greedy match (5 -> 2) would leave 1 unmatched, the optimal one matches both
+    gt = np.zeros((1, 4, 12), np.uint64)
+    gt[0, 0, 0:3], gt[0, 0, 3:12] = 1, 2
+    det = np.zeros_like(gt)
+    det[0, 0, 0:8], det[0, 0, 8:12] = 5, 6
+    s = synapse_scores(det, gt)
+    assert (s["n_detected"], s["n_true"], s["n_matched"]) == (2, 2, 2) and s["f1"] == 1.0
+
+
 def test_scores_leave_out_cut_pieces():
     # object 3 is the 2-voxel end of a synapse cut by the region's edge
     gt = np.zeros((1, 10, 10), np.uint64)
