@@ -63,15 +63,17 @@ def ncc(stack: np.ndarray, margin: int = 24) -> float:
     return float(np.mean([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in pairs]))
 
 
-def nonaffine(vec: np.ndarray) -> np.ndarray:
-    """|residual - its least-squares affine fit|, per section of a (z, 2, y, x) field."""
+def nonaffine(vec: np.ndarray, skip: np.ndarray) -> np.ndarray:
+    """|residual - its least-squares affine fit|, per section of a (z, 2, y, x) field;
+    the fit leaves out the samples in ``skip`` (z, y, x)."""
     nz, _, h, w = vec.shape
     ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     design = np.stack([np.ones(h * w), ys.ravel(), xs.ravel()], axis=1)
     out = np.empty((nz, h, w))
     for z in range(nz):
         flat = vec[z].reshape(2, -1).T
-        coef, *_ = np.linalg.lstsq(design, flat, rcond=None)
+        use = ~skip[z].ravel()
+        coef, *_ = np.linalg.lstsq(design[use], flat[use], rcond=None)
         out[z] = np.linalg.norm(flat - design @ coef, axis=1).reshape(h, w)
     return out
 
@@ -142,7 +144,7 @@ def main() -> None:
                                       order=0)
             in_region[part] = hit[4:-4, 4:-4].astype(bool)
         data = err[keep][~in_region[keep]]
-        bent = nonaffine(vec[keep])[~in_region[keep]]
+        bent = nonaffine(vec[keep], in_region[keep])[~in_region[keep]]
         blacked = err[in_region]
         still = align(stack)
         moved = displacement_error(still.fields, np.zeros_like(truth))[:, 4:-4, 4:-4]

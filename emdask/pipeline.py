@@ -188,6 +188,13 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
     if cfg.synapses is not None and cfg.synapses.dtype not in ("uint8", "float32"):
         raise ValueError(f"{where}: synapses.dtype must be 'uint8' or 'float32', got "
                          f"{cfg.synapses.dtype!r}")
+    radii = {"synapses.radius": cfg.synapses.radius if cfg.synapses else None,
+             "evaluate.cells_radius": cfg.evaluate.cells_radius if cfg.evaluate else None}
+    for key, r in radii.items():
+        if r is not None and (len(r) != 3 or any(int(v) != v or v < 0 for v in r)
+                              or max(r[1:]) == 0):
+            raise ValueError(f"{where}: {key} must be 3 voxel counts (z, y, x), >= 0, with "
+                             f"y or x > 0, got {list(r)}")
     if cfg.cluster.kind != "local" and cfg.cluster.kind not in _JOBQUEUE:
         raise ValueError(f"{where}: cluster.kind must be 'local' or one of "
                          f"{sorted(_JOBQUEUE)}, got {cfg.cluster.kind!r}")

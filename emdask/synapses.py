@@ -19,7 +19,7 @@ of objects matched by overlap, and the CREMI distances).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask
 import dask.array as da
@@ -187,10 +187,10 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0),
     (nm): the mean distance of detected synaptic voxels to the nearest true one
     (``fp_distance``) and of true voxels to the nearest detected one (``fn_distance``).
 
-    A true object with fewer than ``min_size`` voxels inside the volume (a synapse that
-    lies almost entirely outside the region scored, cut by its edge) is not scored: give
-    the detection's size filter, since smaller objects could never be detected.  Neither
-    it nor a detection that overlaps only such pieces counts.
+    A true object that touches the volume's edge with fewer than ``min_size`` voxels
+    inside (a synapse that lies almost entirely outside the region scored) is not scored:
+    give the detection's size filter, since a detection of that piece alone would be
+    filtered out.  Neither it nor a detection that overlaps only such pieces counts.
 
     Returns
     -------
@@ -206,7 +206,9 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0),
         raise ValueError(f"detected shape {det.shape} differs from truth shape {gt.shape}")
     if min_size > 0:
         ids, counts = np.unique(gt, return_counts=True)
-        pieces = ids[(ids > 0) & (counts < min_size)]
+        edge = np.unique(np.concatenate([np.take(gt, [0, -1], axis=d).ravel()
+                                         for d in range(gt.ndim)]))
+        pieces = ids[(ids > 0) & (counts < min_size) & np.isin(ids, edge)]
         if len(pieces):
             cut = np.isin(gt, pieces)
             # detections touching only cut pieces are left out, like the pieces
@@ -276,13 +278,14 @@ def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
     For each detected synapse matched to a true synapse (by overlap, as
     :func:`synapse_scores`), in the section where the true synapse is largest, the
     ``cells`` (per-section ground-truth cells, as the larval VNC's ``labels/cell_ids_2d``)
-    within ``cells_radius`` (default: ``radius``) of the true synapse are ranked by
-    contact.  The detection is right when its two top-ranked segments of ``segmentation``
-    (:func:`assign_partners` with ``radius``) lie, by
-    majority overlap, in the first cell and in one whose contact is at least ``second``
-    times that of the second cell.  Insect synapses are polyadic (one presynaptic cell
-    facing several postsynaptic ones, often with near-equal contact), so which of those
-    ranks second is a toss-up; ``second=1`` asks for the second cell itself (or a tie).
+    within ``cells_radius`` (default: ``radius``) of the true synapse are ranked as
+    :func:`assign_partners` ranks segments.  The detection is right when its two
+    top-ranked segments of ``segmentation`` (:func:`assign_partners` with ``radius``) lie,
+    by majority overlap, in the first cell and in a cell on the other side of the synapse
+    whose contact there is at least ``second`` times that of the second-ranked cell.
+    Insect synapses are polyadic (one presynaptic cell facing several postsynaptic ones,
+    often with near-equal contact), so which of those ranks second is a toss-up;
+    ``second=1`` asks for the second-ranked cell itself (or an exact tie).
 
     Returns
     -------
@@ -296,23 +299,21 @@ def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
     for d, g in matches.items():
         z = int(np.argmax((gt == g).sum(axis=(1, 2))))
         sl = slice(z, z + 1)
-        true = assign_partners(np.where(gt[sl] == g, g, 0), cells[sl],
-                               radius=radius if cells_radius is None else cells_radius
-                               ).set_index("id")
+        _, true = _partner_contacts(np.where(gt[sl] == g, g, 0), cells[sl],
+                                    radius if cells_radius is None else cells_radius, None)
         found = assign_partners(np.where(det[sl] == d, d, 0), seg[sl],
                                 radius=radius).set_index("id")
-        if d not in found.index or g not in true.index:
+        if d not in found.index or g not in true or len(true[g][0]) < 2:
             continue
         cell_ids, seg_ids, counts = contingency_table(seg[sl], cells[sl])
         order = np.lexsort((-counts, seg_ids))  # each segment's cell of largest overlap
         cell_of = {}
         for s_, c in zip(seg_ids[order], cell_ids[order], strict=True):
             cell_of.setdefault(int(s_), int(c))
-        ranked = true.loc[g, "partners"]
-        if len(ranked) < 2:
-            continue
-        first = ranked[0][0]
-        seconds = {c for c, n in ranked[1:] if n >= second * ranked[1][1]}
+        cell, _, away = true[g]  # cells in ranked order, and their contact across
+        first = int(cell[0])
+        seconds = ({int(c) for c, n in zip(cell[1:], away[1:], strict=True)
+                    if n > 0 and n >= second * away[1]} if away[1] > 0 else {int(cell[1])})
         # a missing partner (0) is never right
         a = cell_of.get(int(found.loc[d, "partner_1"]) or -1, -1)
         b = cell_of.get(int(found.loc[d, "partner_2"]) or -2, -2)
@@ -322,53 +323,69 @@ def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
 
 # ---------------------------------------------------------------- partners
 def _moments(synapses: np.ndarray, origin) -> tuple:
-    """Per synapse id in a block: voxel count, sum of global voxel coordinates, and sum of
-    their outer products (float64: exact enough for covariances at any volume size)."""
-    ids, inverse = np.unique(synapses, return_inverse=True)
-    keep = ids > 0
-    if not keep.any():
-        return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 3)), np.zeros((0, 3, 3))
-    p = np.stack(np.unravel_index(np.arange(synapses.size), synapses.shape), axis=1)
-    p = (p + np.asarray(origin)).astype(np.float64)
-    inverse = inverse.ravel()
-    n = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
-    first = np.stack([np.bincount(inverse, p[:, i], len(ids)) for i in range(3)], axis=1)
-    second = np.stack([[np.bincount(inverse, p[:, i] * p[:, j], len(ids)) for j in range(3)]
+    """Per synapse id and section in a block: (id, global z) keys, voxel count, sum of
+    global voxel coordinates, and sum of their outer products (float64: exact enough for
+    covariances at any volume size)."""
+    idx = np.flatnonzero(synapses)
+    if not len(idx):
+        return np.zeros((0, 2), np.int64), np.zeros(0), np.zeros((0, 3)), np.zeros((0, 3, 3))
+    p = np.stack(np.unravel_index(idx, synapses.shape), axis=1) + np.asarray(origin)
+    keys, inverse = np.unique(np.stack([synapses.ravel()[idx].astype(np.int64), p[:, 0]],
+                                       axis=1), axis=0, return_inverse=True)
+    inverse, p, k = inverse.ravel(), p.astype(np.float64), len(keys)
+    n = np.bincount(inverse, minlength=k).astype(np.float64)
+    first = np.stack([np.bincount(inverse, p[:, i], k) for i in range(3)], axis=1)
+    second = np.stack([[np.bincount(inverse, p[:, i] * p[:, j], k) for j in range(3)]
                        for i in range(3)]).transpose(2, 0, 1)
-    return ids[keep].astype(np.int64), n[keep], first[keep], second[keep]
+    return keys, n, first, second
 
 
-def _normals(moments, voxel_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Synapse ids, centroids (voxels) and unit normals (voxels, z-y-x): the axis along
-    which the synapse is thinnest, in physical units.  A synaptic density is a sheet
-    between its partners.  Where sections are much thicker than the pixels (ssTEM) or the
-    synapse lies in one section, the normal is sought in the section's plane."""
-    ids = np.concatenate([m[0] for m in moments])
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    n = np.bincount(inverse, np.concatenate([m[1] for m in moments]), len(uniq))
-    first = np.zeros((len(uniq), 3))
-    second = np.zeros((len(uniq), 3, 3))
+class _Sides(NamedTuple):
+    """Where each synapse (or, in ssTEM, each of its sections) lies and faces."""
+
+    ids: np.ndarray  # the synapse ids, sorted
+    keys: np.ndarray  # sorted: row in ids * (nz + 1) + (section + 1 if planar else 0)
+    centres: np.ndarray  # (len(keys), 3) voxels
+    normals: np.ndarray  # (len(keys), 3) in voxel units: side = sign((p - centre) . normal)
+    planar: bool
+    nz: int
+
+
+def _sides(moments, voxel_size, nz: int) -> _Sides:
+    """Centroids and normals (the axis along which a synapse is thinnest, in physical
+    units: a synaptic density is a sheet between its partners).  Where sections are much
+    thicker than the pixels (ssTEM), each section of a synapse gets its own centroid and
+    in-plane normal: a synapse cut obliquely moves from section to section.  Elsewhere a
+    synapse gets one 3-D normal, in-plane if it lies in one section."""
+    vs = np.asarray(voxel_size, np.float64)
+    planar = bool(vs[0] >= 2 * max(vs[1], vs[2]))
+    keys = np.concatenate([m[0] for m in moments])
+    ids = np.unique(keys[:, 0])
+    combined = np.searchsorted(ids, keys[:, 0]) * (nz + 1) + (keys[:, 1] + 1 if planar else 0)
+    ukeys, inverse = np.unique(combined, return_inverse=True)
+    inverse = inverse.ravel()
+    n = np.bincount(inverse, np.concatenate([m[1] for m in moments]), len(ukeys))
+    first = np.zeros((len(ukeys), 3))
+    second = np.zeros((len(ukeys), 3, 3))
     np.add.at(first, inverse, np.concatenate([m[2] for m in moments]))
     np.add.at(second, inverse, np.concatenate([m[3] for m in moments]))
     centre = first / n[:, None]
-    vs = np.asarray(voxel_size, np.float64)
     cov = (second / n[:, None, None] - centre[:, :, None] * centre[:, None, :]) * np.outer(vs, vs)
-    planar = vs[0] >= 2 * max(vs[1], vs[2])
-    normals = np.zeros((len(uniq), 3))
-    for k in range(len(uniq)):
+    normals = np.zeros((len(ukeys), 3))
+    for k in range(len(ukeys)):
         axes = [1, 2] if planar or cov[k, 0, 0] < 1e-9 * vs[0] ** 2 else [0, 1, 2]
         _, vec = np.linalg.eigh(cov[k][np.ix_(axes, axes)])
-        normals[k, axes] = vec[:, 0] / vs[axes]  # back to voxel units (only the sign is used)
-    return uniq, centre, normals
+        # n_phys . (x_phys - c_phys) = (n_phys * vs) . (x_vox - c_vox)
+        normals[k, axes] = vec[:, 0] * vs[axes]
+    return _Sides(ids, ukeys, centre, normals, planar, nz)
 
 
 def _contacts(synapses: np.ndarray, segmentation: np.ndarray, radius, halo, origin,
-              ids, centres, normals) -> np.ndarray:
+              sides: _Sides) -> np.ndarray:
     """(synapse, segment, voxels on the normal's side, voxels on the other side) for
     segment voxels within ``radius`` of a synapse (an ellipsoid, in voxels per axis) but
-    outside it,
-    each voxel counted for its nearest synapse only, in the block's core (the arrays carry
-    ``halo`` extra voxels per side and start at global voxel ``origin``)."""
+    outside it, each voxel counted for its nearest synapse only, in the block's core (the
+    arrays carry ``halo`` extra voxels per side and start at global voxel ``origin``)."""
     import scipy.ndimage as ndi
 
     core = tuple(slice(h, n - h) for h, n in zip(halo, synapses.shape, strict=True))
@@ -387,51 +404,114 @@ def _contacts(synapses: np.ndarray, segmentation: np.ndarray, radius, halo, orig
         return np.zeros((4, 0), np.int64)
     s, g = grown[keep].astype(np.int64), seg[keep].astype(np.int64)
     p = np.argwhere(keep) + np.asarray(origin) + np.asarray(halo)
-    row = np.searchsorted(ids, s)
-    plus = ((p - centres[row]) * normals[row]).sum(axis=1) >= 0
+    key = np.searchsorted(sides.ids, s) * (sides.nz + 1)
+    if sides.planar:  # the section of the synapse voxel nearest to each contact voxel
+        key += nearest[0][core][keep] + origin[0] + 1
+    row = np.searchsorted(sides.keys, key)
+    plus = ((p - sides.centres[row]) * sides.normals[row]).sum(axis=1) >= 0
     pairs, inverse = np.unique(np.stack([s, g]), axis=1, return_inverse=True)
     inverse = inverse.ravel()
     return np.vstack([pairs, np.bincount(inverse, plus, pairs.shape[1]),
                       np.bincount(inverse, ~plus, pairs.shape[1])]).astype(np.int64)
 
 
-def _rank(segments, contact, plus, minus) -> list[tuple[int, int]]:
-    """(segment, contact) of one synapse, from its rows sorted by contact (then segment
-    id): most contact first, then the segment with most contact on the other side of the
-    synapse, then the rest by contact."""
+def _rank(segments, contact, plus, minus) -> list[int]:
+    """Order of one synapse's rows, sorted by contact (then segment id): most contact
+    first, then the segment with most contact on the other side of the synapse (if any
+    has some there), then the rest by contact."""
     other = minus if plus[0] >= minus[0] else plus
     rest = np.arange(1, len(segments))
     across = rest[other[rest] > 0]
     order = [0]
     if len(across):
         order.append(int(across[np.lexsort((segments[across], -other[across]))[0]]))
-    order += [int(i) for i in rest if i not in order]
-    return [(int(segments[i]), int(contact[i])) for i in order]
+    return order + [int(i) for i in rest if i not in order]
+
+
+def _partner_contacts(synapses: Any, segmentation: Any, radius, voxel_size
+                      ) -> tuple[np.ndarray, dict]:
+    """The synapse ids, and for each its segments in :func:`assign_partners` order as
+    arrays: segment, contact, and contact on the side away from the first segment."""
+    vs = voxel_size if voxel_size is not None else (
+        synapses.attrs.get("voxel_size", (1.0, 1.0, 1.0))
+        if isinstance(synapses, xr.DataArray) else (1.0, 1.0, 1.0))
+    syn = synapses.data if isinstance(synapses, xr.DataArray) else synapses
+    seg = segmentation.data if isinstance(segmentation, xr.DataArray) else segmentation
+    if tuple(np.shape(syn)) != tuple(np.shape(seg)):
+        raise ValueError(f"synapses shape {np.shape(syn)} differs from segmentation shape "
+                         f"{np.shape(seg)}")
+    radius = tuple(int(r) for r in radius)
+    if len(radius) != 3 or min(radius) < 0 or max(radius[1:]) == 0:
+        raise ValueError(f"radius must be 3 voxel counts (z, y, x), >= 0, with y or x > 0, "
+                         f"got {radius}")
+    syn = syn if isinstance(syn, da.Array) else da.from_array(np.asarray(syn), chunks=-1)
+    # chunks at least as large as the halo, so the overlap keeps the blocks (and origins)
+    chunks = tuple(da.overlap.ensure_minimum_chunksize(r, c) if r else c
+                   for r, c in zip(radius, syn.chunks, strict=True))
+    syn = syn.rechunk(chunks)
+    seg = da.asarray(seg).rechunk(chunks)
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
+    origins = [tuple(int(starts[d][i]) for d, i in enumerate(idx))
+               for idx in np.ndindex(*syn.numblocks)]
+    moments = dask.compute(*[dask.delayed(_moments)(b, o) for b, o in zip(
+        syn.to_delayed().ravel(), origins, strict=True)])
+    sides = _sides(moments, vs, syn.shape[0])
+    depth = dict(enumerate(radius))
+    halos = [da.overlap.overlap(a, depth=depth, boundary=0) for a in (syn, seg)]
+    parts = [dask.delayed(_contacts)(a, b, radius, radius,
+                                     tuple(o - r for o, r in zip(origin, radius, strict=True)),
+                                     sides)
+             for a, b, origin in zip(halos[0].to_delayed().ravel(),
+                                     halos[1].to_delayed().ravel(), origins, strict=True)]
+    found = np.hstack(dask.compute(*parts)) if parts else np.zeros((4, 0), np.int64)
+    contacts = (pd.DataFrame({"id": found[0], "segment": found[1], "plus": found[2],
+                              "minus": found[3]})
+                .groupby(["id", "segment"], as_index=False)[["plus", "minus"]].sum())
+    contacts["contact"] = contacts["plus"] + contacts["minus"]
+    contacts = contacts.sort_values(["id", "contact", "segment"],
+                                    ascending=[True, False, True])
+    cols = [contacts[c].to_numpy() for c in ("id", "segment", "contact", "plus", "minus")]
+    cuts = np.flatnonzero(np.diff(cols[0])) + 1
+    ranked = {}
+    for i, segs, contact, plus, minus in zip(*(np.split(c, cuts) for c in cols),
+                                             strict=True):
+        if not len(i):
+            continue
+        order = _rank(segs, contact, plus, minus)
+        away = minus if plus[0] >= minus[0] else plus
+        ranked[int(i[0])] = (segs[order], contact[order], away[order])
+    return sides.ids, ranked
 
 
 def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None = None,
-                    radius: tuple[int, int, int] = (0, 3, 3)) -> pd.DataFrame:
+                    radius: tuple[int, int, int] = (0, 3, 3),
+                    voxel_size: tuple[float, float, float] | None = None) -> pd.DataFrame:
     """The segments each synapse touches, ranked by contact.
 
     A segment's contact is its number of voxels within ``radius`` (voxels, z-y-x: an
     ellipsoid) of the synapse but outside it, each voxel counted for its nearest synapse:
     the synapse lies on the membranes between its partners, so its grown mask reaches into
-    both.
-    The first partner is the segment with most contact; the second the one with most
-    contact on the *other side* of the synapse (the side of a voxel is that of the
-    synapse's normal, its thinnest axis), so two pieces of one cell on the same side of
-    the density are not taken for the two partners; the rest follow by contact.  No
-    direction model is applied: ``direction`` is ``"unknown"`` rather than a guess
-    (``partner_1`` is not implied to be presynaptic).
+    both.  The first partner is the segment with most contact; the second the one with
+    most contact on the *other side* of the synapse (the side of a voxel is that of the
+    synapse's normal, its thinnest axis; in ssTEM, in the voxel's section), so two pieces
+    of one cell on the same side of the density are not taken for the two partners (where
+    no segment touches the other side, the second by contact); the rest follow by
+    contact.  No direction model is applied: ``direction`` is ``"unknown"`` rather than a
+    guess (``partner_1`` is not implied to be presynaptic).
 
     Parameters
     ----------
     synapses, segmentation
         Synapse object ids (from :func:`find_synapses`) and the neuron segmentation, on
         the same grid; lazy arrays are counted blockwise (with a halo of ``radius``).
-        The synapses' ``voxel_size`` attribute (if a DataArray) sets their normals.
     table
         The synapse table to extend (default: one row per synapse id found).
+    radius
+        Voxels (z, y, x) around a synapse searched for partners; y or x must be > 0.
+    voxel_size
+        nm per voxel, for the synapses' normals (default: the synapses DataArray's, else
+        isotropic).  With sections at least twice as thick as the pixels, sides are taken
+        in each section's plane.
 
     Returns
     -------
@@ -440,44 +520,10 @@ def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None
         there is none), ``partners`` (all touching segments, ranked, with contacts) and
         ``direction``.
     """
-    vs = (synapses.attrs.get("voxel_size", (1.0, 1.0, 1.0))
-          if isinstance(synapses, xr.DataArray) else (1.0, 1.0, 1.0))
-    syn = synapses.data if isinstance(synapses, xr.DataArray) else synapses
-    seg = segmentation.data if isinstance(segmentation, xr.DataArray) else segmentation
-    if tuple(np.shape(syn)) != tuple(np.shape(seg)):
-        raise ValueError(f"synapses shape {np.shape(syn)} differs from segmentation shape "
-                         f"{np.shape(seg)}")
-    radius = tuple(int(r) for r in radius)
-    syn = syn if isinstance(syn, da.Array) else da.from_array(np.asarray(syn), chunks=-1)
-    seg = da.asarray(seg).rechunk(syn.chunks)
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in syn.chunks]
-    origins = [tuple(int(starts[d][i]) for d, i in enumerate(idx))
-               for idx in np.ndindex(*syn.numblocks)]
-    moments = dask.compute(*[dask.delayed(_moments)(b, o) for b, o in zip(
-        syn.to_delayed().ravel(), origins, strict=True)])
-    ids, centres, normals = _normals(moments, vs) if moments else (np.zeros(0, np.int64),) * 3
-    depth = dict(enumerate(radius))
-    parts = [dask.delayed(_contacts)(a, b, radius, radius,
-                                     tuple(o - r for o, r in zip(origin, radius, strict=True)),
-                                     ids, centres, normals)
-             for a, b, origin in zip(
-                 da.overlap.overlap(syn, depth=depth, boundary=0).to_delayed().ravel(),
-                 da.overlap.overlap(seg, depth=depth, boundary=0).to_delayed().ravel(),
-                 origins, strict=True)]
-    found = np.hstack(dask.compute(*parts)) if parts else np.zeros((4, 0), np.int64)
-    contacts = (pd.DataFrame({"id": found[0], "segment": found[1], "plus": found[2],
-                              "minus": found[3]})
-                .groupby(["id", "segment"], as_index=False)[["plus", "minus"]].sum())
-    contacts["contact"] = contacts["plus"] + contacts["minus"]
-    contacts = contacts.sort_values(["id", "contact", "segment"],
-                                    ascending=[True, False, True])
-    if table is None:
-        table = pd.DataFrame({"id": ids})
-    out = table.copy()
-    cols = [contacts[c].to_numpy() for c in ("id", "segment", "contact", "plus", "minus")]
-    cuts = np.flatnonzero(np.diff(cols[0])) + 1
-    lists = {int(part[0][0]): _rank(*part[1:])
-             for part in zip(*(np.split(c, cuts) for c in cols), strict=True) if len(part[0])}
+    ids, ranked = _partner_contacts(synapses, segmentation, radius, voxel_size)
+    out = (pd.DataFrame({"id": ids}) if table is None else table).copy()
+    lists = {i: list(zip(segs.tolist(), contact.tolist(), strict=True))
+             for i, (segs, contact, _) in ranked.items()}
     for k in (1, 2):
         out[f"partner_{k}"] = [lists.get(int(i), [])[k - 1][0]
                                if len(lists.get(int(i), [])) >= k else 0 for i in out["id"]]

@@ -84,6 +84,8 @@ def test_config_errors_name_the_key(tmp_path, tiny_model):
         load_run_config({**good, "input": {"dataset": "raw"}})
     with pytest.raises(ValueError, match="synapses.dtype must be 'uint8' or 'float32'"):
         load_run_config({**good, "synapses": {"model": "synapses", "dtype": "float16"}})
+    with pytest.raises(ValueError, match=r"synapses.radius must be 3 voxel counts"):
+        load_run_config({**good, "synapses": {"model": "synapses", "radius": [1, 0, 0]}})
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("input: {url: a.zarr}\noutput: {path: b.zarr}\n"
                          "cluster: {kind: slurm, jobqueue: {cores: 4, memory: 8GB}}\n")

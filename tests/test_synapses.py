@@ -104,6 +104,14 @@ def test_scores_leave_out_cut_pieces():
     assert s["precision"] == 0.5 and s["recall"] == 1.0
     det[0, 2, 2] = 5  # object 5 now overlaps object 1 too: it counts again
     assert synapse_scores(det, gt, min_size=4)["n_detected"] == 3
+    # inside the volume a small synapse is a synapse: missed, it counts
+    inner = np.zeros((3, 10, 10), np.uint64)
+    inner[1] = gt[0]
+    inner[1, 5, 5] = 8
+    found = np.zeros_like(inner)
+    found[1] = det[0]
+    s = synapse_scores(found, inner, min_size=4)
+    assert (s["n_true"], s["n_matched"]) == (2, 1)
 
 
 def test_partners_and_connectome_by_hand():
@@ -167,6 +175,48 @@ def test_second_partner_is_across_the_synapse():
     assert chunked["partners"][0] == ranked
     seg[0, 4:6, 5:7] = 4  # a fragment of the density itself is no partner
     assert assign_partners(syn, seg, radius=(0, 3, 3))["partners"][0] == ranked
+
+
+@pytest.mark.parametrize("chunks", [(1, 16, 13), (1, 5, 4), (1, 16, 7), (1, 7, 12)])
+def test_partner_sides_do_not_depend_on_chunking(chunks):
+    # narrow last chunks (13 = 7 + 6, 16 = 5 + 5 + 5 + 1) are grown for the halo: the
+    # sides must still be taken at the right voxels
+    seg = np.zeros((1, 16, 13), np.uint64)
+    seg[0, :8, :6], seg[0, 8:, :6], seg[0, 6:10, 8:10] = 1, 2, 3
+    syn = np.zeros_like(seg)
+    syn[0, 3:13, 6:8] = 1
+    whole = assign_partners(syn, seg, radius=(0, 3, 3))
+    assert whole.loc[0, "partner_2"] == 3
+    lazy = assign_partners(da.from_array(syn, chunks=chunks), seg, radius=(0, 3, 3))
+    assert lazy["partners"][0] == whole["partners"][0]
+
+
+def test_partner_sides_in_physical_units():
+    # a sheet tilted in z-y, voxels 1.5 x 1 x 1: cells 1 (split into 1 and 3) and 2 on its
+    # two sides; with the normal in the wrong units, 3 would be taken for the second partner
+    vs = (1.5, 1.0, 1.0)
+    zz, yy, _ = np.meshgrid(np.arange(30), np.arange(40), np.arange(6), indexing="ij")
+    d = (zz * vs[0] - yy * vs[1]) / np.sqrt(2)  # signed distance (nm) to the sheet
+    syn = (np.abs(d) < 0.8).astype(np.uint64)
+    seg = np.where(d < 0, 1, 2).astype(np.uint64)
+    seg[(d < 0) & (zz < 15)] = 3
+    seg[syn > 0] = 0
+    out = assign_partners(syn, seg, radius=(3, 3, 3), voxel_size=vs)
+    assert {out.loc[0, "partner_1"], out.loc[0, "partner_2"]} in ({1, 2}, {3, 2})
+
+
+def test_oblique_sstem_synapse_gets_sides_per_section():
+    # ssTEM (50 x 5 x 5 nm): a 30-pixel density along x that moves 8 pixels in y per
+    # section (pooled over sections it would look thinnest along x); the cell above it is
+    # split in two (1 left, 3 right), the cell below (2) touches it over 10 pixels
+    syn = np.zeros((5, 60, 80), np.uint64)
+    seg = np.zeros_like(syn)
+    for z in range(5):
+        y0 = 10 + 8 * z
+        syn[z, y0, 25:55] = 1
+        seg[z, :y0, :40], seg[z, :y0, 40:], seg[z, y0 + 1:, 35:45] = 1, 3, 2
+    out = assign_partners(syn, seg, radius=(0, 3, 3), voxel_size=(50.0, 5.0, 5.0))
+    assert out.loc[0, "partner_1"] in (1, 3) and out.loc[0, "partner_2"] == 2
 
 
 def test_partner_accuracy_polyadic():
