@@ -14,6 +14,7 @@ from emdask.predict import predict_affinities, predict_synapses
 from emdask.segmentation import segment
 from emdask.synapses import (
     assign_partners,
+    connectivity_matrix,
     connectome,
     find_synapses,
     partner_accuracy,
@@ -30,6 +31,7 @@ __all__ = [
     "affinities_from_labels",
     "align",
     "assign_partners",
+    "connectivity_matrix",
     "connectome",
     "contingency_table",
     "cutout",

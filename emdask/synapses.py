@@ -30,8 +30,9 @@ import xarray as xr
 from emdask.blockgraph import BlockGraph
 from emdask.segmentation import _apply_luts, _supervoxels
 
-__all__ = ["assign_partners", "connectome", "find_synapses", "partner_accuracy",
-           "predict_direction", "read_partner_annotations", "synapse_scores"]
+__all__ = ["assign_partners", "connectivity_matrix", "connectome", "find_synapses",
+           "partner_accuracy", "predict_direction", "read_partner_annotations",
+           "synapse_scores"]
 
 
 # ---------------------------------------------------------------- objects
@@ -552,6 +553,41 @@ def connectome(partners: pd.DataFrame) -> pd.DataFrame:
     return (pd.DataFrame({"partner_a": a, "partner_b": b, "directed": directed, "size": size})
             .groupby(["partner_a", "partner_b", "directed"], as_index=False)
             .agg(n_synapses=("size", "size"), total_size=("size", "sum")))
+
+
+def connectivity_matrix(edges: pd.DataFrame, weight: str = "n_synapses"
+                        ) -> tuple[Any, np.ndarray]:
+    """The connectome of :func:`connectome` as a sparse adjacency matrix.
+
+    Parameters
+    ----------
+    edges
+        The edge table of :func:`connectome`.
+    weight
+        The column that gives the entries: ``"n_synapses"`` or ``"total_size"``.
+
+    Returns
+    -------
+    matrix : scipy.sparse.csr_matrix
+        (n, n); entry ``[i, j]`` sums the weights of synapses from segment ``ids[i]`` to
+        ``ids[j]``.  Directed edges give one entry (pre -> post); edges of unknown
+        direction are entered both ways, so the matrix is symmetric where no direction
+        is known.
+    ids : numpy.ndarray
+        The segment id of each row and column, sorted.
+    """
+    import scipy.sparse as sp
+
+    if weight not in ("n_synapses", "total_size"):
+        raise ValueError(f"weight must be 'n_synapses' or 'total_size', got {weight!r}")
+    a, b = edges["partner_a"].to_numpy(), edges["partner_b"].to_numpy()
+    w, directed = edges[weight].to_numpy(), edges["directed"].to_numpy(bool)
+    ids = np.unique(np.concatenate([a, b]))
+    i, j = np.searchsorted(ids, a), np.searchsorted(ids, b)
+    rows = np.concatenate([i, j[~directed]])
+    cols = np.concatenate([j, i[~directed]])
+    vals = np.concatenate([w, w[~directed]])
+    return sp.csr_matrix((vals, (rows, cols)), shape=(len(ids), len(ids))), ids
 
 
 # ---------------------------------------------------------------- direction

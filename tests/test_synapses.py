@@ -9,6 +9,7 @@ import scipy.ndimage as ndi
 
 from emdask.synapses import (
     assign_partners,
+    connectivity_matrix,
     connectome,
     find_synapses,
     partner_accuracy,
@@ -139,6 +140,12 @@ def test_partners_and_connectome_by_hand():
     edges = connectome(out)
     assert edges[["partner_a", "partner_b", "directed"]].values.tolist() == [
         [5, 9, False], [7, 5, True]]
+    matrix, ids = connectivity_matrix(edges)
+    assert ids.tolist() == [5, 7, 9]
+    # 7 -> 5 one way; 5 - 9 of unknown direction both ways
+    assert matrix.toarray().tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 0]]
+    sized, _ = connectivity_matrix(edges, weight="total_size")
+    assert sized[1, 0] == 6 and sized[0, 2] == sized[2, 0] == 4
 
 
 def test_partner_accuracy_by_hand():
