@@ -373,12 +373,23 @@ def _sides(moments, voxel_size, nz: int) -> _Sides:
     centre = first / n[:, None]
     cov = (second / n[:, None, None] - centre[:, :, None] * centre[:, None, :]) * np.outer(vs, vs)
     normals = np.zeros((len(ukeys), 3))
-    for k in range(len(ukeys)):
-        axes = [1, 2] if planar or cov[k, 0, 0] < 1e-9 * vs[0] ** 2 else [0, 1, 2]
-        _, vec = np.linalg.eigh(cov[k][np.ix_(axes, axes)])
-        # n_phys . (x_phys - c_phys) = (n_phys * vs) . (x_vox - c_vox)
-        normals[k, axes] = vec[:, 0] * vs[axes]
-    return _Sides(ids, ukeys, centre, normals, planar, nz)
+    if len(ukeys):
+        normals[:, 1:] = np.linalg.eigh(cov[:, 1:, 1:])[1][:, :, 0]  # in the plane
+        # 3-D normals, except in ssTEM or for synapses within one section
+        solid = np.zeros(len(ukeys), bool) if planar else cov[:, 0, 0] >= 1e-9 * vs[0] ** 2
+        if solid.any():
+            normals[solid] = np.linalg.eigh(cov[solid])[1][:, :, 0]
+    if planar and len(ukeys) > 1:
+        # eigh's sign is arbitrary: turn each section's normal the way of the one below, so
+        # a side is the same side in every section of a synapse
+        same = (ukeys[1:] // (nz + 1)) == (ukeys[:-1] // (nz + 1))
+        turn = np.where(same & ((normals[1:] * normals[:-1]).sum(axis=1) < 0), -1, 1)
+        sign = np.cumprod(np.concatenate([[1], turn]))
+        first = np.concatenate([[0], np.flatnonzero(~same) + 1])
+        start = first[np.searchsorted(first, np.arange(len(ukeys)), side="right") - 1]
+        normals *= (sign * sign[start])[:, None]
+    # n_phys . (x_phys - c_phys) = (n_phys * vs) . (x_vox - c_vox)
+    return _Sides(ids, ukeys, centre, normals * vs, planar, nz)
 
 
 def _contacts(synapses: np.ndarray, segmentation: np.ndarray, radius, halo, origin,
@@ -441,14 +452,18 @@ def _partner_contacts(synapses: Any, segmentation: Any, radius, voxel_size
     if tuple(np.shape(syn)) != tuple(np.shape(seg)):
         raise ValueError(f"synapses shape {np.shape(syn)} differs from segmentation shape "
                          f"{np.shape(seg)}")
+    if len(np.shape(syn)) != 3:
+        raise ValueError(f"synapses must be 3-D (z, y, x), got shape {np.shape(syn)}")
     radius = tuple(int(r) for r in radius)
     if len(radius) != 3 or min(radius) < 0 or max(radius[1:]) == 0:
         raise ValueError(f"radius must be 3 voxel counts (z, y, x), >= 0, with y or x > 0, "
                          f"got {radius}")
     syn = syn if isinstance(syn, da.Array) else da.from_array(np.asarray(syn), chunks=-1)
+    # the halo: the radius, or the whole axis where that is shorter
+    halo = tuple(min(r, n) for r, n in zip(radius, syn.shape, strict=True))
     # chunks at least as large as the halo, so the overlap keeps the blocks (and origins)
-    chunks = tuple(da.overlap.ensure_minimum_chunksize(r, c) if r else c
-                   for r, c in zip(radius, syn.chunks, strict=True))
+    chunks = tuple(da.overlap.ensure_minimum_chunksize(h, c) if h else c
+                   for h, c in zip(halo, syn.chunks, strict=True))
     syn = syn.rechunk(chunks)
     seg = da.asarray(seg).rechunk(chunks)
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
@@ -457,11 +472,13 @@ def _partner_contacts(synapses: Any, segmentation: Any, radius, voxel_size
     moments = dask.compute(*[dask.delayed(_moments)(b, o) for b, o in zip(
         syn.to_delayed().ravel(), origins, strict=True)])
     sides = _sides(moments, vs, syn.shape[0])
-    depth = dict(enumerate(radius))
-    halos = [da.overlap.overlap(a, depth=depth, boundary=0) for a in (syn, seg)]
-    parts = [dask.delayed(_contacts)(a, b, radius, radius,
-                                     tuple(o - r for o, r in zip(origin, radius, strict=True)),
-                                     sides)
+    depth = dict(enumerate(halo))
+    halos = [da.overlap.overlap(a, depth=depth, boundary=0, allow_rechunk=False)
+             for a in (syn, seg)]
+    shared = dask.delayed(sides)  # one copy in the graph, not one per block
+    parts = [dask.delayed(_contacts)(a, b, radius, halo,
+                                     tuple(o - h for o, h in zip(origin, halo, strict=True)),
+                                     shared)
              for a, b, origin in zip(halos[0].to_delayed().ravel(),
                                      halos[1].to_delayed().ravel(), origins, strict=True)]
     found = np.hstack(dask.compute(*parts)) if parts else np.zeros((4, 0), np.int64)
@@ -582,7 +599,7 @@ def connectivity_matrix(edges: pd.DataFrame, weight: str = "n_synapses"
         raise ValueError(f"weight must be 'n_synapses' or 'total_size', got {weight!r}")
     a, b = edges["partner_a"].to_numpy(), edges["partner_b"].to_numpy()
     w, directed = edges[weight].to_numpy(), edges["directed"].to_numpy(bool)
-    ids = np.unique(np.concatenate([a, b]))
+    ids = np.unique(np.concatenate([a, b])).astype(np.int64)
     i, j = np.searchsorted(ids, a), np.searchsorted(ids, b)
     rows = np.concatenate([i, j[~directed]])
     cols = np.concatenate([j, i[~directed]])

@@ -226,6 +226,35 @@ def test_oblique_sstem_synapse_gets_sides_per_section():
     assert out.loc[0, "partner_1"] in (1, 3) and out.loc[0, "partner_2"] == 2
 
 
+def test_sstem_sides_agree_between_sections():
+    # a density turning from 43 to 47 degrees and back (eigh's sign flips near 45): the
+    # cell above it is split (1 left, 3 right), cell 2 below touches less than either
+    syn = np.zeros((4, 80, 80), np.uint64)
+    seg = np.zeros_like(syn)
+    yy, xx = np.mgrid[:80, :80] - 40.0
+    for z, angle in enumerate([43, 47, 43, 47]):
+        t = np.deg2rad(angle)
+        across = -np.sin(t) * xx + np.cos(t) * yy  # signed distance from the density
+        along = np.cos(t) * xx + np.sin(t) * yy
+        syn[z][(np.abs(across) < 0.8) & (np.abs(along) < 20)] = 1
+        seg[z][(across < -0.8) & (along < 0)], seg[z][(across < -0.8) & (along >= 0)] = 1, 3
+        seg[z][(across > 0.8) & (np.abs(along) < 6)] = 2
+    out = assign_partners(syn, seg, radius=(0, 3, 3), voxel_size=(50.0, 5.0, 5.0))
+    assert out.loc[0, "partner_2"] == 2
+
+
+def test_partner_radius_beyond_the_volume():
+    # one section, a z radius of 2 (the evaluation works on single sections)
+    syn = np.zeros((1, 8, 8), np.uint64)
+    syn[0, 3:5, 4] = 1
+    seg = np.full((1, 8, 8), 7, np.uint64)
+    seg[..., :4] = 5
+    out = assign_partners(syn, seg, radius=(2, 3, 3))
+    assert {out.loc[0, "partner_1"], out.loc[0, "partner_2"]} == {5, 7}
+    with pytest.raises(ValueError, match="must be 3-D"):
+        assign_partners(syn[0], seg[0])
+
+
 def test_partner_accuracy_polyadic():
     # cell 5 faces cells 7 (rows < 6) and 8 (rows >= 6) across x = 6; the synapse (rows 3-6)
     # touches 7 more than 8, but 8 is a postsynaptic cell too
