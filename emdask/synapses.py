@@ -385,8 +385,8 @@ def _sides(moments, voxel_size, nz: int) -> _Sides:
         same = (ukeys[1:] // (nz + 1)) == (ukeys[:-1] // (nz + 1))
         turn = np.where(same & ((normals[1:] * normals[:-1]).sum(axis=1) < 0), -1, 1)
         sign = np.cumprod(np.concatenate([[1], turn]))
-        first = np.concatenate([[0], np.flatnonzero(~same) + 1])
-        start = first[np.searchsorted(first, np.arange(len(ukeys)), side="right") - 1]
+        starts = np.concatenate([[0], np.flatnonzero(~same) + 1])
+        start = starts[np.searchsorted(starts, np.arange(len(ukeys)), side="right") - 1]
         normals *= (sign * sign[start])[:, None]
     # n_phys . (x_phys - c_phys) = (n_phys * vs) . (x_vox - c_vox)
     return _Sides(ids, ukeys, centre, normals * vs, planar, nz)
@@ -427,17 +427,17 @@ def _contacts(synapses: np.ndarray, segmentation: np.ndarray, radius, halo, orig
                       np.bincount(inverse, ~plus, pairs.shape[1])]).astype(np.int64)
 
 
-def _rank(segments, contact, plus, minus) -> list[int]:
+def _rank(segments, plus, minus) -> tuple[list[int], np.ndarray]:
     """Order of one synapse's rows, sorted by contact (then segment id): most contact
     first, then the segment with most contact on the other side of the synapse (if any
-    has some there), then the rest by contact."""
+    has some there), then the rest by contact; and each row's contact on that side."""
     other = minus if plus[0] >= minus[0] else plus
     rest = np.arange(1, len(segments))
     across = rest[other[rest] > 0]
     order = [0]
     if len(across):
         order.append(int(across[np.lexsort((segments[across], -other[across]))[0]]))
-    return order + [int(i) for i in rest if i not in order]
+    return order + [int(i) for i in rest if i not in order], other
 
 
 def _partner_contacts(synapses: Any, segmentation: Any, radius, voxel_size
@@ -495,8 +495,7 @@ def _partner_contacts(synapses: Any, segmentation: Any, radius, voxel_size
                                              strict=True):
         if not len(i):
             continue
-        order = _rank(segs, contact, plus, minus)
-        away = minus if plus[0] >= minus[0] else plus
+        order, away = _rank(segs, plus, minus)
         ranked[int(i[0])] = (segs[order], contact[order], away[order])
     return sides.ids, ranked
 
