@@ -79,9 +79,9 @@ def run_vnc_demo(vnc: str | Path, out: str | Path = "emdask_demo_output",
           f"{s['precision']:.3f}, recall {s['recall']:.3f}, F1 {s['f1']:.3f}; CREMI distances "
           f"FP {s['fp_distance']:.1f} nm, FN {s['fn_distance']:.1f} nm")
     print(f"partners: the two top-ranked segments lie in the cell with most contact and in "
-          f"a second one facing the synapse for {s['partners_right']:.0f} of "
+          f"a cell across the synapse for {s['partners_right']:.0f} of "
           f"{s['partners_of']:.0f} matched synapses ({s['partners_right_strict']:.0f} in the "
-          "two cells with most contact)")
+          "true first and second partners)")
     print(f"wrote {out / 'vnc.png'} (detected synapses outlined in red, labelled ones in "
           f"yellow) and {out / 'vnc.zarr'}/connectome.parquet")
     return scores
