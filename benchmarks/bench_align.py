@@ -1,31 +1,40 @@
 """Section alignment on real stacks with known distortions, and missing-section detection.
 
-Each real stack (already aligned as published) is distorted section by section with
-:func:`emdask.align.distort` (translation, rotation and a smooth elastic field, at most 20
-pixels; the first section is left alone), one section is blacked out entirely and one in
-part, and :func:`emdask.align` aligns the result.  Printed per stack:
+Each real stack is distorted section by section with :func:`emdask.align.distort`
+(translation, rotation and a smooth elastic field, at most 20 pixels; the first section is
+left alone), one section is blacked out entirely and one in part, and :func:`emdask.align`
+aligns the result.  Two tables are printed.
+
+Alignment, one row per stack and distortion seed:
 
 * residual displacement against the known truth (pixels; median and 95th percentile, where
   data exist and inside the blacked-out region), after removing its mean and linear trend
-  in z (the stack's frame and shear, which no aligner can see in the images);
-* the same for the undistorted stack: how far the aligner moves a stack that is already
-  aligned (consecutive 40-50 nm sections differ; matching follows oblique neurites, and
-  the ISBI stack carries real section-to-section warps);
+  in z (the stack's frame and shear, which no aligner can see in the images), and its
+  non-affine part (the residual minus each section's best affine fit: what is left once
+  the sections' position, rotation and scale are right);
 * "undone": the residual against the alignment of the undistorted stack instead of the
   stack as given, i.e. how exactly the known distortions alone are removed;
-* the mean NCC of consecutive sections: aligned as published, distorted, realigned;
-* missing-section detection: false alarms on the undistorted stack, and whether the
-  blacked-out section is found;
-* what the residual is made of: its non-affine part (the residual minus each section's
-  best affine fit: what is left once the sections' position, rotation and scale are
-  right), and the stack's own jitter: the median, over consecutive sections of the stack
-  as given, of the shift that block matching (blocks of 96 pixels or a third of the
-  section, median over the blocks)
-  finds between them.  A large jitter means the given stack is itself misaligned by that
-  much, or its anatomy moves coherently from section to section: either way the residual
-  against it cannot be much smaller.
+* the mean NCC of consecutive sections, distorted and realigned; whether the blacked-out
+  section is found.
 
-    python benchmarks/bench_align.py [--sections 30]
+The stack as given, one row per stack: how good a truth it is.  The residual can only be
+as small as the stack used to judge it is aligned.
+
+* how far aligning the undistorted stack moves it (residual of that alignment against
+  the identity);
+* the NCC of consecutive sections (smoothed, median), as given and after that alignment,
+  and the sections that alignment moves by more than 4 pixels against a neighbour while
+  raising the NCC with every neighbour by more than 0.05: sections misplaced in the stack
+  as given (or anatomy that moves coherently over the whole section);
+* the jitter: the median, over consecutive sections, of the shift that block matching
+  (blocks of 96 pixels or a third of the section, median over the blocks) finds between
+  them;
+* missing-section false alarms.
+
+The medulla FIB-SEM cube is isotropic (10 nm), so it is cut into sections across each of
+its three axes: three stacks whose truth is aligned as acquired, with different anatomy.
+
+    python benchmarks/bench_align.py [--sections 30] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -47,20 +56,51 @@ from emdask.align import _dense, align, block_match, displacement_error, distort
 from emdask.defects import detect_defects
 from emdask.volumes import open_volume
 
+#: name: (file, dataset, axis cut into sections, step between sections)
 STACKS = {
-    "ISBI 2012 ssTEM (50x4x4 nm)": (SHARED / "isbi2012_sstem" / "isbi2012_train.h5", "raw", 1),
-    "CREMI B crop ssTEM (40x4x4 nm)": (
-        SHARED / "cremi_sampleB_crop_bigcat" / "cremi_sampleB_z46-50_x0-250.h5", "raw", 1),
-    "medulla FIB-SEM, every slice (10 nm)": (MEDULLA, None, 1),
-    "medulla FIB-SEM, every 4th slice (40x10x10 nm)": (MEDULLA, None, 4),
+    "ISBI 2012 ssTEM (50x4x4 nm)":
+        (SHARED / "isbi2012_sstem" / "isbi2012_train.h5", "raw", 0, 1),
+    "CREMI B crop ssTEM (40x4x4 nm)":
+        (SHARED / "cremi_sampleB_crop_bigcat" / "cremi_sampleB_z46-50_x0-250.h5", "raw", 0, 1),
+    "medulla FIB-SEM 10 nm, sections across z": (MEDULLA, None, 0, 1),
+    "medulla FIB-SEM 10 nm, sections across y": (MEDULLA, None, 1, 1),
+    "medulla FIB-SEM 10 nm, sections across x": (MEDULLA, None, 2, 1),
+    "medulla FIB-SEM, every 4th z slice (40 nm)": (MEDULLA, None, 0, 4),
 }
 
 
-def ncc(stack: np.ndarray, margin: int = 24) -> float:
-    a = stack[:, margin:-margin, margin:-margin].astype(np.float64)
-    good = [z for z in range(len(a)) if a[z].std() > 0]
-    pairs = [(a[z], a[w]) for z, w in zip(good[1:], good[:-1], strict=True)]
-    return float(np.mean([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in pairs]))
+def smoothed_ncc(a: np.ndarray, b: np.ndarray, margin: int = 24) -> float:
+    """NCC of two sections, smoothed (sigma 2) so that noise does not hide their overlap."""
+    a, b = (ndi.gaussian_filter(x.astype(np.float64), 2)[margin:-margin, margin:-margin]
+            for x in (a, b))
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def ncc(stack: np.ndarray) -> float:
+    """Mean NCC of consecutive sections that have data."""
+    good = [z for z in range(len(stack)) if stack[z].std() > 0]
+    return float(np.mean([smoothed_ncc(stack[z], stack[w])
+                          for z, w in itertools.pairwise(good)]))
+
+
+def misplaced(stack: np.ndarray, still) -> tuple[list[int], float, float]:
+    """Sections that aligning the (undistorted) ``stack`` moves by more than 4 pixels
+    against a neighbour while raising the NCC with every neighbour by more than 0.05; and
+    the median consecutive NCC before and after."""
+    aligned = still.aligned.values
+    mean = still.fields.values.mean(axis=(2, 3))
+    before = [smoothed_ncc(a, b) for a, b in itertools.pairwise(stack)]
+    after = [smoothed_ncc(a, b) for a, b in itertools.pairwise(aligned)]
+    out = []
+    for z in range(len(stack)):
+        nb = [w for w in (z - 1, z + 1) if 0 <= w < len(stack)]
+        moved = max(np.linalg.norm(mean[z] - mean[w]) for w in nb)
+        gain = min(after[min(z, w)] - before[min(z, w)] for w in nb)
+        if moved > 4 and gain > 0.05:
+            out.append(z)
+    return out, float(np.median(before)), float(np.median(after))
 
 
 def nonaffine(vec: np.ndarray, skip: np.ndarray) -> np.ndarray:
@@ -101,60 +141,76 @@ def stats(err: np.ndarray) -> str:
     return f"{np.median(err):5.2f} {np.percentile(err, 95):5.2f}" if err.size else "    -     -"
 
 
+def distorted_row(stack: np.ndarray, seed: int, still) -> str:
+    """Distort ``stack`` (seed), black out a section and a region, align, measure."""
+    nz = len(stack)
+    distorted, truth = distort(stack, seed=seed)
+    lost, part = nz // 2, nz // 2 + 1 if nz > 3 else None
+    distorted[lost] = 0
+    region = np.zeros(stack.shape[1:], bool)
+    if part is not None and part < nz:
+        h, w = stack.shape[1:]
+        region[h // 4: h // 2, w // 4: w // 2] = True
+        distorted[part][region] = 0
+    t0 = time.perf_counter()
+    result = align(distorted)
+    seconds = time.perf_counter() - t0
+    found = bool(result.table["missing"].iloc[lost])
+    vec = displacement_error(result.fields, truth, vectors=True)[:, :, 4:-4, 4:-4]
+    err = np.linalg.norm(vec, axis=1)
+    keep = [z for z in range(nz) if z != lost]
+    # which residual samples fall into the blacked-out region of `part`
+    in_region = np.zeros(err.shape, bool)
+    if part is not None and part < nz:
+        ys, xs = np.meshgrid(np.arange(0, stack.shape[1], 4.0),
+                             np.arange(0, stack.shape[2], 4.0), indexing="ij")
+        u = _dense(result.fields.values[part].astype(np.float64), 32, ys, xs)
+        hit = ndi.map_coordinates(region.astype(np.uint8), [ys + u[0], xs + u[1]], order=0)
+        in_region[part] = hit[4:-4, 4:-4].astype(bool)
+    data = err[keep][~in_region[keep]]
+    bent = nonaffine(vec[keep], in_region[keep])[~in_region[keep]]
+    undone = displacement_error(result.fields, truth, reference=still.fields)[
+        :, 4:-4, 4:-4][keep][~in_region[keep]]
+    return (f"{seed:4d} {seconds:4.0f} | {stats(data)} {stats(bent)} {stats(err[in_region])} "
+            f"{stats(undone)} | {ncc(distorted):5.3f} {ncc(result.aligned.values):5.3f} | "
+            f"{found!s:>5s}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", type=int, default=30)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
-    print("residual px (median p95) against the stack as given: where data exist, in the "
-          "blacked-out region, and for the undistorted stack; 'undone': against the "
-          "alignment of the undistorted stack")
-    print(f"{'stack':48s} {'sections':>8s} {'s':>5s} | {'data':>11s} {'blacked':>11s} "
-          f"{'undistorted':>11s} {'undone':>11s} | NCC {'given':>5s} {'dist':>5s} "
-          f"{'after':>5s} | missing: false found | {'non-affine':>11s} jitter")
-    for name, (path, dataset, step) in STACKS.items():
+    stacks, rows = {}, []
+    print("Alignment of the distorted stacks: residual px (median p95) against the stack as "
+          "given where data exist, its non-affine part, in the blacked-out region; 'undone': "
+          "against the alignment of the undistorted stack")
+    print(f"{'stack':44s} {'seed':>4s} {'s':>4s} | {'data':>11s} {'non-affine':>11s} "
+          f"{'blacked':>11s} {'undone':>11s} | NCC {'dist':>5s} {'after':>5s} | found")
+    for name, (path, dataset, axis, step) in STACKS.items():
         if not Path(path).exists():
             print(f"{name}: {path} not found; skipped")
             continue
-        stack = open_volume(str(path), dataset).values[: args.sections * step : step]
-        nz = len(stack)
-        distorted, truth = distort(stack, seed=0)
-        lost, part = nz // 2, nz // 2 + 1 if nz > 3 else None
-        distorted[lost] = 0
-        region = np.zeros(stack.shape[1:], bool)
-        if part is not None and part < nz:
-            h, w = stack.shape[1:]
-            region[h // 4: h // 2, w // 4: w // 2] = True
-            distorted[part][region] = 0
-        false_alarms = int(detect_defects(stack).table["missing"].sum())
-        t0 = time.perf_counter()
-        result = align(distorted)
-        seconds = time.perf_counter() - t0
-        found = bool(result.table["missing"].iloc[lost])
-        vec = displacement_error(result.fields, truth, vectors=True)[:, :, 4:-4, 4:-4]
-        err = np.linalg.norm(vec, axis=1)
-        keep = [z for z in range(nz) if z != lost]
-        # which residual samples fall into the blacked-out region of `part`
-        in_region = np.zeros(err.shape, bool)
-        if part is not None and part < nz:
-            ys, xs = np.meshgrid(np.arange(0, stack.shape[1], 4.0),
-                                 np.arange(0, stack.shape[2], 4.0), indexing="ij")
-            u = _dense(result.fields.values[part].astype(np.float64), 32, ys, xs)
-            hit = ndi.map_coordinates(region.astype(np.uint8), [ys + u[0], xs + u[1]],
-                                      order=0)
-            in_region[part] = hit[4:-4, 4:-4].astype(bool)
-        data = err[keep][~in_region[keep]]
-        bent = nonaffine(vec[keep], in_region[keep])[~in_region[keep]]
-        blacked = err[in_region]
+        vol = np.moveaxis(open_volume(str(path), dataset).values, axis, 0)
+        stack = np.ascontiguousarray(vol[: args.sections * step: step])
         still = align(stack)
-        moved = displacement_error(still.fields, np.zeros_like(truth))[:, 4:-4, 4:-4]
-        undone = displacement_error(result.fields, truth, reference=still.fields)[
-            :, 4:-4, 4:-4][keep][~in_region[keep]]
-        aligned = result.aligned.values
-        print(f"{name:48s} {nz:8d} {seconds:5.0f} | {stats(data)} {stats(blacked)} "
-              f"{stats(moved)} {stats(undone)} |     {ncc(stack):5.3f} {ncc(distorted):5.3f} "
-              f"{ncc(aligned):5.3f} | {false_alarms:13d} {found!s:>5s} | {stats(bent)} "
-              f"{jitter(stack):6.2f}", flush=True)
+        stacks[name] = (stack, still)
+        for seed in args.seeds:
+            print(f"{name:44s} {distorted_row(stack, seed, still)}", flush=True)
+    print("\nThe stacks as given: how far aligning them moves them (px, median p95), median "
+          "NCC of consecutive sections before and after, sections misplaced in the given "
+          "stack, block-matching jitter (px), missing-section false alarms")
+    print(f"{'stack':44s} {'sections':>8s} | {'moved':>11s} | NCC {'given':>5s} "
+          f"{'after':>5s} | misplaced | jitter | false alarms")
+    for name, (stack, still) in stacks.items():
+        moved = displacement_error(still.fields, np.zeros((len(stack), 2, *stack.shape[1:]),
+                                                          np.float32))[:, 4:-4, 4:-4]
+        bad, before, after = misplaced(stack, still)
+        rows.append(name)
+        print(f"{name:44s} {len(stack):8d} | {stats(moved)} |     {before:5.3f} {after:5.3f} | "
+              f"{len(bad):2d} {str(bad)[:40]} | {jitter(stack):6.2f} | "
+              f"{int(detect_defects(stack).table['missing'].sum())}", flush=True)
 
 
 if __name__ == "__main__":
