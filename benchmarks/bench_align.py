@@ -62,6 +62,9 @@ STACKS = {
         (SHARED / "isbi2012_sstem" / "isbi2012_train.h5", "raw", 0, 1),
     "CREMI B crop ssTEM (40x4x4 nm)":
         (SHARED / "cremi_sampleB_crop_bigcat" / "cremi_sampleB_z46-50_x0-250.h5", "raw", 0, 1),
+    "larval VNC ssTEM (50x4.6x4.6 nm)":
+        (SHARED / "drosophila_vnc_sstem_gerhard2013" / "vnc_stack1_synapses_x0-640.h5", "raw",
+         0, 1),
     "medulla FIB-SEM 10 nm, sections across z": (MEDULLA, None, 0, 1),
     "medulla FIB-SEM 10 nm, sections across y": (MEDULLA, None, 1, 1),
     "medulla FIB-SEM 10 nm, sections across x": (MEDULLA, None, 2, 1),

@@ -89,8 +89,9 @@ class Alignment(NamedTuple):
     aligned: xr.DataArray
     #: Fields (z, 2, gy, gx) in pixels (y, x) at the grid nodes; ``attrs["spacing"]``.
     fields: xr.DataArray
-    #: One row per section: z, missing, matches, accepted, residual (rms pixels of the
-    #: accepted matches after the last solve), unreliable, interpolated.
+    #: One row per section: z, missing, matches (nodes with data to match, last level),
+    #: accepted, residual (rms pixels of the accepted matches after the last solve),
+    #: unreliable, interpolated.
     table: pd.DataFrame
 
 
@@ -301,7 +302,9 @@ def _match_pair(moving, fixed, grid: tuple[int, int], spacing: int, level: Level
     windows = r[wy[:, :, None], wx[:, None, :]]
     invalid = bad_r[wy[:, :, None], wx[:, None, :]]
     offsets, scores = block_match(templates, windows, invalid)
-    scores[bad_t > 0.1] = -1
+    # No data to match (the block, or most of its window, is missing or off the section):
+    # NaN, so that such nodes count neither as matches nor as failed ones.
+    scores[(bad_t > 0.1) | (invalid.mean(axis=(1, 2)) > 0.5)] = np.nan
     # The moving block's content sits at +offset in the fixed section: moving(p) =
     # fixed(p + offset), so moving(p - offset) = fixed(p) and the correction is -offset.
     return (-f * offsets).reshape(gy, gx, 2), scores.reshape(gy, gx)
@@ -454,8 +457,9 @@ def align(
         deviations, whichever is larger, are dropped and the solve redone.
     min_matches
         A section with a smaller fraction of accepted matches against its nearest
-        neighbour, at every level, is flagged ``unreliable`` and gets the interpolated
-        field of its neighbours instead of being warped by its own matches.
+        neighbour (among its nodes with data to match, so a partly missing section is
+        judged by the rest), at every level, is flagged ``unreliable`` and gets the
+        interpolated field of its neighbours instead of being warped by its own matches.
     prior
         Weight (relative to a match of score 1) pulling every section's field towards 0.
         Block matching cannot tell misalignment from neurites that run obliquely through
@@ -502,7 +506,7 @@ def align(
     mask = defects.mask.data.persist()
     masks = [mask[z] for z in range(nz)]
     coverage = np.full(nz, np.nan)  # best accepted fraction against the nearest neighbour
-    shifts, weights, delta = [], [], np.zeros((len(valid), 2, *grid))
+    shifts, weights, matchable, delta = [], [], [], np.zeros((len(valid), 2, *grid))
     for level in levels if pairs else ():  # a single usable section stays as it is
         # each section rendered once per level, shared by the pairs it is in
         rendered = {z: dask.delayed(_level_image, pure=True)(
@@ -515,9 +519,11 @@ def align(
         weights = [np.where((r[1] >= min_score) & np.isfinite(r[0]).all(axis=2), r[1], 0)
                    for r in results]
         shifts = [np.nan_to_num(s) for s in shifts]
+        matchable = [np.isfinite(r[1]) for r in results]
         nearest = {}
-        for (zm, _), w in zip(pairs, weights, strict=True):
-            nearest.setdefault(zm, float((w > 0).mean()))  # pairs list the nearest first
+        for (zm, _), w, m in zip(pairs, weights, matchable, strict=True):
+            # pairs list the nearest first; nodes without data to match do not count
+            nearest.setdefault(zm, float((w > 0).sum() / max(m.sum(), 1)))
         for zm, frac in nearest.items():
             coverage[zm] = np.fmax(coverage[zm], frac)
         delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid,
@@ -526,7 +532,7 @@ def align(
             delta = _affine(delta, spacing)
         for i, z in enumerate(valid):
             fields[z] = _compose(fields[z], delta[i], spacing)
-    table = _table(nz, pairs, weights, shifts, delta, valid, missing)
+    table = _table(nz, pairs, weights, shifts, delta, valid, missing, matchable)
     # Fine levels of 40-50 nm ssTEM accept few matches (sections differ in detail), so a
     # section is unreliable only if no level matched enough of it.
     table["unreliable"] = ~missing & (coverage < min_matches)
@@ -565,15 +571,16 @@ def _robust_solve(pairs, shifts, weights, valid, current, grid, stiffness, prior
     return delta, weights
 
 
-def _table(nz, pairs, weights, shifts, delta, valid, missing) -> pd.DataFrame:
-    """Matches, accepted matches and their rms residual (pixels) per section, last level."""
+def _table(nz, pairs, weights, shifts, delta, valid, missing, matchable) -> pd.DataFrame:
+    """Matches (nodes with data on both sides), accepted matches and their rms residual
+    (pixels) per section, last level."""
     pos = {z: i for i, z in enumerate(valid)}
     matches = np.zeros(nz, int)
     accepted = np.zeros(nz, int)
     sq = np.zeros(nz)
-    for (zm, zf), w, s in zip(pairs, weights, shifts, strict=True):
+    for (zm, zf), w, s, m in zip(pairs, weights, shifts, matchable, strict=True):
         ok = w > 0
-        matches[zm] += w.size
+        matches[zm] += int(m.sum())
         accepted[zm] += int(ok.sum())
         r = delta[pos[zm]].transpose(1, 2, 0) - delta[pos[zf]].transpose(1, 2, 0) - s
         sq[zm] += float((r[ok] ** 2).sum())

@@ -98,6 +98,20 @@ def test_missing_section_is_skipped_and_interpolated(shared_file):
     assert np.median(err) < 1.0
 
 
+
+def test_partly_missing_section_is_judged_by_its_data(shared_file):
+    # Two thirds of section 4 are lost; its remaining third still matches well, so it is
+    # aligned by its own matches (not flagged unreliable and interpolated), and is right.
+    stack = _medulla(shared_file, n=8, size=192)
+    distorted, truth = distort(stack, seed=5, translation=8, rotation=1.0, elastic=3)
+    distorted[4][:, :128] = 0
+    result = align(distorted)
+    row = result.table.set_index("z").loc[4]
+    assert not row["missing"] and not row["unreliable"] and not row["interpolated"]
+    assert 0 < row["matches"] < result.table.set_index("z").loc[3, "matches"]
+    err = displacement_error(result.fields, truth)[4, 4:-4, 34:-4]  # where it has data
+    assert np.median(err) < 1.0, np.median(err)
+
 def test_render_is_blockwise_and_invertible(shared_file):
     img = open_volume(shared_file("isbi"), "raw")[:3, :200, :240].values
     rng = np.random.default_rng(0)
