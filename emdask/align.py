@@ -426,7 +426,7 @@ def align(
     spacing: int = 32,
     levels: Sequence[Level] = LEVELS,
     neighbours: int = 2,
-    stiffness: float = 200.0,
+    stiffness: float = 50.0,
     min_score: float = 0.2,
     max_residual: float = 3.0,
     min_matches: float = 0.25,

@@ -80,7 +80,7 @@ class AlignSpec:
 
     spacing: int = 32  # grid of the deformation fields, pixels
     neighbours: int = 2  # each section is matched against this many previous ones
-    stiffness: float = 200.0  # bending penalty
+    stiffness: float = 50.0  # bending penalty
     prior: float = 0.01  # pull of each section's field towards 0 (against drift)
     min_score: float = 0.2  # matches with a lower correlation are rejected
     window: int = 15  # defects: flat squares of this side are missing data
