@@ -14,15 +14,20 @@ Alignment, one row per stack and distortion seed:
   the sections' position, rotation and scale are right);
 * "undone": the residual against the alignment of the undistorted stack instead of the
   stack as given, i.e. how exactly the known distortions alone are removed;
-* the mean NCC of consecutive sections, distorted and realigned; whether the blacked-out
-  section is found.
+* the mean NCC of consecutive sections, distorted and realigned;
+* where the stack has 3-D labels (traced by people; the aligner never sees them), their
+  continuity: the fraction of labelled pixels that carry the same neuron id in the next
+  section, with the labels distorted like the raw, and rendered with the alignment's
+  fields;
+* whether the blacked-out section is found.
 
 The stack as given, one row per stack: how good a truth it is.  The residual can only be
 as small as the stack used to judge it is aligned.
 
 * how far aligning the undistorted stack moves it (residual of that alignment against
   the identity);
-* the NCC of consecutive sections (smoothed, median), as given and after that alignment,
+* the NCC of consecutive sections (smoothed, median), and the label continuity, as given
+  and after that alignment,
   and the sections that alignment moves by more than 4 pixels against a neighbour while
   raising the NCC with every neighbour by more than 0.05: sections misplaced in the stack
   as given (or anatomy that moves coherently over the whole section);
@@ -52,24 +57,45 @@ import scipy.ndimage as ndi
 sys.path.insert(0, str(Path(__file__).parent))
 from common import MEDULLA, SHARED
 
-from emdask.align import _dense, align, block_match, displacement_error, distort
+from emdask.align import _dense, align, block_match, displacement_error, distort, render
 from emdask.defects import detect_defects
 from emdask.volumes import open_volume
 
-#: name: (file, dataset, axis cut into sections, step between sections)
+#: name: (file, raw dataset, 3-D labels dataset or None, axis cut into sections, step)
 STACKS = {
     "ISBI 2012 ssTEM (50x4x4 nm)":
-        (SHARED / "isbi2012_sstem" / "isbi2012_train.h5", "raw", 0, 1),
+        (SHARED / "isbi2012_sstem" / "isbi2012_train.h5", "raw", None, 0, 1),
     "CREMI B crop ssTEM (40x4x4 nm)":
-        (SHARED / "cremi_sampleB_crop_bigcat" / "cremi_sampleB_z46-50_x0-250.h5", "raw", 0, 1),
+        (SHARED / "cremi_sampleB_crop_bigcat" / "cremi_sampleB_z46-50_x0-250.h5", "raw",
+         "labels/neuron_ids", 0, 1),
     "larval VNC ssTEM (50x4.6x4.6 nm)":
         (SHARED / "drosophila_vnc_sstem_gerhard2013" / "vnc_stack1_synapses_x0-640.h5", "raw",
-         0, 1),
-    "medulla FIB-SEM 10 nm, sections across z": (MEDULLA, None, 0, 1),
-    "medulla FIB-SEM 10 nm, sections across y": (MEDULLA, None, 1, 1),
-    "medulla FIB-SEM 10 nm, sections across x": (MEDULLA, None, 2, 1),
-    "medulla FIB-SEM, every 4th z slice (40 nm)": (MEDULLA, None, 0, 4),
+         None, 0, 1),
+    "medulla FIB-SEM 10 nm, sections across z": (MEDULLA, "raw", "labels/neuron_ids", 0, 1),
+    "medulla FIB-SEM 10 nm, sections across y": (MEDULLA, "raw", "labels/neuron_ids", 1, 1),
+    "medulla FIB-SEM 10 nm, sections across x": (MEDULLA, "raw", "labels/neuron_ids", 2, 1),
+    "medulla FIB-SEM, every 4th z slice (40 nm)":
+        (MEDULLA, "raw", "labels/neuron_ids", 0, 4),
 }
+
+
+def continuity(labels: np.ndarray | None) -> str:
+    """Fraction of labelled pixels that carry the same neuron id in the next section (both
+    labelled): how well the 3-D labels, traced by people, line up from section to section.
+    An independent check of an alignment: the aligner never sees the labels."""
+    if labels is None:
+        return "    -"
+    a, b = labels[:-1], labels[1:]
+    both = (a != 0) & (b != 0)
+    return f"{(a[both] == b[both]).mean():5.3f}"
+
+
+def warp_labels(labels: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The labels distorted like the raw by :func:`distort` (nearest neighbour; 0 outside)."""
+    ys, xs = np.meshgrid(np.arange(labels.shape[1], dtype=np.float64),
+                         np.arange(labels.shape[2], dtype=np.float64), indexing="ij")
+    return np.stack([ndi.map_coordinates(lab, [ys + t[0], xs + t[1]], order=0, cval=0)
+                     for lab, t in zip(labels, truth, strict=True)])
 
 
 def smoothed_ncc(a: np.ndarray, b: np.ndarray, margin: int = 24) -> float:
@@ -144,17 +170,19 @@ def stats(err: np.ndarray) -> str:
     return f"{np.median(err):5.2f} {np.percentile(err, 95):5.2f}" if err.size else "    -     -"
 
 
-def distorted_row(stack: np.ndarray, seed: int, still) -> str:
+def distorted_row(stack: np.ndarray, labels: np.ndarray | None, seed: int, still) -> str:
     """Distort ``stack`` (seed), black out a section and a region, align, measure."""
     nz = len(stack)
     distorted, truth = distort(stack, seed=seed)
+    bent = None if labels is None else warp_labels(labels, truth)
     lost, part = nz // 2, nz // 2 + 1 if nz > 3 else None
-    distorted[lost] = 0
     region = np.zeros(stack.shape[1:], bool)
     if part is not None and part < nz:
         h, w = stack.shape[1:]
         region[h // 4: h // 2, w // 4: w // 2] = True
-        distorted[part][region] = 0
+    for img in (distorted, bent) if bent is not None else (distorted,):
+        img[lost] = 0
+        img[part][region] = 0
     t0 = time.perf_counter()
     result = align(distorted)
     seconds = time.perf_counter() - t0
@@ -171,12 +199,13 @@ def distorted_row(stack: np.ndarray, seed: int, still) -> str:
         hit = ndi.map_coordinates(region.astype(np.uint8), [ys + u[0], xs + u[1]], order=0)
         in_region[part] = hit[4:-4, 4:-4].astype(bool)
     data = err[keep][~in_region[keep]]
-    bent = nonaffine(vec[keep], in_region[keep])[~in_region[keep]]
+    flex = nonaffine(vec[keep], in_region[keep])[~in_region[keep]]
     undone = displacement_error(result.fields, truth, reference=still.fields)[
         :, 4:-4, 4:-4][keep][~in_region[keep]]
-    return (f"{seed:4d} {seconds:4.0f} | {stats(data)} {stats(bent)} {stats(err[in_region])} "
+    realigned = None if bent is None else render(bent, result.fields, order=0).values
+    return (f"{seed:4d} {seconds:4.0f} | {stats(data)} {stats(flex)} {stats(err[in_region])} "
             f"{stats(undone)} | {ncc(distorted):5.3f} {ncc(result.aligned.values):5.3f} | "
-            f"{found!s:>5s}")
+            f"{continuity(bent)} {continuity(realigned)} | {found!s:>5s}")
 
 
 def main() -> None:
@@ -185,33 +214,39 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
-    stacks, rows = {}, []
+    stacks = {}
     print("Alignment of the distorted stacks: residual px (median p95) against the stack as "
           "given where data exist, its non-affine part, in the blacked-out region; 'undone': "
           "against the alignment of the undistorted stack")
     print(f"{'stack':44s} {'seed':>4s} {'s':>4s} | {'data':>11s} {'non-affine':>11s} "
-          f"{'blacked':>11s} {'undone':>11s} | NCC {'dist':>5s} {'after':>5s} | found")
-    for name, (path, dataset, axis, step) in STACKS.items():
+          f"{'blacked':>11s} {'undone':>11s} | NCC {'dist':>5s} {'after':>5s} | labels "
+          f"{'dist':>5s} {'after':>5s} | found")
+    for name, (path, raw, truth_labels, axis, step) in STACKS.items():
         if not Path(path).exists():
             print(f"{name}: {path} not found; skipped")
             continue
-        vol = np.moveaxis(open_volume(str(path), dataset).values, axis, 0)
-        stack = np.ascontiguousarray(vol[: args.sections * step: step])
+        cut = np.s_[: args.sections * step: step]
+        stack = np.ascontiguousarray(
+            np.moveaxis(open_volume(str(path), raw).values, axis, 0)[cut])
+        labels = None if truth_labels is None else np.ascontiguousarray(
+            np.moveaxis(open_volume(str(path), truth_labels).values, axis, 0)[cut])
         still = align(stack)
-        stacks[name] = (stack, still)
+        stacks[name] = (stack, labels, still)
         for seed in args.seeds:
-            print(f"{name:44s} {distorted_row(stack, seed, still)}", flush=True)
+            print(f"{name:44s} {distorted_row(stack, labels, seed, still)}", flush=True)
     print("\nThe stacks as given: how far aligning them moves them (px, median p95), median "
           "NCC of consecutive sections before and after, sections misplaced in the given "
           "stack, block-matching jitter (px), missing-section false alarms")
     print(f"{'stack':44s} {'sections':>8s} | {'moved':>11s} | NCC {'given':>5s} "
-          f"{'after':>5s} | misplaced | jitter | false alarms")
-    for name, (stack, still) in stacks.items():
+          f"{'after':>5s} | labels {'given':>5s} {'after':>5s} | misplaced | jitter | "
+          f"false alarms")
+    for name, (stack, labels, still) in stacks.items():
         moved = displacement_error(still.fields, np.zeros((len(stack), 2, *stack.shape[1:]),
                                                           np.float32))[:, 4:-4, 4:-4]
         bad, before, after = misplaced(stack, still)
-        rows.append(name)
+        realigned = None if labels is None else render(labels, still.fields, order=0).values
         print(f"{name:44s} {len(stack):8d} | {stats(moved)} |     {before:5.3f} {after:5.3f} | "
+              f"       {continuity(labels)} {continuity(realigned)} | "
               f"{len(bad):2d} {str(bad)[:40]} | {jitter(stack):6.2f} | "
               f"{int(detect_defects(stack).table['missing'].sum())}", flush=True)
 
