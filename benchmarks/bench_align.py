@@ -182,7 +182,8 @@ def distorted_row(stack: np.ndarray, labels: np.ndarray | None, seed: int, still
         region[h // 4: h // 2, w // 4: w // 2] = True
     for img in (distorted, bent) if bent is not None else (distorted,):
         img[lost] = 0
-        img[part][region] = 0
+        if part is not None and part < nz:
+            img[part][region] = 0
     t0 = time.perf_counter()
     result = align(distorted)
     seconds = time.perf_counter() - t0
@@ -195,7 +196,8 @@ def distorted_row(stack: np.ndarray, labels: np.ndarray | None, seed: int, still
     if part is not None and part < nz:
         ys, xs = np.meshgrid(np.arange(0, stack.shape[1], 4.0),
                              np.arange(0, stack.shape[2], 4.0), indexing="ij")
-        u = _dense(result.fields.values[part].astype(np.float64), 32, ys, xs)
+        u = _dense(result.fields.values[part].astype(np.float64),
+                   result.fields.attrs["spacing"], ys, xs)
         hit = ndi.map_coordinates(region.astype(np.uint8), [ys + u[0], xs + u[1]], order=0)
         in_region[part] = hit[4:-4, 4:-4].astype(bool)
     data = err[keep][~in_region[keep]]

@@ -27,9 +27,10 @@ coarse to fine over a few :class:`Level` s:
    per section (rigid/affine first), the later ones the full regularized field.
 
 Defects: missing sections (:func:`emdask.detect_defects`) are never matched; they, and any
-section with fewer than ``min_matches`` of its matches accepted (flagged ``unreliable`` in
-the table, with a warning), get the field interpolated linearly in z from their valid
-neighbours.  Pixels in the defect mask never count in a match.
+section with fewer than ``min_matches`` of its matches against its nearest neighbour
+accepted at every level (flagged ``unreliable`` in the table, with a warning), get the field
+interpolated linearly in z from their valid neighbours.  Pixels in the defect mask never
+count in a match, and nodes whose data a defect has lost do not count in that fraction.
 """
 
 from __future__ import annotations
@@ -256,9 +257,10 @@ def _subpixel(ncc: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.
 
 
 def _level_image(section: np.ndarray, mask: np.ndarray, field: np.ndarray, spacing: int,
-                 factor: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+                 factor: int, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A section rendered at a level (smoothed against aliasing), padded by ``pad`` level
-    pixels before (and more after), with the mask of pixels without data (outside, or missing)."""
+    pixels before (and more after), with the mask of pixels without data (outside, or
+    missing) and the mask of the missing ones only (the section's defect mask)."""
     img = section.astype(np.float32)
     if factor > 1:
         img = ndi.gaussian_filter(img, 0.5 * factor)
@@ -267,12 +269,14 @@ def _level_image(section: np.ndarray, mask: np.ndarray, field: np.ndarray, spaci
     origin = (-pad * factor, -pad * factor)
     out = warp_section(img, field, spacing, origin, shape, factor, cval=np.nan)
     bad = ~np.isfinite(out)
+    lost = np.zeros_like(bad)
     if mask is not None:
-        bad |= warp_section(mask.astype(np.uint8), field, spacing, origin, shape, factor,
-                            order=0, cval=1).astype(bool)
+        lost = warp_section(mask.astype(np.uint8), field, spacing, origin, shape, factor,
+                            order=0, cval=0).astype(bool)
+        bad |= lost
     good = ~bad
     out[bad] = out[good].mean() if good.any() else 0  # flat fill: no false edges
-    return out, bad
+    return out, bad, lost
 
 
 def _pad(level: Level) -> int:
@@ -282,9 +286,9 @@ def _pad(level: Level) -> int:
 
 def _match_pair(moving, fixed, grid: tuple[int, int], spacing: int, level: Level):
     """Shifts (gy, gx, 2) in full-resolution pixels that bring the ``moving`` section onto
-    the ``fixed`` one at every node, and their scores; both sections as rendered by
-    :func:`_level_image` (image, mask of pixels without data)."""
-    (a, bad_a), (r, bad_r) = moving, fixed
+    the ``fixed`` one at every node, and their scores (NaN where a defect leaves nothing to
+    match); both sections as rendered by :func:`_level_image`."""
+    (a, bad_a, lost_a), (r, bad_r, lost_r) = moving, fixed
     f, b, s = level.factor, level.block, level.search
     pad = _pad(level)
     gy, gx = grid
@@ -302,9 +306,13 @@ def _match_pair(moving, fixed, grid: tuple[int, int], spacing: int, level: Level
     windows = r[wy[:, :, None], wx[:, None, :]]
     invalid = bad_r[wy[:, :, None], wx[:, None, :]]
     offsets, scores = block_match(templates, windows, invalid)
-    # No data to match (the block, or most of its window, is missing or off the section):
-    # NaN, so that such nodes count neither as matches nor as failed ones.
-    scores[(bad_t > 0.1) | (invalid.mean(axis=(1, 2)) > 0.5)] = np.nan
+    scores[bad_t > 0.1] = -1
+    # Data lost in a defect, in the block or where it lies in the other section: NaN, so
+    # that such nodes count neither as matches nor as failed ones when a section's
+    # coverage is judged.  Nodes off the section still count as failed, as for every section.
+    lost = np.maximum(lost_a[iy[:, :, None], ix[:, None, :]].mean(axis=(1, 2)),
+                      lost_r[iy[:, :, None], ix[:, None, :]].mean(axis=(1, 2)))
+    scores[lost > 0.1] = np.nan
     # The moving block's content sits at +offset in the fixed section: moving(p) =
     # fixed(p + offset), so moving(p - offset) = fixed(p) and the correction is -offset.
     return (-f * offsets).reshape(gy, gx, 2), scores.reshape(gy, gx)

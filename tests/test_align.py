@@ -111,6 +111,13 @@ def test_partly_missing_section_is_judged_by_its_data(shared_file):
     assert 0 < row["matches"] < result.table.set_index("z").loc[3, "matches"]
     err = displacement_error(result.fields, truth)[4, 4:-4, 34:-4]  # where it has data
     assert np.median(err) < 1.0, np.median(err)
+    # A section that is all there but drowned in noise matches nothing: flagged, not warped
+    noisy = distorted.copy()
+    noise = np.random.default_rng(0).normal(0, 400, stack[4].shape)
+    noisy[4] = np.clip(stack[4] + noise, 0, 255).astype(np.uint8)
+    with pytest.warns(UserWarning, match="unreliable"):
+        table = align(noisy).table.set_index("z")
+    assert table.loc[4, "unreliable"] and table.loc[4, "interpolated"]
 
 def test_render_is_blockwise_and_invertible(shared_file):
     img = open_volume(shared_file("isbi"), "raw")[:3, :200, :240].values
