@@ -90,7 +90,7 @@ class Alignment(NamedTuple):
     aligned: xr.DataArray
     #: Fields (z, 2, gy, gx) in pixels (y, x) at the grid nodes; ``attrs["spacing"]``.
     fields: xr.DataArray
-    #: One row per section: z, missing, matches (nodes with data to match, last level),
+    #: One row per section: z, missing, matches (nodes not lost to a defect, last level),
     #: accepted, residual (rms pixels of the accepted matches after the last solve),
     #: unreliable, interpolated.
     table: pd.DataFrame
@@ -465,8 +465,8 @@ def align(
         deviations, whichever is larger, are dropped and the solve redone.
     min_matches
         A section with a smaller fraction of accepted matches against its nearest
-        neighbour (among its nodes with data to match, so a partly missing section is
-        judged by the rest), at every level, is flagged ``unreliable`` and gets the
+        neighbour (not counting nodes whose data a defect has lost, so a partly missing
+        section is judged by the rest), at every level, is flagged ``unreliable`` and gets the
         interpolated field of its neighbours instead of being warped by its own matches.
     prior
         Weight (relative to a match of score 1) pulling every section's field towards 0.
@@ -530,7 +530,7 @@ def align(
         matchable = [np.isfinite(r[1]) for r in results]
         nearest = {}
         for (zm, _), w, m in zip(pairs, weights, matchable, strict=True):
-            # pairs list the nearest first; nodes without data to match do not count
+            # pairs list the nearest first; nodes lost to a defect do not count
             nearest.setdefault(zm, float((w > 0).sum() / max(m.sum(), 1)))
         for zm, frac in nearest.items():
             coverage[zm] = np.fmax(coverage[zm], frac)
@@ -580,7 +580,7 @@ def _robust_solve(pairs, shifts, weights, valid, current, grid, stiffness, prior
 
 
 def _table(nz, pairs, weights, shifts, delta, valid, missing, matchable) -> pd.DataFrame:
-    """Matches (nodes with data on both sides), accepted matches and their rms residual
+    """Matches (nodes not lost to a defect), accepted matches and their rms residual
     (pixels) per section, last level."""
     pos = {z: i for i, z in enumerate(valid)}
     matches = np.zeros(nz, int)
