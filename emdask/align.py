@@ -536,6 +536,11 @@ def align(
             coverage[zm] = np.fmax(coverage[zm], frac)
         delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid,
                                        stiffness, prior, max_residual * level.factor)
+        # A section without a single accepted match at this level is held by the prior
+        # alone, which would pull its whole field back to 0: it keeps its field instead.
+        matched = {z for (zm, zf), w in zip(pairs, weights, strict=True) if (w > 0).any()
+                   for z in (zm, zf)}
+        delta[[i for i, z in enumerate(valid) if z not in matched]] = 0
         if level.affine:
             delta = _affine(delta, spacing)
         for i, z in enumerate(valid):

@@ -104,6 +104,7 @@ def test_partly_missing_section_is_judged_by_its_data(shared_file):
     # aligned by its own matches (not flagged unreliable and interpolated), and is right.
     stack = _medulla(shared_file, n=8, size=192)
     distorted, truth = distort(stack, seed=5, translation=8, rotation=1.0, elastic=3)
+    whole = distorted[4].copy()
     distorted[4][:, :128] = 0
     result = align(distorted)
     row = result.table.set_index("z").loc[4]
@@ -113,11 +114,18 @@ def test_partly_missing_section_is_judged_by_its_data(shared_file):
     assert np.median(err) < 1.0, np.median(err)
     # A section that is all there but drowned in noise matches nothing: flagged, not warped
     noisy = distorted.copy()
-    noise = np.random.default_rng(0).normal(0, 400, stack[4].shape)
-    noisy[4] = np.clip(stack[4] + noise, 0, 255).astype(np.uint8)
+    noise = np.random.default_rng(0).normal(0, 400, whole.shape)
+    noisy[4] = np.clip(whole + noise, 0, 255).astype(np.uint8)
     with pytest.warns(UserWarning, match="unreliable"):
         table = align(noisy).table.set_index("z")
     assert table.loc[4, "unreliable"] and table.loc[4, "interpolated"]
+    # Less noise: it matches at the coarse levels only, and keeps that field where finer
+    # levels accept nothing (the prior alone pulled it back to 0, 7.7 px off)
+    noisy[4] = np.clip(whole + noise * 250 / 400, 0, 255).astype(np.uint8)
+    result = align(noisy)
+    assert not result.table["unreliable"].any()
+    err = displacement_error(result.fields, truth)[4, 4:-4, 4:-4]
+    assert np.median(err) < 2.0, np.median(err)
 
 def test_render_is_blockwise_and_invertible(shared_file):
     img = open_volume(shared_file("isbi"), "raw")[:3, :200, :240].values
