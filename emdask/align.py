@@ -24,7 +24,9 @@ coarse to fine over a few :class:`Level` s:
    warped independently, so no section should need a large field) removes the slow drift
    that chained matching accumulates where neurites run obliquely through the sections.
 4. The correction is composed with the field.  The first level keeps only an affine field
-   per section (rigid/affine first), the later ones the full regularized field.
+   per section (rigid/affine first), the later ones the full regularized field.  A section
+   without a single accepted match at a level keeps its field (the prior alone would pull
+   it back to 0).
 
 Defects: missing sections (:func:`emdask.detect_defects`) are never matched; they, and any
 section with fewer than ``min_matches`` of its matches against its nearest neighbour
