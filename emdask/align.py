@@ -28,11 +28,12 @@ coarse to fine over a few :class:`Level` s:
    without a single accepted match at a level keeps its field (the prior alone would pull
    it back to 0).
 
-Defects: missing sections (:func:`emdask.detect_defects`) are never matched; they, and any
-section with fewer than ``min_matches`` of its matches against its nearest neighbour
-accepted at every level (flagged ``unreliable`` in the table, with a warning), get the field
-interpolated linearly in z from their valid neighbours.  Pixels in the defect mask never
-count in a match, and nodes whose data a defect has lost do not count in that fraction.
+Defects: missing sections (:func:`emdask.detect_defects`) are never matched; they get the
+field interpolated linearly in z from their valid neighbours.  So does a section flagged
+``unreliable`` (in the table, with a warning): one whose coverage, the fraction of accepted
+matches with its nearest neighbour on either side at its best level, is below
+``min_matches`` and below half the stack's median coverage.  Pixels in the defect mask never
+count in a match, and nodes whose data a defect has lost do not count in the coverage.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class Alignment(NamedTuple):
     fields: xr.DataArray
     #: One row per section: z, missing, matches (nodes not lost to a defect, last level),
     #: accepted, residual (rms pixels of the accepted matches after the last solve),
-    #: unreliable, interpolated.
+    #: coverage (see ``min_matches``), unreliable, interpolated.
     table: pd.DataFrame
 
 
@@ -466,10 +467,13 @@ def align(
         resolution; times the downsampling at coarser levels) or 4 median absolute
         deviations, whichever is larger, are dropped and the solve redone.
     min_matches
-        A section with a smaller fraction of accepted matches against its nearest
-        neighbour (not counting nodes whose data a defect has lost, so a partly missing
-        section is judged by the rest), at every level, is flagged ``unreliable`` and gets the
-        interpolated field of its neighbours instead of being warped by its own matches.
+        A section whose coverage (the fraction of its nodes matched with its nearest
+        neighbour on either side, at its best level, not counting nodes whose data a defect
+        has lost, so a partly missing section is judged by the rest) is below this and below
+        half the stack's median coverage is flagged ``unreliable`` and gets the interpolated
+        field of its neighbours instead of being warped by its own matches.  The second
+        bar is for stacks whose sections all match poorly (small 40-50 nm sections accept
+        about a third even where intact): an intact section among them is not an outlier.
     prior
         Weight (relative to a match of score 1) pulling every section's field towards 0.
         Block matching cannot tell misalignment from neurites that run obliquely through
@@ -515,7 +519,7 @@ def align(
     # in (cluster) memory, 1 byte per voxel, for the levels.
     mask = defects.mask.data.persist()
     masks = [mask[z] for z in range(nz)]
-    coverage = np.full(nz, np.nan)  # best accepted fraction against the nearest neighbour
+    coverage = np.full(nz, np.nan)  # best accepted fraction with a nearest neighbour
     shifts, weights, matchable, delta = [], [], [], np.zeros((len(valid), 2, *grid))
     for level in levels if pairs else ():  # a single usable section stays as it is
         # each section rendered once per level, shared by the pairs it is in
@@ -530,12 +534,15 @@ def align(
                    for r in results]
         shifts = [np.nan_to_num(s) for s in shifts]
         matchable = [np.isfinite(r[1]) for r in results]
-        nearest = {}
-        for (zm, _), w, m in zip(pairs, weights, matchable, strict=True):
-            # pairs list the nearest first; nodes lost to a defect do not count
-            nearest.setdefault(zm, float((w > 0).sum() / max(m.sum(), 1)))
-        for zm, frac in nearest.items():
-            coverage[zm] = np.fmax(coverage[zm], frac)
+        seen = set()
+        for (zm, zf), w, m in zip(pairs, weights, matchable, strict=True):
+            if zm in seen:
+                continue
+            seen.add(zm)  # pairs list each section's nearest neighbour first
+            # Evidence for both sections of the pair: a section is reliable if it matches
+            # a nearest neighbour on either side.  Nodes lost to a defect do not count.
+            frac = float((w > 0).sum() / max(m.sum(), 1))
+            coverage[[zm, zf]] = np.fmax(coverage[[zm, zf]], frac)
         delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid,
                                        stiffness, prior, max_residual * level.factor)
         # A section without a single accepted match at this level is held by the prior
@@ -549,8 +556,11 @@ def align(
             fields[z] = _compose(fields[z], delta[i], spacing)
     table = _table(nz, pairs, weights, shifts, delta, valid, missing, matchable)
     # Fine levels of 40-50 nm ssTEM accept few matches (sections differ in detail), so a
-    # section is unreliable only if no level matched enough of it.
-    table["unreliable"] = ~missing & (coverage < min_matches)
+    # section is unreliable only if no level matched enough of it; and small sections of
+    # such stacks accept few even where intact, so the typical section sets a bar as well.
+    table["coverage"] = coverage
+    typical = np.nanmedian(coverage) if np.isfinite(coverage).any() else 1.0
+    table["unreliable"] = ~missing & (coverage < min(min_matches, 0.5 * typical))
     good = ~(table["missing"] | table["unreliable"]).to_numpy(bool)
     if (~good & ~missing).any():
         warnings.warn("sections with unreliable matches, given their neighbours' fields: "

@@ -114,18 +114,39 @@ def test_partly_missing_section_is_judged_by_its_data(shared_file):
     assert np.median(err) < 1.0, np.median(err)
     # A section that is all there but drowned in noise matches nothing: flagged, not warped
     noisy = distorted.copy()
-    noise = np.random.default_rng(0).normal(0, 400, whole.shape)
+    noise = np.random.default_rng(0).normal(0, 1000, whole.shape)
     noisy[4] = np.clip(whole + noise, 0, 255).astype(np.uint8)
     with pytest.warns(UserWarning, match="unreliable"):
         table = align(noisy).table.set_index("z")
     assert table.loc[4, "unreliable"] and table.loc[4, "interpolated"]
+    assert table["unreliable"].sum() == 1
+    # the first section too: its evidence is its match with the next one
+    with pytest.warns(UserWarning, match="unreliable"):
+        first = align(noisy[4:]).table
+    assert first["unreliable"].tolist() == [True] + [False] * 3
     # Less noise: it matches at the coarse levels only, and keeps that field where finer
     # levels accept nothing (the prior alone pulled it back to 0, 7.7 px off)
-    noisy[4] = np.clip(whole + noise * 250 / 400, 0, 255).astype(np.uint8)
+    noisy[4] = np.clip(whole + noise * 250 / 1000, 0, 255).astype(np.uint8)
     result = align(noisy)
     assert not result.table["unreliable"].any()
     err = displacement_error(result.fields, truth)[4, 4:-4, 4:-4]
     assert np.median(err) < 2.0, np.median(err)
+
+
+def test_intact_section_of_a_hard_stack_is_not_flagged(shared_file):
+    # The CREMI crop (40 nm, 500 x 250 pixels) accepts few matches even where intact.  Its
+    # last section, against a partly blacked-out neighbour, accepts under 25%, but no
+    # fewer than half of what its stack typically does: aligned, not flagged.
+    stack = open_volume(shared_file("cremi"), "raw").values
+    distorted, _ = distort(stack, seed=1)
+    distorted[2] = 0
+    distorted[3][125:250, 62:125] = 0
+    table = align(distorted).table.set_index("z")
+    assert table["missing"].tolist() == [False, False, True, False, False]
+    cov = table["coverage"]
+    assert cov.loc[4] < 0.25 and cov.loc[4] >= 0.5 * np.nanmedian(cov), cov.tolist()
+    assert not table["unreliable"].any() and table["interpolated"].tolist() == [
+        False, False, True, False, False]
 
 def test_render_is_blockwise_and_invertible(shared_file):
     img = open_volume(shared_file("isbi"), "raw")[:3, :200, :240].values
