@@ -40,12 +40,18 @@ The medulla FIB-SEM cube is isotropic (10 nm), so it is cut into sections across
 its three axes: three stacks whose truth is aligned as acquired, with different anatomy.
 
     python benchmarks/bench_align.py [--sections 30] [--seeds 0 1]
+
+With ``--scale N TY TX`` it times instead one large stack: N sections of the larval VNC
+stack (mirrored in z to make up the number) tiled TY x TX times in y and x (mirrored, so
+that the tiles join smoothly), distorted with seed 0: seconds, peak memory of the process
+and the residual.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import resource
 import sys
 import time
 import warnings
@@ -210,12 +216,37 @@ def distorted_row(stack: np.ndarray, labels: np.ndarray | None, seed: int, still
             f"{continuity(bent)} {continuity(realigned)} | {found!s:>5s}")
 
 
+def scale(sections: int, ty: int, tx: int) -> None:
+    """Time the alignment of a large stack made of tiled VNC sections."""
+    path, raw, *_ = STACKS["larval VNC ssTEM (50x4.6x4.6 nm)"]
+    vnc = open_volume(str(path), raw).values
+    vnc = np.concatenate([vnc, vnc[::-1]] * (sections // (2 * len(vnc)) + 1))[:sections]
+    stack = np.stack([np.block([[s if (i + j) % 2 == 0 else s[:, ::-1] for j in range(tx)]
+                                for i in range(ty)]) for s in vnc])
+    distorted, truth = distort(stack, seed=0)
+    del vnc, stack
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    result = align(distorted)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    err = displacement_error(result.fields, truth)[:, 4:-4, 4:-4]
+    print(f"{sections} sections of {distorted.shape[1]} x {distorted.shape[2]} pixels "
+          f"({distorted.nbytes / 1e6:.0f} MB): aligned in {seconds:.0f} s; peak memory of "
+          f"the process {peak:.0f} MB ({before:.0f} MB before aligning); residual px median "
+          f"{np.median(err):.2f}, p95 {np.percentile(err, 95):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--scale", type=int, nargs=3, metavar=("N", "TY", "TX"))
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
+    if args.scale:
+        scale(*args.scale)
+        return
     stacks = {}
     print("Alignment of the distorted stacks: residual px (median p95) against the stack as "
           "given where data exist, its non-affine part, in the blacked-out region; 'undone': "

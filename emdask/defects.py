@@ -135,6 +135,10 @@ def detect_defects(
     if not 0 < missing_fraction <= 1:
         raise ValueError(f"missing_fraction must be in (0, 1], got {missing_fraction}")
     data = vol.data
+    # The statistics take a few float64 copies of a block: blocks of at most about 8 M
+    # voxels (a numpy stack arrives as one block) keep that to a few hundred MB per task.
+    per_section = max(data.chunksize[1] * data.chunksize[2], 1)
+    data = data.rechunk({0: min(data.chunksize[0], max(1, 2 ** 23 // per_section))})
     halo = window - 1  # window // 2 to find flat squares, window // 2 to grow them
     mask = da.map_overlap(missing_mask, data, depth=(0, halo, halo), boundary="none",
                           dtype=bool, window=window, tolerance=tolerance)
