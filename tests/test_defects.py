@@ -2,6 +2,7 @@
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.ndimage as ndi
 
@@ -49,6 +50,20 @@ def test_defects_found_on_a_damaged_real_stack(shared_file):
     np.testing.assert_array_equal(mask, missing_mask(raw))
     other = detect_defects(da.from_array(raw, chunks=(12, 512, 512))).mask.values
     np.testing.assert_array_equal(mask, other)
+
+
+def test_a_numpy_stack_is_worked_on_in_bounded_blocks():
+    # One block of float64 copies of a whole stack took 4.6 GB for 105 MB of data: a numpy
+    # stack is split into blocks of at most 8 M voxels (here 4 sections), same answer.
+    stack = np.random.default_rng(0).integers(1, 255, (5, 2048, 1024), dtype=np.uint8)
+    stack[3] = 0
+    stack[1, :100, :100] = 7
+    defects = detect_defects(stack)
+    assert defects.mask.data.chunks[0] == (4, 1)
+    assert defects.table["missing"].tolist() == [False, False, False, True, False]
+    assert int(defects.mask[1].sum()) == 100 * 100
+    single = detect_defects(da.from_array(stack, chunks=(1, 2048, 1024))).table
+    pd.testing.assert_frame_equal(single, defects.table)
 
 
 def test_bad_input():
