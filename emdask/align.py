@@ -30,9 +30,9 @@ coarse to fine over a few :class:`Level` s:
 
 Defects: missing sections (:func:`emdask.detect_defects`) are never matched; they get the
 field interpolated linearly in z from their valid neighbours.  So does a section flagged
-``unreliable`` (in the table, with a warning): one whose coverage, the fraction of accepted
-matches with its nearest neighbour on either side at its best level, is below
-``min_matches`` and below half the stack's median coverage.  Pixels in the defect mask never
+``unreliable`` (in the table, with a warning): one whose coverage, the largest fraction of
+accepted matches with any section it is matched with (its ``neighbours`` on either side) at
+its best level, is below ``min_matches`` and below half the stack's median coverage.  Pixels in the defect mask never
 count in a match, and nodes whose data a defect has lost do not count in the coverage.
 """
 
@@ -95,7 +95,8 @@ class Alignment(NamedTuple):
     fields: xr.DataArray
     #: One row per section: z, missing, matches (nodes not lost to a defect, last level),
     #: accepted, residual (rms pixels of the accepted matches after the last solve),
-    #: coverage (see ``min_matches``), unreliable, interpolated.
+    #: coverage (see ``min_matches``; unlike matches and accepted, which count a section's
+    #: matches against earlier sections, it counts later ones too), unreliable, interpolated.
     table: pd.DataFrame
 
 
@@ -305,8 +306,8 @@ def _match_pair(moving, fixed, grid: tuple[int, int], spacing: int, level: Level
     h = b // 2
     offsets = np.empty((gy * gx, 2))
     scores = np.empty(gy * gx)
-    # Nodes in batches: block matching takes about 130 kB per node (blocks of 48), so the
-    # memory of a match task does not grow with the size of the section.
+    # Nodes in batches: block matching takes about 130 kB per node (blocks of 48), so a
+    # match task needs little beyond the two rendered sections, however large they are.
     for nodes in np.array_split(np.arange(gy * gx), -(-gy * gx // _NODES_PER_BATCH)):
         iy = cy[nodes, None] + np.arange(-h, b - h)[None]
         ix = cx[nodes, None] + np.arange(-h, b - h)[None]
@@ -397,8 +398,8 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
     # exactly.  A direct factorization of the whole stack fills in like a 3-D problem
     # (30 sections of 32 x 32 nodes: 46 M entries, 24 s); the in-plane blocks are 2-D and
     # cheap, and what they leave out, the coupling of sections by matches, is mild next to
-    # the bending penalty: 20-70 iterations on the benchmark stacks, and no more for more
-    # sections (the pull towards 0 bounds how far that coupling reaches along z).
+    # the bending penalty: 20-70 iterations on the benchmark stacks, growing slowly with the
+    # number of sections (the pull towards 0 bounds how far that coupling reaches in z).
     blocks = [spla.splu(ata[i:i + n_nodes, i:i + n_nodes].tocsc(), permc_spec="MMD_AT_PLUS_A")
               for i in range(0, n, n_nodes)]
 
@@ -411,8 +412,8 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
         out[:, c], info = spla.cg(ata, rhs[:, c], rtol=1e-8, maxiter=2000,
                                   M=spla.LinearOperator(ata.shape, precondition))
         if info:
-            warnings.warn(f"the alignment solve did not converge in {info} iterations",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(f"the alignment solve did not converge (scipy cg info {info}); "
+                          "the fields may be off", RuntimeWarning, stacklevel=4)
     return out.reshape(len(sections), n_nodes, 2).transpose(0, 2, 1).reshape(
         len(sections), 2, *grid)
 
@@ -491,10 +492,10 @@ def align(
         resolution; times the downsampling at coarser levels) or 4 median absolute
         deviations, whichever is larger, are dropped and the solve redone.
     min_matches
-        A section whose coverage (the fraction of its nodes matched with its nearest
-        neighbour on either side, at its best level, not counting nodes whose data a defect
-        has lost, so a partly missing section is judged by the rest) is below this and below
-        half the stack's median coverage is flagged ``unreliable`` and gets the interpolated
+        A section whose coverage (the largest fraction of its nodes matched with any
+        section it is matched with, on either side, at its best level, not counting nodes
+        whose data a defect has lost, so a partly missing section is judged by the rest) is
+        below this and below half the stack's median coverage is flagged ``unreliable`` and gets the interpolated
         field of its neighbours instead of being warped by its own matches.  The second
         bar is for stacks whose sections all match poorly (small 40-50 nm sections accept
         about a third even where intact): an intact section among them is not an outlier.
@@ -543,7 +544,7 @@ def align(
     # in (cluster) memory, 1 byte per voxel, for the levels.
     mask = defects.mask.data.persist()
     masks = [mask[z] for z in range(nz)]
-    coverage = np.full(nz, np.nan)  # best accepted fraction with a nearest neighbour
+    coverage = np.full(nz, np.nan)  # best accepted fraction with any partner, any level
     shifts, weights, matchable, delta = [], [], [], np.zeros((len(valid), 2, *grid))
     for level in levels if pairs else ():  # a single usable section stays as it is
         # each section rendered once per level, shared by the pairs it is in
@@ -558,13 +559,11 @@ def align(
                    for r in results]
         shifts = [np.nan_to_num(s) for s in shifts]
         matchable = [np.isfinite(r[1]) for r in results]
-        seen = set()
         for (zm, zf), w, m in zip(pairs, weights, matchable, strict=True):
-            if zm in seen:
-                continue
-            seen.add(zm)  # pairs list each section's nearest neighbour first
             # Evidence for both sections of the pair: a section is reliable if it matches
-            # a nearest neighbour on either side.  Nodes lost to a defect do not count.
+            # one of its neighbours on either side well (so a good section next to a bad
+            # one, even at the end of the stack, is not blamed for it).  Nodes lost to a
+            # defect do not count.
             frac = float((w > 0).sum() / max(m.sum(), 1))
             coverage[[zm, zf]] = np.fmax(coverage[[zm, zf]], frac)
         delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid,
@@ -584,6 +583,12 @@ def align(
     # such stacks accept few even where intact, so the typical section sets a bar as well.
     table["coverage"] = coverage
     typical = np.nanmedian(coverage) if np.isfinite(coverage).any() else 1.0
+    if typical < min_matches:
+        warnings.warn(f"the typical section accepts only {typical:.0%} of its matches (median "
+                      f"coverage, below min_matches={min_matches}): the alignment rests on "
+                      "few matches, and a poor section cannot be told from the rest; check "
+                      "the stack (missing or noisy sections, contrast) and the levels",
+                      stacklevel=2)
     table["unreliable"] = ~missing & (coverage < min(min_matches, 0.5 * typical))
     good = ~(table["missing"] | table["unreliable"]).to_numpy(bool)
     if (~good & ~missing).any():

@@ -95,6 +95,8 @@ def _check_stack(stack: Any) -> xr.DataArray:
         raise ValueError(f"a stack of sections must be 3-D (z, y, x), got shape {vol.shape}")
     if not (np.issubdtype(vol.dtype, np.integer) or np.issubdtype(vol.dtype, np.floating)):
         raise ValueError(f"a stack of sections must hold intensities, got dtype {vol.dtype}")
+    if not isinstance(vol.data, da.Array):  # a DataArray over a numpy array
+        vol = vol.copy(data=da.from_array(vol.data, chunks=-1))
     return vol
 
 
@@ -112,8 +114,9 @@ def detect_defects(
     Parameters
     ----------
     stack
-        (z, y, x) intensities: a DataArray (its chunks are the blocks), Dask or numpy array.
-        Chunks may split sections in y and x.
+        (z, y, x) intensities: a DataArray, Dask or numpy array.  Its chunks are the
+        blocks, split in z where they hold more than about 8 M voxels; chunks may split
+        sections in y and x.
     window, tolerance
         A pixel is missing when it lies in a flat ``window`` x ``window`` square (range of
         intensities at most ``tolerance``); see :func:`missing_mask`.
@@ -136,7 +139,8 @@ def detect_defects(
         raise ValueError(f"missing_fraction must be in (0, 1], got {missing_fraction}")
     data = vol.data
     # The statistics take a few float64 copies of a block: blocks of at most about 8 M
-    # voxels (a numpy stack arrives as one block) keep that to a few hundred MB per task.
+    # voxels, or one section of a chunk if that is larger (a numpy stack arrives as one
+    # block), keep that to a few hundred MB per task.
     per_section = max(data.chunksize[1] * data.chunksize[2], 1)
     data = data.rechunk({0: min(data.chunksize[0], max(1, 2 ** 23 // per_section))})
     halo = window - 1  # window // 2 to find flat squares, window // 2 to grow them

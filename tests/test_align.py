@@ -62,15 +62,18 @@ def test_global_solve_is_the_least_squares_solution():
     # Random matches (some rejected: weight 0) between 5 sections on a 4 x 5 grid, solved
     # iteratively; the same objective written out densely and solved by lstsq must agree.
     rng = np.random.default_rng(1)
-    grid, nz, stiffness, prior = (4, 5), 5, 50.0, 0.01
-    n = grid[0] * grid[1]
-    pairs = [(z, z - k) for z in range(1, nz) for k in (1, 2) if z - k >= 0]
+    grid, stiffness, prior = (4, 5), 50.0, 0.01
+    sections = [0, 1, 3, 4, 6]  # 2 and 5 missing
+    nz, n = len(sections), grid[0] * grid[1]
+    pairs = [(z, sections[i - k]) for i, z in enumerate(sections) for k in (1, 2) if i >= k]
     shifts = [rng.normal(0, 3, (*grid, 2)) for _ in pairs]
     weights = [rng.uniform(0.2, 1, grid) * (rng.uniform(size=grid) > 0.3) for _ in pairs]
     current = rng.normal(0, 5, (nz, 2, *grid))
-    delta = _solve(pairs, shifts, weights, list(range(nz)), current, grid, stiffness, prior)
+    delta = _solve(pairs, shifts, weights, sections, current, grid, stiffness, prior)
+    pos = {z: i for i, z in enumerate(sections)}
     rows, rhs = [], []
     for (zm, zf), s, w in zip(pairs, shifts, weights, strict=True):
+        zm, zf = pos[zm], pos[zf]
         for node in range(n):
             row = np.zeros(nz * n)
             row[zm * n + node], row[zf * n + node] = 1, -1
@@ -157,10 +160,18 @@ def test_partly_missing_section_is_judged_by_its_data(shared_file):
         table = align(noisy).table.set_index("z")
     assert table.loc[4, "unreliable"] and table.loc[4, "interpolated"]
     assert table["unreliable"].sum() == 1
-    # the first section too: its evidence is its match with the next one
+    # the first section too: its evidence is its matches with the next ones
     with pytest.warns(UserWarning, match="unreliable"):
         first = align(noisy[4:]).table
     assert first["unreliable"].tolist() == [True] + [False] * 3
+    # and an intact first section is not blamed for the bad one after it
+    with pytest.warns(UserWarning, match="unreliable"):
+        second = align(noisy[3:]).table
+    assert second["unreliable"].tolist() == [False, True] + [False] * 3
+    # a stack of sections that match nothing: nothing can be told apart, so it says so
+    pure = np.random.default_rng(1).integers(0, 255, (4, 192, 192), dtype=np.uint8)
+    with pytest.warns(UserWarning, match="typical section accepts only"):
+        align(pure)
     # Less noise: it matches at the coarse levels only, and keeps that field where finer
     # levels accept nothing (the prior alone pulled it back to 0, 7.7 px off)
     noisy[4] = np.clip(whole + noise * 250 / 1000, 0, 255).astype(np.uint8)
@@ -184,6 +195,7 @@ def test_intact_section_of_a_hard_stack_is_not_flagged(shared_file):
     assert cov.loc[4] < 0.25 and cov.loc[4] >= 0.5 * np.nanmedian(cov), cov.tolist()
     assert not table["unreliable"].any() and table["interpolated"].tolist() == [
         False, False, True, False, False]
+
 
 def test_render_is_blockwise_and_invertible(shared_file):
     img = open_volume(shared_file("isbi"), "raw")[:3, :200, :240].values
