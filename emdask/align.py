@@ -150,17 +150,26 @@ def warp_section(section: np.ndarray, field: np.ndarray, spacing: int,
     origin, shape, factor
         The output grid (default: the whole section at full resolution).
     order
-        Interpolation order (1: bilinear; 0: nearest, for masks and labels).
+        Interpolation order (1: bilinear; 0: nearest, for masks and labels).  The result
+        has the section's dtype.
     cval
         Value outside the section.
     """
     shape = tuple(section.shape) if shape is None else tuple(shape)
     y = origin[0] + factor * np.arange(shape[0], dtype=np.float64)
     x = origin[1] + factor * np.arange(shape[1], dtype=np.float64)
-    u = _dense_grid(np.asarray(field, np.float64), spacing, y, x)
-    coords = [y[:, None] + u[0], x[None, :] + u[1]]
-    return ndi.map_coordinates(section, coords, order=order, mode="constant", cval=cval,
-                               output=section.dtype if order == 0 else None)
+    field = np.asarray(field, np.float64)
+    out = np.empty(shape, section.dtype)
+    # In strips of rows: the dense field and coordinates (32 bytes a pixel) of a whole
+    # large section would take GBs.  Exact: pixels are interpolated independently (no
+    # spline prefilter at orders 0 and 1).
+    step = max(1, 2 ** 22 // max(shape[1], 1))
+    for r in range(0, shape[0], step):
+        u = _dense_grid(field, spacing, y[r:r + step], x)
+        coords = [y[r:r + step, None] + u[0], x[None, :] + u[1]]
+        ndi.map_coordinates(section, coords, order=order, mode="constant", cval=cval,
+                            output=out[r:r + step])
+    return out
 
 
 def _compose(field: np.ndarray, delta: np.ndarray, spacing: int) -> np.ndarray:

@@ -197,6 +197,18 @@ def test_intact_section_of_a_hard_stack_is_not_flagged(shared_file):
         False, False, True, False, False]
 
 
+def test_warp_section_in_strips_is_exact():
+    # 2100 x 2100 pixels: two strips of rows; the same as interpolating all at once
+    rng = np.random.default_rng(0)
+    section = rng.integers(0, 255, (2100, 2100), dtype=np.uint8)
+    field = rng.normal(0, 5, (2, 67, 67))
+    out = warp_section(section, field, 32)
+    ys, xs = np.meshgrid(np.arange(2100.0), np.arange(2100.0), indexing="ij")
+    u = _dense(field, 32, ys, xs)
+    expected = ndi.map_coordinates(section, [ys + u[0], xs + u[1]], order=1, cval=0)
+    assert out.dtype == np.uint8 and np.array_equal(out, expected)
+
+
 def test_render_is_blockwise_and_invertible(shared_file):
     img = open_volume(shared_file("isbi"), "raw")[:3, :200, :240].values
     rng = np.random.default_rng(0)
