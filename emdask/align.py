@@ -32,8 +32,9 @@ Defects: missing sections (:func:`emdask.detect_defects`) are never matched; the
 field interpolated linearly in z from their valid neighbours.  So does a section flagged
 ``unreliable`` (in the table, with a warning): one whose coverage, the largest fraction of
 accepted matches with any section it is matched with (its ``neighbours`` on either side) at
-its best level, is below ``min_matches`` and below half the stack's median coverage.  Pixels in the defect mask never
-count in a match, and nodes whose data a defect has lost do not count in the coverage.
+its best level, is below ``min_matches`` and below half the stack's median coverage.
+Pixels in the defect mask never count in a match, and nodes whose data a defect has lost
+do not count in the coverage.
 """
 
 from __future__ import annotations
@@ -504,8 +505,9 @@ def align(
         A section whose coverage (the largest fraction of its nodes matched with any
         section it is matched with, on either side, at its best level, not counting nodes
         whose data a defect has lost, so a partly missing section is judged by the rest) is
-        below this and below half the stack's median coverage is flagged ``unreliable`` and gets the interpolated
-        field of its neighbours instead of being warped by its own matches.  The second
+        below this and below half the stack's median coverage is flagged ``unreliable``
+        and gets the interpolated field of its neighbours instead of being warped by its
+        own matches.  The second
         bar is for stacks whose sections all match poorly (small 40-50 nm sections accept
         about a third even where intact): an intact section among them is not an outlier.
     prior
