@@ -393,7 +393,8 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
     data = sp.csr_matrix((np.concatenate(vals) if vals else [], (
         np.concatenate(rows) if rows else [], np.concatenate(cols) if cols else [])),
         shape=(r, n))
-    smooth = sp.block_diag([_smoothness(*grid)] * len(sections), format="csr")
+    smooth_one = _smoothness(*grid)
+    smooth = sp.block_diag([smooth_one] * len(sections), format="csr")
     # The prior: each section's whole field (current + correction) is pulled gently to 0.
     a = sp.vstack([data, np.sqrt(stiffness) * smooth,
                    np.sqrt(prior) * sp.identity(n, format="csr")]).tocsc()
@@ -404,18 +405,23 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
         0, 2, 1).reshape(n, 2)
     ata = (a.T @ a).tocsr()
     rhs = a.T @ b
-    # Conjugate gradients, preconditioned by solving each section's own (in-plane) block
-    # exactly.  A direct factorization of the whole stack fills in like a 3-D problem
-    # (30 sections of 32 x 32 nodes: 46 M entries, 24 s); the in-plane blocks are 2-D and
-    # cheap, and what they leave out, the coupling of sections by matches, is mild next to
-    # the bending penalty: 20-70 iterations on the benchmark stacks, growing slowly with the
-    # number of sections (the pull towards 0 bounds how far that coupling reaches in z).
-    blocks = [spla.splu(ata[i:i + n_nodes, i:i + n_nodes].tocsc(), permc_spec="MMD_AT_PLUS_A")
-              for i in range(0, n, n_nodes)]
+    # Conjugate gradients, preconditioned by one factorization shared by every section: the
+    # bending penalty of the grid plus the mean of what the matches and the prior add to
+    # the diagonal.  A direct factorization of the whole stack fills in like a 3-D problem
+    # (30 sections of 32 x 32 nodes: 46 M entries, 24 s), and one factor per section costs
+    # memory in proportion to the stack (27 MB a section at 128 x 128 nodes); the shared
+    # 2-D factor leaves out only the matches' coupling of sections and their variation
+    # from node to node, mild next to the bending penalty: 60-100 iterations on the
+    # benchmark stacks, growing slowly with the number of sections (the pull towards 0
+    # bounds how far that coupling reaches in z).
+    bend = stiffness * (smooth_one.T @ smooth_one)
+    added = ata.diagonal().reshape(len(sections), n_nodes) - bend.diagonal()
+    lu = spla.splu((bend + float(added.mean()) * sp.identity(n_nodes)).tocsc(),
+                   permc_spec="MMD_AT_PLUS_A")
 
     def precondition(x: np.ndarray) -> np.ndarray:
-        x = x.reshape(len(blocks), n_nodes)
-        return np.concatenate([lu.solve(x[i]) for i, lu in enumerate(blocks)])
+        # one section at a time: SuperLU is slower on many right-hand sides at once
+        return np.concatenate([lu.solve(part) for part in x.reshape(-1, n_nodes)])
 
     out = np.empty((n, 2))
     for c in range(2):
