@@ -7,10 +7,13 @@ bilinearly between them; the aligned section is ``aligned(p) = section(p + u(p))
 The method is that of the corresponding-points aligners (AlignTK, TrakEM2, EM aligner),
 coarse to fine over a few :class:`Level` s:
 
-1. Render every section with its current field, at the level's downsampling.
+1. Render every section with its current field, at the level's downsampling, in tiles of
+   the node grid (at most 2048 pixels of the level a side, with the margin that the tile's
+   blocks and search windows need): a task reads and holds a window of a section, never a
+   whole one, and the result does not depend on the tiling.
 2. Block matching: at every node, the block of a section around the node is located in
    each of its ``neighbours`` previous sections by normalized cross-correlation (FFT-based,
-   all blocks of a pair in one batch, sub-pixel peak by a parabola).  A match is rejected
+   the blocks of a tile in batches, sub-pixel peak by a parabola).  A match is rejected
    when its peak is low, at the edge of the search window, or on missing data.
 3. A global solve, one sparse linear least-squares problem for all sections: the
    correction ``d`` of each node should satisfy every match,
@@ -270,55 +273,98 @@ def _subpixel(ncc: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.
     return np.where(inside, i + np.clip(frac, -0.5, 0.5), np.nan)
 
 
-def _level_image(section: np.ndarray, mask: np.ndarray, field: np.ndarray, spacing: int,
-                 factor: int, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A section rendered at a level (smoothed against aliasing), padded by ``pad`` level
-    pixels before (and more after), with the mask of pixels without data (outside, or
-    missing) and the mask of the missing ones only (the section's defect mask)."""
-    img = section.astype(np.float32)
+def _pad(level: Level) -> int:
+    """Level pixels around a tile's nodes, so every node's search window fits."""
+    return level.block // 2 + level.search + 1
+
+
+#: Largest side of a matching tile, in pixels of its level.
+_TILE = 2048
+
+
+class _Tile(NamedTuple):
+    """A rectangle of grid nodes matched in one task, and the window of level pixels its
+    blocks and search windows need (``origin`` in full-resolution pixels)."""
+
+    nodes: tuple[slice, slice]
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+    centres: tuple[np.ndarray, np.ndarray]  # node positions in the window, level pixels
+
+
+def _tiles(grid: tuple[int, int], spacing: int, level: Level) -> list[_Tile]:
+    """The node grid cut into tiles of at most about ``_TILE`` level pixels a side."""
+    f, pad = level.factor, _pad(level)
+    per = max(1, _TILE * f // spacing)  # nodes per tile side
+    out = []
+    for y0 in range(0, grid[0], per):
+        for x0 in range(0, grid[1], per):
+            idx = (np.arange(y0, min(y0 + per, grid[0])), np.arange(x0, min(x0 + per, grid[1])))
+            pos = [np.rint(i * spacing / f).astype(int) for i in idx]
+            lo = [int(q[0]) - pad for q in pos]
+            shape = tuple(int(q[-1]) + pad + 1 - a for q, a in zip(pos, lo, strict=True))
+            out.append(_Tile((slice(y0, y0 + len(idx[0])), slice(x0, x0 + len(idx[1]))),
+                             (lo[0] * f, lo[1] * f), shape,
+                             tuple(q - a for q, a in zip(pos, lo, strict=True))))
+    return out
+
+
+def _source(field: np.ndarray, spacing: int, tile: _Tile, level: Level,
+            shape: Sequence[int]) -> tuple[tuple[slice, slice], tuple[int, int]]:
+    """The part of a section that rendering ``tile`` reads: the window grown by the
+    field's largest displacement around it and by the smoothing's reach, within the
+    section (a single pixel if the window maps entirely outside it)."""
+    (oy, ox), (h, w), f = tile.origin, tile.shape, level.factor
+    box = source_box(field[None], spacing, (0, oy, ox), (1, oy + h * f, ox + w * f),
+                     (1, *shape))
+    if box is None:
+        return (slice(0, 1), slice(0, 1)), (0, 0)
+    reach = int(2 * f + 1) if f > 1 else 0  # gaussian_filter's radius at sigma f / 2
+    lo = [max(0, v - reach) for v in box[0][1:]]
+    hi = [min(n, v + reach) for v, n in zip(box[1][1:], shape, strict=True)]
+    return (slice(lo[0], hi[0]), slice(lo[1], hi[1])), (lo[0], lo[1])
+
+
+def _level_image(piece: np.ndarray, mask: np.ndarray, field: np.ndarray, spacing: int,
+                 factor: int, tile: _Tile, start: tuple[int, int], fill: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A tile's window of a section rendered at a level (smoothed against aliasing) from
+    the ``piece`` of the section (and of its defect ``mask``) that starts at pixel
+    ``start``; with the mask of pixels without data (outside the section, or missing)
+    and that of the missing ones only.  Pixels without data get the value ``fill`` (the
+    section's mean): flat, so they add no false edges, and the same in every tile, so the
+    matches do not depend on the tiling."""
+    img = piece.astype(np.float32)
     if factor > 1:
         img = ndi.gaussian_filter(img, 0.5 * factor)
-    # The last grid node may lie up to a spacing beyond the section's end.
-    shape = tuple(-(-(n + spacing) // factor) + 2 * pad for n in section.shape)
-    origin = (-pad * factor, -pad * factor)
-    out = warp_section(img, field, spacing, origin, shape, factor, cval=np.nan)
+    field = field - np.asarray(start, np.float64)[:, None, None]  # in the piece's pixels
+    out = warp_section(img, field, spacing, tile.origin, tile.shape, factor, cval=np.nan)
     bad = ~np.isfinite(out)
-    lost = np.zeros_like(bad)
-    if mask is not None:
-        lost = warp_section(mask.astype(np.uint8), field, spacing, origin, shape, factor,
-                            order=0, cval=0).astype(bool)
-        bad |= lost
-    good = ~bad
-    out[bad] = out[good].mean() if good.any() else 0  # flat fill: no false edges
+    lost = warp_section(mask.astype(np.uint8), field, spacing, tile.origin, tile.shape,
+                        factor, order=0, cval=0).astype(bool)
+    bad |= lost
+    out[bad] = fill
     return out, bad, lost
 
 
 _NODES_PER_BATCH = 256
 
 
-def _pad(level: Level) -> int:
-    """Level pixels around a rendered section, so every node's search window fits."""
-    return level.block // 2 + level.search + 1
-
-
-def _match_pair(moving, fixed, grid: tuple[int, int], spacing: int, level: Level):
-    """Shifts (gy, gx, 2) in full-resolution pixels that bring the ``moving`` section onto
-    the ``fixed`` one at every node, and their scores (NaN where a defect leaves nothing to
-    match); both sections as rendered by :func:`_level_image`."""
+def _match_pair(moving, fixed, tile: _Tile, level: Level):
+    """Shifts (ty, tx, 2) in full-resolution pixels that bring the ``moving`` section onto
+    the ``fixed`` one at every node of the tile, and their scores (NaN where a defect
+    leaves nothing to match); both sections as rendered by :func:`_level_image`."""
     (a, bad_a, lost_a), (r, bad_r, lost_r) = moving, fixed
     f, b, s = level.factor, level.block, level.search
-    pad = _pad(level)
-    gy, gx = grid
-    cy, cx = np.meshgrid(np.arange(gy) * spacing / f, np.arange(gx) * spacing / f,
-                         indexing="ij")
-    cy = np.rint(cy.ravel()).astype(int) + pad
-    cx = np.rint(cx.ravel()).astype(int) + pad
+    cy, cx = np.meshgrid(*tile.centres, indexing="ij")
+    ty, tx = cy.shape
+    cy, cx = cy.ravel(), cx.ravel()
     h = b // 2
-    offsets = np.empty((gy * gx, 2))
-    scores = np.empty(gy * gx)
+    offsets = np.empty((ty * tx, 2))
+    scores = np.empty(ty * tx)
     # Nodes in batches: block matching takes about 130 kB per node (blocks of 48), so a
-    # match task needs little beyond the two rendered sections, however large they are.
-    for nodes in np.array_split(np.arange(gy * gx), -(-gy * gx // _NODES_PER_BATCH)):
+    # match task needs little beyond the two rendered windows.
+    for nodes in np.array_split(np.arange(ty * tx), -(-ty * tx // _NODES_PER_BATCH)):
         iy = cy[nodes, None] + np.arange(-h, b - h)[None]
         ix = cx[nodes, None] + np.arange(-h, b - h)[None]
         wy = cy[nodes, None] + np.arange(-h - s, b - h + s)[None]
@@ -334,7 +380,7 @@ def _match_pair(moving, fixed, grid: tuple[int, int], spacing: int, level: Level
         scores[nodes[lost > 0.1]] = np.nan
     # The moving block's content sits at +offset in the fixed section: moving(p) =
     # fixed(p + offset), so moving(p - offset) = fixed(p) and the correction is -offset.
-    return (-f * offsets).reshape(gy, gx, 2), scores.reshape(gy, gx)
+    return (-f * offsets).reshape(ty, tx, 2), scores.reshape(ty, tx)
 
 
 # ------------------------------------------------------------------------ global solve
@@ -491,8 +537,8 @@ def align(
     ----------
     stack
         (z, y, x) intensities: a DataArray or a Dask/numpy array.  Each match task reads
-        whole sections, so chunks should span at least whole sections in y and x or be
-        cheap to gather.
+        the window of a section that one tile of the grid needs (about 2048 x 2048 pixels
+        at full resolution), so any chunking works.
     spacing
         Grid spacing of the deformation fields, in pixels.
     levels
@@ -556,21 +602,33 @@ def align(
     # Pairs: each valid section with its `neighbours` previous valid ones.
     pairs = [(z, valid[i - k]) for i, z in enumerate(valid)
              for k in range(1, neighbours + 1) if i - k >= 0]
-    sections = [vol.data[z] for z in range(nz)]
     # The mask is computed from the raw once (it costs more than reading the raw) and kept
     # in (cluster) memory, 1 byte per voxel, for the levels.
     mask = defects.mask.data.persist()
-    masks = [mask[z] for z in range(nz)]
+    fill = defects.table["mean"].to_numpy(np.float64)
     coverage = np.full(nz, np.nan)  # best accepted fraction with any partner, any level
     shifts, weights, matchable, delta = [], [], [], np.zeros((len(valid), 2, *grid))
     for level in levels if pairs else ():  # a single usable section stays as it is
-        # each section rendered once per level, shared by the pairs it is in
-        rendered = {z: dask.delayed(_level_image, pure=True)(
-            sections[z], masks[z], fields[z], spacing, level.factor, _pad(level))
-            for z in valid}
-        tasks = [dask.delayed(_match_pair, pure=True)(rendered[zm], rendered[zf], grid,
-                                                      spacing, level) for zm, zf in pairs]
-        results = dask.compute(*tasks)
+        # Matching is cut into tiles of the node grid, so that a task holds a window of a
+        # section, never a whole one; each section's window is rendered once per level and
+        # tile, from the piece of the section it reads, and shared by the pairs it is in.
+        tiles = _tiles(grid, spacing, level)
+        tasks = []
+        for tile in tiles:
+            rendered = {}
+            for z in valid:
+                cut, start = _source(fields[z], spacing, tile, level, (ny, nx))
+                rendered[z] = dask.delayed(_level_image, pure=True)(
+                    vol.data[z][cut], mask[z][cut], fields[z], spacing, level.factor, tile,
+                    start, fill[z])
+            tasks += [dask.delayed(_match_pair, pure=True)(rendered[zm], rendered[zf], tile,
+                                                           level) for zm, zf in pairs]
+        done = dask.compute(*tasks)
+        results = [(np.empty((*grid, 2)), np.empty(grid)) for _ in pairs]
+        for t, tile in enumerate(tiles):
+            for (shift, score), (tshift, tscore) in zip(
+                    results, done[t * len(pairs):(t + 1) * len(pairs)], strict=True):
+                shift[tile.nodes], score[tile.nodes] = tshift, tscore
         shifts = [r[0] for r in results]
         weights = [np.where((r[1] >= min_score) & np.isfinite(r[0]).all(axis=2), r[1], 0)
                    for r in results]
@@ -668,8 +726,8 @@ def source_box(fields: np.ndarray, spacing: int, begin: Sequence[int], end: Sequ
     nothing inside the input.  ``fields`` are those of the block's sections only
     (``fields[begin[0]:end[0]]``)."""
     (z0, y0, x0), (z1, y1, x1) = begin, end
-    gy0, gy1 = y0 // spacing, min((y1 - 1) // spacing + 2, fields.shape[2])
-    gx0, gx1 = x0 // spacing, min((x1 - 1) // spacing + 2, fields.shape[3])
+    gy0, gy1 = max(y0 // spacing, 0), min((y1 - 1) // spacing + 2, fields.shape[2])
+    gx0, gx1 = max(x0 // spacing, 0), min((x1 - 1) // spacing + 2, fields.shape[3])
     sub = fields[:, :, gy0:gy1, gx0:gx1]
     lo = np.floor(sub.min(axis=(0, 2, 3))) - 2
     hi = np.ceil(sub.max(axis=(0, 2, 3))) + 2

@@ -172,6 +172,7 @@ def detect_defects(
         "missing_fraction": fraction,
         "missing": missing,
         "partial": ~missing & (fraction > 0),
+        "mean": mean,
         "contrast": contrast,
         "sharpness": sharpness,
         "blurred": good & (sharpness < blur_ratio * med_sharp),

@@ -1,15 +1,21 @@
 """Section alignment: block matching, the global solve, rendering, and real stacks."""
 
+import importlib
+
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.ndimage as ndi
 import xarray as xr
 
 from emdask.align import (
+    LEVELS,
     _dense,
     _smoothness,
     _solve,
+    _source,
+    _tiles,
     align,
     block_match,
     displacement_error,
@@ -122,6 +128,25 @@ def test_aligns_distorted_real_sections(shared_file):
     ncc_before = [np.corrcoef(a[20:-20, 20:-20].ravel(), b[20:-20, 20:-20].ravel())[0, 1]
                   for a, b in zip(distorted[1:], distorted[:-1], strict=True)]
     assert np.mean(ncc) > np.mean(ncc_before) + 0.2
+
+
+def test_matching_in_tiles_gives_the_same_fields(shared_file, monkeypatch):
+    # Block matching is cut into tiles of the node grid, so that a task renders and holds
+    # a window of each section, not the whole section; the tiling must not change the
+    # result (a defect spans several tiles).
+    stack = _medulla(shared_file, n=5, size=192)
+    distorted, _ = distort(stack, seed=5, translation=6, rotation=1, elastic=3)
+    distorted[2, 100:160, 20:90] = 0
+    whole = align(distorted)
+    monkeypatch.setattr(importlib.import_module("emdask.align"), "_TILE", 64)
+    tiles = _tiles((7, 7), 32, LEVELS[-1])
+    assert len(tiles) == 16
+    (ys, xs), _ = _source(whole.fields.values[1], 32, tiles[5], LEVELS[-1], (192, 192))
+    assert ys.stop - ys.start < 120 and xs.stop - xs.start < 120  # a window, not 192 x 192
+    tiled = align(distorted)
+    # the same to 1e-3 px (the solve's tolerance; the matches agree to rounding)
+    np.testing.assert_allclose(tiled.fields.values, whole.fields.values, atol=1e-3)
+    pd.testing.assert_frame_equal(tiled.table, whole.table, atol=1e-3)
 
 
 def test_missing_section_is_skipped_and_interpolated(shared_file):
