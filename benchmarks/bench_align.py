@@ -38,6 +38,9 @@ as small as the stack used to judge it is aligned.
 
 The medulla FIB-SEM cube is isotropic (10 nm), so it is cut into sections across each of
 its three axes: three stacks whose truth is aligned as acquired, with different anatomy.
+It also stands in for 40 nm ssTEM with a truth aligned to the pixel, in two ways: every
+4th slice, and sections that are each the mean of 4 slices (a TEM image projects the
+whole thickness of its section).
 
     python benchmarks/bench_align.py [--sections 30] [--seeds 0 1]
 
@@ -67,7 +70,9 @@ from emdask.align import _dense, align, block_match, displacement_error, distort
 from emdask.defects import detect_defects
 from emdask.volumes import open_volume
 
-#: name: (file, raw dataset, 3-D labels dataset or None, axis cut into sections, step)
+#: name: (file, raw dataset, 3-D labels dataset or None, axis cut into sections, step);
+#: a negative step -k makes each section the mean of k consecutive slices (the labels:
+#: the middle one), as a TEM image projects the whole thickness of its section.
 STACKS = {
     "ISBI 2012 ssTEM (50x4x4 nm)":
         (SHARED / "isbi2012_sstem" / "isbi2012_train.h5", "raw", None, 0, 1),
@@ -82,7 +87,25 @@ STACKS = {
     "medulla FIB-SEM 10 nm, sections across x": (MEDULLA, "raw", "labels/neuron_ids", 2, 1),
     "medulla FIB-SEM, every 4th z slice (40 nm)":
         (MEDULLA, "raw", "labels/neuron_ids", 0, 4),
+    "medulla FIB-SEM, 40 nm projections (4 slices)":
+        (MEDULLA, "raw", "labels/neuron_ids", 0, -4),
 }
+
+
+def sections(path: Path, raw: str, truth_labels: str | None, axis: int, step: int,
+             n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``n`` sections of a stack (and its labels) as :data:`STACKS` describes them."""
+    k = abs(step)
+    vol = np.moveaxis(open_volume(str(path), raw).values, axis, 0)[: n * k]
+    if step < 0:  # projections: the mean of k slices
+        vol = np.rint(vol.reshape(-1, k, *vol.shape[1:]).mean(axis=1)).astype(vol.dtype)
+    else:
+        vol = vol[::k]
+    labels = None
+    if truth_labels is not None:
+        lab = np.moveaxis(open_volume(str(path), truth_labels).values, axis, 0)[: n * k]
+        labels = np.ascontiguousarray(lab[k // 2::k] if step < 0 else lab[::k])
+    return np.ascontiguousarray(vol), labels
 
 
 def continuity(labels: np.ndarray | None) -> str:
@@ -258,11 +281,7 @@ def main() -> None:
         if not Path(path).exists():
             print(f"{name}: {path} not found; skipped")
             continue
-        cut = np.s_[: args.sections * step: step]
-        stack = np.ascontiguousarray(
-            np.moveaxis(open_volume(str(path), raw).values, axis, 0)[cut])
-        labels = None if truth_labels is None else np.ascontiguousarray(
-            np.moveaxis(open_volume(str(path), truth_labels).values, axis, 0)[cut])
+        stack, labels = sections(path, raw, truth_labels, axis, step, args.sections)
         still = align(stack)
         stacks[name] = (stack, labels, still)
         for seed in args.seeds:

@@ -8,8 +8,8 @@ The method is that of the corresponding-points aligners (AlignTK, TrakEM2, EM al
 coarse to fine over a few :class:`Level` s:
 
 1. Render every section with its current field, at the level's downsampling, in tiles of
-   the node grid (at most 2048 pixels of the level a side, with the margin that the tile's
-   blocks and search windows need): a task reads and holds a window of a section, never a
+   the node grid (at most 2048 pixels a side, with the margin that the tile's blocks and
+   search windows need): a task reads and holds a window of a section, never a
    whole one, and the result does not depend on the tiling.
 2. Block matching: at every node, the block of a section around the node is located in
    each of its ``neighbours`` previous sections by normalized cross-correlation (FFT-based,
@@ -167,7 +167,7 @@ def warp_section(section: np.ndarray, field: np.ndarray, spacing: int,
     # In strips of rows: the dense field and coordinates (32 bytes a pixel) of a whole
     # large section would take GBs.  Exact: pixels are interpolated independently (no
     # spline prefilter at orders 0 and 1).
-    step = max(1, 2 ** 22 // max(shape[1], 1))
+    step = max(1, 2 ** 20 // max(shape[1], 1))
     for r in range(0, shape[0], step):
         u = _dense_grid(field, spacing, y[r:r + step], x)
         coords = [y[r:r + step, None] + u[0], x[None, :] + u[1]]
@@ -278,7 +278,8 @@ def _pad(level: Level) -> int:
     return level.block // 2 + level.search + 1
 
 
-#: Largest side of a matching tile, in pixels of its level.
+#: Largest side of a matching tile, in full-resolution pixels (what a task reads of a
+#: section is this plus the margin its blocks and search windows need).
 _TILE = 2048
 
 
@@ -293,9 +294,9 @@ class _Tile(NamedTuple):
 
 
 def _tiles(grid: tuple[int, int], spacing: int, level: Level) -> list[_Tile]:
-    """The node grid cut into tiles of at most about ``_TILE`` level pixels a side."""
+    """The node grid cut into tiles of at most about ``_TILE`` pixels a side."""
     f, pad = level.factor, _pad(level)
-    per = max(1, _TILE * f // spacing)  # nodes per tile side
+    per = max(1, _TILE // spacing)  # nodes per tile side
     out = []
     for y0 in range(0, grid[0], per):
         for x0 in range(0, grid[1], per):

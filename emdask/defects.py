@@ -139,10 +139,13 @@ def detect_defects(
         raise ValueError(f"missing_fraction must be in (0, 1], got {missing_fraction}")
     data = vol.data
     # The statistics take a few float64 copies of a block: blocks of at most about 8 M
-    # voxels, or one section of a chunk if that is larger (a numpy stack arrives as one
-    # block), keep that to a few hundred MB per task.
-    per_section = max(data.chunksize[1] * data.chunksize[2], 1)
-    data = data.rechunk({0: min(data.chunksize[0], max(1, 2 ** 23 // per_section))})
+    # voxels keep that to a few hundred MB per task.  Chunks are split in z, and in y and
+    # x where one section of a chunk is larger (a numpy stack arrives as one block).
+    cy, cx = data.chunksize[1:]
+    if cy * cx > 2 ** 23:
+        cy, cx = min(cy, 2048), min(cx, 2048)
+    data = data.rechunk({0: min(data.chunksize[0], max(1, 2 ** 23 // max(cy * cx, 1))),
+                         1: cy, 2: cx})
     halo = window - 1  # window // 2 to find flat squares, window // 2 to grow them
     mask = da.map_overlap(missing_mask, data, depth=(0, halo, halo), boundary="none",
                           dtype=bool, window=window, tolerance=tolerance)

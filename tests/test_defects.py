@@ -64,6 +64,13 @@ def test_a_numpy_stack_is_worked_on_in_bounded_blocks():
     assert int(defects.mask[1].sum()) == 100 * 100
     single = detect_defects(da.from_array(stack, chunks=(1, 2048, 1024))).table
     pd.testing.assert_frame_equal(single, defects.table)
+    # sections larger than a block are split in y and x too (the flat square across the
+    # split, at 2040-2059, is found whole)
+    big = np.random.default_rng(1).integers(1, 255, (2, 4096, 2560), dtype=np.uint8)
+    big[0, 2040:2060, 500:520] = 9
+    tiled = detect_defects(big)
+    assert max(tiled.mask.data.chunks[1]) == 2048 and max(tiled.mask.data.chunks[2]) == 2048
+    assert int(tiled.mask[0].sum()) == 20 * 20 and int(tiled.mask[1].sum()) == 0
 
 
 def test_bad_input():
