@@ -46,8 +46,8 @@ whole thickness of its section).
 
 With ``--scale N TY TX`` it times instead one large stack: N sections of the larval VNC
 stack (mirrored in z to make up the number) tiled TY x TX times in y and x (mirrored, so
-that the tiles join smoothly), distorted with seed 0: seconds, the peak memory allocated
-while aligning (traced) and the residual.
+that the tiles join smoothly), distorted with seed 0: seconds, the peak memory that numpy
+allocates while aligning (traced; not SuperLU's or the FFT's own) and the residual.
 """
 
 from __future__ import annotations
@@ -97,13 +97,14 @@ def sections(path: Path, raw: str, truth_labels: str | None, axis: int, step: in
     """``n`` sections of a stack (and its labels) as :data:`STACKS` describes them."""
     k = abs(step)
     vol = np.moveaxis(open_volume(str(path), raw).values, axis, 0)[: n * k]
+    vol = vol[: len(vol) // k * k]
     if step < 0:  # projections: the mean of k slices
         vol = np.rint(vol.reshape(-1, k, *vol.shape[1:]).mean(axis=1)).astype(vol.dtype)
     else:
         vol = vol[::k]
     labels = None
     if truth_labels is not None:
-        lab = np.moveaxis(open_volume(str(path), truth_labels).values, axis, 0)[: n * k]
+        lab = np.moveaxis(open_volume(str(path), truth_labels).values, axis, 0)[: len(vol) * k]
         labels = np.ascontiguousarray(lab[k // 2::k] if step < 0 else lab[::k])
     return np.ascontiguousarray(vol), labels
 
@@ -249,7 +250,8 @@ def scale(sections: int, ty: int, tx: int) -> None:
     distorted, truth = distort(stack, seed=0)
     del vnc, stack
     # numpy's allocations are traced: the peak of what aligning allocates (the process's
-    # own peak would be that of distorting the stack)
+    # own peak would be that of distorting the stack); SuperLU's factor and FFT scratch
+    # space are not counted
     tracemalloc.start()
     t0 = time.perf_counter()
     result = align(distorted)

@@ -606,7 +606,13 @@ def align(
     # The mask is computed from the raw once (it costs more than reading the raw) and kept
     # in (cluster) memory, 1 byte per voxel, for the levels.
     mask = defects.mask.data.persist()
-    fill = defects.table["mean"].to_numpy(np.float64)
+    if "mean" in defects.table:
+        fill = defects.table["mean"].to_numpy(np.float64)
+    else:  # a table from elsewhere: the mean of each section's data, from the raw
+        with warnings.catch_warnings():  # a missing section's mean is NaN: fine
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fill = da.nanmean(da.where(mask, np.nan, vol.data.astype(np.float32)),
+                              axis=(1, 2)).compute().astype(np.float64)
     coverage = np.full(nz, np.nan)  # best accepted fraction with any partner, any level
     shifts, weights, matchable, delta = [], [], [], np.zeros((len(valid), 2, *grid))
     for level in levels if pairs else ():  # a single usable section stays as it is
@@ -782,7 +788,7 @@ def render(stack: Any, fields: xr.DataArray, chunks: Sequence[int] | None = None
         raise ValueError(f"fields grid {tuple(fields.shape[2:])} does not fit sections of "
                          f"{tuple(vol.shape[1:])} pixels at spacing {spacing}")
     f = np.asarray(fields.values, np.float64)
-    data = vol.data
+    data = vol.data if isinstance(vol.data, da.Array) else da.from_array(vol.data, chunks=-1)
     chunks = data.chunks if chunks is None else da.core.normalize_chunks(chunks, vol.shape)
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
     blocks = np.empty(tuple(len(c) for c in chunks), object)

@@ -39,8 +39,8 @@ __all__ = ["Defects", "detect_defects", "missing_mask"]
 class Defects(NamedTuple):
     """What :func:`detect_defects` found."""
 
-    #: One row per section: z, z_nm, missing_fraction, missing, partial, contrast,
-    #: sharpness, blurred, unusual_contrast.
+    #: One row per section: z, z_nm, missing_fraction, missing, partial, mean (intensity
+    #: of the data that is not missing), contrast, sharpness, blurred, unusual_contrast.
     table: pd.DataFrame
     #: Lazy boolean volume, True where data is missing.
     mask: xr.DataArray
@@ -115,8 +115,8 @@ def detect_defects(
     ----------
     stack
         (z, y, x) intensities: a DataArray, Dask or numpy array.  Its chunks are the
-        blocks, split in z where they hold more than about 8 M voxels; chunks may split
-        sections in y and x.
+        blocks, split in z where they hold more than about 8 M voxels, and in y and x
+        (to 2048) where one section of a chunk holds more.
     window, tolerance
         A pixel is missing when it lies in a flat ``window`` x ``window`` square (range of
         intensities at most ``tolerance``); see :func:`missing_mask`.

@@ -24,6 +24,7 @@ from emdask.align import (
     render,
     warp_section,
 )
+from emdask.defects import detect_defects
 from emdask.volumes import open_volume
 
 
@@ -147,6 +148,18 @@ def test_matching_in_tiles_gives_the_same_fields(shared_file, monkeypatch):
     # the same to 1e-3 px (the solve's tolerance; the matches agree to rounding)
     np.testing.assert_allclose(tiled.fields.values, whole.fields.values, atol=1e-3)
     pd.testing.assert_frame_equal(tiled.table, whole.table, atol=1e-3)
+
+
+def test_inputs_numpy_backed_dataarray_and_a_defects_table_without_means(shared_file):
+    stack = _medulla(shared_file, n=3, size=160)
+    plain = align(stack)
+    wrapped = align(xr.DataArray(stack, dims=("z", "y", "x")))
+    np.testing.assert_allclose(wrapped.fields.values, plain.fields.values, atol=1e-4)
+    np.testing.assert_array_equal(wrapped.aligned.values, plain.aligned.values)
+    defects = detect_defects(stack)
+    older = defects._replace(table=defects.table.drop(columns="mean"))
+    np.testing.assert_allclose(align(stack, defects=older).fields.values,
+                               plain.fields.values, atol=1e-3)
 
 
 def test_missing_section_is_skipped_and_interpolated(shared_file):
