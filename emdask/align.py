@@ -56,8 +56,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import xarray as xr
 
-from emdask.defects import detect_defects
-from emdask.volumes import as_volume
+from emdask.defects import as_stack, detect_defects
 
 __all__ = ["Alignment", "Level", "align", "block_match", "displacement_error", "distort",
            "invert_fields", "render", "source_box", "warp_section"]
@@ -579,7 +578,7 @@ def align(
     Alignment
         The lazy aligned stack, the fields and the per-section table.
     """
-    vol = stack if isinstance(stack, xr.DataArray) else as_volume(stack, (1.0, 1.0, 1.0))
+    vol = as_stack(stack)
     if vol.ndim != 3:
         raise ValueError(f"a stack of sections must be 3-D (z, y, x), got shape {vol.shape}")
     if spacing < 4:
@@ -780,7 +779,7 @@ def render(stack: Any, fields: xr.DataArray, chunks: Sequence[int] | None = None
     order
         1: bilinear interpolation (intensities); 0: nearest (labels, masks).
     """
-    vol = stack if isinstance(stack, xr.DataArray) else as_volume(stack, (1.0, 1.0, 1.0))
+    vol = as_stack(stack)
     if fields.shape[0] != vol.shape[0]:
         raise ValueError(f"fields for {fields.shape[0]} sections, stack has {vol.shape[0]}")
     spacing = int(fields.attrs["spacing"])
@@ -788,7 +787,7 @@ def render(stack: Any, fields: xr.DataArray, chunks: Sequence[int] | None = None
         raise ValueError(f"fields grid {tuple(fields.shape[2:])} does not fit sections of "
                          f"{tuple(vol.shape[1:])} pixels at spacing {spacing}")
     f = np.asarray(fields.values, np.float64)
-    data = vol.data if isinstance(vol.data, da.Array) else da.from_array(vol.data, chunks=-1)
+    data = vol.data
     chunks = data.chunks if chunks is None else da.core.normalize_chunks(chunks, vol.shape)
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
     blocks = np.empty(tuple(len(c) for c in chunks), object)

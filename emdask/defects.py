@@ -33,7 +33,7 @@ import xarray as xr
 
 from emdask.volumes import as_volume
 
-__all__ = ["Defects", "detect_defects", "missing_mask"]
+__all__ = ["Defects", "as_stack", "detect_defects", "missing_mask"]
 
 
 class Defects(NamedTuple):
@@ -89,14 +89,21 @@ def _laplacian(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return lap
 
 
-def _check_stack(stack: Any) -> xr.DataArray:
+def as_stack(stack: Any) -> xr.DataArray:
+    """A stack (DataArray, Dask or numpy array) as a DataArray over a Dask array (unit
+    voxels where it carries none)."""
     vol = stack if isinstance(stack, xr.DataArray) else as_volume(stack, (1.0, 1.0, 1.0))
+    if not isinstance(vol.data, da.Array):  # a DataArray over a numpy array
+        vol = vol.copy(data=da.from_array(vol.data, chunks=-1))
+    return vol
+
+
+def _check_stack(stack: Any) -> xr.DataArray:
+    vol = as_stack(stack)
     if vol.ndim != 3:
         raise ValueError(f"a stack of sections must be 3-D (z, y, x), got shape {vol.shape}")
     if not (np.issubdtype(vol.dtype, np.integer) or np.issubdtype(vol.dtype, np.floating)):
         raise ValueError(f"a stack of sections must hold intensities, got dtype {vol.dtype}")
-    if not isinstance(vol.data, da.Array):  # a DataArray over a numpy array
-        vol = vol.copy(data=da.from_array(vol.data, chunks=-1))
     return vol
 
 
