@@ -13,8 +13,11 @@ coarse to fine over a few :class:`Level` s:
    whole one, and the result does not depend on the tiling.
 2. Block matching: at every node, the block of a section around the node is located in
    each of its ``neighbours`` previous sections by normalized cross-correlation (FFT-based,
-   the blocks of a tile in batches, sub-pixel peak by a parabola).  A match is rejected
-   when its peak is low, at the edge of the search window, or on missing data.
+   the blocks of a tile in batches, sub-pixel peak by a parabola).  Pixels without data
+   (off the section, or in a defect) are left out of the correlation (masked NCC), so a
+   block partly off the section or partly lost matches on the rest.  A match is rejected
+   when its peak is low, at the edge of the search window, or when less than half the
+   block has data on both sides.
 3. A global solve, one sparse linear least-squares problem for all sections: the
    correction ``d`` of each node should satisfy every match,
    ``d[z] - d[z - k] = shift``, weighted by the match's correlation, while the second
@@ -29,7 +32,9 @@ coarse to fine over a few :class:`Level` s:
 4. The correction is composed with the field.  The first level keeps only an affine field
    per section (rigid/affine first), the later ones the full regularized field.  A section
    without a single accepted match at a level keeps its field (the prior alone would pull
-   it back to 0).
+   it back to 0), and so does one that the level matches too little of (by the bar of
+   ``unreliable`` below, among the level's coverages): a handful of matches, the likeliest
+   to be noise, would otherwise decide its whole affine.
 
 Defects: missing sections (:func:`emdask.detect_defects`) are never matched; they get the
 field interpolated linearly in z from their valid neighbours.  So does a section flagged
@@ -209,8 +214,15 @@ def _box_sums(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def block_match(templates: np.ndarray, windows: np.ndarray, invalid: np.ndarray | None = None,
-                max_invalid: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+                template_invalid: np.ndarray | None = None, min_overlap: float = 0.5
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Locate each template in its search window by normalized cross-correlation.
+
+    Where a template or its window has pixels without data (off the section, or lost in a
+    defect), the correlation at each shift is taken over the pixels with data on both
+    sides only (masked NCC, Padfield 2012), so a block that is partly off the section or
+    partly missing still matches on the rest, and the filled-in pixels add no false
+    edges.  Templates and windows with data everywhere take the plain, faster path.
 
     Parameters
     ----------
@@ -218,9 +230,12 @@ def block_match(templates: np.ndarray, windows: np.ndarray, invalid: np.ndarray 
         (n, b, b) blocks.
     windows
         (n, b + 2s, b + 2s) search windows centred on the templates' positions.
-    invalid
-        Optional (n, b + 2s, b + 2s) boolean: window pixels without data; a position whose
-        box has more than ``max_invalid`` of them does not count.
+    invalid, template_invalid
+        Optional boolean masks of the window and template pixels without data (shapes as
+        ``windows`` and ``templates``).
+    min_overlap
+        A shift counts only where at least this fraction of the block has data in both
+        the template and the window.
 
     Returns
     -------
@@ -229,30 +244,77 @@ def block_match(templates: np.ndarray, windows: np.ndarray, invalid: np.ndarray 
         template's content lies at ``offset`` from where it was cut.  NaN when the peak is
         on the edge of the window.
     scores : (n,) float
-        The correlation at the peak (-1..1; 0 for a flat template).
+        The correlation at the peak (-1..1; 0 for a flat template, -1 where no shift has
+        enough data).
     """
     n, b = templates.shape[0], templates.shape[1]
     w = windows.shape[1]
     s = (w - b) // 2
-    t = templates - templates.mean(axis=(1, 2), keepdims=True)
-    tnorm = np.sqrt((t ** 2).sum(axis=(1, 2)))
-    f = np.fft.rfft2(windows, s=(w, w))
-    g = np.fft.rfft2(t, s=(w, w))
-    corr = np.fft.irfft2(f * np.conj(g), s=(w, w))[:, : 2 * s + 1, : 2 * s + 1]
-    s1 = _box_sums(windows, b)
-    s2 = _box_sums(windows ** 2, b)
-    var = np.maximum(s2 - s1 ** 2 / (b * b), 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ncc = corr / (tnorm[:, None, None] * np.sqrt(var))
+    masks = [np.zeros(x.shape, bool) if m is None else np.asarray(m, bool)
+             for x, m in ((windows, invalid), (templates, template_invalid))]
+    partial = masks[0].any(axis=(1, 2)) | masks[1].any(axis=(1, 2))
+    ncc = np.empty((n, 2 * s + 1, 2 * s + 1))
+    flat = np.zeros(n, bool)
+    for sel, kernel in ((~partial, _ncc), (partial, _masked_ncc)):
+        if sel.any():
+            ncc[sel], flat[sel] = kernel(templates[sel].astype(np.float64),
+                                         windows[sel].astype(np.float64),
+                                         ~masks[1][sel], ~masks[0][sel], min_overlap)
     ncc[~np.isfinite(ncc)] = -1
-    if invalid is not None:
-        ncc[_box_sums(invalid.astype(np.float64), b) > max_invalid * b * b] = -1
-    flat = ncc.reshape(n, -1).argmax(axis=1)
-    iy, ix = np.unravel_index(flat, ncc.shape[1:])
+    peak = ncc.reshape(n, -1).argmax(axis=1)
+    iy, ix = np.unravel_index(peak, ncc.shape[1:])
     scores = ncc[np.arange(n), iy, ix]
-    scores[tnorm == 0] = 0
+    scores[flat] = 0
     offsets = np.stack([_subpixel(ncc, iy, ix, 0), _subpixel(ncc, iy, ix, 1)], axis=1) - s
     return offsets, scores
+
+
+def _correlate(windows: np.ndarray, templates: np.ndarray, s: int) -> np.ndarray:
+    """Sums of template x window at every shift 0..2s (FFT; no wrap-around, as every
+    shifted template lies inside its window)."""
+    shape = windows.shape[1:]
+    f = np.fft.rfft2(windows, s=shape)
+    g = np.fft.rfft2(templates, s=shape)
+    return np.fft.irfft2(f * np.conj(g), s=shape)[:, : 2 * s + 1, : 2 * s + 1]
+
+
+def _ncc(t, win, _tvalid, _wvalid, _min_overlap):
+    """NCC at every shift of templates and windows with data everywhere; and which
+    templates are flat."""
+    b, s = t.shape[1], (win.shape[1] - t.shape[1]) // 2
+    t = t - t.mean(axis=(1, 2), keepdims=True)
+    tnorm = np.sqrt((t ** 2).sum(axis=(1, 2)))
+    s1, s2 = _box_sums(win, b), _box_sums(win ** 2, b)
+    var = np.maximum(s2 - s1 ** 2 / (b * b), 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _correlate(win, t, s) / (tnorm[:, None, None] * np.sqrt(var)), tnorm == 0
+
+
+def _masked_ncc(t, win, tvalid, wvalid, min_overlap):
+    """NCC at every shift over the pixels with data in both template and window; -1 where
+    they overlap in less than ``min_overlap`` of the block.  Every sum over the overlap is
+    a correlation of the masked images, so six FFT correlations give them all."""
+    b, s = t.shape[1], (win.shape[1] - t.shape[1]) // 2
+    tm, wm = tvalid.astype(np.float64), wvalid.astype(np.float64)
+    # centred on the means of their data, against cancellation in the sums of squares
+    t = np.where(tvalid, t - _mean(t, tvalid), 0)
+    win = np.where(wvalid, win - _mean(win, wvalid), 0)
+    count = np.rint(_correlate(wm, tm, s))
+    sum_t, sum_tt = _correlate(wm, t, s), _correlate(wm, t * t, s)
+    sum_w, sum_ww = _correlate(win, tm, s), _correlate(win * win, tm, s)
+    cross = _correlate(win, t, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var_t = np.maximum(sum_tt - sum_t ** 2 / count, 0)
+        var_w = np.maximum(sum_ww - sum_w ** 2 / count, 0)
+        ncc = (cross - sum_t * sum_w / count) / np.sqrt(var_t * var_w)
+    # FFT round-off leaves a flat overlap a tiny variance, not 0: such shifts do not count
+    ncc[(count < min_overlap * b * b) | (var_t <= 1e-9 * count * _mean(t * t, tvalid))
+        | (var_w <= 1e-9 * count * _mean(win * win, wvalid))] = -1
+    return ncc, (t * t).sum(axis=(1, 2)) == 0
+
+
+def _mean(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    return ((x * valid).sum(axis=(1, 2)) / np.maximum(valid.sum(axis=(1, 2)), 1))[:, None, None]
 
 
 def _subpixel(ncc: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.ndarray:
@@ -348,6 +410,8 @@ def _level_image(piece: np.ndarray, mask: np.ndarray, field: np.ndarray, spacing
 
 
 _NODES_PER_BATCH = 256
+#: Fraction of a block that must have data in both sections for a match.
+_MIN_OVERLAP = 0.5
 
 
 def _match_pair(moving, fixed, tile: _Tile, level: Level):
@@ -370,14 +434,15 @@ def _match_pair(moving, fixed, tile: _Tile, level: Level):
         wy = cy[nodes, None] + np.arange(-h - s, b - h + s)[None]
         wx = cx[nodes, None] + np.arange(-h - s, b - h + s)[None]
         block, window = (iy[:, :, None], ix[:, None, :]), (wy[:, :, None], wx[:, None, :])
-        offsets[nodes], scores[nodes] = block_match(a[block], r[window], bad_r[window])
-        scores[nodes[bad_a[block].mean(axis=(1, 2)) > 0.1]] = -1
-        # Data lost in a defect, in the block or where it lies in the other section: NaN,
-        # so that such nodes count neither as matches nor as failed ones when a section's
-        # coverage is judged.  Nodes off the section still count as failed, as for every
-        # section.
+        # Blocks partly off the section or partly lost match on the rest (masked NCC).
+        offsets[nodes], scores[nodes] = block_match(a[block], r[window], bad_r[window],
+                                                    bad_a[block], _MIN_OVERLAP)
+        # Too much data lost in a defect, in the block or where it lies in the other
+        # section: NaN, so that such nodes count neither as matches nor as failed ones
+        # when a section's coverage is judged.  Nodes off the section still count as
+        # failed, as for every section.
         lost = np.maximum(lost_a[block].mean(axis=(1, 2)), lost_r[block].mean(axis=(1, 2)))
-        scores[nodes[lost > 0.1]] = np.nan
+        scores[nodes[lost > 1 - _MIN_OVERLAP]] = np.nan
     # The moving block's content sits at +offset in the fixed section: moving(p) =
     # fixed(p + offset), so moving(p - offset) = fixed(p) and the correction is -offset.
     return (-f * offsets).reshape(ty, tx, 2), scores.reshape(ty, tx)
@@ -640,13 +705,21 @@ def align(
                    for r in results]
         shifts = [np.nan_to_num(s) for s in shifts]
         matchable = [np.isfinite(r[1]) for r in results]
+        level_coverage = np.full(nz, np.nan)
         for (zm, zf), w, m in zip(pairs, weights, matchable, strict=True):
             # Evidence for both sections of the pair: a section is reliable if it matches
             # one of its neighbours on either side well (so a good section next to a bad
             # one, even at the end of the stack, is not blamed for it).  Nodes lost to a
             # defect do not count.
             frac = float((w > 0).sum() / max(m.sum(), 1))
-            coverage[[zm, zf]] = np.fmax(coverage[[zm, zf]], frac)
+            level_coverage[[zm, zf]] = np.fmax(level_coverage[[zm, zf]], frac)
+        coverage = np.fmax(coverage, level_coverage)
+        # A level that matches too little of a section (by the bar that flags a section
+        # unreliable, among this level's coverages) does not move it: its few accepted
+        # matches, the likeliest to be noise, would decide its whole affine.
+        weak = _weak(level_coverage, min_matches)
+        weights = [w * 0 if weak[zm] or weak[zf] else w
+                   for (zm, zf), w in zip(pairs, weights, strict=True)]
         delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid,
                                        stiffness, prior, max_residual * level.factor)
         # A section without a single accepted match at this level is held by the prior
@@ -663,14 +736,14 @@ def align(
     # section is unreliable only if no level matched enough of it; and small sections of
     # such stacks accept few even where intact, so the typical section sets a bar as well.
     table["coverage"] = coverage
-    typical = np.nanmedian(coverage) if np.isfinite(coverage).any() else 1.0
+    typical = _typical(coverage)
     if typical < min_matches:
         warnings.warn(f"the typical section accepts only {typical:.0%} of its matches (median "
                       f"coverage, below min_matches={min_matches}): the alignment rests on "
                       "few matches, and a poor section cannot be told from the rest; check "
                       "the stack (missing or noisy sections, contrast) and the levels",
                       stacklevel=2)
-    table["unreliable"] = ~missing & (coverage < min(min_matches, 0.5 * typical))
+    table["unreliable"] = ~missing & _weak(coverage, min_matches)
     good = ~(table["missing"] | table["unreliable"]).to_numpy(bool)
     if (~good & ~missing).any():
         warnings.warn("sections with unreliable matches, given their neighbours' fields: "
@@ -685,6 +758,16 @@ def align(
         attrs={"spacing": spacing, "units": "pixels", "voxel_size": tuple(vs)},
         name="fields")
     return Alignment(render(vol, fda), fda, table)
+
+
+def _typical(coverage: np.ndarray) -> float:
+    return float(np.nanmedian(coverage)) if np.isfinite(coverage).any() else 1.0
+
+
+def _weak(coverage: np.ndarray, min_matches: float) -> np.ndarray:
+    """Sections whose coverage is below ``min_matches`` and below half the typical
+    (median) coverage; not those without any (NaN)."""
+    return coverage < min(min_matches, 0.5 * _typical(coverage))
 
 
 def _robust_solve(pairs, shifts, weights, valid, current, grid, stiffness, prior,

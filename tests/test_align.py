@@ -12,6 +12,8 @@ import xarray as xr
 from emdask.align import (
     LEVELS,
     _dense,
+    _masked_ncc,
+    _ncc,
     _smoothness,
     _solve,
     _source,
@@ -42,6 +44,35 @@ def test_block_match_finds_a_subpixel_shift(shared_file):
     offsets, _ = block_match(templates, far)
     assert np.isnan(offsets[:, 0]).all()
 
+
+
+def test_block_match_on_blocks_partly_without_data(shared_file):
+    img = open_volume(shared_file("isbi"), "raw")[0].values.astype(np.float64)
+    moved = ndi.shift(img, (2.4, -3.7), order=3)
+    centres = [(150, 150), (300, 200), (250, 380)]
+    templates = np.stack([img[y - 24:y + 24, x - 24:x + 24] for y, x in centres])
+    windows = np.stack([moved[y - 32:y + 32, x - 32:x + 32] for y, x in centres])
+    # a quarter of each template and of each window lost, filled with garbage that would
+    # pull a plain NCC off: the masked one matches on the data that is left
+    lost_t = np.zeros(templates.shape, bool)
+    lost_t[:, :, :12] = True
+    lost_w = np.zeros(windows.shape, bool)
+    lost_w[:, 48:] = True
+    rng = np.random.default_rng(0)
+    t, w = templates.copy(), windows.copy()
+    t[lost_t] = rng.uniform(0, 255, lost_t.sum())
+    w[lost_w] = 0
+    offsets, scores = block_match(t, w, lost_w, lost_t)
+    np.testing.assert_allclose(offsets, [[2.4, -3.7]] * 3, atol=0.2)
+    assert (scores > 0.9).all()
+    # with nothing lost the masked correlation is the plain one
+    nothing_t, nothing_w = np.zeros(templates.shape, bool), np.zeros(windows.shape, bool)
+    np.testing.assert_allclose(_masked_ncc(templates, windows, ~nothing_t, ~nothing_w, 0.5)[0],
+                               _ncc(templates, windows, None, None, 0.5)[0], atol=1e-9)
+    # less than half the block with data on both sides: no match
+    lost_t[:, :, :30] = True
+    _, scores = block_match(t, w, lost_w, lost_t)
+    assert (scores == -1).all()
 
 def test_global_solve_by_hand():
     # Three sections, a 2x2 grid: section 1 must move 2 pixels down relative to 0, section
@@ -190,10 +221,12 @@ def test_partly_missing_section_is_judged_by_its_data(shared_file):
     assert 0 < row["matches"] < result.table.set_index("z").loc[3, "matches"]
     err = displacement_error(result.fields, truth)[4, 4:-4, 34:-4]  # where it has data
     assert np.median(err) < 1.0, np.median(err)
-    # A section that is all there but drowned in noise matches nothing: flagged, not warped
+    # A section that is all there but only noise (a failed image) matches nothing:
+    # flagged, not warped.  (Under noise of std 1000, clipped, its smoothed image still
+    # correlates 0.24 with the section: the coarse level aligns it to 2.4 px.)
     noisy = distorted.copy()
     noise = np.random.default_rng(0).normal(0, 1000, whole.shape)
-    noisy[4] = np.clip(whole + noise, 0, 255).astype(np.uint8)
+    noisy[4] = np.clip(128 + noise, 0, 255).astype(np.uint8)
     with pytest.warns(UserWarning, match="unreliable"):
         table = align(noisy).table.set_index("z")
     assert table.loc[4, "unreliable"] and table.loc[4, "interpolated"]
@@ -208,8 +241,9 @@ def test_partly_missing_section_is_judged_by_its_data(shared_file):
     assert second["unreliable"].tolist() == [False, True] + [False] * 3
     # a stack of sections that match nothing: nothing can be told apart, so it says so
     pure = np.random.default_rng(1).integers(0, 255, (4, 192, 192), dtype=np.uint8)
-    with pytest.warns(UserWarning, match="typical section accepts only"):
+    with pytest.warns(UserWarning) as caught:  # which of them look unreliable is chance
         align(pure)
+    assert any("typical section accepts only" in str(w.message) for w in caught)
     # Less noise: it matches at the coarse levels only, and keeps that field where finer
     # levels accept nothing (the prior alone pulled it back to 0, 7.7 px off)
     noisy[4] = np.clip(whole + noise * 250 / 1000, 0, 255).astype(np.uint8)
@@ -220,17 +254,18 @@ def test_partly_missing_section_is_judged_by_its_data(shared_file):
 
 
 def test_intact_section_of_a_hard_stack_is_not_flagged(shared_file):
-    # The CREMI crop (40 nm, 500 x 250 pixels) accepts few matches even where intact.  Its
-    # last section, against a partly blacked-out neighbour, accepts under 25%, but no
-    # fewer than half of what its stack typically does: aligned, not flagged.
+    # The CREMI crop (40 nm, 500 x 250 pixels) accepts few matches even where intact: about
+    # half of its nodes at best.  Asked for more (min_matches 0.6), its last section,
+    # against a partly blacked-out neighbour, falls short, but no shorter than half of what
+    # its stack typically does: aligned, not flagged.
     stack = open_volume(shared_file("cremi"), "raw").values
     distorted, _ = distort(stack, seed=1)
     distorted[2] = 0
     distorted[3][125:250, 62:125] = 0
-    table = align(distorted).table.set_index("z")
+    table = align(distorted, min_matches=0.6).table.set_index("z")
     assert table["missing"].tolist() == [False, False, True, False, False]
     cov = table["coverage"]
-    assert cov.loc[4] < 0.25 and cov.loc[4] >= 0.5 * np.nanmedian(cov), cov.tolist()
+    assert cov.loc[4] < 0.6 and cov.loc[4] >= 0.5 * np.nanmedian(cov), cov.tolist()
     assert not table["unreliable"].any() and table["interpolated"].tolist() == [
         False, False, True, False, False]
 
