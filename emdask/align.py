@@ -483,39 +483,31 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
            current: np.ndarray, grid: tuple[int, int], stiffness: float, prior: float
            ) -> np.ndarray:
     """Corrections (len(sections), 2, gy, gx) from weighted pairwise node shifts, given
-    the sections' ``current`` fields at the nodes (same shape)."""
-    n_nodes = grid[0] * grid[1]
+    the sections' ``current`` fields at the nodes (same shape).
+
+    The normal equations are never formed: their product with a vector is the bending
+    penalty (one sparse matrix of a single grid, shared by every section), the matches
+    (each pair's weights, one value per node) and the prior, so the solve holds a few
+    vectors of the stack's size besides the matches themselves (a sparse matrix of the
+    whole stack took about 20 non-zeros per unknown, several times that at its peak).
+    """
+    nodes, ns = grid[0] * grid[1], len(sections)
     pos = {z: i for i, z in enumerate(sections)}
-    n = len(sections) * n_nodes
-    rows, cols, vals, rhs = [], [], [], []
-    r = 0
-    for (zm, zf), shift, w in zip(pairs, shifts, weights, strict=True):
-        w = w.ravel()
-        nodes = np.flatnonzero(w > 0)
-        if not len(nodes):
-            continue
-        sw = np.sqrt(w[nodes])
-        k = np.arange(len(nodes)) + r
-        rows += [k, k]
-        cols += [pos[zm] * n_nodes + nodes, pos[zf] * n_nodes + nodes]
-        vals += [sw, -sw]
-        rhs.append(sw[:, None] * shift.reshape(-1, 2)[nodes])
-        r += len(nodes)
-    data = sp.csr_matrix((np.concatenate(vals) if vals else [], (
-        np.concatenate(rows) if rows else [], np.concatenate(cols) if cols else [])),
-        shape=(r, n))
-    smooth_one = _smoothness(*grid)
-    smooth = sp.block_diag([smooth_one] * len(sections), format="csr")
-    # The prior: each section's whole field (current + correction) is pulled gently to 0.
-    a = sp.vstack([data, np.sqrt(stiffness) * smooth,
-                   np.sqrt(prior) * sp.identity(n, format="csr")]).tocsc()
-    b = np.zeros((a.shape[0], 2))
-    if rhs:
-        b[:r] = np.concatenate(rhs)
-    b[a.shape[0] - n:] = -np.sqrt(prior) * current.reshape(len(sections), 2, -1).transpose(
-        0, 2, 1).reshape(n, 2)
-    ata = (a.T @ a).tocsr()
-    rhs = a.T @ b
+    # incidence of the pairs: row p is +1 at its moving section and -1 at its fixed one
+    incidence = sp.csr_matrix((np.tile([1.0, -1.0], len(pairs)), (
+        np.repeat(np.arange(len(pairs)), 2), [pos[z] for pair in pairs for z in pair])),
+        shape=(len(pairs), ns))
+    w = np.stack([x.ravel() for x in weights]) if pairs else np.zeros((0, nodes))
+    smooth = _smoothness(*grid)
+    bend = (stiffness * (smooth.T @ smooth)).tocsr()
+
+    def normal(x: np.ndarray) -> np.ndarray:
+        """The normal matrix times x, x of shape (ns, nodes)."""
+        return (bend @ x.T).T + incidence.T @ (w * (incidence @ x)) + prior * x
+
+    rhs = [incidence.T @ (w * np.stack([s.reshape(-1, 2)[:, c] for s in shifts]))
+           - prior * current[:, c].reshape(ns, nodes) if pairs
+           else -prior * current[:, c].reshape(ns, nodes) for c in range(2)]
     # Conjugate gradients, preconditioned by one factorization shared by every section: the
     # bending penalty of the grid plus the mean of what the matches and the prior add to
     # the diagonal.  A direct factorization of the whole stack fills in like a 3-D problem
@@ -525,24 +517,21 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
     # from node to node, mild next to the bending penalty: 60-100 iterations on the
     # benchmark stacks, growing slowly with the number of sections (the pull towards 0
     # bounds how far that coupling reaches in z).
-    bend = stiffness * (smooth_one.T @ smooth_one)
-    added = ata.diagonal().reshape(len(sections), n_nodes) - bend.diagonal()
-    lu = spla.splu((bend + float(added.mean()) * sp.identity(n_nodes)).tocsc(),
-                   permc_spec="MMD_AT_PLUS_A")
-
-    def precondition(x: np.ndarray) -> np.ndarray:
-        # one section at a time: SuperLU is slower on many right-hand sides at once
-        return np.concatenate([lu.solve(part) for part in x.reshape(-1, n_nodes)])
-
-    out = np.empty((n, 2))
+    added = float((abs(incidence).T @ w).mean()) + prior
+    lu = spla.splu((bend + added * sp.identity(nodes)).tocsc(), permc_spec="MMD_AT_PLUS_A")
+    shape = (ns * nodes, ns * nodes)
+    a = spla.LinearOperator(shape, lambda v: normal(v.reshape(ns, nodes)).ravel())
+    # one section at a time: SuperLU is slower on many right-hand sides at once
+    m = spla.LinearOperator(shape, lambda v: np.concatenate(
+        [lu.solve(part) for part in v.reshape(ns, nodes)]))
+    out = np.empty((ns, 2, nodes))
     for c in range(2):
-        out[:, c], info = spla.cg(ata, rhs[:, c], rtol=1e-8, maxiter=2000,
-                                  M=spla.LinearOperator(ata.shape, precondition))
+        sol, info = spla.cg(a, rhs[c].ravel(), rtol=1e-8, maxiter=2000, M=m)
         if info:
             warnings.warn(f"the alignment solve did not converge (scipy cg info {info}); "
                           "the fields may be off", RuntimeWarning, stacklevel=4)
-    return out.reshape(len(sections), n_nodes, 2).transpose(0, 2, 1).reshape(
-        len(sections), 2, *grid)
+        out[:, c] = sol.reshape(ns, nodes)
+    return out.reshape(ns, 2, *grid)
 
 
 def _affine(delta: np.ndarray, spacing: int) -> np.ndarray:
