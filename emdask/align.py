@@ -102,7 +102,9 @@ class Alignment(NamedTuple):
     #: Fields (z, 2, gy, gx) in pixels (y, x) at the grid nodes; ``attrs["spacing"]``.
     fields: xr.DataArray
     #: One row per section: z, missing, matches (nodes not lost to a defect, last level),
-    #: accepted, residual (rms pixels of the accepted matches after the last solve),
+    #: accepted (used in the last level's solve: none where that level matched too little
+    #: of the section or of its partner), residual (rms pixels of the accepted matches
+    #: after the last solve),
     #: coverage (see ``min_matches``; unlike matches and accepted, which count a section's
     #: matches against earlier sections, it counts later ones too), unreliable, interpolated.
     table: pd.DataFrame
@@ -254,80 +256,94 @@ def block_match(templates: np.ndarray, windows: np.ndarray, invalid: np.ndarray 
              for x, m in ((windows, invalid), (templates, template_invalid))]
     partial = masks[0].any(axis=(1, 2)) | masks[1].any(axis=(1, 2))
     ncc = np.empty((n, 2 * s + 1, 2 * s + 1))
-    flat = np.zeros(n, bool)
     for sel, kernel in ((~partial, _ncc), (partial, _masked_ncc)):
         if sel.any():
-            ncc[sel], flat[sel] = kernel(templates[sel].astype(np.float64),
-                                         windows[sel].astype(np.float64),
-                                         ~masks[1][sel], ~masks[0][sel], min_overlap)
-    ncc[~np.isfinite(ncc)] = -1
+            ncc[sel] = kernel(templates[sel].astype(np.float64), windows[sel].astype(np.float64),
+                              ~masks[1][sel], ~masks[0][sel], min_overlap)
+    # A template that is constant where it has data matches nothing (score 0).
+    tvalid = ~masks[1]
+    flat = (np.where(tvalid, templates, -np.inf).max(axis=(1, 2))
+            == np.where(tvalid, templates, np.inf).min(axis=(1, 2)))
+    ncc[flat] = np.nan
+    counted = np.isfinite(ncc)  # shifts with enough data on both sides, and variance
+    ncc[~counted] = -1
     peak = ncc.reshape(n, -1).argmax(axis=1)
     iy, ix = np.unravel_index(peak, ncc.shape[1:])
     scores = ncc[np.arange(n), iy, ix]
     scores[flat] = 0
-    offsets = np.stack([_subpixel(ncc, iy, ix, 0), _subpixel(ncc, iy, ix, 1)], axis=1) - s
+    offsets = np.stack([_subpixel(ncc, counted, iy, ix, axis) for axis in (0, 1)], axis=1) - s
     return offsets, scores
 
 
-def _correlate(windows: np.ndarray, templates: np.ndarray, s: int) -> np.ndarray:
-    """Sums of template x window at every shift 0..2s (FFT; no wrap-around, as every
-    shifted template lies inside its window)."""
-    shape = windows.shape[1:]
-    f = np.fft.rfft2(windows, s=shape)
-    g = np.fft.rfft2(templates, s=shape)
+def _spectrum(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.fft.rfft2(x, s=shape)
+
+
+def _correlate(f: np.ndarray, g: np.ndarray, shape: tuple[int, int], s: int) -> np.ndarray:
+    """Sums of template x window at every shift 0..2s, from the spectra ``f`` of the
+    windows and ``g`` of the templates (no wrap-around: every shifted template lies inside
+    its window)."""
     return np.fft.irfft2(f * np.conj(g), s=shape)[:, : 2 * s + 1, : 2 * s + 1]
 
 
 def _ncc(t, win, _tvalid, _wvalid, _min_overlap):
-    """NCC at every shift of templates and windows with data everywhere; and which
-    templates are flat."""
-    b, s = t.shape[1], (win.shape[1] - t.shape[1]) // 2
+    """NCC at every shift of templates and windows with data everywhere (NaN where the
+    window is flat)."""
+    b, s, shape = t.shape[1], (win.shape[1] - t.shape[1]) // 2, win.shape[1:]
     t = t - t.mean(axis=(1, 2), keepdims=True)
     tnorm = np.sqrt((t ** 2).sum(axis=(1, 2)))
     s1, s2 = _box_sums(win, b), _box_sums(win ** 2, b)
     var = np.maximum(s2 - s1 ** 2 / (b * b), 0)
+    cross = _correlate(_spectrum(win, shape), _spectrum(t, shape), shape, s)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return _correlate(win, t, s) / (tnorm[:, None, None] * np.sqrt(var)), tnorm == 0
+        return cross / (tnorm[:, None, None] * np.sqrt(var))
 
 
 def _masked_ncc(t, win, tvalid, wvalid, min_overlap):
-    """NCC at every shift over the pixels with data in both template and window; -1 where
+    """NCC at every shift over the pixels with data in both template and window; NaN where
     they overlap in less than ``min_overlap`` of the block.  Every sum over the overlap is
     a correlation of the masked images, so six FFT correlations give them all."""
-    b, s = t.shape[1], (win.shape[1] - t.shape[1]) // 2
-    tm, wm = tvalid.astype(np.float64), wvalid.astype(np.float64)
+    b, s, shape = t.shape[1], (win.shape[1] - t.shape[1]) // 2, win.shape[1:]
     # centred on the means of their data, against cancellation in the sums of squares
     t = np.where(tvalid, t - _mean(t, tvalid), 0)
     win = np.where(wvalid, win - _mean(win, wvalid), 0)
-    count = np.rint(_correlate(wm, tm, s))
-    sum_t, sum_tt = _correlate(wm, t, s), _correlate(wm, t * t, s)
-    sum_w, sum_ww = _correlate(win, tm, s), _correlate(win * win, tm, s)
-    cross = _correlate(win, t, s)
+    fwm, ftm = _spectrum(wvalid.astype(np.float64), shape), _spectrum(tvalid.astype(np.float64),
+                                                                      shape)
+    fw, ft = _spectrum(win, shape), _spectrum(t, shape)
+    count = np.rint(_correlate(fwm, ftm, shape, s))
+    sum_t, sum_tt = _correlate(fwm, ft, shape, s), _correlate(fwm, _spectrum(t * t, shape),
+                                                              shape, s)
+    sum_w, sum_ww = _correlate(fw, ftm, shape, s), _correlate(_spectrum(win * win, shape), ftm,
+                                                              shape, s)
+    cross = _correlate(fw, ft, shape, s)
     with np.errstate(invalid="ignore", divide="ignore"):
-        var_t = np.maximum(sum_tt - sum_t ** 2 / count, 0)
-        var_w = np.maximum(sum_ww - sum_w ** 2 / count, 0)
-        ncc = (cross - sum_t * sum_w / count) / np.sqrt(var_t * var_w)
+        var_t = sum_tt - sum_t ** 2 / count
+        var_w = sum_ww - sum_w ** 2 / count
+        ncc = (cross - sum_t * sum_w / count) / np.sqrt(np.maximum(var_t * var_w, 0))
     # FFT round-off leaves a flat overlap a tiny variance, not 0: such shifts do not count
     ncc[(count < min_overlap * b * b) | (var_t <= 1e-9 * count * _mean(t * t, tvalid))
-        | (var_w <= 1e-9 * count * _mean(win * win, wvalid))] = -1
-    return ncc, (t * t).sum(axis=(1, 2)) == 0
+        | (var_w <= 1e-9 * count * _mean(win * win, wvalid))] = np.nan
+    return ncc
 
 
 def _mean(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return ((x * valid).sum(axis=(1, 2)) / np.maximum(valid.sum(axis=(1, 2)), 1))[:, None, None]
 
 
-def _subpixel(ncc: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.ndarray:
+def _subpixel(ncc: np.ndarray, counted: np.ndarray, iy: np.ndarray, ix: np.ndarray,
+              axis: int) -> np.ndarray:
     """Peak position along one axis, refined by a parabola through the peak and its two
-    neighbours; NaN on the edge of the window (the true peak may lie beyond it)."""
+    neighbours; NaN on the edge of the window or next to a shift that does not count (the
+    true peak may lie beyond it, and the parabola would be pulled off)."""
     i = (iy, ix)[axis]
     m = ncc.shape[1 + axis] - 1
+    rows = np.arange(len(i))
+    at = (lambda a, k: a[rows, k, ix]) if axis == 0 else (lambda a, k: a[rows, iy, k])
     inside = (i > 0) & (i < m)
     lo = np.where(inside, i - 1, i)
     hi = np.where(inside, i + 1, i)
-    rows = np.arange(len(i))
-    at = (lambda k: ncc[rows, k, ix]) if axis == 0 else (lambda k: ncc[rows, iy, k])
-    c0, c1, c2 = at(lo), at(i), at(hi)
+    inside &= at(counted, lo) & at(counted, hi)
+    c0, c1, c2 = at(ncc, lo), at(ncc, i), at(ncc, hi)
     denom = c0 - 2 * c1 + c2
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = np.where(denom < 0, 0.5 * (c0 - c2) / denom, 0.0)
@@ -441,7 +457,7 @@ def _match_pair(moving, fixed, tile: _Tile, level: Level):
         # section: NaN, so that such nodes count neither as matches nor as failed ones
         # when a section's coverage is judged.  Nodes off the section still count as
         # failed, as for every section.
-        lost = np.maximum(lost_a[block].mean(axis=(1, 2)), lost_r[block].mean(axis=(1, 2)))
+        lost = (lost_a[block] | lost_r[block]).mean(axis=(1, 2))
         scores[nodes[lost > 1 - _MIN_OVERLAP]] = np.nan
     # The moving block's content sits at +offset in the fixed section: moving(p) =
     # fixed(p + offset), so moving(p - offset) = fixed(p) and the correction is -offset.
@@ -639,6 +655,9 @@ def align(
         raise ValueError(f"spacing must be at least 4 pixels, got {spacing}")
     if neighbours < 1:
         raise ValueError(f"neighbours must be at least 1, got {neighbours}")
+    if not 0 < min_score <= 1:
+        raise ValueError(f"min_score must be in (0, 1] (a match's weight is its score), "
+                         f"got {min_score}")
     nz, ny, nx = vol.shape
     for lv in levels:
         if lv.block > min(ny, nx) // lv.factor:

@@ -69,7 +69,9 @@ def missing_mask(section: np.ndarray, window: int = 15, tolerance: float = 0.0) 
     size = (window, window) if section.ndim == 2 else (1, window, window)
     lo = ndi.minimum_filter(section, size, mode="nearest")
     hi = ndi.maximum_filter(section, size, mode="nearest")
-    flat = (hi.astype(np.float64) - lo) <= tolerance
+    # hi >= lo, so the range is exact in the data's own dtype for unsigned integers and
+    # floats (no float64 copy of the block); signed integers could overflow it
+    flat = (hi - lo if section.dtype.kind in "uf" else hi.astype(np.int64) - lo) <= tolerance
     # Grow the flat centres by the window: every pixel of a flat square is missing.
     return ndi.maximum_filter(flat, size, mode="constant", cval=False)
 

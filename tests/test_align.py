@@ -45,7 +45,6 @@ def test_block_match_finds_a_subpixel_shift(shared_file):
     assert np.isnan(offsets[:, 0]).all()
 
 
-
 def test_block_match_on_blocks_partly_without_data(shared_file):
     img = open_volume(shared_file("isbi"), "raw")[0].values.astype(np.float64)
     moved = ndi.shift(img, (2.4, -3.7), order=3)
@@ -73,6 +72,14 @@ def test_block_match_on_blocks_partly_without_data(shared_file):
     lost_t[:, :, :30] = True
     _, scores = block_match(t, w, lost_w, lost_t)
     assert (scores == -1).all()
+    # a peak next to a shift that does not count (too little overlap) is not refined by a
+    # parabola through it (that was 0.8 px off): it is rejected, as at the window's edge
+    lost_w = np.zeros(windows.shape, bool)
+    lost_w[:, 35:] = True  # shifts of 4 px and more down overlap less than half the block
+    shifted = np.stack([ndi.shift(img, (3.3, 0), order=3)[y - 32:y + 32, x - 32:x + 32]
+                        for y, x in centres])
+    offsets, _ = block_match(templates, shifted, lost_w)
+    assert np.isnan(offsets[:, 0]).all()
 
 def test_global_solve_by_hand():
     # Three sections, a 2x2 grid: section 1 must move 2 pixels down relative to 0, section
