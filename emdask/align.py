@@ -307,15 +307,15 @@ def _masked_ncc(t, win, tvalid, wvalid, min_overlap):
     # centred on the means of their data, against cancellation in the sums of squares
     t = np.where(tvalid, t - _mean(t, tvalid), 0)
     win = np.where(wvalid, win - _mean(win, wvalid), 0)
-    fwm, ftm = _spectrum(wvalid.astype(np.float64), shape), _spectrum(tvalid.astype(np.float64),
-                                                                      shape)
-    fw, ft = _spectrum(win, shape), _spectrum(t, shape)
-    count = np.rint(_correlate(fwm, ftm, shape, s))
-    sum_t, sum_tt = _correlate(fwm, ft, shape, s), _correlate(fwm, _spectrum(t * t, shape),
-                                                              shape, s)
-    sum_w, sum_ww = _correlate(fw, ftm, shape, s), _correlate(_spectrum(win * win, shape), ftm,
-                                                              shape, s)
-    cross = _correlate(fw, ft, shape, s)
+    fwm, ftm, fw, ft, fww, ftt = (_spectrum(x, shape) for x in (
+        wvalid.astype(np.float64), tvalid.astype(np.float64), win, t, win * win, t * t))
+
+    def corr(f: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return _correlate(f, g, shape, s)
+
+    count = np.rint(corr(fwm, ftm))
+    sum_t, sum_tt, sum_w, sum_ww = corr(fwm, ft), corr(fwm, ftt), corr(fw, ftm), corr(fww, ftm)
+    cross = corr(fw, ft)
     with np.errstate(invalid="ignore", divide="ignore"):
         var_t = sum_tt - sum_t ** 2 / count
         var_w = sum_ww - sum_w ** 2 / count
@@ -521,9 +521,10 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
         """The normal matrix times x, x of shape (ns, nodes)."""
         return (bend @ x.T).T + incidence.T @ (w * (incidence @ x)) + prior * x
 
-    rhs = [incidence.T @ (w * np.stack([s.reshape(-1, 2)[:, c] for s in shifts]))
-           - prior * current[:, c].reshape(ns, nodes) if pairs
-           else -prior * current[:, c].reshape(ns, nodes) for c in range(2)]
+    # the prior pulls each section's whole field (current + correction) gently to 0
+    rhs = [-prior * current[:, c].reshape(ns, nodes) for c in range(2)]
+    for c in range(2 if pairs else 0):
+        rhs[c] += incidence.T @ (w * np.stack([s.reshape(-1, 2)[:, c] for s in shifts]))
     # Conjugate gradients, preconditioned by one factorization shared by every section: the
     # bending penalty of the grid plus the mean of what the matches and the prior add to
     # the diagonal.  A direct factorization of the whole stack fills in like a 3-D problem
@@ -726,7 +727,7 @@ def align(
         # unreliable, among this level's coverages) does not move it: its few accepted
         # matches, the likeliest to be noise, would decide its whole affine.
         weak = _weak(level_coverage, min_matches)
-        weights = [w * 0 if weak[zm] or weak[zf] else w
+        weights = [np.zeros_like(w) if weak[zm] or weak[zf] else w
                    for (zm, zf), w in zip(pairs, weights, strict=True)]
         delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid,
                                        stiffness, prior, max_residual * level.factor)
