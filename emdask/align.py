@@ -412,7 +412,9 @@ def _level_image(piece: np.ndarray, mask: np.ndarray, field: np.ndarray, spacing
     and that of the missing ones only.  Pixels without data get the value ``fill`` (the
     section's mean): flat, so they add no false edges, and the same in every tile, so the
     matches do not depend on the tiling."""
-    img = piece.astype(np.float32)
+    # pixels without data take the fill before smoothing, so that they do not bleed into
+    # their neighbours (NaN would spread)
+    img = np.where(mask, np.float32(fill), piece).astype(np.float32)
     if factor > 1:
         img = ndi.gaussian_filter(img, 0.5 * factor)
     field = field - np.asarray(start, np.float64)[:, None, None]  # in the piece's pixels

@@ -47,7 +47,8 @@ class Defects(NamedTuple):
 
 
 def missing_mask(section: np.ndarray, window: int = 15, tolerance: float = 0.0) -> np.ndarray:
-    """Pixels of a 2-D section (or of each section of a 3-D stack) in a flat square.
+    """Pixels of a 2-D section (or of each section of a 3-D stack) in a flat square, or
+    not finite (NaN or inf: how float stacks often mark pixels without data).
 
     Parameters
     ----------
@@ -67,13 +68,16 @@ def missing_mask(section: np.ndarray, window: int = 15, tolerance: float = 0.0) 
     """
     section = np.asarray(section)
     size = (window, window) if section.ndim == 2 else (1, window, window)
+    lost = ~np.isfinite(section) if section.dtype.kind == "f" else np.zeros(section.shape, bool)
+    if lost.any():  # NaN would poison the filters; the filled pixels are masked anyway
+        section = np.where(lost, 0, section)
     lo = ndi.minimum_filter(section, size, mode="nearest")
     hi = ndi.maximum_filter(section, size, mode="nearest")
     # hi >= lo, so the range is exact in the data's own dtype for unsigned integers and
     # floats (no float64 copy of the block); signed integers could overflow it
     flat = (hi - lo if section.dtype.kind in "uf" else hi.astype(np.int64) - lo) <= tolerance
     # Grow the flat centres by the window: every pixel of a flat square is missing.
-    return ndi.maximum_filter(flat, size, mode="constant", cval=False)
+    return ndi.maximum_filter(flat, size, mode="constant", cval=False) | lost
 
 
 #: Halo of the sharpness filter (Laplacian of Gaussian, sigma 1 pixel).

@@ -27,11 +27,15 @@ __all__ = ["normalize_raw", "predict_affinities", "predict_synapses"]
 
 
 def normalize_raw(raw: np.ndarray) -> np.ndarray:
-    """EM intensities as float32 in [0, 1] (integers scaled by their dtype's maximum)."""
+    """EM intensities as float32 in [0, 1] (integers scaled by their dtype's maximum);
+    pixels without data in a float stack (NaN or inf) become 0, black, like the missing
+    sections of training (a NaN would spread over the net's whole field of view)."""
     raw = np.asarray(raw)
     if np.issubdtype(raw.dtype, np.integer):
         return raw.astype(np.float32) / np.float32(np.iinfo(raw.dtype).max)
-    return raw.astype(np.float32)
+    x = raw.astype(np.float32)
+    x[~np.isfinite(x)] = 0
+    return x
 
 
 def _run_net(model: AffinityUNet, x: np.ndarray, device: str, patch, batch_size: int

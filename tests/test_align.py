@@ -212,7 +212,10 @@ def test_missing_section_is_skipped_and_interpolated(shared_file):
     np.testing.assert_allclose(fields[4], (fields[3] + fields[5]) / 2, atol=1e-4)
     err = displacement_error(result.fields, truth)[[0, 1, 2, 3, 5, 6, 7], 4:-4, 4:-4]
     assert np.median(err) < 1.0
-
+    # a float stack that marks the lost section NaN is aligned the same
+    nan = distorted.astype(np.float32)
+    nan[4] = np.nan
+    np.testing.assert_allclose(align(nan).fields, result.fields, atol=1e-4)
 
 
 def test_partly_missing_section_is_judged_by_its_data(shared_file):

@@ -22,6 +22,15 @@ def test_missing_mask_by_hand():
     assert mask[10:30, 5:45].all()
     assert mask.sum() == 20 * 40
     assert not missing_mask(img[30:], window=7).any()
+    # float stacks often mark pixels without data NaN (or inf): missing, however few
+    flt = img[30:].astype(np.float32)
+    flt[5:8, 5:9], flt[20, 20] = np.nan, np.inf
+    mask = missing_mask(flt, window=7)
+    assert mask[5:8, 5:9].all() and mask[20, 20] and mask.sum() == 13
+    stack = np.stack([flt, np.full_like(flt, np.nan), flt])
+    table = detect_defects(stack).table
+    assert table["missing"].tolist() == [False, True, False]
+    assert table["partial"].tolist() == [True, False, True]
 
 
 @pytest.mark.parametrize("name,dataset", [("isbi", "raw"), ("cremi", "raw"), ("vnc", "raw")])

@@ -67,6 +67,11 @@ def test_uint8_output_and_missing_section():
     out = predict_affinities(as_volume(raw, (40, 4, 4)), m, dtype="uint8")
     assert out.dtype == np.uint8 and out.dims == ("c", "z", "y", "x")
     assert np.isfinite(out.values.astype(float)).all()
+    # a float stack that marks the section NaN is predicted as if it were black
+    flt = raw / np.float32(255)
+    flt[3] = np.nan
+    np.testing.assert_array_equal(
+        predict_affinities(as_volume(flt, (40, 4, 4)), m, dtype="uint8").values, out.values)
 
 
 def test_prediction_leaves_the_callers_model_as_it_was():
