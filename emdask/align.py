@@ -5,7 +5,9 @@ regular grid (node ``(i, j)`` at pixel ``(i * spacing, j * spacing)``) and inter
 bilinearly between them; the aligned section is ``aligned(p) = section(p + u(p))``.
 
 The method is that of the corresponding-points aligners (AlignTK, TrakEM2, EM aligner),
-coarse to fine over a few :class:`Level` s:
+coarse to fine over a few :class:`Level` s, after a rough translation of sections that lie
+well beyond the first level's search (whole sections shrunk to about 256 pixels and
+matched consecutively; offsets up to a quarter of a section):
 
 1. Render every section with its current field, at the level's downsampling, in tiles of
    the node grid (at most 2048 pixels a side, with the margin that the tile's blocks and
@@ -466,6 +468,40 @@ def _match_pair(moving, fixed, tile: _Tile, level: Level):
     return (-f * offsets).reshape(ty, tx, 2), scores.reshape(ty, tx)
 
 
+# ------------------------------------------------------------------------ rough offsets
+#: Side, in pixels, to which whole sections are shrunk to find their rough offsets.
+_ROUGH_SIDE = 256
+#: Scale in z (sections) of the slow trend left out of the rough offsets' anchor.
+_DRIFT_SECTIONS = 5.0
+
+
+def _rough_offsets(vol: xr.DataArray, mask: da.Array, valid: list[int], min_score: float,
+                   reach: float) -> np.ndarray:
+    """Translation (len(valid), 2) of each valid section, in full-resolution pixels,
+    chained from whole consecutive sections shrunk to about ``_ROUGH_SIDE`` pixels a
+    side: the middle half of one is located in the other (masked NCC), so offsets up to a
+    quarter of the section are found, far beyond the first level's search.  Only steps
+    beyond ``reach`` (on either axis) are kept; a pair that does not match adds none."""
+    ny, nx = vol.shape[1:]
+    f = max(1, -(-max(ny, nx) // _ROUGH_SIDE))
+    data = da.where(mask, np.nan, vol.data.astype(np.float32))[valid]
+    with warnings.catch_warnings():  # blocks without data: NaN, as they should be
+        warnings.simplefilter("ignore", RuntimeWarning)
+        small = da.coarsen(np.nanmean, data, {1: f, 2: f}, trim_excess=True).compute()
+    h, w = small.shape[1:]
+    side = min(h, w)
+    b, s = side // 2, side // 4
+    y0, x0 = (h - (b + 2 * s)) // 2, (w - (b + 2 * s)) // 2
+    window = small[:, y0:y0 + b + 2 * s, x0:x0 + b + 2 * s]
+    template = window[:, s:s + b, s:s + b]
+    offsets, scores = block_match(np.nan_to_num(template[1:]), np.nan_to_num(window[:-1]),
+                                  np.isnan(window[:-1]), np.isnan(template[1:]))
+    step = np.where(((scores >= min_score) & np.isfinite(offsets).all(axis=1))[:, None],
+                    -f * offsets, 0.0)
+    step[np.abs(step).max(axis=1) <= reach] = 0
+    return np.concatenate([np.zeros((1, 2)), np.cumsum(step, axis=0)])
+
+
 # ------------------------------------------------------------------------ global solve
 def _smoothness(gy: int, gx: int) -> sp.csr_matrix:
     """Second differences of a (gy, gx) grid (along y, along x, and mixed): zero exactly
@@ -688,6 +724,18 @@ def align(
             warnings.simplefilter("ignore", RuntimeWarning)
             fill = da.nanmean(da.where(mask, np.nan, vol.data.astype(np.float32)),
                               axis=(1, 2)).compute().astype(np.float64)
+    # Rough offsets first, where consecutive sections lie well beyond the first level's
+    # search (1.5 times it: sections placed anywhere on their grids): they start close.  The
+    # prior then pulls each section's field towards its own offset instead of 0, less the
+    # offsets' slow trend in z (the drift along the chain that the prior is there to
+    # remove).  Smaller offsets are left to the levels, which measure them better.
+    anchor = np.zeros((len(valid), 2, 1, 1))
+    if len(valid) > 1:
+        reach = 1.5 * levels[0].search * levels[0].factor if levels else np.inf
+        rough = _rough_offsets(vol, mask, valid, min_score, reach)
+        fields[valid] += rough[:, :, None, None]
+        anchor[:, :, 0, 0] = rough - ndi.gaussian_filter1d(rough, _DRIFT_SECTIONS, axis=0,
+                                                           mode="nearest")
     coverage = np.full(nz, np.nan)  # best accepted fraction with any partner, any level
     shifts, weights, matchable, delta = [], [], [], np.zeros((len(valid), 2, *grid))
     for level in levels if pairs else ():  # a single usable section stays as it is
@@ -731,8 +779,8 @@ def align(
         weak = _weak(level_coverage, min_matches)
         weights = [np.zeros_like(w) if weak[zm] or weak[zf] else w
                    for (zm, zf), w in zip(pairs, weights, strict=True)]
-        delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid], grid,
-                                       stiffness, prior, max_residual * level.factor)
+        delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid] - anchor,
+                                       grid, stiffness, prior, max_residual * level.factor)
         # A section without a single accepted match at this level is held by the prior
         # alone, which would pull its whole field back to 0: it keeps its field instead.
         matched = {z for (zm, zf), w in zip(pairs, weights, strict=True) if (w > 0).any()

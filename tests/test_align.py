@@ -169,6 +169,21 @@ def test_aligns_distorted_real_sections(shared_file):
     assert np.mean(ncc) > np.mean(ncc_before) + 0.2
 
 
+def test_sections_far_apart_are_brought_close_first(shared_file):
+    # Section 4 lies 55 px down and 35 px left of its neighbours: far beyond the first
+    # level's search (32 px), so whole sections are matched first.  (Before, it was
+    # flagged unreliable and given its neighbours' fields.)
+    stack = _medulla(shared_file, n=8, size=250)
+    moved = stack.copy()
+    moved[4] = ndi.shift(stack[4], (55, -35), order=1)
+    truth = np.zeros((8, 2, 250, 250), np.float32)
+    truth[4, 0], truth[4, 1] = -55, 35
+    result = align(moved)
+    assert not result.table["unreliable"].any()
+    err = displacement_error(result.fields, truth)[:, 4:-4, 4:-4]
+    assert np.median(err) < 0.5 and np.median(err[4]) < 1.0, np.median(err, axis=(1, 2))
+
+
 def test_matching_in_tiles_gives_the_same_fields(shared_file, monkeypatch):
     # Block matching is cut into tiles of the node grid, so that a task renders and holds
     # a window of each section, not the whole section; the tiling must not change the
