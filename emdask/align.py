@@ -672,7 +672,9 @@ def align(
         bar is for stacks whose sections all match poorly (small 40-50 nm sections accept
         about a third even where intact): an intact section among them is not an outlier.
     prior
-        Weight (relative to a match of score 1) pulling every section's field towards 0.
+        Weight (relative to a match of score 1) pulling every section's field towards 0
+        (towards its rough offset, less the offsets' slow trend, where sections lie far
+        apart: see the module's docstring).
         Block matching cannot tell misalignment from neurites that run obliquely through
         many sections (medulla columns do): each section follows such anatomy a little,
         and along a chain of sections the errors add up into a drift.  Sections are cut
