@@ -475,19 +475,19 @@ _ROUGH_SIDE = 256
 _DRIFT_SECTIONS = 5.0
 
 
-def _rough_offsets(vol: xr.DataArray, mask: da.Array, valid: list[int], min_score: float,
-                   reach: float) -> np.ndarray:
+def _rough_offsets(data: da.Array, valid: list[int], min_score: float, reach: float
+                   ) -> np.ndarray:
     """Translation (len(valid), 2) of each valid section, in full-resolution pixels,
     chained from whole consecutive sections shrunk to about ``_ROUGH_SIDE`` pixels a
     side: the middle half of one is located in the other (masked NCC), so offsets up to a
     quarter of the section are found, far beyond the first level's search.  Only steps
-    beyond ``reach`` (on either axis) are kept; a pair that does not match adds none."""
-    ny, nx = vol.shape[1:]
+    beyond ``reach`` (on either axis) are kept; a pair that does not match adds none.
+    ``data``: the stack, NaN where it has no data."""
+    ny, nx = data.shape[1:]
     f = max(1, -(-max(ny, nx) // _ROUGH_SIDE))
-    data = da.where(mask, np.nan, vol.data.astype(np.float32))[valid]
     with warnings.catch_warnings():  # blocks without data: NaN, as they should be
         warnings.simplefilter("ignore", RuntimeWarning)
-        small = da.coarsen(np.nanmean, data, {1: f, 2: f}, trim_excess=True).compute()
+        small = da.coarsen(np.nanmean, data[valid], {1: f, 2: f}, trim_excess=True).compute()
     h, w = small.shape[1:]
     side = min(h, w)
     b, s = side // 2, side // 4
@@ -719,13 +719,13 @@ def align(
     # The mask is computed from the raw once (it costs more than reading the raw) and kept
     # in (cluster) memory, 1 byte per voxel, for the levels.
     mask = defects.mask.data.persist()
+    nodata = da.where(mask, np.nan, vol.data.astype(np.float32))  # lazy
     if "mean" in defects.table:
         fill = defects.table["mean"].to_numpy(np.float64)
     else:  # a table from elsewhere: the mean of each section's data, from the raw
         with warnings.catch_warnings():  # a missing section's mean is NaN: fine
             warnings.simplefilter("ignore", RuntimeWarning)
-            fill = da.nanmean(da.where(mask, np.nan, vol.data.astype(np.float32)),
-                              axis=(1, 2)).compute().astype(np.float64)
+            fill = da.nanmean(nodata, axis=(1, 2)).compute().astype(np.float64)
     # Rough offsets first, where consecutive sections lie well beyond the first level's
     # search (1.5 times it: sections placed anywhere on their grids): they start close.  The
     # prior then pulls each section's field towards its own offset instead of 0, less the
@@ -734,7 +734,7 @@ def align(
     anchor = np.zeros((len(valid), 2, 1, 1))
     if len(valid) > 1:
         reach = 1.5 * levels[0].search * levels[0].factor if levels else np.inf
-        rough = _rough_offsets(vol, mask, valid, min_score, reach)
+        rough = _rough_offsets(nodata, valid, min_score, reach)
         fields[valid] += rough[:, :, None, None]
         anchor[:, :, 0, 0] = rough - ndi.gaussian_filter1d(rough, _DRIFT_SECTIONS, axis=0,
                                                            mode="nearest")
