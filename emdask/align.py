@@ -258,10 +258,12 @@ def block_match(templates: np.ndarray, windows: np.ndarray, invalid: np.ndarray 
              for x, m in ((windows, invalid), (templates, template_invalid))]
     partial = masks[0].any(axis=(1, 2)) | masks[1].any(axis=(1, 2))
     ncc = np.empty((n, 2 * s + 1, 2 * s + 1))
-    for sel, kernel in ((~partial, _ncc), (partial, _masked_ncc)):
-        if sel.any():
-            ncc[sel] = kernel(templates[sel].astype(np.float64), windows[sel].astype(np.float64),
-                              ~masks[1][sel], ~masks[0][sel], min_overlap)
+    t, win = templates.astype(np.float64), windows.astype(np.float64)
+    if (~partial).any():
+        ncc[~partial] = _ncc(t[~partial], win[~partial])
+    if partial.any():
+        ncc[partial] = _masked_ncc(t[partial], win[partial], ~masks[1][partial],
+                                   ~masks[0][partial], min_overlap)
     # A template that is constant where it has data matches nothing (score 0).
     tvalid = ~masks[1]
     flat = (np.where(tvalid, templates, -np.inf).max(axis=(1, 2))
@@ -277,10 +279,6 @@ def block_match(templates: np.ndarray, windows: np.ndarray, invalid: np.ndarray 
     return offsets, scores
 
 
-def _spectrum(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return np.fft.rfft2(x, s=shape)
-
-
 def _correlate(f: np.ndarray, g: np.ndarray, shape: tuple[int, int], s: int) -> np.ndarray:
     """Sums of template x window at every shift 0..2s, from the spectra ``f`` of the
     windows and ``g`` of the templates (no wrap-around: every shifted template lies inside
@@ -288,7 +286,7 @@ def _correlate(f: np.ndarray, g: np.ndarray, shape: tuple[int, int], s: int) -> 
     return np.fft.irfft2(f * np.conj(g), s=shape)[:, : 2 * s + 1, : 2 * s + 1]
 
 
-def _ncc(t, win, _tvalid, _wvalid, _min_overlap):
+def _ncc(t, win):
     """NCC at every shift of templates and windows with data everywhere (NaN where the
     window is flat)."""
     b, s, shape = t.shape[1], (win.shape[1] - t.shape[1]) // 2, win.shape[1:]
@@ -296,7 +294,7 @@ def _ncc(t, win, _tvalid, _wvalid, _min_overlap):
     tnorm = np.sqrt((t ** 2).sum(axis=(1, 2)))
     s1, s2 = _box_sums(win, b), _box_sums(win ** 2, b)
     var = np.maximum(s2 - s1 ** 2 / (b * b), 0)
-    cross = _correlate(_spectrum(win, shape), _spectrum(t, shape), shape, s)
+    cross = _correlate(np.fft.rfft2(win, s=shape), np.fft.rfft2(t, s=shape), shape, s)
     with np.errstate(invalid="ignore", divide="ignore"):
         return cross / (tnorm[:, None, None] * np.sqrt(var))
 
@@ -309,7 +307,7 @@ def _masked_ncc(t, win, tvalid, wvalid, min_overlap):
     # centred on the means of their data, against cancellation in the sums of squares
     t = np.where(tvalid, t - _mean(t, tvalid), 0)
     win = np.where(wvalid, win - _mean(win, wvalid), 0)
-    fwm, ftm, fw, ft, fww, ftt = (_spectrum(x, shape) for x in (
+    fwm, ftm, fw, ft, fww, ftt = (np.fft.rfft2(x, s=shape) for x in (
         wvalid.astype(np.float64), tvalid.astype(np.float64), win, t, win * win, t * t))
 
     def corr(f: np.ndarray, g: np.ndarray) -> np.ndarray:

@@ -68,7 +68,7 @@ def missing_mask(section: np.ndarray, window: int = 15, tolerance: float = 0.0) 
     """
     section = np.asarray(section)
     size = (window, window) if section.ndim == 2 else (1, window, window)
-    lost = ~np.isfinite(section) if section.dtype.kind == "f" else np.zeros(section.shape, bool)
+    lost = ~np.isfinite(section) if section.dtype.kind == "f" else np.False_
     if lost.any():  # NaN would poison the filters; the filled pixels are masked anyway
         section = np.where(lost, 0, section)
     lo = ndi.minimum_filter(section, size, mode="nearest")

@@ -67,7 +67,7 @@ def test_block_match_on_blocks_partly_without_data(shared_file):
     # with nothing lost the masked correlation is the plain one
     nothing_t, nothing_w = np.zeros(templates.shape, bool), np.zeros(windows.shape, bool)
     np.testing.assert_allclose(_masked_ncc(templates, windows, ~nothing_t, ~nothing_w, 0.5)[0],
-                               _ncc(templates, windows, None, None, 0.5)[0], atol=1e-9)
+                               _ncc(templates, windows)[0], atol=1e-9)
     # less than half the block with data on both sides: no match
     lost_t[:, :, :30] = True
     _, scores = block_match(t, w, lost_w, lost_t)
