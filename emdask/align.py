@@ -32,13 +32,13 @@ matched consecutively; offsets up to a quarter of a section):
    warped independently, so no section should need a large field) removes the slow drift
    that chained matching accumulates where neurites run obliquely through the sections.
 4. The correction is composed with the field.  The first level keeps only an affine field
-   per section (rigid/affine first), the later ones the full regularized field.  A section
-   without a single accepted match at a level, or a run of sections that no accepted
-   match ties to the rest (at a fine level, across a lost section), moves only with the
-   stack as a whole (the prior alone would pull it back to 0 on its own), and so does a
-   section that the level matches too little of (by the bar of ``unreliable`` below,
-   among the level's coverages): a handful of matches, the likeliest to be noise, would
-   otherwise decide its whole affine.
+   per section (rigid/affine first), the later ones the full regularized field.  A section,
+   or a run of sections, that a level's matches do not tie to the rest of the stack (no
+   pair with three accepted matches, the fewest that fix an affine; at a fine level,
+   across a lost section) moves only with the stack as a whole: the prior alone would
+   pull it back to 0 on its own.  So does a section that the level matches too little of
+   (by the bar of ``unreliable`` below, among the level's coverages): a handful of
+   matches, the likeliest to be noise, would otherwise decide its whole affine.
 
 Defects: missing sections (:func:`emdask.detect_defects`) are never matched; they get the
 field interpolated linearly in z from their valid neighbours.  So does a section flagged
@@ -590,24 +590,30 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
     return out.reshape(ns, 2, *grid)
 
 
+#: Accepted matches that tie a pair's sections together in :func:`_hold_parts` (three
+#: nodes fix an affine).
+_MIN_TIE = 3
+
+
 def _hold_parts(delta: np.ndarray, pairs: list, weights: list, valid: list[int]
                 ) -> np.ndarray:
     """``delta`` with what no match decides taken from the whole stack.
 
-    The accepted matches (``weights`` > 0) join the sections into parts.  Inside a part
+    Pairs with at least ``_MIN_TIE`` accepted matches (``weights`` > 0) join their
+    sections into parts: fewer do not fix even an affine between the two.  Inside a part
     they fix the sections' corrections relative to each other, but not the correction
     common to all of the part's sections (node by node): matches see only differences.
     Where the matches tie the whole stack together, the prior decides that common
     correction, as it should; but a part that no match ties to the rest (a section whose
     matches all failed, or the sections on one side of a lost section at a fine level,
-    which matches little across the gap) the prior would pull back to 0 on its own,
+    which matches next to nothing across the gap) the prior would pull back to 0 on its own,
     against the rest of the stack (on the medulla cut into 40 nm sections, the two halves
     of the stack came apart by 16 px at a lost section).  Every part's common correction
     is therefore replaced by that of the whole stack.
     """
     pos = {z: i for i, z in enumerate(valid)}
     edges = np.array([(pos[zm], pos[zf]) for (zm, zf), w in zip(pairs, weights, strict=True)
-                      if (w > 0).any()], int).reshape(-1, 2)
+                      if (w > 0).sum() >= _MIN_TIE], int).reshape(-1, 2)
     graph = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])),
                           shape=(len(valid), len(valid)))
     n, part = csgraph.connected_components(graph, directed=False)
@@ -814,9 +820,9 @@ def align(
                    for (zm, zf), w in zip(pairs, weights, strict=True)]
         delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid] - anchor,
                                        grid, stiffness, prior, max_residual * level.factor)
-        # A section, or a run of sections, that no accepted match of this level ties to
-        # the rest is held by the prior alone, which would pull it back to 0 on its own:
-        # it moves with the stack instead (see _hold_parts).
+        # A section, or a run of sections, that this level's matches do not tie to the
+        # rest (no pair with three accepted matches) is held by the prior alone, which
+        # would pull it back to 0 on its own: it moves with the stack instead.
         delta = _hold_parts(delta, pairs, weights, valid)
         if level.affine:
             delta = _affine(delta, spacing)

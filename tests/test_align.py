@@ -230,8 +230,12 @@ def test_parts_that_no_match_ties_move_with_the_stack():
     np.testing.assert_allclose(out[3] - out[2], delta[3] - delta[2])
     for part in ([0, 1], [2, 3], [4]):
         np.testing.assert_allclose(out[part].mean(axis=0), common)
-    # one part: unchanged
+    # one part: unchanged; two accepted matches do not tie a pair (they fix no affine)
     np.testing.assert_array_equal(_hold_parts(delta, pairs, [w] * 4, [0, 1, 2, 3, 4]), delta)
+    two = none.copy()
+    two[0, :2] = 1
+    np.testing.assert_allclose(_hold_parts(delta, pairs, [w, w, w, two], [0, 1, 2, 3, 4])[4],
+                               common)
 
 
 def test_lost_section_does_not_tear_the_stack_apart(shared_file):
