@@ -218,24 +218,25 @@ def test_inputs_numpy_backed_dataarray_and_a_defects_table_without_means(shared_
 
 
 def test_parts_that_no_match_ties_move_with_the_stack():
-    # Sections 0-1 and 2-3 are tied by matches, 4 by none: inside a part the corrections
+    # Rows 0-1 and 2-3 are tied by matches, 4 by none: inside a part the corrections
     # keep their differences, and each part's common correction becomes the stack's.
+    # (Sections 2 and 5 are missing: pairs name sections, delta's rows are valid ones.)
     rng = np.random.default_rng(0)
     delta = rng.normal(size=(5, 2, 3, 3))
     w, none = np.ones((3, 3)), np.zeros((3, 3))
-    pairs = [(1, 0), (2, 1), (3, 2), (4, 3)]
-    out = _hold_parts(delta, pairs, [w, none, w, none], [0, 1, 2, 3, 4])
+    valid = [0, 1, 3, 4, 6]
+    pairs = [(1, 0), (3, 1), (4, 3), (6, 4)]
+    out = _hold_parts(delta, pairs, [w, none, w, none], valid)
     common = delta.mean(axis=0)
     np.testing.assert_allclose(out[1] - out[0], delta[1] - delta[0])
     np.testing.assert_allclose(out[3] - out[2], delta[3] - delta[2])
     for part in ([0, 1], [2, 3], [4]):
         np.testing.assert_allclose(out[part].mean(axis=0), common)
     # one part: unchanged; two accepted matches do not tie a pair (they fix no affine)
-    np.testing.assert_array_equal(_hold_parts(delta, pairs, [w] * 4, [0, 1, 2, 3, 4]), delta)
+    np.testing.assert_array_equal(_hold_parts(delta, pairs, [w] * 4, valid), delta)
     two = none.copy()
     two[0, :2] = 1
-    np.testing.assert_allclose(_hold_parts(delta, pairs, [w, w, w, two], [0, 1, 2, 3, 4])[4],
-                               common)
+    np.testing.assert_allclose(_hold_parts(delta, pairs, [w, w, w, two], valid)[4], common)
 
 
 def test_lost_section_does_not_tear_the_stack_apart(shared_file):
