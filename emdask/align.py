@@ -756,7 +756,10 @@ def align(
     # The mask is computed from the raw once (it costs more than reading the raw) and kept
     # in (cluster) memory, 1 byte per voxel, for the levels.
     mask = defects.mask.data.persist()
-    nodata = da.where(mask, np.nan, vol.data.astype(np.float32))  # lazy
+    # lazy, and cast block by block: a stack given as one numpy array is a single chunk,
+    # and casting it whole would hold a float copy of the stack (10 MB a section at
+    # 2048 x 1280 pixels)
+    nodata = da.where(mask, np.nan, vol.data.rechunk(mask.chunks).astype(np.float32))
     if "mean" in defects.table:
         fill = defects.table["mean"].to_numpy(np.float64)
     else:  # a table from elsewhere: the mean of each section's data, from the raw
