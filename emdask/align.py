@@ -7,7 +7,9 @@ bilinearly between them; the aligned section is ``aligned(p) = section(p + u(p))
 The method is that of the corresponding-points aligners (AlignTK, TrakEM2, EM aligner),
 coarse to fine over a few :class:`Level` s, after a rough translation of sections that lie
 well beyond the first level's search (whole sections shrunk to about 256 pixels and
-matched consecutively; offsets up to a quarter of a section):
+matched consecutively; offsets up to a quarter of a section), or just beyond it where the
+first level cannot tie consecutive sections together (it then starts again from their
+rough step, and keeps it if the stack holds together better):
 
 1. Render every section with its current field, at the level's downsampling, in tiles of
    the node grid (at most 2048 pixels a side, with the margin that the tile's blocks and
@@ -476,14 +478,12 @@ _ROUGH_SIDE = 256
 _DRIFT_SECTIONS = 5.0
 
 
-def _rough_offsets(data: da.Array, valid: list[int], min_score: float, reach: float
-                   ) -> np.ndarray:
-    """Translation (len(valid), 2) of each valid section, in full-resolution pixels,
-    chained from whole consecutive sections shrunk to about ``_ROUGH_SIDE`` pixels a
-    side: the middle half of one is located in the other (masked NCC), so offsets up to a
-    quarter of the section are found, far beyond the first level's search.  Only steps
-    beyond ``reach`` (on either axis) are kept; a pair that does not match adds none.
-    ``data``: the stack, NaN where it has no data."""
+def _rough_steps(data: da.Array, valid: list[int], min_score: float) -> np.ndarray:
+    """Translation (len(valid) - 1, 2), in full-resolution pixels, from each valid section
+    to the next, found on whole sections shrunk to about ``_ROUGH_SIDE`` pixels a side:
+    the middle half of one is located in the other (masked NCC), so offsets up to a
+    quarter of the section are found, far beyond the first level's search.  0 where a
+    pair does not match.  ``data``: the stack, NaN where it has no data."""
     ny, nx = data.shape[1:]
     f = max(1, -(-max(ny, nx) // _ROUGH_SIDE))
     with warnings.catch_warnings():  # blocks without data: NaN, as they should be
@@ -497,10 +497,17 @@ def _rough_offsets(data: da.Array, valid: list[int], min_score: float, reach: fl
     template = window[:, s:s + b, s:s + b]
     offsets, scores = block_match(np.nan_to_num(template[1:]), np.nan_to_num(window[:-1]),
                                   np.isnan(window[:-1]), np.isnan(template[1:]))
-    step = np.where(((scores >= min_score) & np.isfinite(offsets).all(axis=1))[:, None],
+    return np.where(((scores >= min_score) & np.isfinite(offsets).all(axis=1))[:, None],
                     -f * offsets, 0.0)
-    step[np.abs(step).max(axis=1) <= reach] = 0
-    return np.concatenate([np.zeros((1, 2)), np.cumsum(step, axis=0)])
+
+
+def _rough_start(steps: np.ndarray, used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sections' translations (n, 2) chained from the ``used`` rough ``steps``, and
+    the anchor of the prior: those translations less their slow trend in z (the drift
+    along the chain, which the prior is there to remove)."""
+    rough = np.concatenate([np.zeros((1, 2)), np.cumsum(steps * used[:, None], axis=0)])
+    return rough, rough - ndi.gaussian_filter1d(rough, _DRIFT_SECTIONS, axis=0,
+                                                mode="nearest")
 
 
 # ------------------------------------------------------------------------ global solve
@@ -595,12 +602,23 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
 _MIN_TIE = 3
 
 
-def _hold_parts(delta: np.ndarray, pairs: list, weights: list, valid: list[int]
-                ) -> np.ndarray:
+def _parts(pairs: list, weights: list, valid: list[int], tie: float = _MIN_TIE
+           ) -> np.ndarray:
+    """Label (len(valid),) of the part of each valid section: pairs with at least ``tie``
+    accepted matches (``weights`` > 0) join their sections into parts (by default three,
+    as fewer do not fix even an affine between the two)."""
+    pos = {z: i for i, z in enumerate(valid)}
+    edges = np.array([(pos[zm], pos[zf]) for (zm, zf), w in zip(pairs, weights, strict=True)
+                      if (w > 0).sum() >= tie], int).reshape(-1, 2)
+    graph = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])),
+                          shape=(len(valid), len(valid)))
+    return csgraph.connected_components(graph, directed=False)[1]
+
+
+def _hold_parts(delta: np.ndarray, part: np.ndarray) -> np.ndarray:
     """``delta`` with what no match decides taken from the whole stack.
 
-    Pairs with at least ``_MIN_TIE`` accepted matches (``weights`` > 0) join their
-    sections into parts: fewer do not fix even an affine between the two.  Inside a part
+    Sections fall into parts (:func:`_parts`, ``part`` labels them).  Inside a part
     they fix the sections' corrections relative to each other, but not the correction
     common to all of the part's sections (node by node): matches see only differences.
     Where the matches tie the whole stack together, the prior decides that common
@@ -611,17 +629,11 @@ def _hold_parts(delta: np.ndarray, pairs: list, weights: list, valid: list[int]
     of the stack came apart by 16 px at a lost section).  Every part's common correction
     is therefore replaced by that of the whole stack.
     """
-    pos = {z: i for i, z in enumerate(valid)}
-    edges = np.array([(pos[zm], pos[zf]) for (zm, zf), w in zip(pairs, weights, strict=True)
-                      if (w > 0).sum() >= _MIN_TIE], int).reshape(-1, 2)
-    graph = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])),
-                          shape=(len(valid), len(valid)))
-    n, part = csgraph.connected_components(graph, directed=False)
-    if n == 1:
+    if part.max(initial=0) == 0:
         return delta
     common = delta.mean(axis=0)
     out = delta.copy()
-    for p in range(n):
+    for p in np.unique(part):
         out[part == p] += common - delta[part == p].mean(axis=0)
     return out
 
@@ -766,21 +778,23 @@ def align(
         with warnings.catch_warnings():  # a missing section's mean is NaN: fine
             warnings.simplefilter("ignore", RuntimeWarning)
             fill = da.nanmean(nodata, axis=(1, 2)).compute().astype(np.float64)
-    # Rough offsets first, where consecutive sections lie well beyond the first level's
-    # search (1.5 times it: sections placed anywhere on their grids): they start close.  The
-    # prior then pulls each section's field towards its own offset instead of 0, less the
-    # offsets' slow trend in z (the drift along the chain that the prior is there to
-    # remove).  Smaller offsets are left to the levels, which measure them better.
-    anchor = np.zeros((len(valid), 2, 1, 1))
-    if len(valid) > 1:
-        reach = 1.5 * levels[0].search * levels[0].factor if levels else np.inf
-        rough = _rough_offsets(nodata, valid, min_score, reach)
-        fields[valid] += rough[:, :, None, None]
-        anchor[:, :, 0, 0] = rough - ndi.gaussian_filter1d(rough, _DRIFT_SECTIONS, axis=0,
-                                                           mode="nearest")
+    # Rough steps between consecutive sections, used where sections lie well beyond the
+    # first level's search (1.5 times it: sections placed anywhere on their grids), so
+    # that they start close; smaller offsets are left to the levels, which measure them
+    # better, unless the first level finds nothing to tie two sections together (below).
+    # The prior then pulls each section's field towards its own offset instead of 0, less
+    # the offsets' slow trend in z.
+    reach = levels[0].search * levels[0].factor if levels else np.inf
+    steps = _rough_steps(nodata, valid, min_score) if pairs else np.zeros((0, 2))
+    used = np.abs(steps).max(axis=1) > 1.5 * reach
+    rough, anchor = _rough_start(steps, used)
+    fields[valid] += rough[:, :, None, None]
+    anchor = anchor[:, :, None, None]
     coverage = np.full(nz, np.nan)  # best accepted fraction with any partner, any level
     shifts, weights, matchable, delta = [], [], [], np.zeros((len(valid), 2, *grid))
-    for level in levels if pairs else ():  # a single usable section stays as it is
+    li, attempt, tried, first_parts = 0, 0, np.zeros_like(used), 0
+    while li < len(levels) and pairs:  # a single usable section stays as it is
+        level = levels[li]
         # Matching is cut into tiles of the node grid, so that a task holds a window of a
         # section, never a whole one; each section's window is rendered once per level and
         # tile, from the piece of the section it reads, and shared by the pairs it is in.
@@ -823,14 +837,41 @@ def align(
                    for (zm, zf), w in zip(pairs, weights, strict=True)]
         delta, weights = _robust_solve(pairs, shifts, weights, valid, fields[valid] - anchor,
                                        grid, stiffness, prior, max_residual * level.factor)
+        part = _parts(pairs, weights, valid)
+        if li == 0:
+            # Consecutive sections that lie beyond the first level's search, but not
+            # beyond the rough steps' bar, match next to nothing across them (a few
+            # stray matches at most: half the typical pair's count is the bar here).  The
+            # first level starts again with those pairs' rough steps, where the step is
+            # large enough to explain it, and keeps them only if the stack then holds
+            # together better.  (The rough steps' bar stays high otherwise: on small
+            # 40-50 nm sections a rough step can be wrong by 25 px.)
+            strong = _parts(pairs, weights, valid, max(_MIN_TIE, 0.5 * np.median(
+                [(w > 0).sum() for w in weights])))
+            n_parts = strong.max() + 1
+            if attempt == 0:
+                cut = (strong[1:] != strong[:-1]) & (np.abs(steps).max(axis=1) > reach / 2)
+                retry = tried = cut & ~used
+                first_parts = n_parts
+            else:  # no better after the retry: back to the first start
+                retry = tried if attempt == 1 and n_parts >= first_parts else tried & False
+            if retry.any():
+                used = used ^ retry
+                fields[valid] -= rough[:, :, None, None]
+                rough, anchor = _rough_start(steps, used)
+                fields[valid] += rough[:, :, None, None]
+                anchor = anchor[:, :, None, None]
+                attempt += 1
+                continue
         # A section, or a run of sections, that this level's matches do not tie to the
         # rest (no pair with three accepted matches) is held by the prior alone, which
         # would pull it back to 0 on its own: it moves with the stack instead.
-        delta = _hold_parts(delta, pairs, weights, valid)
+        delta = _hold_parts(delta, part)
         if level.affine:
             delta = _affine(delta, spacing)
         for i, z in enumerate(valid):
             fields[z] = _compose(fields[z], delta[i], spacing)
+        li += 1
     table = _table(nz, pairs, weights, shifts, delta, valid, missing, matchable)
     # Fine levels of 40-50 nm ssTEM accept few matches (sections differ in detail), so a
     # section is unreliable only if no level matched enough of it; and small sections of
