@@ -46,8 +46,10 @@ Defects: missing sections (:func:`emdask.detect_defects`) are never matched; the
 field interpolated linearly in z from their valid neighbours.  So does a section flagged
 ``unreliable`` (in the table, with a warning): one whose coverage, the largest fraction of
 accepted matches with any section it is matched with (its ``neighbours`` on either side) at
-its best level, is below ``min_matches`` and below half the stack's median coverage.
-Pixels in the defect mask never count in a match, and nodes whose data a defect has lost
+its best level, is below ``min_matches`` and below half the stack's median coverage; or one
+that the first level, even from the rough steps, leaves apart from the largest part of the
+stack (tied to it by fewer than half the typical pair's accepted matches): the later
+levels search a few pixels only.  Pixels in the defect mask never count in a match, and nodes whose data a defect has lost
 do not count in the coverage.
 """
 
@@ -602,14 +604,16 @@ def _solve(pairs: list, shifts: list, weights: list, sections: list[int],
 _MIN_TIE = 3
 
 
-def _parts(pairs: list, weights: list, valid: list[int], tie: float = _MIN_TIE
+def _parts(pairs: list, weights: list, valid: list[int], least: np.ndarray | None = None
            ) -> np.ndarray:
-    """Label (len(valid),) of the part of each valid section: pairs with at least ``tie``
-    accepted matches (``weights`` > 0) join their sections into parts (by default three,
-    as fewer do not fix even an affine between the two)."""
+    """Label (len(valid),) of the part of each valid section: pairs with at least
+    ``least`` accepted matches (``weights`` > 0; one value per pair, by default
+    ``_MIN_TIE``, as fewer do not fix even an affine between the two) join their sections
+    into parts."""
     pos = {z: i for i, z in enumerate(valid)}
-    edges = np.array([(pos[zm], pos[zf]) for (zm, zf), w in zip(pairs, weights, strict=True)
-                      if (w > 0).sum() >= tie], int).reshape(-1, 2)
+    least = np.full(len(pairs), _MIN_TIE) if least is None else least
+    edges = np.array([(pos[zm], pos[zf]) for (zm, zf), w, n in zip(
+        pairs, weights, least, strict=True) if (w > 0).sum() >= n], int).reshape(-1, 2)
     graph = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])),
                           shape=(len(valid), len(valid)))
     return csgraph.connected_components(graph, directed=False)[1]
@@ -793,6 +797,7 @@ def align(
     coverage = np.full(nz, np.nan)  # best accepted fraction with any partner, any level
     shifts, weights, matchable, delta = [], [], [], np.zeros((len(valid), 2, *grid))
     li, attempt, tried, first_parts = 0, 0, np.zeros_like(used), 0
+    apart = np.zeros(nz, bool)  # valid sections that the first level leaves apart
     while li < len(levels) and pairs:  # a single usable section stays as it is
         level = levels[li]
         # Matching is cut into tiles of the node grid, so that a task holds a window of a
@@ -841,13 +846,17 @@ def align(
         if li == 0:
             # Consecutive sections that lie beyond the first level's search, but not
             # beyond the rough steps' bar, match next to nothing across them (a few
-            # stray matches at most: half the typical pair's count is the bar here).  The
+            # stray matches at most: the bar here is half the typical pair's share of its
+            # nodes, not counting those a defect lost; a pair with too few such nodes to
+            # tell is given the benefit of the doubt).  The
             # first level starts again with those pairs' rough steps, where the step is
             # large enough to explain it, and keeps them only if the stack then holds
             # together better.  (The rough steps' bar stays high otherwise: on small
             # 40-50 nm sections a rough step can be wrong by 25 px.)
-            strong = _parts(pairs, weights, valid, max(_MIN_TIE, 0.5 * np.median(
-                [(w > 0).sum() for w in weights])))
+            frac = [(w > 0).sum() / max(m.sum(), 1) for w, m in zip(weights, matchable,
+                                                                    strict=True)]
+            strong = _parts(pairs, weights, valid, 0.5 * np.median(frac) * np.array(
+                [m.sum() for m in matchable]))
             n_parts = strong.max() + 1
             if attempt == 0:
                 cut = (strong[1:] != strong[:-1]) & (np.abs(steps).max(axis=1) > reach / 2)
@@ -863,6 +872,11 @@ def align(
                 anchor = anchor[:, :, None, None]
                 attempt += 1
                 continue
+            # What still lies apart from the stack's largest part is flagged below: the
+            # later levels search a few pixels only, and cannot bring it back.  (Not a
+            # section that this level matched too little of, and so left alone: a partly
+            # lost one, say; the later levels judge it.)
+            apart[valid] = (strong != np.argmax(np.bincount(strong))) & ~weak[valid]
         # A section, or a run of sections, that this level's matches do not tie to the
         # rest (no pair with three accepted matches) is held by the prior alone, which
         # would pull it back to 0 on its own: it moves with the stack instead.
@@ -884,7 +898,12 @@ def align(
                       "few matches, and a poor section cannot be told from the rest; check "
                       "the stack (missing or noisy sections, contrast) and the levels",
                       stacklevel=2)
-    table["unreliable"] = ~missing & _weak(coverage, min_matches)
+    table["unreliable"] = ~missing & (_weak(coverage, min_matches) | apart)
+    if apart.any():
+        warnings.warn(f"sections {np.flatnonzero(apart).tolist()} lie apart from the rest of "
+                      "the stack: the first level ties them to it by too few matches (offsets "
+                      f"beyond its search, {reach} px, that the rough steps did not find?)",
+                      stacklevel=2)
     good = ~(table["missing"] | table["unreliable"]).to_numpy(bool)
     if (~good & ~missing).any():
         warnings.warn("sections with unreliable matches, given their neighbours' fields: "

@@ -202,6 +202,19 @@ def test_a_jump_just_beyond_the_first_level_is_caught(shared_file):
     assert np.median(err) < 0.5 and np.percentile(err, 95) < 1.5, np.median(err, axis=(1, 2))
 
 
+def test_sections_beyond_every_search_are_flagged(shared_file):
+    # Sections 8 on lie 90 px right of those before: beyond the first level's search and
+    # the rough steps' (a quarter of the section, 64 px).  Nothing can tie them to the
+    # rest, and the later levels search a few pixels only: they are flagged, with a
+    # warning that names them, not warped by stray matches.
+    stack = _medulla(shared_file, n=12, size=256)
+    moved = stack.copy()
+    moved[8:] = ndi.shift(stack[8:], (0, 0, 90), order=1)
+    with pytest.warns(UserWarning, match=r"sections \[8, 9, 10, 11\] lie apart"):
+        result = align(moved)
+    assert np.flatnonzero(result.table["unreliable"]).tolist() == [8, 9, 10, 11]
+
+
 def test_matching_in_tiles_gives_the_same_fields(shared_file, monkeypatch):
     # Block matching is cut into tiles of the node grid, so that a task renders and holds
     # a window of each section, not the whole section; the tiling must not change the
