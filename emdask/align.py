@@ -833,6 +833,7 @@ def align(
             # defect do not count.
             frac = float((w > 0).sum() / max(m.sum(), 1))
             level_coverage[[zm, zf]] = np.fmax(level_coverage[[zm, zf]], frac)
+        coverage_before = coverage.copy()
         coverage = np.fmax(coverage, level_coverage)
         # A level that matches too little of a section (by the bar that flags a section
         # unreliable, among this level's coverages) does not move it: its few accepted
@@ -848,11 +849,11 @@ def align(
             # beyond the rough steps' bar, match next to nothing across them (a few
             # stray matches at most: the bar here is half the typical pair's share of its
             # nodes, not counting those a defect lost; a pair with too few such nodes to
-            # tell is given the benefit of the doubt).  The
-            # first level starts again with those pairs' rough steps, where the step is
-            # large enough to explain it, and keeps them only if the stack then holds
-            # together better.  (The rough steps' bar stays high otherwise: on small
-            # 40-50 nm sections a rough step can be wrong by 25 px.)
+            # tell is given the benefit of the doubt).  The first level starts again with
+            # those pairs' rough steps, where the step is large enough to explain it, and
+            # keeps them only if the stack then holds together better.  (The rough steps'
+            # bar stays high otherwise: on small 40-50 nm sections a rough step can be
+            # wrong by 25 px.)
             frac = [(w > 0).sum() / max(m.sum(), 1) for w, m in zip(weights, matchable,
                                                                     strict=True)]
             strong = _parts(pairs, weights, valid, 0.5 * np.median(frac) * np.array(
@@ -862,14 +863,17 @@ def align(
                 cut = (strong[1:] != strong[:-1]) & (np.abs(steps).max(axis=1) > reach / 2)
                 retry = tried = cut & ~used
                 first_parts = n_parts
-            else:  # no better after the retry: back to the first start
-                retry = tried if attempt == 1 and n_parts >= first_parts else tried & False
+            elif attempt == 1 and n_parts >= first_parts:
+                retry = tried  # no better after the retry: back to the first start
+            else:
+                retry = np.zeros_like(used)
             if retry.any():
                 used = used ^ retry
                 fields[valid] -= rough[:, :, None, None]
                 rough, anchor = _rough_start(steps, used)
                 fields[valid] += rough[:, :, None, None]
                 anchor = anchor[:, :, None, None]
+                coverage = coverage_before  # the attempt's coverage does not count
                 attempt += 1
                 continue
             # What still lies apart from the stack's largest part is flagged below: the

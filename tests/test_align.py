@@ -202,6 +202,22 @@ def test_a_jump_just_beyond_the_first_level_is_caught(shared_file):
     assert np.median(err) < 0.5 and np.percentile(err, 95) < 1.5, np.median(err, axis=(1, 2))
 
 
+def test_a_rough_step_that_does_not_help_is_dropped(shared_file, monkeypatch):
+    # The same jump, with rough steps that point the wrong way: starting from them ties the
+    # stack no better, so the first level goes back to its first start, and the result is
+    # that of no rough step at all.
+    align_module = importlib.import_module("emdask.align")
+    stack = _medulla(shared_file, n=12, size=256)
+    moved = stack.copy()
+    moved[6:] = ndi.shift(stack[6:], (0, 12, -40), order=1)
+    steps = np.zeros((11, 2))
+    monkeypatch.setattr(align_module, "_rough_steps", lambda *a: steps)
+    none = align(moved).fields.values
+    steps[5] = (-12, 40)  # right: (12, -40)
+    wrong = align(moved).fields.values
+    np.testing.assert_array_equal(wrong, none)
+
+
 def test_sections_beyond_every_search_are_flagged(shared_file):
     # Sections 8 on lie 90 px right of those before: beyond the first level's search and
     # the rough steps' (a quarter of the section, 64 px).  Nothing can tie them to the
