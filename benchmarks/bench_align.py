@@ -42,7 +42,12 @@ It also stands in for 40 nm ssTEM with a truth aligned to the pixel, in two ways
 4th slice, and sections that are each the mean of 4 slices (a TEM image projects the
 whole thickness of its section).
 
-    python benchmarks/bench_align.py [--sections 30] [--seeds 0 1]
+    python benchmarks/bench_align.py [--sections 30] [--seeds 0 1] [--offsets S]
+
+``--offsets S`` moves every section but the first by a further random whole-pixel
+translation of up to S pixels per axis, on top of the distortions (sections that lie
+anywhere on their grids, as raw ssTEM stacks do): beyond what the aligner is built for
+(20 pixels), to measure its reach.
 
 With ``--scale N TY TX`` it times instead one large stack: N sections of the larval VNC
 stack (mirrored in z to make up the number) tiled TY x TX times in y and x (mirrored, so
@@ -200,10 +205,29 @@ def stats(err: np.ndarray) -> str:
     return f"{np.median(err):5.2f} {np.percentile(err, 95):5.2f}" if err.size else "    -     -"
 
 
-def distorted_row(stack: np.ndarray, labels: np.ndarray | None, seed: int, still) -> str:
-    """Distort ``stack`` (seed), black out a section and a region, align, measure."""
+def offset(distorted: np.ndarray, truth: np.ndarray, most: float, seed: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Move every section but the first by a random whole-pixel translation ``b`` of up to
+    ``most`` pixels per axis: the section becomes ``s(p + b)``, its truth
+    ``b + t(p + b)`` (exact: whole pixels)."""
+    rng = np.random.default_rng(seed + 10)
+    b = rng.uniform(-most, most, (len(distorted), 2)).round()
+    b[0] = 0
+    moved = np.stack([ndi.shift(s, -v, order=0, cval=0) for s, v in zip(distorted, b,
+                                                                         strict=True)])
+    moved_truth = np.stack([[ndi.shift(t[c], -v, order=0, mode="nearest") + v[c]
+                             for c in range(2)] for t, v in zip(truth, b, strict=True)])
+    return moved, moved_truth.astype(np.float32)
+
+
+def distorted_row(stack: np.ndarray, labels: np.ndarray | None, seed: int, still,
+                  offsets: float = 0.0) -> str:
+    """Distort ``stack`` (seed; further ``offsets``), black out a section and a region,
+    align, measure."""
     nz = len(stack)
     distorted, truth = distort(stack, seed=seed)
+    if offsets:
+        distorted, truth = offset(distorted, truth, offsets, seed)
     bent = None if labels is None else warp_labels(labels, truth)
     lost, part = nz // 2, nz // 2 + 1 if nz > 3 else None
     region = np.zeros(stack.shape[1:], bool)
@@ -270,6 +294,7 @@ def main() -> None:
     parser.add_argument("--sections", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--scale", type=int, nargs=3, metavar=("N", "TY", "TX"))
+    parser.add_argument("--offsets", type=float, default=0.0)
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
     if args.scale:
@@ -278,7 +303,9 @@ def main() -> None:
     stacks = {}
     print("Alignment of the distorted stacks: residual px (median p95) against the stack as "
           "given where data exist, its non-affine part, in the blacked-out region; 'undone': "
-          "against the alignment of the undistorted stack")
+          "against the alignment of the undistorted stack"
+          + (f"; sections further moved by up to {args.offsets:g} px per axis"
+             if args.offsets else ""))
     print(f"{'stack':44s} {'seed':>4s} {'s':>4s} | {'data':>11s} {'non-affine':>11s} "
           f"{'blacked':>11s} {'undone':>11s} | NCC {'dist':>5s} {'after':>5s} | labels "
           f"{'dist':>5s} {'after':>5s} | found")
@@ -290,7 +317,8 @@ def main() -> None:
         still = align(stack)
         stacks[name] = (stack, labels, still)
         for seed in args.seeds:
-            print(f"{name:44s} {distorted_row(stack, labels, seed, still)}", flush=True)
+            print(f"{name:44s} {distorted_row(stack, labels, seed, still, args.offsets)}",
+                  flush=True)
     print("\nThe stacks as given: how far aligning them moves them (px, median p95), median "
           "NCC of consecutive sections before and after, sections misplaced in the given "
           "stack, block-matching jitter (px), missing-section false alarms")

@@ -48,9 +48,9 @@ field interpolated linearly in z from their valid neighbours.  So does a section
 accepted matches with any section it is matched with (its ``neighbours`` on either side) at
 its best level, is below ``min_matches`` and below half the stack's median coverage; or one
 that the first level, even from the rough steps, leaves apart from the largest part of the
-stack (tied to it by fewer than half the typical pair's accepted matches): the later
-levels search a few pixels only.  Pixels in the defect mask never count in a match, and nodes whose data a defect has lost
-do not count in the coverage.
+stack (no pair ties it to that part by the same bar, a share of the pair's nodes): the
+later levels search a few pixels only.  Pixels in the defect mask never count in a match,
+and nodes whose data a defect has lost do not count in the coverage.
 """
 
 from __future__ import annotations
@@ -619,6 +619,24 @@ def _parts(pairs: list, weights: list, valid: list[int], least: np.ndarray | Non
     return csgraph.connected_components(graph, directed=False)[1]
 
 
+def _strong_parts(pairs: list, weights: list, matchable: list, valid: list[int],
+                  weak: np.ndarray, min_matches: float) -> np.ndarray:
+    """Parts of the stack (:func:`_parts`) by a stricter tie, to tell sections that lie
+    beyond the first level's search from the stray matches that tie them: a pair ties if
+    it accepts at least the share of its nodes (not counting those a defect lost) below
+    which a section is weak (:func:`_weak`: ``min_matches``, or half the typical share of
+    consecutive pairs).  A pair with a ``weak`` section (indexed by z), or with too few
+    nodes to tell, ties: it says nothing of where the sections lie."""
+    pos = {z: i for i, z in enumerate(valid)}
+    nodes = np.array([m.sum() for m in matchable], float)
+    share = np.array([(w > 0).sum() for w in weights]) / np.maximum(nodes, 1)
+    judged = np.array([not (weak[zm] or weak[zf]) for zm, zf in pairs])
+    chain = judged & np.array([pos[zm] - pos[zf] == 1 for zm, zf in pairs])
+    typical = float(np.median(share[chain])) if chain.any() else 0.0
+    least = min(min_matches, 0.5 * typical) * nodes
+    return _parts(pairs, weights, valid, np.where(judged & (least >= 1), least, 0))
+
+
 def _hold_parts(delta: np.ndarray, part: np.ndarray) -> np.ndarray:
     """``delta`` with what no match decides taken from the whole stack.
 
@@ -721,7 +739,8 @@ def align(
         whose data a defect has lost, so a partly missing section is judged by the rest) is
         below this and below half the stack's median coverage is flagged ``unreliable``
         and gets the interpolated field of its neighbours instead of being warped by its
-        own matches.  The second
+        own matches (as does a run of sections that the first level leaves apart from the
+        rest by this bar: see the module's docstring).  The second
         bar is for stacks whose sections all match poorly (small 40-50 nm sections accept
         about a third even where intact): an intact section among them is not an outlier.
     prior
@@ -753,6 +772,9 @@ def align(
         raise ValueError(f"min_score must be in (0, 1] (a match's weight is its score), "
                          f"got {min_score}")
     nz, ny, nx = vol.shape
+    if not levels:
+        raise ValueError("levels must hold at least one Level (the first finds the sections' "
+                         "affine fields)")
     for lv in levels:
         if lv.block > min(ny, nx) // lv.factor:
             raise ValueError(f"{lv}: the block exceeds the section "
@@ -788,7 +810,7 @@ def align(
     # better, unless the first level finds nothing to tie two sections together (below).
     # The prior then pulls each section's field towards its own offset instead of 0, less
     # the offsets' slow trend in z.
-    reach = levels[0].search * levels[0].factor if levels else np.inf
+    reach = levels[0].search * levels[0].factor
     steps = _rough_steps(nodata, valid, min_score) if pairs else np.zeros((0, 2))
     used = np.abs(steps).max(axis=1) > 1.5 * reach
     rough, anchor = _rough_start(steps, used)
@@ -846,18 +868,12 @@ def align(
         part = _parts(pairs, weights, valid)
         if li == 0:
             # Consecutive sections that lie beyond the first level's search, but not
-            # beyond the rough steps' bar, match next to nothing across them (a few
-            # stray matches at most: the bar here is half the typical pair's share of its
-            # nodes, not counting those a defect lost; a pair with too few such nodes to
-            # tell is given the benefit of the doubt).  The first level starts again with
-            # those pairs' rough steps, where the step is large enough to explain it, and
-            # keeps them only if the stack then holds together better.  (The rough steps'
-            # bar stays high otherwise: on small 40-50 nm sections a rough step can be
-            # wrong by 25 px.)
-            frac = [(w > 0).sum() / max(m.sum(), 1) for w, m in zip(weights, matchable,
-                                                                    strict=True)]
-            strong = _parts(pairs, weights, valid, 0.5 * np.median(frac) * np.array(
-                [m.sum() for m in matchable]))
+            # beyond the rough steps' bar, match next to nothing across them (a few stray
+            # matches at most).  The first level starts again with those pairs' rough
+            # steps, where the step is large enough to explain it, and keeps them only if
+            # the stack then holds together better.  (The rough steps' bar stays high
+            # otherwise: on small 40-50 nm sections a rough step can be wrong by 25 px.)
+            strong = _strong_parts(pairs, weights, matchable, valid, weak, min_matches)
             n_parts = strong.max() + 1
             if attempt == 0:
                 cut = (strong[1:] != strong[:-1]) & (np.abs(steps).max(axis=1) > reach / 2)

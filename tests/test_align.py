@@ -229,6 +229,13 @@ def test_sections_beyond_every_search_are_flagged(shared_file):
     with pytest.warns(UserWarning, match=r"sections \[8, 9, 10, 11\] lie apart"):
         result = align(moved)
     assert np.flatnonzero(result.table["unreliable"]).tolist() == [8, 9, 10, 11]
+    # A failed image cuts a chain of single matches, but says nothing of where the
+    # sections on either side lie: only it is flagged, not the sections before it.
+    noisy = stack[:8].copy()
+    noisy[3] = np.random.default_rng(0).integers(0, 256, noisy[3].shape)
+    with pytest.warns(UserWarning, match="unreliable"):
+        table = align(noisy, neighbours=1).table
+    assert np.flatnonzero(table["unreliable"]).tolist() == [3]
 
 
 def test_matching_in_tiles_gives_the_same_fields(shared_file, monkeypatch):
@@ -427,6 +434,8 @@ def test_bad_input():
         align(np.zeros((64, 64), np.uint8))
     with pytest.raises(ValueError, match="every section"):
         align(np.zeros((3, 300, 300), np.uint8))
+    with pytest.raises(ValueError, match="at least one Level"):
+        align(np.zeros((3, 64, 64)), levels=())
     with pytest.raises(ValueError, match="block exceeds the section"):
         align(np.random.default_rng(0).integers(0, 255, (3, 100, 100)).astype(np.uint8))
     fields = xr.DataArray(np.zeros((2, 2, 3, 3)), attrs={"spacing": 32})
