@@ -202,6 +202,17 @@ def test_a_jump_just_beyond_the_first_level_is_caught(shared_file):
     assert np.median(err) < 0.5 and np.percentile(err, 95) < 1.5, np.median(err, axis=(1, 2))
 
 
+def _align_flagging_apart(stack: np.ndarray, apart: list[int]):
+    """align(stack), asserting that it warns that the sections ``apart`` lie apart from the
+    rest and are given their neighbours' fields."""
+    with pytest.warns(UserWarning) as caught:
+        result = align(stack)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(f"sections {apart} lie apart") for m in messages), messages
+    assert any(m.endswith(f"neighbours' fields: {apart}") for m in messages), messages
+    return result
+
+
 def test_a_rough_step_that_does_not_help_is_dropped(shared_file, monkeypatch):
     # The same jump, with rough steps that point the wrong way: starting from them ties the
     # stack no better, so the first level goes back to its first start, and the result is
@@ -212,9 +223,10 @@ def test_a_rough_step_that_does_not_help_is_dropped(shared_file, monkeypatch):
     moved[6:] = ndi.shift(stack[6:], (0, 12, -40), order=1)
     steps = np.zeros((11, 2))
     monkeypatch.setattr(align_module, "_rough_steps", lambda *a: steps)
-    none = align(moved).fields.values
+    # Without a right step the halves stay apart, and are flagged as such both times.
+    none = _align_flagging_apart(moved, [6, 7, 8, 9, 10, 11]).fields.values
     steps[5] = (-12, 40)  # right: (12, -40)
-    wrong = align(moved).fields.values
+    wrong = _align_flagging_apart(moved, [6, 7, 8, 9, 10, 11]).fields.values
     np.testing.assert_array_equal(wrong, none)
 
 
@@ -226,8 +238,7 @@ def test_sections_beyond_every_search_are_flagged(shared_file):
     stack = _medulla(shared_file, n=12, size=256)
     moved = stack.copy()
     moved[8:] = ndi.shift(stack[8:], (0, 0, 90), order=1)
-    with pytest.warns(UserWarning, match=r"sections \[8, 9, 10, 11\] lie apart"):
-        result = align(moved)
+    result = _align_flagging_apart(moved, [8, 9, 10, 11])
     assert np.flatnonzero(result.table["unreliable"]).tolist() == [8, 9, 10, 11]
     # A failed image cuts a chain of single matches, but says nothing of where the
     # sections on either side lie: only it is flagged, not the sections before it.
