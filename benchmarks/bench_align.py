@@ -34,6 +34,9 @@ as small as the stack used to judge it is aligned.
 * the jitter: the median, over consecutive sections, of the shift that block matching
   (blocks of 96 pixels or a third of the section, median over the blocks) finds between
   them;
+* the floor that jitter sets: the residual (median, p95) that the best estimator of the
+  sections' positions from such matches reaches, in a linear-Gaussian model
+  (:func:`floor`); a residual far above it is the aligner's fault, one near it is not;
 * missing-section false alarms.
 
 The medulla FIB-SEM cube is isotropic (10 nm), so it is cut into sections across each of
@@ -201,6 +204,28 @@ def jitter(stack: np.ndarray, search: int = 32) -> float:
     return float(np.median(shifts)) if shifts else float("nan")
 
 
+def floor(jitter_px: float, sections: int, spread: float) -> tuple[float, float]:
+    """The residual (2-D median, p95 in px) that the best estimator of the sections'
+    positions reaches from consecutive matches that err by ``jitter_px``.
+
+    A linear-Gaussian model of what any aligner of pairwise matches faces: the matches see
+    only ``d[z+1] - d[z] + e[z]``, the distortions' difference plus an error of the
+    anatomy (oblique neurites), and nothing ties a section to its true position but the
+    prior that distortions are independent, of ``spread`` px per axis.  The posterior
+    covariance of ``d``, less its mean and linear trend in z (as the residual is
+    measured), is that floor.  ``jitter_px`` is a median 2-D length, so per axis its
+    error is ``jitter_px / sqrt(2 ln 2)`` (Rayleigh).
+    """
+    rayleigh = np.sqrt(2 * np.log(2))
+    diff = np.diff(np.eye(sections), axis=0)
+    cov = np.linalg.inv(np.eye(sections) / spread**2
+                        + diff.T @ diff / (jitter_px / rayleigh) ** 2)
+    trend = np.stack([np.ones(sections), np.arange(sections)], axis=1)
+    keep = np.eye(sections) - trend @ np.linalg.pinv(trend)
+    sd = np.sqrt(np.mean(np.diag(keep @ cov @ keep.T)))
+    return sd * rayleigh, sd * np.sqrt(-2 * np.log(0.05))
+
+
 def stats(err: np.ndarray) -> str:
     return f"{np.median(err):5.2f} {np.percentile(err, 95):5.2f}" if err.size else "    -     -"
 
@@ -321,18 +346,22 @@ def main() -> None:
                   flush=True)
     print("\nThe stacks as given: how far aligning them moves them (px, median p95), median "
           "NCC of consecutive sections before and after, sections misplaced in the given "
-          "stack, block-matching jitter (px), missing-section false alarms")
+          "stack, block-matching jitter (px), the residual that jitter leaves the best "
+          "aligner of pairwise matches (px, median p95), missing-section false alarms")
     print(f"{'stack':44s} {'sections':>8s} | {'moved':>11s} | NCC {'given':>5s} "
           f"{'after':>5s} | labels {'given':>5s} {'after':>5s} | misplaced | jitter | "
-          f"false alarms")
+          f"{'floor':>11s} | false alarms")
     for name, (stack, labels, still) in stacks.items():
         moved = displacement_error(still.fields, np.zeros((len(stack), 2, *stack.shape[1:]),
                                                           np.float32))[:, 4:-4, 4:-4]
         bad, before, after = misplaced(stack, still)
         realigned = None if labels is None else render(labels, still.fields, order=0).values
+        shift = jitter(stack)
+        # distort's translations are uniform up to 12 px per axis: sd 12 / sqrt(3)
+        low = floor(shift, len(stack), 12 / np.sqrt(3))
         print(f"{name:44s} {len(stack):8d} | {stats(moved)} |     {before:5.3f} {after:5.3f} | "
               f"       {continuity(labels)} {continuity(realigned)} | "
-              f"{len(bad):2d} {str(bad)[:40]} | {jitter(stack):6.2f} | "
+              f"{len(bad):2d} {str(bad)[:40]} | {shift:6.2f} | {low[0]:5.2f} {low[1]:5.2f} | "
               f"{int(detect_defects(stack).table['missing'].sum())}", flush=True)
 
 
