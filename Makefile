@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall when the package metadata changes.  torch==2.13.0 is pinned in pyproject.toml
-# and installs the CPU wheel that lies on these machines' disk (no CUDA download).
+# Reinstall when the package metadata changes.  torch is installed first, pinned to the CPU
+# build 2.13.0 that lies on these machines' disk (no CUDA download); the package itself
+# only asks for torch>=2.2, which that satisfies.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 

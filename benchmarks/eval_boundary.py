@@ -138,6 +138,7 @@ def main() -> None:
         "iterations": int(model.card.get("iterations", log[-1]["iteration"])),
         "train_seconds": int(float(model.card.get("train_seconds", log[-1]["seconds"]))),
         "hardware": "2 CPU cores",
+        "intensity": model.card.get("intensity"),
         "threshold": best_net["threshold"],
         "validation_scores": {k: round(best_net[k], 4) for k in
                               ("voi_split", "voi_merge", "voi", "arand", "cremi_score")},

@@ -176,7 +176,12 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, code, q, thresholds
 
 
 def _check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
-    thr = np.asarray(thresholds, np.float64).ravel()
+    values = list(np.ravel(thresholds)) if not np.isscalar(thresholds) else [thresholds]
+    bad = [t for t in values if isinstance(t, bool | str | bytes)
+           or not isinstance(t, int | float | np.number)]
+    if bad:
+        raise TypeError(f"thresholds must be numbers, got {bad!r} in {list(values)!r}")
+    thr = np.asarray(values, np.float64).ravel()
     if thr.size == 0:
         raise ValueError("give at least one agglomeration threshold")
     if np.isnan(thr).any() or thr.min() < 0 or thr.max() > 1:

@@ -186,9 +186,23 @@ def warp_section(section: np.ndarray, field: np.ndarray, spacing: int,
     for r in range(0, shape[0], step):
         u = _dense_grid(field, spacing, y[r:r + step], x)
         coords = [y[r:r + step, None] + u[0], x[None, :] + u[1]]
-        ndi.map_coordinates(section, coords, order=order, mode="constant", cval=cval,
-                            output=out[r:r + step])
+        if order == 0:  # gathered, not through scipy's float64: uint64 ids above 2^53 survive
+            out[r:r + step] = _nearest(section, coords, cval)
+        else:
+            ndi.map_coordinates(section, coords, order=order, mode="constant", cval=cval,
+                                output=out[r:r + step])
     return out
+
+
+def _nearest(section: np.ndarray, coords: list, cval: float) -> np.ndarray:
+    """``map_coordinates(order=0, mode="constant")`` by integer gathering: the nearest
+    pixel (halves round up), ``cval`` where a coordinate lies outside [0, n - 1]."""
+    inside = np.ones(coords[0].shape, bool)
+    index = []
+    for c, n in zip(coords, section.shape, strict=True):
+        inside &= (c >= 0) & (c <= n - 1)
+        index.append(np.clip(np.floor(c + 0.5), 0, n - 1).astype(np.intp))
+    return np.where(inside, section[tuple(index)], np.asarray(cval).astype(section.dtype))
 
 
 def _compose(field: np.ndarray, delta: np.ndarray, spacing: int) -> np.ndarray:

@@ -1,9 +1,61 @@
-"""The ``emdask`` command line."""
+"""The ``emdask`` command line.
+
+Errors are one line naming the file, key or array and what is wrong (exit code 2 for bad
+input, 1 for a failure while running); ``--debug`` shows the Python traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+DESCRIPTION = """\
+emdask: neurons and their synapses reconstructed from serial-section EM volumes, on Dask.
+
+commands:
+  demo    the whole pipeline on the bundled FlyEM sample (and synapses on the larval VNC
+          stack with --vnc)
+  run     raw EM -> alignment -> affinities -> segmentation -> synapses -> report, from a
+          config file; resumable: rerun the same command after a crash
+  train   train (or resume training) a boundary or synapse net from a config file
+"""
+
+EXAMPLES = """\
+examples:
+  emdask demo
+  emdask run my_volume.toml --dry-run      # check the config, print the plan
+  emdask run my_volume.toml                # run (or resume) every stage
+  emdask run my_volume.toml --stage segment --overwrite
+  emdask train emdask/weights/fibsem.toml --max-minutes 60
+
+A minimal run config (TOML):
+  [input]
+  url = "cremi_sample_B.hdf"
+  dataset = "volumes/raw"
+  [output]
+  path = "sample_B.zarr"
+  [predict]
+  model = "sstem"
+"""
+
+RUN_EXAMPLES = """\
+stages, in order: align (with an [align] section), predict, watershed, agglomerate,
+relabel, synapses (with a [synapses] section), report.  "segment" stands for watershed,
+agglomerate and relabel.  Finished blocks are kept: rerunning the same command resumes.
+
+examples:
+  emdask run my_volume.toml --dry-run
+  emdask run my_volume.toml
+  emdask run my_volume.toml --stage predict
+  emdask run my_volume.toml --stage segment --stage report --overwrite
+  emdask run my_volume.toml --scheduler tcp://login-node:8786
+
+The config's sections and keys: see emdask.pipeline.RunConfig and the README.
+"""
+
+#: Exceptions that mean the input (a file, a config, an array) is wrong: exit code 2.
+BAD_INPUT = (ValueError, TypeError, KeyError, LookupError, FileNotFoundError,
+             FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,34 +79,84 @@ def _run(args: argparse.Namespace) -> int:
     from emdask.pipeline import run
 
     run(args.config, stages=args.stage, scheduler=args.scheduler,
-        overwrite=True if args.overwrite else None)
+        overwrite=True if args.overwrite else None, dry_run=args.dry_run)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="emdask", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the pipeline on the bundled sample")
+def parser() -> argparse.ArgumentParser:
+    from emdask import __version__
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="emdask", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=formatter)
+    p.add_argument("--version", action="version", version=f"emdask {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --debug also after the command (default suppressed: the main parser's stays)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback of an error")
+    demo = sub.add_parser("demo", help="run the pipeline on the bundled sample", parents=[debug],
+                          formatter_class=formatter,
+                          epilog="example:\n  emdask demo --out demo_output --vnc "
+                                 "../shared/data/drosophila_vnc_sstem_gerhard2013/"
+                                 "vnc_stack1_synapses_x0-640.h5")
     demo.add_argument("--out", default="emdask_demo_output", help="output folder")
     demo.add_argument("--vnc", help="the larval VNC stack (vnc_stack1_synapses_x0-640.h5): "
                                     "also detect synapses and build the connectome")
     demo.set_defaults(func=_demo)
-    tr = sub.add_parser("train", help="train (or resume training) an affinity net")
-    tr.add_argument("config", help="TOML training config (see emdask.training)")
+    tr = sub.add_parser("train", help="train (or resume training) a net", parents=[debug],
+                        formatter_class=formatter,
+                        epilog="examples:\n  emdask train emdask/weights/fibsem.toml\n"
+                               "  emdask train my_net.toml --out runs/mine --max-minutes 120"
+                               "   # resume later with the same command")
+    tr.add_argument("config", help="TOML or YAML training config (see emdask.training)")
     tr.add_argument("--out", help="output folder (overrides the config's 'out')")
     tr.add_argument("--max-minutes", type=float, help="stop after a checkpoint once "
                     "this much training time has passed (resume later)")
     tr.set_defaults(func=_train)
-    rn = sub.add_parser("run", help="run the pipeline (raw EM -> segmentation) from a config")
-    rn.add_argument("config", help="TOML or YAML run config (see emdask.pipeline)")
-    rn.add_argument("--stage", action="append", help="run only this stage (repeatable): "
-                    "predict, watershed, agglomerate, relabel, report, or segment")
+    from emdask.pipeline import STAGES
+
+    rn = sub.add_parser("run", help="run the pipeline from a config (resumable)", parents=[debug],
+                        description="Run the pipeline from a config file: raw EM to "
+                        "segmentation, synapses and a report.", epilog=RUN_EXAMPLES,
+                        formatter_class=formatter)
+    rn.add_argument("config", help="TOML or YAML run config (see emdask.pipeline.RunConfig)")
+    rn.add_argument("--stage", action="append", choices=[*STAGES, "segment"],
+                    metavar="STAGE", help="run only this stage (repeatable): "
+                    + ", ".join(STAGES) + ", or segment")
+    rn.add_argument("--dry-run", action="store_true", help="check the config and print the "
+                    "plan (stages, blocks, sizes, memory per task) without running it")
     rn.add_argument("--scheduler", help="address of a running Dask scheduler to use")
     rn.add_argument("--overwrite", action="store_true", help="redo stages whose outputs "
                     "were made with other parameters")
     rn.set_defaults(func=_run)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return p
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) if not isinstance(err, KeyError) or not err.args else str(err.args[0])
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " ".join(lines) or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("emdask: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        bad_input = isinstance(err, BAD_INPUT)
+        kind = "" if bad_input else f"failed: {type(err).__name__}: "
+        print(f"emdask: error: {kind}{_one_line(err)}"
+              + ("" if bad_input else " (rerun with --debug for the traceback)"),
+              file=sys.stderr)
+        return 2 if bad_input else 1
 
 
 if __name__ == "__main__":

@@ -21,14 +21,22 @@ def read_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: config file not found")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a config file")
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
     elif path.suffix == ".toml":
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            try:
+                values = tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"{path}: not valid TOML: {err}") from None
     else:
         raise ValueError(f"{path}: config must be .toml, .yaml or .yml")
     if not isinstance(values, dict):

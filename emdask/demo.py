@@ -48,12 +48,12 @@ def vnc_config(vnc: str | Path, out: Path, model_name: str = "sstem", roi=VNC_RO
                    "overwrite": True},
         "predict": {"model": model_name},
         "segment": {"thresholds": sorted({*THRESHOLDS, chosen})},
-        # Partners within 10 pixels (46 nm) of each synapse, from the segmentation at 0.5,
-        # below the card's threshold of least VOI: split cells cost partners more than
-        # merged ones (both chosen on the VNC's training rows: 17 of 22 right; 15 at the
-        # card's threshold, 14 within 6 pixels)
-        "synapses": {"model": "synapses", "threshold": 0.99, "radius": [0, 10, 10],
-                     "segmentation": 0.5},
+        # The detector's threshold, minimum size and partner radius (10 pixels, 46 nm) are
+        # its card's.  Partners from the segmentation at 0.5, below the boundary card's
+        # threshold of least VOI: split cells cost partners more than merged ones (chosen
+        # on the VNC's training rows: 17 of 22 right; 15 at the card's threshold).  The
+        # detector's weights are CC BY-NC-SA 3.0, like the stack the user passed.
+        "synapses": {"model": "synapses", "accept_licence": True, "segmentation": 0.5},
         "evaluate": {"url": vnc, "dataset": "labels/cell_ids_2d",
                      "synapses": "labels/clefts", "cells": "labels/cell_ids_2d"},
     }

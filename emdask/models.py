@@ -29,6 +29,8 @@ __all__ = [
     "AffinityUNet",
     "ModelConfig",
     "available_models",
+    "card_defaults",
+    "check_licence",
     "load_model",
     "model_card",
     "model_from",
@@ -178,6 +180,17 @@ class AffinityUNet(nn.Module):
         return tuple(int(-(-r // f) * f) for r, f in zip(self.field_of_view, self.factor,
                                                          strict=True))
 
+    def inference_bytes(self, shape: tuple[int, int, int]) -> float:
+        """Approximate peak memory (bytes) of one forward pass over an input of ``shape``
+        (z, y, x; padded): 4.5 times the float32 feature maps of all levels (measured on
+        CPU: 3.9-4.5 times for the shipped nets, blocks of 1-6 Mvoxel)."""
+        voxels = float(np.prod(shape))
+        scale, maps = 1.0, self.config.width * voxels
+        for level, f in enumerate(self.config.downsample, start=1):
+            scale *= float(np.prod(f))
+            maps += self.config.width * 2 ** level * voxels / scale
+        return 4.5 * 4 * maps
+
     def flops_per_voxel(self) -> float:
         """Multiply-adds per output voxel x 2 (convolutions only)."""
         total = 0.0
@@ -257,10 +270,36 @@ def _model_path(name: str | Path) -> Path:
     path = next((f / f"{name}.pt" for f in (WEIGHTS, WEIGHTS_NC) if (f / f"{name}.pt").exists()),
                 None)
     if path is None:
-        raise ValueError(
-            f"no pretrained model {name!r}; available: {available_models() or '(none)'}"
-        )
+        hint = ("; the non-commercial synapse weights are not part of the BSD-licensed wheel: "
+                "take emdask/weights_nc/ from the source repository and name its .pt file"
+                if name == "synapses" else "")
+        raise ValueError(f"no pretrained model {name!r}; available: "
+                         f"{available_models() or '(none)'}{hint}")
     return path
+
+
+_LICENCES_SHOWN: set = set()
+
+
+def check_licence(name: str | Path, accepted: bool, how: str = "accept_licence=True"
+                  ) -> None:
+    """Refuse a model whose card restricts its use (weights trained on non-commercial
+    data, kept in ``emdask/weights_nc/`` and out of the BSD-licensed wheel) unless its
+    licence is ``accepted``; show the licence the first time it is used."""
+    card = model_card(name)
+    licence = str(card.get("licence", ""))
+    if "-NC" not in licence and "non-commercial" not in licence.lower():
+        return
+    if not accepted:
+        raise ValueError(
+            f"model {str(name)!r} is licensed {licence}; it is not emdask's BSD licence and is "
+            f"never used by default. Accept its licence to use it ({how}), or train your "
+            "own (emdask train, see the README)")
+    if str(name) not in _LICENCES_SHOWN:
+        _LICENCES_SHOWN.add(str(name))
+        import sys
+
+        print(f"emdask: model {str(name)!r} is licensed {licence}", file=sys.stderr)
 
 
 def model_from(name: str | Path) -> AffinityUNet:
@@ -277,7 +316,30 @@ def model_card(name: str | Path) -> dict:
     return _card(path)
 
 
-def pretrained(name: str = "fibsem") -> AffinityUNet:
+#: What a model card sets for the steps after its net (the operating point chosen on its
+#: validation): the agglomeration threshold of a boundary net; the probability threshold,
+#: minimum object size (voxels) and partner search radius (z, y, x voxels) of a synapse
+#: detector.  They are the defaults of segment / find_synapses / assign_partners and of
+#: the pipeline.
+OPERATING_POINT = ("threshold", "min_size", "radius")
+
+
+def card_defaults(model: AffinityUNet | dict) -> dict:
+    """The operating point (:data:`OPERATING_POINT`) of a model or of its card."""
+    card = model if isinstance(model, dict) else getattr(model, "card", None) or {}
+    return {k: card[k] for k in OPERATING_POINT if k in card}
+
+
+def shipped_operating_point(name: str) -> dict:
+    """The operating point of a shipped model's card (read from its JSON file; no weights
+    are loaded, no licence is needed for these numbers), or {} where it is not installed."""
+    try:
+        return card_defaults(model_card(name))
+    except (ValueError, FileNotFoundError):
+        return {}
+
+
+def pretrained(name: str = "fibsem", accept_licence: bool = False) -> AffinityUNet:
     """A shipped model, loaded from the package (no network access).
 
     Parameters
@@ -288,6 +350,10 @@ def pretrained(name: str = "fibsem") -> AffinityUNet:
         whose labels are 2-D: a planar model, each section segmented on its own).
         ``"synapses"``: synaptic densities in ssTEM at 50 x 4.6 x 4.6 nm (trained on the
         larval VNC masks of Gerhard et al. 2013; CC BY-NC-SA 3.0, non-commercial use only,
-        see ``emdask/weights_nc/README.md``).
+        see ``emdask/weights_nc/README.md``): in a source checkout only, not in the wheel,
+        and loaded only with ``accept_licence=True``.
+    accept_licence
+        Accept the licence of a model whose card restricts its use (non-commercial).
     """
+    check_licence(name, accept_licence, f"pretrained({name!r}, accept_licence=True)")
     return load_model(_model_path(name))

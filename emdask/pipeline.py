@@ -65,6 +65,9 @@ class InputSpec:
     roi: list | None = None  # [[z0, y0, x0], [z1, y1, x1]], in roi_units
     roi_units: str = "voxel"  # or "nm"
     voxel_size: list | None = None  # override, e.g. for TIFF stacks (nm)
+    # how intensities map to the nets' input: "auto" (the volume's 1-99% percentiles to
+    # the model card's), "dtype", or [black, white] data values (emdask.intensity_range)
+    intensity: str | list = "auto"
 
 
 @dataclass
@@ -100,7 +103,7 @@ class PredictSpec:
 
 @dataclass
 class SegmentSpec:
-    thresholds: list = field(default_factory=lambda: [0.3, 0.5])
+    thresholds: list | None = None  # default: the boundary model card's threshold
     low: float = 0.0001
     high: float = 0.9999
     size_threshold: int = 25
@@ -115,9 +118,11 @@ class SynapseSpec:
     """Synapse detection (a net trained with ``target = "synapses"``) and partners."""
 
     model: str  # a path to a .pt file (or a shipped model name)
-    threshold: float = 0.5
-    min_size: int = 50  # voxels
-    radius: list = field(default_factory=lambda: [0, 3, 3])  # partner search, voxels
+    # the operating point; default: the synapse model card's
+    threshold: float | None = None
+    min_size: int | None = None  # voxels
+    radius: list | None = None  # partner search (z, y, x voxels)
+    accept_licence: bool = False  # a shipped model with a non-commercial licence
     # Probabilities as stored: a synapse net's output crowds near 1 (the shipped one is used
     # at 0.99, between two uint8 steps), so float32 unless space matters more.
     dtype: str = "float32"
@@ -145,6 +150,7 @@ class ClusterSpec:
     n_workers: int = 0  # local: 0 = one per core
     threads_per_worker: int = 1
     memory_limit: str | int = "auto"  # per worker, e.g. "4GB"
+    dashboard: str = "127.0.0.1:0"  # Dask dashboard address (":8787" for all interfaces)
     processes: bool = True  # local: worker processes (False: threads in this process)
     jobqueue: dict = field(default_factory=dict)  # keywords of dask_jobqueue.<Kind>Cluster
     minimum_jobs: int = 0  # jobqueue: adaptive scaling between these
@@ -170,12 +176,61 @@ _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster",
              "lsf": "LSFCluster"}
 
 
+def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
+    """Settings left out take the operating point of the model cards: the boundary net's
+    agglomeration threshold, the synapse detector's threshold, minimum size and partner
+    radius."""
+    from emdask.models import card_defaults, model_card, shipped_operating_point
+
+    def card(name: str, key: str) -> dict:
+        try:
+            return card_defaults(model_card(name))
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"{where}: {key} = {name!r}: {err}") from None
+
+    if cfg.segment.thresholds is None:
+        point = card(cfg.predict.model, "predict.model")
+        if "threshold" not in point:
+            raise ValueError(f"{where}: [segment] thresholds not given and the model card of "
+                             f"{cfg.predict.model!r} names none")
+        cfg = replace(cfg, segment=replace(cfg.segment, thresholds=[point["threshold"]]))
+    spec = cfg.synapses
+    if spec is not None and None in (spec.threshold, spec.min_size, spec.radius):
+        # the model's card, and for what it lacks the shipped detector's
+        point = shipped_operating_point("synapses") | card(spec.model, "synapses.model")
+        missing = [k for k in ("threshold", "min_size", "radius")
+                   if getattr(spec, k) is None and k not in point]
+        if missing:
+            raise ValueError(f"{where}: [synapses] {', '.join(missing)} not given and the "
+                             f"model card of {spec.model!r} names none (nor a shipped one)")
+        cfg = replace(cfg, synapses=replace(spec, **{
+            k: point[k] for k in ("threshold", "min_size", "radius")
+            if getattr(spec, k) is None}))
+    return cfg
+
+
 def load_run_config(path: str | Path | dict) -> RunConfig:
     """A run config from a TOML/YAML file (or a dict), checked: unknown keys, wrong
     types and impossible values are errors naming the key."""
     where = str(path) if not isinstance(path, dict) else "config"
     values = read_file(path) if not isinstance(path, dict) else dict(path)
     cfg = from_dict(RunConfig, values, where)
+    for key, value in (("segment.thresholds", cfg.segment.thresholds),
+                       ("synapses.radius", cfg.synapses and cfg.synapses.radius),
+                       ("evaluate.cells_radius", cfg.evaluate and cfg.evaluate.cells_radius),
+                       ("input.roi", cfg.input.roi and [
+                           v for row in cfg.input.roi
+                           for v in (row if isinstance(row, list) else [row])]),
+                       ("input.voxel_size", cfg.input.voxel_size),
+                       ("input.intensity", cfg.input.intensity
+                        if isinstance(cfg.input.intensity, list) else None)):
+        if value and not all(isinstance(v, int | float) and not isinstance(v, bool)
+                             for v in value):
+            raise TypeError(f"{where}: {key} must be numbers, got {value!r}")
+    if isinstance(cfg.input.intensity, str) and cfg.input.intensity not in ("auto", "dtype"):
+        raise ValueError(f"{where}: input.intensity must be 'auto', 'dtype' or [black, white],"
+                         f" got {cfg.input.intensity!r}")
+    cfg = _card_defaults(cfg, where)
     if cfg.input.roi_units not in ("voxel", "nm"):
         raise ValueError(f"{where}: input.roi_units must be 'voxel' or 'nm', "
                          f"got {cfg.input.roi_units!r}")
@@ -355,6 +410,7 @@ class _Context:
     mask: Any = None  # missing-data mask (predict: affinities touching it are 0)
     source_name: str = "raw"  # names the source in the per-worker chunk cache
     window: int = 15  # align: side of the flat squares that are missing data
+    intensity: tuple | None = None  # predict: the data values taken for black and white
 
 
 def _slices(begin, end) -> tuple:
@@ -390,7 +446,7 @@ def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
     import torch
 
     from emdask.predict import _predict_block
-    from emdask.volumes import read_box
+    from emdask.volumes import box_inside, read_box
 
     with contextlib.suppress(ValueError):  # outside a worker: leave torch's default
         from distributed import get_worker
@@ -404,8 +460,9 @@ def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
     # context beyond the region of interest is real data where the volume has it
     raw = read_box(ctx.source, src_begin, src_end, model.halo,
                    cache=(ctx.source_name, ctx.generation))
+    inside = box_inside(ctx.source.shape[-3:], src_begin, src_end, model.halo)
     affs = _predict_block(raw, model, device, ctx.predict.patch, ctx.predict.batch_size,
-                          np.dtype(ctx.predict.dtype))
+                          np.dtype(ctx.predict.dtype), ctx.intensity, inside)
     if ctx.mask is not None:  # edges reach one voxel below the block: read a halo of 1
         from emdask.affinities import _mask_block
 
@@ -620,8 +677,10 @@ def _progress(futures: list, label: str) -> list:
 
     def show() -> None:
         bar = "#" * (width * done // max(total, 1))
+        elapsed = time.perf_counter() - t0
+        eta = f", ETA {_duration(elapsed / done * (total - done))}" if 0 < done < total else ""
         print(("\r" if tty else "") + f"  {label:<12} [{bar:<{width}}] {done}/{total} "
-              f"{time.perf_counter() - t0:6.1f} s", end="" if tty else "\n",
+              f"{_duration(elapsed)} elapsed{eta}   ", end="" if tty else "\n",
               file=sys.stderr, flush=True)
 
     step = 1 if tty else max(1, total // 4)  # a log file gets a few lines
@@ -633,6 +692,16 @@ def _progress(futures: list, label: str) -> list:
     if tty:
         print(file=sys.stderr)
     return [f.result() for f in futures]
+
+
+def _duration(seconds: float) -> str:
+    """A duration for people: 42.1 s, 3 min 05 s, 2 h 07 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min {int(seconds % 60):02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: ClusterSpec
@@ -684,7 +753,8 @@ def make_cluster(spec: ClusterSpec):
             n = spec.n_workers or max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
             return local_cluster(n_workers=n, threads_per_worker=spec.threads_per_worker,
                                  memory_limit=spec.memory_limit, processes=spec.processes,
-                                 dashboard_address=":0")
+                                 dashboard_address=spec.dashboard,
+                                 worker_dashboard_address=spec.dashboard)
         try:
             import dask_jobqueue
         except ImportError:
@@ -763,6 +833,13 @@ def _check_stage(root, cfg: RunConfig, stage: str, overwrite: bool) -> None:
     stages = dict(root.attrs.get("emdask", {}).get("stages", {}))
     params = _stage_params(cfg, stage)
     old = stages.get(stage)
+    if (old is not None and old["params"] != params and not old.get("finished")
+            and not done_blocks(cfg.output.path, stage)):
+        # an earlier run started this stage and failed before finishing a single block:
+        # nothing of it is worth keeping, so its parameters do not bind this run
+        _clear(cfg, root, stage)
+        old = None
+        stages = dict(root.attrs.get("emdask", {}).get("stages", {}))
     if old is not None and old["params"] != params:
         if not overwrite:
             raise ValueError(
@@ -889,6 +966,34 @@ def _raw(cfg: RunConfig, root, full, roi_begin):
     return root["aligned/s0"], (0, 0, 0), mask, "aligned"
 
 
+def _intensity(cfg: RunConfig, root, vol, model) -> tuple[float, float]:
+    """The data values a net takes for black and white (:func:`emdask.intensity_range`).
+    The volume's percentiles are sampled once and recorded in the store, so every block,
+    every net and a resumed run map intensities the same way."""
+    from emdask.predict import PERCENTILES, data_percentiles, intensity_range
+
+    meta = dict(root.attrs.get("emdask", {}))
+    key = ",".join(f"{p:g}" for p in PERCENTILES)
+    recorded = meta.get("percentiles", {})
+    if key not in recorded:
+        recorded[key] = list(data_percentiles(vol, PERCENTILES))
+        meta["percentiles"] = recorded
+        root.attrs["emdask"] = meta
+    card = (getattr(model, "card", None) or {}).get("intensity", {})
+    known = (tuple(recorded[key]) if list(card.get("percentiles", PERCENTILES))
+             == list(PERCENTILES) else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lo, hi = intensity_range(vol, model, cfg.input.intensity, percentiles=known)
+    for w in caught:
+        print(f"  warning: {w.message}", file=sys.stderr)
+    print(f"  intensity: {vol.dtype} values {lo:g} (black) to {hi:g} (white) for "
+          f"{getattr(model, 'card', {}).get('name', 'the net')} "
+          f"({cfg.input.intensity if isinstance(cfg.input.intensity, str) else 'given'})",
+          file=sys.stderr)
+    return float(lo), float(hi)
+
+
 def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     """Face links (one task per face between two blocks), then one global solve."""
     if done_blocks(ctx.store, "agglomerate"):
@@ -909,24 +1014,13 @@ def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     return {"graph": info}
 
 
-def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> dict:
+def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model) -> dict:
     """Synapse probabilities blockwise (resumable like predict), then objects, partners
     and the connectome (one pass over the stored arrays; redone whole if interrupted)."""
     from emdask.synapses import assign_partners, connectome, find_synapses
     from emdask.volumes import create_volume, open_volume, save_volume
 
     spec, store = cfg.synapses, cfg.output.path
-    model = _model(spec.model, "cpu")
-    if model.config.target != "synapses":
-        raise ValueError(f"synapses.model {spec.model!r} predicts {model.config.target}, "
-                         "not synapses")
-    if any(-(-c // f) * f != c for c, f in zip(ctx.grid.chunks, model.factor, strict=True)):
-        raise ValueError(f"output.chunks {list(ctx.grid.chunks)} must be multiples of the "
-                         f"synapse model's pooling factor {list(model.factor)}")
-    if cfg.predict.check_voxel_size:
-        from emdask.predict import _check_voxel_size
-
-        _check_voxel_size(vol.attrs["voxel_size"], model, vol.attrs["source"])
     root = _open_root(store)
     if not _has(root, "synapse_probabilities"):
         create_volume(store, "synapse_probabilities", ctx.grid.shape, spec.dtype,
@@ -934,7 +1028,8 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin) -> di
     source, begin, _, name = _raw(cfg, root, full, roi_begin)
     pctx = _Context(store, ctx.grid, source=source, roi_begin=begin,
                     predict=replace(cfg.predict, dtype=spec.dtype),
-                    generation=ctx.generation, source_name=name)
+                    generation=ctx.generation, source_name=name,
+                    intensity=_intensity(cfg, root, vol, model))
     _run_blocks(client, pctx, "synapses", functools.partial(
         _predict_task, model_name=spec.model, dataset="synapse_probabilities",
         stage="synapses"), cfg.cluster)
@@ -1102,8 +1197,14 @@ def _chunks(cfg: RunConfig, factor=(1, 1, 1)) -> tuple:
 
 
 def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = None,
-        scheduler: str | None = None, overwrite: bool | None = None, client=None) -> dict:
+        scheduler: str | None = None, overwrite: bool | None = None, client=None,
+        dry_run: bool = False) -> dict:
     """Run the pipeline (or some of its stages); returns the report.
+
+    Everything that can be checked without computing (the input, the models and their
+    voxel sizes, the volume's size against the nets' field of view, the ground truth, the
+    output path) is checked first, before anything is written.  What the run prints is
+    also appended to ``emdask.log`` in the output store.
 
     Parameters
     ----------
@@ -1118,14 +1219,237 @@ def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = No
         Redo stages whose recorded parameters differ (default: the config's).
     client
         An existing ``distributed.Client`` to use (e.g. in a notebook).
+    dry_run
+        Check the config and print the plan (stages, blocks, output sizes, memory per
+        task) without running anything; returns ``{"plan": text}``.
     """
     cfg = config if isinstance(config, RunConfig) else load_run_config(config)
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
     wanted = _expand(stages)
-    if client is not None:
-        return _run(cfg, wanted, overwrite, client)
-    with _client(cfg.cluster, scheduler) as new_client:
-        return _run(cfg, wanted, overwrite, new_client)
+    checked = _preflight(cfg, wanted)
+    if dry_run:
+        text = plan(cfg, wanted, checked)
+        print(text)
+        return {"plan": text}
+    with _log_to_store(cfg.output.path):
+        if client is not None:
+            return _run(cfg, wanted, overwrite, client, checked)
+        with _client(cfg.cluster, scheduler) as new_client:
+            return _run(cfg, wanted, overwrite, new_client, checked)
+
+
+@dataclass
+class _Checked:
+    """What the preflight found: the input, its region of interest and the nets."""
+
+    full: Any  # the whole input volume
+    vol: Any  # its region of interest
+    roi_begin: tuple
+    model: Any  # the boundary net (None when its affinities are already stored)
+    factor: tuple  # the boundary net's pooling factor: blocks are multiples of it
+    synapse_model: Any = None
+    existing: dict | None = None  # the store's emdask record, if the store exists
+
+
+def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
+    """Check all that can be checked before computing or writing anything, so that a bad
+    input fails at once and leaves nothing behind that could block the corrected rerun."""
+    from emdask.models import check_licence
+    from emdask.predict import _check_voxel_size, check_size
+
+    full, vol, roi_begin = _input(cfg)
+    where = vol.attrs["source"]
+    store = cfg.output.path
+    existing = _existing_record(store)
+    model = None
+    if "predict" in stages or not (existing and existing.get("factor")):
+        model = _model(cfg.predict.model, "cpu")
+        if model.config.target != "affinities":
+            raise ValueError(f"predict.model {cfg.predict.model!r} predicts "
+                             f"{model.config.target}, not affinities")
+        if cfg.predict.check_voxel_size:
+            _check_voxel_size(vol.attrs["voxel_size"], model, where)
+        check_size(vol.shape, model, where)
+    factor = tuple(model.factor if model is not None else existing["factor"])
+    synapse_model = None
+    if cfg.synapses is not None and "synapses" in stages:
+        spec = cfg.synapses
+        check_licence(spec.model, spec.accept_licence, "[synapses] accept_licence = true")
+        synapse_model = _model(spec.model, "cpu")
+        if synapse_model.config.target != "synapses":
+            raise ValueError(f"synapses.model {spec.model!r} predicts "
+                             f"{synapse_model.config.target}, not synapses")
+        chunks = _chunks(cfg, factor)
+        if any(c % f for c, f in zip(chunks, synapse_model.factor, strict=True)):
+            raise ValueError(f"output.chunks {list(chunks)} must be multiples of the "
+                             f"synapse model's pooling factor {list(synapse_model.factor)}")
+        if cfg.predict.check_voxel_size:
+            _check_voxel_size(vol.attrs["voxel_size"], synapse_model, where)
+        check_size(vol.shape, synapse_model, where)
+    if cfg.evaluate is not None and "report" in stages:
+        for dataset in (cfg.evaluate.dataset, cfg.evaluate.synapses, cfg.evaluate.cells):
+            if dataset:
+                _ground_truth(cfg, dataset, vol, roi_begin)
+    return _Checked(full, vol, roi_begin, model, factor, synapse_model, existing)
+
+
+def _existing_record(store: str) -> dict | None:
+    """The emdask record of an existing output store; None where there is no store yet.
+    A path that is a file, or a folder of other things, is refused."""
+    local = _local_path(store)
+    if local is not None:
+        path = Path(local)
+        if path.is_file():
+            raise ValueError(f"output.path {store} is a file; give the path of a folder for "
+                             "the zarr store")
+        if not path.exists():
+            return None
+        if not (path / "zarr.json").exists():
+            if any(path.iterdir()):
+                raise ValueError(f"output.path {store} is a folder of other files, not an "
+                                 "emdask store; give a new or empty folder")
+            return None
+    else:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(store)
+        if not fs.exists(f"{root}/zarr.json"):
+            return None
+    return dict(_open_root(store, "r").attrs.get("emdask", {}))
+
+
+class _LogTee(io.TextIOBase):
+    """stderr that is also appended to the run's log; progress bars redrawn with a
+    carriage return reach the log as their last state only."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log, self.pending = stream, log, ""
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if text.startswith("\r"):
+            self.pending = text[1:]
+            return len(text)
+        if self.pending:
+            self.log.write(self.pending)
+            self.pending = ""
+        self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+
+@contextlib.contextmanager
+def _log_to_store(store: str) -> Iterator[None]:
+    """Append what the run prints to ``emdask.log`` in the store (written once the run
+    ends, or fails, for a remote store)."""
+    local = _local_path(store)
+    buffer = io.StringIO()
+    log = buffer
+    if local is not None:
+        Path(local).mkdir(parents=True, exist_ok=True)
+        log = open(Path(local, "emdask.log"), "a")  # noqa: SIM115 - closed below
+    log.write(f"\n== emdask run, {_now()}\n")
+    tee = _LogTee(sys.stderr, log)
+    try:
+        with contextlib.redirect_stderr(tee):
+            yield
+    except BaseException as err:
+        log.write(f"failed: {type(err).__name__}: {err}\n")
+        raise
+    finally:
+        log.flush()
+        if local is None:
+            with contextlib.suppress(Exception):  # the log must not hide the run's error
+                old = get_bytes(store, "emdask.log") if _list(store, "") else b""
+                put_bytes(store, "emdask.log", old + buffer.getvalue().encode())
+        else:
+            log.close()
+
+
+def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> str:
+    """What a run would do: its stages with blocks, outputs and their sizes, and the
+    memory a task needs (estimates), as text (``emdask run CONFIG --dry-run``)."""
+    from emdask.watershed import HALO
+
+    checked = checked or _preflight(cfg, stages)
+    vol = checked.vol
+    shape = tuple(int(n) for n in vol.shape)
+    grid = Grid(shape, _chunks(cfg, checked.factor))
+    n_vox, block_vox = float(np.prod(shape)), float(np.prod(grid.chunks))
+    done = (checked.existing or {}).get("stages", {})
+    thresholds = cfg.segment.thresholds
+
+    def size(nbytes: float) -> str:
+        for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+            if nbytes >= scale:
+                return f"{nbytes / scale:.1f} {unit}"
+        return f"{nbytes / 1e3:.1f} kB"
+
+    def net_task(model) -> float:
+        padded = [c + 2 * h for c, h in zip(grid.chunks, model.halo, strict=True)]
+        return model.inference_bytes(padded) + 8 * float(np.prod(padded))
+
+    lines = [f"emdask run plan ({'dry run: nothing is computed or written'})",
+             f"  input    {vol.attrs['source']}: {shape} voxels (z, y, x) at "
+             f"{tuple(vol.attrs['voxel_size'])} nm, {vol.dtype}"
+             + (f", region of interest from voxel {list(checked.roi_begin)}"
+                if cfg.input.roi else ""),
+             f"  output   {cfg.output.path}"
+             + (" (exists: " + (", ".join(k for k, v in done.items() if v.get("finished"))
+                                or "no stage finished") + ")" if checked.existing else " (new)"),
+             f"  blocks   {len(grid)} of {grid.chunks} voxels ({grid.counts} per axis)",
+             f"  intensity {cfg.input.intensity!r}",
+             "  stages:"]
+    memory = {}
+    for stage in stages:
+        status = "done" if done.get(stage, {}).get("finished") else "to run"
+        if stage == "align":
+            if cfg.align is None:
+                continue
+            what, memory[stage] = "fields (global solve), then aligned/ and defects/", 0.8e9
+        elif stage == "predict":
+            model = checked.model
+            what = (f"{cfg.predict.model} net (halo {model.halo}) -> affinities/ "
+                    f"{size(len(model.config.offsets) * n_vox * np.dtype(cfg.predict.dtype).itemsize)}")
+            memory[stage] = net_task(model)
+        elif stage == "watershed":
+            what = "block basins and region graphs -> _emdask/basins"
+            memory[stage] = 40.0 * float(np.prod([c + 2 * HALO for c in grid.chunks]))
+        elif stage == "agglomerate":
+            what = f"one global solve, thresholds {thresholds}"
+            memory[stage] = 7.5 * n_vox  # the global graph: 7.5 GB per gigavoxel measured
+        elif stage == "relabel":
+            what = (f"-> fragments/ and {len(thresholds)} segmentation(s), uint64, "
+                    f"{size(8 * n_vox * (1 + len(thresholds)))}")
+            memory[stage] = (12.0 + 8 * (1 + len(thresholds))) * block_vox
+        elif stage == "synapses":
+            if cfg.synapses is None:
+                continue
+            s = cfg.synapses
+            what = (f"{s.model} net -> synapse_probabilities/, objects (threshold "
+                    f"{s.threshold}, min size {s.min_size}), partners within {s.radius}")
+            memory[stage] = net_task(checked.synapse_model)
+        else:
+            what = ("scores against " + cfg.evaluate.url if cfg.evaluate else "no ground "
+                    "truth: figure only")
+            memory[stage] = 24.0 * n_vox if cfg.evaluate else 0.0
+        lines.append(f"    {stage:<12} {status:<7} {what}"
+                     + (f"; ~{size(memory[stage])} per task" if memory[stage] else ""))
+    c = cfg.cluster
+    workers = (f"{c.n_workers or 'one per core'} worker(s) x {c.threads_per_worker} thread(s)"
+               if c.kind == "local" else f"{c.kind} jobs ({c.minimum_jobs}-{c.maximum_jobs})")
+    if memory:
+        largest = max(memory, key=memory.get)
+        lines.append(f"  cluster  {c.kind}: {workers}, memory limit {c.memory_limit}; a worker "
+                     f"needs about {size(memory[largest])} per thread (largest task: "
+                     f"{largest}; estimates)")
+    return "\n".join(lines)
 
 
 def _expand(stages: Sequence[str] | None) -> list[str]:
@@ -1141,21 +1465,17 @@ def _expand(stages: Sequence[str] | None) -> list[str]:
     return [s for s in STAGES if s in out]
 
 
-def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
-    from emdask.predict import _check_voxel_size
+def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _Checked
+         ) -> dict:
     from emdask.volumes import create_volume
 
-    full, vol, roi_begin = _input(cfg)
+    full, vol, roi_begin, model = checked.full, checked.vol, checked.roi_begin, checked.model
     shape = tuple(int(n) for n in vol.shape)
     voxel_size, offset = vol.attrs["voxel_size"], vol.attrs["offset"]
     store = cfg.output.path
     root = _open_root(store)
     timings = {}
-    model = None
-    if "predict" in stages or not _has(root, "affinities"):
-        model = _model(cfg.predict.model, "cpu")
-    factor = model.factor if model is not None else tuple(
-        root.attrs["emdask"]["factor"])
+    factor = checked.factor
     grid = Grid(shape, _chunks(cfg, factor))
     meta = dict(root.attrs.get("emdask", {}))
     meta.update({"config": asdict(cfg), "factor": list(factor),
@@ -1185,12 +1505,10 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
                 create_volume(store, "affinities", (len(model.config.offsets), *shape),
                               cfg.predict.dtype, grid.chunks, voxel_size, offset,
                               attrs={"offsets": [list(o) for o in model.config.offsets]})
-            if cfg.predict.check_voxel_size:
-                _check_voxel_size(voxel_size, model, vol.attrs["source"])
             source, begin, mask, name = _raw(cfg, root, full, roi_begin)
             pctx = _Context(store, grid, source=source, roi_begin=begin, predict=cfg.predict,
                             segment=cfg.segment, generation=ctx.generation, mask=mask,
-                            source_name=name)
+                            source_name=name, intensity=_intensity(cfg, root, vol, model))
             _run_blocks(client, pctx, stage, _predict_task, cfg.cluster)
         elif stage == "watershed":
             if not _has(root, "_emdask/basins"):
@@ -1210,7 +1528,8 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client) -> dict:
                 print("  synapses: no [synapses] model configured; skipped", file=sys.stderr)
                 extra = {"skipped": True}
             else:
-                extra = _synapses(client, ctx, cfg, full, vol, roi_begin)
+                extra = _synapses(client, ctx, cfg, full, vol, roi_begin,
+                                  checked.synapse_model)
         elif stage == "report":
             extra = {"scores": _report(cfg, vol, roi_begin)}
         timings[stage] = time.perf_counter() - t0

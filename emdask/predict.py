@@ -12,30 +12,143 @@ zeros (black) beyond its borders, as in training.
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
 
 from emdask.affinities import mask_affinities
-from emdask.models import AffinityUNet
+from emdask.models import AffinityUNet, card_defaults
 from emdask.volumes import as_volume
 
-__all__ = ["normalize_raw", "predict_affinities", "predict_synapses"]
+__all__ = ["data_percentiles", "intensity_range", "normalize_raw", "predict_affinities",
+           "predict_synapses"]
 
 
-def normalize_raw(raw: np.ndarray) -> np.ndarray:
-    """EM intensities as float32 in [0, 1] (integers scaled by their dtype's maximum);
-    pixels without data in a float stack (NaN or inf) become 0, black, like the missing
-    sections of training (a NaN would spread over the net's whole field of view)."""
+# Intensity: every input is mapped to the net's input scale, [0, 1] as uint8 EM / 255 in
+# training.  A model card's ``intensity`` records the percentiles of its training data on
+# that scale; a volume is mapped so that its own percentiles land there (robust to 12-bit
+# data in uint16, floats in [0, 255], signed integers...).  The mapping is an intensity
+# range ``(lo, hi)``: the data values taken for black (0) and white (1).
+PERCENTILES = (1.0, 99.0)
+
+
+def _sample_blocks(data: da.Array, n_blocks: int) -> np.ndarray:
+    """Values of up to ``n_blocks`` of a Dask array's blocks spread evenly over it (the
+    same blocks for the same chunking, whatever the dtype)."""
+    n = int(np.prod(data.numblocks))
+    picks = np.unique(np.linspace(0, n - 1, min(n, n_blocks)).round().astype(int))
+    blocks = [data.blocks[np.unravel_index(i, data.numblocks)] for i in picks]
+    values = np.concatenate([np.ravel(b) for b in dask.compute(*blocks)])
+    return values[np.isfinite(values)] if values.dtype.kind == "f" else values
+
+
+def data_percentiles(raw: Any, percentiles=PERCENTILES, n_blocks: int = 16
+                     ) -> tuple[float, float]:
+    """The ``percentiles`` of a volume's intensities, estimated from ``n_blocks`` of its
+    chunks (pixels without data, NaN or inf, left out)."""
+    data = raw.data if isinstance(raw, xr.DataArray) else raw
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=-1)
+    where = raw.attrs.get("source", "raw") if isinstance(raw, xr.DataArray) else "raw"
+    if data.size == 0:
+        raise ValueError(f"{where}: the volume is empty (shape {data.shape})")
+    values = _sample_blocks(data, n_blocks)
+    if values.size == 0:
+        raise ValueError(f"{where}: the volume holds no finite intensities (all NaN or inf)")
+    lo, hi = np.percentile(values.astype(np.float64), percentiles)
+    return float(lo), float(hi)
+
+
+def dtype_range(dtype) -> tuple[float, float]:
+    """Black and white by dtype alone: integers 0 to their maximum, floats 0 to 1."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        return 0.0, float(np.iinfo(dtype).max)
+    return 0.0, 1.0
+
+
+def intensity_range(raw: Any, model: AffinityUNet | None = None,
+                    intensity: str | Sequence[float] = "auto",
+                    percentiles: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The data values a net takes for black (0) and white (1).
+
+    Parameters
+    ----------
+    raw
+        The EM volume (DataArray, Dask or numpy array).
+    model
+        The net whose model card's ``intensity`` (the percentiles of its training data on
+        its input scale) the data are mapped to.
+    intensity
+        ``"auto"``: map the volume's 1st and 99th percentiles (from a sample of its
+        chunks) to the card's (uint8 data by dtype where the card records none);
+        ``"dtype"``: integers from 0 to their dtype's maximum, floats from 0 to 1;
+        ``(lo, hi)``: these data values are black and white.
+    percentiles
+        The volume's percentiles at the card's, if already known (as a run records them).
+
+    A warning names the problem when a range asked for by dtype or given by hand leaves
+    the data's 1-99% range far outside it or squeezed into a small part of it.
+    """
+    dtype = raw.dtype
+    where = raw.attrs.get("source", "raw") if isinstance(raw, xr.DataArray) else "raw"
+    card = (getattr(model, "card", None) or {}).get("intensity") if model else None
+    if isinstance(intensity, str):
+        if intensity not in ("auto", "dtype"):
+            raise ValueError(f"intensity must be 'auto', 'dtype' or [black, white], got "
+                             f"{intensity!r}")
+        if intensity == "auto" and card:
+            p = percentiles or data_percentiles(raw, card["percentiles"])
+            a, b = card["values"]
+            if p[1] <= p[0]:
+                raise ValueError(f"{where}: the volume's intensities are constant ({p[0]:g}) "
+                                 "in the sampled chunks: nothing to segment")
+            scale = (b - a) / (p[1] - p[0])  # data units -> net input units
+            lo = p[0] - a / scale
+            return float(lo), float(lo + 1 / scale)
+        if intensity == "auto":  # a net without a card's percentiles trained on uint8 / 255
+            if np.dtype(dtype) != np.uint8:
+                warnings.warn(f"{where}: the model card records no intensity percentiles; "
+                              f"{np.dtype(dtype)} data mapped by dtype", stacklevel=2)
+            return dtype_range(dtype)
+        lo, hi = dtype_range(dtype)
+    else:
+        values = np.asarray(intensity, dtype=np.float64).ravel()
+        if values.size != 2 or not np.all(np.isfinite(values)) or values[1] <= values[0]:
+            raise ValueError(f"intensity range must be [black, white] with black < white, "
+                             f"got {list(intensity)}")
+        lo, hi = float(values[0]), float(values[1])
+    p = percentiles or data_percentiles(raw, PERCENTILES)
+    span = (p[1] - p[0]) / (hi - lo)
+    if p[0] < lo - 0.1 * (hi - lo) or p[1] > hi + 0.1 * (hi - lo) or span < 0.2:
+        warnings.warn(
+            f"{where}: {np.dtype(dtype)} data with 1-99% of intensities in [{p[0]:g}, "
+            f"{p[1]:g}] mapped from [{lo:g}, {hi:g}] ({span:.0%} of the net's input range): "
+            "the range looks wrong for these data; use intensity='auto' or give "
+            "[black, white]", stacklevel=2)
+    return lo, hi
+
+
+def normalize_raw(raw: np.ndarray, intensity_range: Sequence[float] | None = None
+                  ) -> np.ndarray:
+    """EM intensities as the net's float32 input in [0, 1]: ``(raw - black) / (white -
+    black)``, clipped, with ``intensity_range = (black, white)`` (default: by dtype,
+    :func:`dtype_range`).  Pixels without data in a float stack (NaN or inf) become 0,
+    black, like the missing sections of training (a NaN would spread over the net's
+    field of view)."""
     raw = np.asarray(raw)
-    if np.issubdtype(raw.dtype, np.integer):
-        return raw.astype(np.float32) / np.float32(np.iinfo(raw.dtype).max)
-    x = raw.astype(np.float32)
+    lo, hi = dtype_range(raw.dtype) if intensity_range is None else intensity_range
+    # float64 for the affine map, so that data that differ by an affine map of their own
+    # (uint8 and uint16 x 257, int16, floats) give the same float32 input
+    x = (raw.astype(np.float64) - lo) * (1.0 / (hi - lo))
     x[~np.isfinite(x)] = 0
-    return x
+    return np.clip(x, 0.0, 1.0, out=x).astype(np.float32)
 
 
 def _run_net(model: AffinityUNet, x: np.ndarray, device: str, patch, batch_size: int
@@ -80,10 +193,17 @@ def _run_net(model: AffinityUNet, x: np.ndarray, device: str, patch, batch_size:
 
 
 def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
-                   batch_size: int, out_dtype) -> np.ndarray:
+                   batch_size: int, out_dtype, intensity: Sequence[float] | None = None,
+                   inside: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The net's output for the centre of ``block`` (the block plus the net's halo).
+    ``inside``: the part of the block inside the volume; the rest is made black after
+    normalization (raw zeros need not be black once intensities are mapped)."""
     halo = np.array(model.halo)
     factor = np.array(model.factor)
-    x = normalize_raw(block)
+    x = normalize_raw(block, intensity)
+    if inside is not None:
+        x = np.pad(x[inside], [(s.start, n - s.stop) for s, n in zip(inside, x.shape,
+                                                                     strict=True)])
     inner = np.array(x.shape) - 2 * halo
     # pad the end to a multiple of the factor (beyond the volume: black, as in training)
     extra = (-np.array(x.shape)) % factor
@@ -95,6 +215,21 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
     if out_dtype == np.uint8:
         return np.rint(y * 255).astype(np.uint8)
     return y
+
+
+def check_size(shape: Sequence[int], model: AffinityUNet, where: str = "raw") -> None:
+    """Refuse a volume the net cannot predict sensibly: an empty one, or one smaller than
+    half the net's field-of-view radius on an axis (every prediction would then be made
+    mostly from the zero padding beyond the volume)."""
+    shape = tuple(int(n) for n in shape)
+    if not shape or min(shape) == 0:
+        raise ValueError(f"{where}: the volume is empty (shape {shape})")
+    need = tuple(-(-int(r) // 2) for r in model.field_of_view)
+    if any(n < m for n, m in zip(shape[-3:], need, strict=True)):
+        raise ValueError(
+            f"{where}: the volume (shape {shape}) is smaller than the net needs: at least "
+            f"{need} voxels (z, y, x; half its field-of-view radius {model.field_of_view}), "
+            "or its predictions come mostly from the padding beyond the volume")
 
 
 def _check_voxel_size(voxel_size, model: AffinityUNet, where: str) -> None:
@@ -130,6 +265,7 @@ def predict_affinities(
     batch_size: int = 1,
     check_voxel_size: bool = True,
     mask: Any = None,
+    intensity: str | Sequence[float] = "auto",
 ) -> xr.DataArray:
     """Predict affinities for a (lazy) EM volume, chunk by chunk.
 
@@ -154,18 +290,26 @@ def predict_affinities(
         Optional (z, y, x) boolean volume of missing data (the mask of
         :func:`emdask.detect_defects`): nearest-neighbour affinities of edges that touch it
         are set to 0, so segmentation leaves it as background.
+    intensity
+        How intensities map to the net's input (:func:`intensity_range`): ``"auto"``
+        (default) maps the volume's 1st-99th percentiles to those of the model's training
+        data, so uint16 (12-bit or full), signed and float data work as their uint8
+        equivalent; ``"dtype"``; or ``(black, white)`` data values.
 
     Returns
     -------
     xarray.DataArray
         Lazy affinities (c, z, y, x), one channel per model offset (the first 3 are the
         nearest neighbours), with the input's coordinates.  A model trained on 2-D labels
-        only (``config.planar``) gives 0 for offsets across sections.
+        only (``config.planar``) gives 0 for offsets across sections.  Attrs carry the
+        ``intensity_range`` used and the model card's ``threshold`` (the default of
+        :func:`emdask.segment`).
     """
     if model.config.target != "affinities":
         raise ValueError(f"this model predicts {model.config.target}, not affinities; use "
                          f"predict_{model.config.target}")
-    affs = _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size)
+    affs = _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size,
+                    intensity)
     if mask is None:
         return affs
     nearest = mask_affinities(affs.data[:3], mask)
@@ -176,16 +320,16 @@ def predict_synapses(raw: Any, model: AffinityUNet | None = None, **kwargs) -> x
     """Synapse probabilities (z, y, x) for a (lazy) EM volume, chunk by chunk, with a net
     trained with ``target = "synapses"`` (arguments as :func:`predict_affinities`).
 
-    By default the shipped ``"synapses"`` model (ssTEM at 50 x 4.6 x 4.6 nm, trained on the
-    larval VNC masks of Gerhard et al. 2013: its weights are for non-commercial use only,
-    CC BY-NC-SA 3.0).  Train your own with ``emdask train`` (``target = "synapses"``)."""
+    There is no default model: the shipped detector (ssTEM at 50 x 4.6 x 4.6 nm, trained
+    on the larval VNC masks of Gerhard et al. 2013) carries their non-commercial licence,
+    CC BY-NC-SA 3.0, so it is taken only on purpose:
+    ``pretrained("synapses", accept_licence=True)``.  Or train your own with
+    ``emdask train`` (``target = "synapses"``).  The result's attrs carry the model card's
+    operating point (``threshold``, ``min_size``, ``radius``), the defaults of
+    :func:`emdask.find_synapses` and :func:`emdask.assign_partners`."""
     if model is None:
-        from emdask.models import available_models, pretrained
-
-        if "synapses" not in available_models():
-            raise ValueError("no shipped synapse model yet: train one (emdask train with "
-                             '[model] target = "synapses") and pass it as model=')
-        model = pretrained("synapses")
+        raise ValueError('give a synapse model: pretrained("synapses", accept_licence=True) '
+                         "(CC BY-NC-SA 3.0, non-commercial use only) or one you trained")
     if model.config.target != "synapses":
         raise ValueError("this model predicts affinities, not synapses; use "
                          "predict_affinities")
@@ -193,7 +337,7 @@ def predict_synapses(raw: Any, model: AffinityUNet | None = None, **kwargs) -> x
 
 
 def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
-             batch_size=1, check_voxel_size=True) -> xr.DataArray:
+             batch_size=1, check_voxel_size=True, intensity="auto") -> xr.DataArray:
     if dtype not in ("float32", "uint8"):
         raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
     out_dtype = np.dtype(dtype)
@@ -203,11 +347,16 @@ def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
         raise ValueError(f"raw must be 3-D (z, y, x), got dims {raw.dims}")
     if check_voxel_size:
         _check_voxel_size(raw.attrs["voxel_size"], model, raw.attrs.get("source", "raw"))
+    check_size(raw.shape, model, raw.attrs.get("source", "raw"))
+    black_white = intensity_range(raw, model, intensity)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model.training or next(model.parameters()).device != torch.device(device):
         model = copy.deepcopy(model).to(device).eval()  # the caller's model stays as it was
     factor, halo = np.array(model.factor), np.array(model.halo)
-    data = raw.data
+    data = raw.data if isinstance(raw.data, da.Array) else da.from_array(raw.data, chunks=-1)
+    # normalized before anything is padded on: beyond the volume is black on the net's
+    # scale, whatever the data's raw zero maps to
+    data = data.map_blocks(normalize_raw, black_white, dtype=np.float32)
     shape = data.shape
     if chunks is None:
         chunks = data.chunksize
@@ -220,7 +369,7 @@ def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
                                 boundary=0)
     n_out = model.config.n_outputs
     affs = padded.map_blocks(
-        _predict_block, model, device, patch, batch_size, out_dtype,
+        _predict_block, model, device, patch, batch_size, out_dtype, (0.0, 1.0),
         new_axis=0, dtype=out_dtype,
         # Dask merges chunks smaller than the halo, so take the grid from the padded array
         chunks=((n_out,), *(tuple(c - 2 * int(h) for c in cs)
@@ -229,6 +378,8 @@ def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
     )
     affs = affs[(slice(None), *(slice(0, n) for n in shape))]
     attrs = {k: v for k, v in raw.attrs.items() if k != "source"}
+    attrs["intensity_range"] = list(black_white)
+    attrs.update(card_defaults(model))
     if model.config.target == "affinities":
         attrs["offsets"] = [list(o) for o in model.config.offsets]
     return xr.DataArray(affs, dims=("c", "z", "y", "x"),

@@ -242,21 +242,25 @@ def _as_affinities(affinities: Any) -> tuple[da.Array, xr.DataArray | None]:
         raise ValueError(
             f"affinities must be 4-D (3, z, y, x), got {data.ndim}-D shape {data.shape}"
         )
+    if min(data.shape[1:]) == 0:
+        raise ValueError(f"affinities are empty (shape {data.shape})")
     if data.shape[0] != 3:
         raise ValueError(
             f"affinities must have 3 nearest-neighbour channels (z, y, x), got {data.shape[0]}"
             " (for a net with long-range outputs pass affinities[:3])"
         )
-    if not (np.issubdtype(data.dtype, np.floating) or data.dtype in (np.uint8, np.uint16)):
+    if not (np.issubdtype(data.dtype, np.floating) or data.dtype == np.uint8):
+        # uint16 too: its scale is the writer's choice (x65535? x1000?), so it is not guessed
         raise ValueError(
             f"affinities must be float in [0, 1] or uint8 (scaled by 1/255), got {data.dtype}"
+            "; convert them, e.g. affs.astype('float32') / scale"
         )
     return data.rechunk({0: -1}), template
 
 
 def segment(
     affinities: Any,
-    thresholds: Sequence[float],
+    thresholds: Sequence[float] | None = None,
     *,
     low: float = 0.0001,
     high: float = 0.9999,
@@ -279,7 +283,9 @@ def segment(
         between ``v`` and ``v - e_d``.  The Dask chunks are the blocks.
     thresholds
         Strictly increasing agglomeration thresholds (merge costs, 1 - affinity score);
-        one segmentation per threshold, from one pass over the graph.
+        one segmentation per threshold, from one pass over the graph.  Default: the
+        model card's threshold (the ``threshold`` attr of
+        :func:`emdask.predict_affinities`' result).
     low, high, size_threshold, merge_threshold, dust_size
         Watershed parameters, see :class:`emdask.watershed.WatershedParams`.
     score
@@ -312,6 +318,12 @@ def segment(
     >>> np.unique(seg.compute()).tolist()
     [1, 2]
     """
+    if thresholds is None:
+        card = getattr(affinities, "attrs", {}).get("threshold")
+        if card is None:
+            raise ValueError("give thresholds: these affinities carry no model card's "
+                             "threshold (they were not made by predict_affinities)")
+        thresholds = [card]
     data, template = _as_affinities(affinities)
     if mask is not None:
         data = mask_affinities(data, mask)

@@ -100,10 +100,28 @@ def _relabel(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return _apply_luts(_components(mask), lut, [0, lut.shape[1]], 0)[0]
 
 
+def _operating_point(data: Any, key: str, value: Any) -> Any:
+    """``value``, or where it is None the model card's: that of the net that made ``data``
+    (the attrs of :func:`emdask.predict_synapses`' result, carried on by
+    :func:`find_synapses`), else the shipped synapse detector's."""
+    if value is not None:
+        return value
+    attrs = data.attrs if isinstance(data, xr.DataArray) else {}
+    if key in attrs:
+        return attrs[key]
+    from emdask.models import shipped_operating_point
+
+    shipped = shipped_operating_point("synapses")
+    if key not in shipped:
+        raise ValueError(f"give {key}: these synapses carry no model card's {key} and the "
+                         "shipped synapse detector's card is not installed")
+    return shipped[key]
+
+
 def find_synapses(
     probabilities: Any,
-    threshold: float = 0.5,
-    min_size: int = 50,
+    threshold: float | None = None,
+    min_size: int | None = None,
     voxel_size: tuple[float, float, float] | None = None,
 ) -> tuple[xr.DataArray, pd.DataFrame]:
     """Synapse objects from a synapse probability map (or a binary mask), blockwise.
@@ -114,9 +132,11 @@ def find_synapses(
         (z, y, x) DataArray, Dask or numpy array: floats in [0, 1], uint8 (x 255) or bool.
         The Dask chunks are the blocks.
     threshold
-        Voxels with probability >= threshold are synaptic.
+        Voxels with probability >= threshold are synaptic.  Default: the model card's
+        (the attrs of :func:`emdask.predict_synapses`' result).
     min_size
         Objects smaller than this many voxels (summed over all blocks) are dropped.
+        Default: the model card's.
     voxel_size
         nm per voxel, for the table's centroids (default: the DataArray's, else 1).
 
@@ -136,6 +156,11 @@ def find_synapses(
         data = da.from_array(np.asarray(data), chunks=-1)
     if data.ndim != 3:
         raise ValueError(f"synapse probabilities must be 3-D (z, y, x), got shape {data.shape}")
+    threshold = 1.0 if data.dtype == bool else _operating_point(probabilities, "threshold",
+                                                                 threshold)
+    min_size = _operating_point(probabilities, "min_size", min_size)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.number):
+        raise TypeError(f"threshold must be a number, got {threshold!r}")
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if data.dtype == np.uint8:
@@ -173,8 +198,9 @@ def find_synapses(
         "end": pd.Series([tuple(map(int, e)) for e in hi.T], dtype=object),
     })
     coords = template.coords if template is not None else None
+    carried = {k: attrs[k] for k in ("radius",) if k in attrs}  # for assign_partners
     return (xr.DataArray(labels, dims=("z", "y", "x"), coords=coords,
-                         attrs={"voxel_size": tuple(vs), "offset": tuple(offset)},
+                         attrs={"voxel_size": tuple(vs), "offset": tuple(offset)} | carried,
                          name="synapses"), table)
 
 
@@ -454,7 +480,7 @@ def _partner_contacts(synapses: Any, segmentation: Any, radius, voxel_size
                          f"{np.shape(seg)}")
     if len(np.shape(syn)) != 3:
         raise ValueError(f"synapses must be 3-D (z, y, x), got shape {np.shape(syn)}")
-    radius = tuple(int(r) for r in radius)
+    radius = tuple(int(r) for r in _operating_point(synapses, "radius", radius))
     if len(radius) != 3 or min(radius) < 0 or max(radius[1:]) == 0:
         raise ValueError(f"radius must be 3 voxel counts (z, y, x), >= 0, with y or x > 0, "
                          f"got {radius}")
@@ -501,7 +527,7 @@ def _partner_contacts(synapses: Any, segmentation: Any, radius, voxel_size
 
 
 def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None = None,
-                    radius: tuple[int, int, int] = (0, 3, 3),
+                    radius: tuple[int, int, int] | None = None,
                     voxel_size: tuple[float, float, float] | None = None) -> pd.DataFrame:
     """The segments each synapse touches, ranked by contact.
 
@@ -525,6 +551,7 @@ def assign_partners(synapses: Any, segmentation: Any, table: pd.DataFrame | None
         The synapse table to extend (default: one row per synapse id found).
     radius
         Voxels (z, y, x) around a synapse searched for partners; y or x must be > 0.
+        Default: the model card's (carried by :func:`find_synapses`' labels).
     voxel_size
         nm per voxel, for the synapses' normals (default: the synapses DataArray's, else
         isotropic).  With sections at least twice as thick as the pixels, sides are taken

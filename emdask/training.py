@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,7 +53,7 @@ from emdask.affinities import BACKGROUNDS, affinities_from_labels
 from emdask.augment import AugmentConfig, augment
 from emdask.config import from_dict, read_file
 from emdask.models import AffinityUNet, ModelConfig, save_model
-from emdask.predict import normalize_raw
+from emdask.predict import PERCENTILES, normalize_raw
 
 __all__ = ["PatchSampler", "TrainConfig", "VolumeSpec", "load_config", "train"]
 
@@ -169,6 +170,16 @@ def _partner_example(raw, labels, pair, start, size, attention):
     return raw[sl], code
 
 
+def card_intensity(volumes: list[np.ndarray], weights=None) -> dict:
+    """The intensity percentiles (:data:`emdask.predict.PERCENTILES`) of training volumes
+    on the net's input scale (:func:`emdask.predict.normalize_raw` by dtype), as a model
+    card records them: their mean over the volumes, with ``weights``."""
+    values = np.array([np.percentile(normalize_raw(v[:: max(1, v.shape[0] // 16)]),
+                                     PERCENTILES) for v in volumes])
+    mean = np.average(values, axis=0, weights=weights)
+    return {"percentiles": list(PERCENTILES), "values": [round(float(v), 5) for v in mean]}
+
+
 class PatchSampler:
     """Random augmented patches and their affinity targets; a seed fixes the sequence."""
 
@@ -196,6 +207,13 @@ class PatchSampler:
             if np.any(np.array(raw.shape) < need):
                 raise ValueError(f"{spec.url}: volume {raw.shape} smaller than patch plus "
                                  f"margin {need.tolist()}")
+
+    @functools.cached_property
+    def intensity(self) -> dict:
+        """The model card's ``intensity``: the 1st and 99th percentiles of the training
+        volumes' intensities on the net's input scale, averaged with the sampling weights
+        (inference maps every volume's own percentiles there)."""
+        return card_intensity([raw for raw, _ in self.data], self.p)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One (raw (1,z,y,x), target (C,z,y,x), mask (C,z,y,x)) example."""
@@ -375,6 +393,8 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sampler = PatchSampler(config.volumes, config.patch, config.model, config.augment,
                            config.seed)
+    # validation maps intensities as users of the shipped model will (its card's record)
+    model.card = {"intensity": sampler.intensity}
     ckpt, log_path = out / "checkpoint.pt", out / "log.csv"
     start, elapsed, smooth = 0, 0.0, None
     if ckpt.exists():
@@ -431,8 +451,9 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
                         "elapsed": now, "smooth_loss": smooth,
                         "config": dataclasses.asdict(model.config)}, tmp)
             tmp.replace(ckpt)  # atomic: a crash never leaves a half-written checkpoint
-            save_model(model.eval(), out / "model.pt", card={"iterations": it,
-                                                             "train_seconds": round(now)})
+            save_model(model.eval(), out / "model.pt", card={
+                "iterations": it, "train_seconds": round(now),
+                "intensity": sampler.intensity})
             _plot(log_path, out / "curves.png")
             print(f"it {it}: loss {smooth:.4f}, {now / 60:.1f} min", flush=True)
         if done:

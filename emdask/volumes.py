@@ -189,14 +189,15 @@ class _TiffSource:
         return img
 
     def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
         zs, rest = key[0], key[1:]
+        if isinstance(zs, int | np.integer):  # one section: its axis is dropped, as numpy does
+            return self._section(int(zs) % self.shape[0])[rest]
         idx = range(*zs.indices(self.shape[0]))
-        out = np.stack([self._section(z)[rest] for z in idx]) if len(idx) else None
-        if out is None:
-            ys = range(*rest[0].indices(self.shape[1]))
-            xs = range(*rest[1].indices(self.shape[2]))
-            out = np.zeros((0, len(ys), len(xs)), self.dtype)
-        return out
+        if len(idx):
+            return np.stack([self._section(z)[rest] for z in idx])
+        return np.zeros((0, *np.empty(self.shape[1:], bool)[rest].shape), self.dtype)
 
 
 def _plain(value: Any) -> Any:
@@ -297,6 +298,19 @@ def stored_source(volume: xr.DataArray) -> Any | None:
     unchanged = (isinstance(volume.data, da.Array)
                  and volume.encoding.get("dask_name") == volume.data.name)
     return source if unchanged else None
+
+
+def box_inside(shape: Sequence[int], begin: Sequence[int], end: Sequence[int],
+               halo: Sequence[int] = (0, 0, 0)) -> tuple[slice, ...]:
+    """The part of the box ``[begin - halo, end + halo)`` that lies inside an array of
+    ``shape`` (z, y, x), as slices of the box (what :func:`read_box` reads; the rest it
+    pads)."""
+    out = []
+    for b, e, h, n in zip(begin, end, halo, shape, strict=True):
+        lo, hi = int(b) - int(h), int(e) + int(h)
+        first = min(max(lo, 0), n)
+        out.append(slice(first - lo, max(min(hi, n), first) - lo))
+    return tuple(out)
 
 
 def read_box(source: Any, begin: Sequence[int], end: Sequence[int],

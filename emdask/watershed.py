@@ -297,8 +297,10 @@ def basins(
     Parameters
     ----------
     quantized
-        uint16 affinities (3, z, y, x) of the block plus ``halo`` voxels on each side (any
-        values where the halo lies outside the volume: those edges are ignored).
+        Affinities (3, z, y, x) of the block plus ``halo`` voxels on each side (any
+        values where the halo lies outside the volume: those edges are ignored): float in
+        [0, 1] or uint8 (x 255), quantized here by :func:`quantize_affinities`, or uint16
+        already quantized (65535 = 1).
     origin
         Global voxel index of the block's first voxel.
     shape
@@ -314,6 +316,12 @@ def basins(
         Global linear index of each basin's first (lowest-index) voxel in the block.
     """
     low, high = params.quantized()
-    w = _usable_weights(np.asarray(quantized), origin, shape, halo, low, high)
+    quantized = np.asarray(quantized)
+    if quantized.dtype != np.uint16:
+        quantized = quantize_affinities(quantized, "basins")
+    if quantized.ndim != 4 or quantized.shape[0] != 3:
+        raise ValueError(f"basins: affinities must be (3, z, y, x), got shape "
+                         f"{quantized.shape}")
+    w = _usable_weights(quantized, origin, shape, halo, low, high)
     return _basins_kernel(w, np.asarray(origin, np.int64), np.asarray(shape, np.int64),
                           int(halo), high, int(halo) - 3)

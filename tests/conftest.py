@@ -27,3 +27,17 @@ def shared_file():
         return str(path)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A small untrained net: tests that use it check the machinery, not the accuracy."""
+    import torch
+
+    from emdask.models import AffinityUNet, ModelConfig, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(AffinityUNet(ModelConfig(width=4, downsample=[[1, 2, 2]],
+                                        voxel_size=[10.0, 10.0, 10.0])), path)
+    return str(path)

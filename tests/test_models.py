@@ -55,8 +55,9 @@ def test_tiled_prediction_equals_untiled():
     m = _model()
     raw = as_volume(np.random.default_rng(1).random((8, 90, 90)).astype(np.float32),
                     (40, 4, 4))
-    a = predict_affinities(raw, m, chunks=raw.shape).values
-    b = predict_affinities(raw, m, chunks=raw.shape, patch=(24, 64, 64), batch_size=3).values
+    a = predict_affinities(raw, m, chunks=raw.shape, intensity="dtype").values
+    b = predict_affinities(raw, m, chunks=raw.shape, patch=(24, 64, 64), batch_size=3,
+                           intensity="dtype").values
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
@@ -71,13 +72,13 @@ def test_uint8_output_and_missing_section():
     flt = raw / np.float32(255)
     flt[3] = np.nan
     np.testing.assert_array_equal(
-        predict_affinities(as_volume(flt, (40, 4, 4)), m, dtype="uint8").values, out.values)
+        predict_affinities(as_volume(flt, (40, 4, 4)), m, dtype="uint8", intensity="dtype").values, out.values)
 
 
 def test_prediction_leaves_the_callers_model_as_it_was():
     m = _model().train()
     raw = np.random.default_rng(3).random((8, 24, 24), np.float32)
-    predict_affinities(as_volume(raw, (40, 4, 4)), m).compute()
+    predict_affinities(as_volume(raw, (40, 4, 4)), m, intensity="dtype").compute()
     assert m.training  # not switched to eval mode (or moved to another device) under it
 
 

@@ -33,16 +33,6 @@ from emdask.predict import predict_affinities
 THREADS = {"processes": False, "n_workers": 2}  # fast to start; processes where it matters
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A small untrained net: these tests check the machinery, not the accuracy."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(AffinityUNet(ModelConfig(width=4, downsample=[[1, 2, 2]],
-                                        voxel_size=[10.0, 10.0, 10.0])), path)
-    return str(path)
-
-
 def _config(tmp_path, model, name="out", chunks=(16, 64, 64), roi=((0, 0, 0), (40, 160, 160)),
             cluster=None, **segment):
     return {
