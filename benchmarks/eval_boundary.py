@@ -99,13 +99,20 @@ def main() -> None:
     parser.add_argument("--ship", help="copy into emdask/weights/NAME.pt with a model card")
     parser.add_argument("--note", default="never trained on",
                         help="what the model card says of the validation region")
+    parser.add_argument("--intensity", default="auto", help="'auto' (the default users "
+                        "get), 'dtype', or 'BLACK,WHITE' (emdask.intensity_range)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "uint8"],
+                        help="affinities as stored (the pipeline's default is uint8)")
     args = parser.parse_args()
     cfg = load_config(args.config)
     model = load_model(args.model)
     raw, gt, vol = _load(cfg.validation)
     t = time.perf_counter()
+    intensity = ([float(v) for v in args.intensity.split(",")] if "," in args.intensity
+                 else args.intensity)
     affs = predict_affinities(as_volume(raw, vol.attrs["voxel_size"]), model,
-                              chunks=raw.shape)[:3].values
+                              chunks=raw.shape, intensity=intensity,
+                              dtype=args.dtype)[:3].values
     predict_s = time.perf_counter() - t
     planar = cfg.validation.labels_2d
     net = sweep(affs, gt, planar)
