@@ -25,7 +25,7 @@ from emdask import evaluate, segment
 from emdask.affinities import affinities_from_intensity
 from emdask.models import WEIGHTS, load_model, save_model
 from emdask.predict import predict_affinities
-from emdask.training import _load, load_config
+from emdask.training import _load, _z_factor, load_config
 from emdask.volumes import as_volume
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -110,7 +110,10 @@ def main() -> None:
     t = time.perf_counter()
     intensity = ([float(v) for v in args.intensity.split(",")] if "," in args.intensity
                  else args.intensity)
-    affs = predict_affinities(as_volume(raw, vol.attrs["voxel_size"]), model,
+    vs = vol.attrs["voxel_size"]
+    f = cfg.validation.downsample  # sections of several slices, pixels pooled in-plane
+    vs = (vs[0] * _z_factor(cfg.validation), vs[1] * f[1], vs[2] * f[2])
+    affs = predict_affinities(as_volume(raw, vs), model,
                               chunks=raw.shape, intensity=intensity,
                               dtype=args.dtype)[:3].values
     predict_s = time.perf_counter() - t
@@ -137,7 +140,8 @@ def main() -> None:
     card = {
         "name": args.ship,
         "data": [{"url": v.url, "raw": v.raw, "labels": v.labels, "roi_voxels": v.roi,
-                  "section_step": v.section_step} for v in cfg.volumes],
+                  "section_step": v.section_step, "section_mean": v.section_mean}
+                 for v in cfg.volumes],
         "description": _description(model, cfg),
         "validation": {"url": cfg.validation.url, "roi_voxels": cfg.validation.roi,
                        "note": args.note},

@@ -67,12 +67,26 @@ class VolumeSpec:
     labels: str = "labels/neuron_ids"
     roi: list | None = None  # [[z0, y0, x0], [z1, y1, x1]] in voxels
     section_step: int = 1  # take every n-th section (simulate anisotropic ssEM)
+    # n consecutive slices averaged into one section (a physical ssEM section integrates
+    # its thickness), labels from the middle slice: isotropic data made anisotropic
+    section_mean: int = 1
+    # in-plane downsampling [1, fy, fx] to the net's resolution (e.g. 4 nm ssTEM for a net
+    # at 8 nm): raw by mean pooling, labels by the centre voxel of each pool
+    downsample: list = field(default_factory=lambda: [1, 1, 1])
     labels_2d: bool = False  # labels not linked across z: mask z affinities
     background: str = "unlabelled"  # label 0: "unlabelled" (masked) or "boundary" (membrane)
     weight: float = 1.0  # sampling weight
     annotations: str = "annotations"  # partner nets: the CREMI annotations group
 
     def __post_init__(self):
+        if self.section_step < 1 or self.section_mean < 1 or min(
+                self.section_step, self.section_mean) > 1:
+            raise ValueError(f"{self.url}: section_step and section_mean must be >= 1, and "
+                             "only one of them above 1")
+        if (len(self.downsample) != 3 or self.downsample[0] != 1
+                or any(not isinstance(f, int) or f < 1 for f in self.downsample)):
+            raise ValueError(f"{self.url}: downsample must be [1, fy, fx] with integers >= 1, "
+                             f"got {self.downsample}")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"{self.url}: background must be one of {BACKGROUNDS}, "
                              f"got {self.background!r}")
@@ -127,7 +141,42 @@ def _load(spec: VolumeSpec) -> tuple[np.ndarray, np.ndarray, Any]:
         raw = cutout(raw, *spec.roi, units="voxel")
         labels = cutout(labels, *spec.roi, units="voxel")
     step = spec.section_step
-    return raw.values[::step], labels.values[::step].astype(np.uint64), raw
+    if spec.section_mean > 1:
+        r, lab = section_means(raw.values, labels.values, spec.section_mean)
+    else:
+        r, lab = raw.values[::step], labels.values[::step].astype(np.uint64)
+    return (*downsample_in_plane(r, lab, spec.downsample[1:]), raw)
+
+
+def downsample_in_plane(raw: np.ndarray, labels: np.ndarray, factor
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Raw mean-pooled by ``factor`` (fy, fx) in each section, labels picked at each pool's
+    centre voxel (never averaged: ids stay ids); the remainder at the end is dropped."""
+    fy, fx = (int(f) for f in factor)
+    if fy == fx == 1:
+        return raw, labels
+    y, x = raw.shape[1] // fy * fy, raw.shape[2] // fx * fx
+    pooled = raw[:, :y, :x].reshape(raw.shape[0], y // fy, fy, x // fx, fx).mean(
+        axis=(2, 4), dtype=np.float64)
+    if np.issubdtype(raw.dtype, np.integer):
+        pooled = np.rint(pooled)
+    return pooled.astype(raw.dtype), labels[:, fy // 2:y:fy, fx // 2:x:fx]
+
+
+def section_means(raw: np.ndarray, labels: np.ndarray, n: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Anisotropic sections from isotropic data: each the mean of ``n`` consecutive slices
+    (as a physical section integrates its thickness), labelled by its middle slice."""
+    z = raw.shape[0] // n * n
+    means = raw[:z].reshape(z // n, n, *raw.shape[1:]).mean(axis=1, dtype=np.float64)
+    if np.issubdtype(raw.dtype, np.integer):
+        means = np.rint(means)
+    return means.astype(raw.dtype), labels[n // 2:z:n].astype(np.uint64)
+
+
+def _z_factor(spec: VolumeSpec) -> int:
+    """Slices of the data per section of the loaded volume."""
+    return spec.section_step * spec.section_mean
 
 
 def _partner_pairs(spec: VolumeSpec, labels: np.ndarray) -> np.ndarray:
@@ -142,9 +191,9 @@ def _partner_pairs(spec: VolumeSpec, labels: np.ndarray) -> np.ndarray:
     for pre, post in zip(table["pre"], table["post"], strict=True):
         a, b = np.asarray(pre) - begin, np.asarray(post) - begin
         if a[0] % spec.section_step or b[0] % spec.section_step:
-            continue
-        a[0] //= spec.section_step
-        b[0] //= spec.section_step
+            continue  # not on a slice that is kept
+        for p in (a, b):  # (with section_mean: the section the slice lies in)
+            p //= np.array([_z_factor(spec), *spec.downsample[1:]])
         if not all(0 <= v < n for p in (a, b) for v, n in zip(p, labels.shape, strict=True)):
             continue
         ca, cb = int(labels[tuple(a)]), int(labels[tuple(b)])
@@ -294,7 +343,7 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
     if model.config.target == "partners":
         return _validate_partners(model, spec, raw, labels)
     vs = vol.attrs["voxel_size"]
-    vs = (vs[0] * spec.section_step, vs[1], vs[2])
+    vs = (vs[0] * _z_factor(spec), vs[1] * spec.downsample[1], vs[2] * spec.downsample[2])
     pred = _predict(as_volume(raw, voxel_size=vs), model, chunks=raw.shape, device=_device(),
                     check_voxel_size=False)
     with dask.config.set(scheduler="synchronous"):

@@ -164,3 +164,27 @@ def test_2d_labels_mask_z_and_make_a_planar_model(tmp_path, labelled):
     raw = np.random.default_rng(1).integers(0, 255, (8, 24, 24), np.uint8)
     affs = predict_affinities(raw, model).values
     assert np.all(affs[0] == 0) and np.all(affs[1:].std(axis=(1, 2, 3)) > 0)
+
+
+def test_section_means_make_anisotropic_sections():
+    from emdask.training import VolumeSpec, section_means
+
+    raw = np.arange(10, dtype=np.uint8)[:, None, None] * np.ones((1, 2, 3), np.uint8)
+    labels = np.arange(10, dtype=np.uint64)[:, None, None] * np.ones((1, 2, 3), np.uint64)
+    means, middle = section_means(raw, labels, 4)  # slices 0-3 and 4-7; 8, 9 left over
+    assert means.dtype == np.uint8 and means.shape == (2, 2, 3)
+    np.testing.assert_array_equal(means[:, 0, 0], [2, 6])  # 1.5 and 5.5, rounded to even
+    np.testing.assert_array_equal(middle[:, 0, 0], [2, 6])  # the middle slice's labels
+    with pytest.raises(ValueError, match="only one of them above 1"):
+        VolumeSpec(url="x.h5", section_step=2, section_mean=4)
+
+
+def test_downsampling_in_plane_pools_raw_and_picks_labels():
+    from emdask.training import downsample_in_plane
+
+    raw = np.arange(2 * 5 * 4, dtype=np.uint8).reshape(2, 5, 4)
+    labels = raw.astype(np.uint64) + 1000
+    pooled, picked = downsample_in_plane(raw, labels, (2, 2))
+    assert pooled.shape == picked.shape == (2, 2, 2) and pooled.dtype == np.uint8
+    assert pooled[0, 0, 0] == np.rint(np.mean([0, 1, 4, 5])) and picked[0, 0, 0] == 1005
+    assert set(np.unique(picked)) <= set(np.unique(labels))  # ids, never averages
