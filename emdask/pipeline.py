@@ -176,6 +176,42 @@ _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster",
              "lsf": "LSFCluster"}
 
 
+def _check_ranges(cfg: RunConfig, where: str) -> None:
+    """Values that have the right type but cannot work, named before anything runs (in a
+    block task they would fail on every retry, or hang the cluster)."""
+    from emdask.watershed import WatershedParams
+
+    seg, c = cfg.segment, cfg.cluster
+    try:
+        WatershedParams(seg.low, seg.high, seg.size_threshold, seg.merge_threshold,
+                        seg.dust_size)
+    except ValueError as err:
+        raise ValueError(f"{where}: [segment] {err}") from None
+    device = cfg.predict.device
+    limits = {
+        "predict.device": (device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
+                           "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        "predict.batch_size": (cfg.predict.batch_size >= 1, ">= 1"),
+        "cluster.n_workers": (c.n_workers >= 0, ">= 0 (0: one per core)"),
+        "cluster.threads_per_worker": (c.threads_per_worker >= 1, ">= 1"),
+        "cluster.retries": (c.retries >= 0, ">= 0"),
+        "cluster.task_timeout": (c.task_timeout >= 0, ">= 0 seconds (0: none)"),
+        "cluster.allowed_failures": (c.allowed_failures >= 0, ">= 0"),
+        "cluster.maximum_jobs": (0 <= c.minimum_jobs <= c.maximum_jobs,
+                                 ">= cluster.minimum_jobs >= 0"),
+    }
+    if cfg.synapses is not None:
+        s = cfg.synapses
+        limits["synapses.threshold"] = (s.threshold is None or 0 < s.threshold <= 1,
+                                        "in (0, 1]")
+        limits["synapses.min_size"] = (s.min_size is None or s.min_size >= 0, ">= 0")
+    for key, (ok, rule) in limits.items():
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            raise ValueError(f"{where}: {key} must be {rule}, got {value!r}")
+
+
 def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
     """Settings left out take the operating point of the model cards: the boundary net's
     agglomeration threshold, the synapse detector's threshold, minimum size and partner
@@ -227,9 +263,12 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
         if value and not all(isinstance(v, int | float) and not isinstance(v, bool)
                              for v in value):
             raise TypeError(f"{where}: {key} must be numbers, got {value!r}")
-    if isinstance(cfg.input.intensity, str) and cfg.input.intensity not in ("auto", "dtype"):
-        raise ValueError(f"{where}: input.intensity must be 'auto', 'dtype' or [black, white],"
-                         f" got {cfg.input.intensity!r}")
+    intensity = cfg.input.intensity
+    if (intensity not in ("auto", "dtype") if isinstance(intensity, str)
+            else len(intensity) != 2 or intensity[0] >= intensity[1]):
+        raise ValueError(f"{where}: input.intensity must be 'auto', 'dtype' or [black, white] "
+                         f"with black < white, got {intensity!r}")
+    _check_ranges(cfg, where)
     cfg = _card_defaults(cfg, where)
     if cfg.input.roi_units not in ("voxel", "nm"):
         raise ValueError(f"{where}: input.roi_units must be 'voxel' or 'nm', "
@@ -833,7 +872,9 @@ def _check_stage(root, cfg: RunConfig, stage: str, overwrite: bool) -> None:
     stages = dict(root.attrs.get("emdask", {}).get("stages", {}))
     params = _stage_params(cfg, stage)
     old = stages.get(stage)
-    if (old is not None and old["params"] != params and not old.get("finished")
+    if old is not None and old["params"] != params and old.get("skipped"):
+        old = None  # an earlier run skipped this stage: it left nothing that could differ
+    elif (old is not None and old["params"] != params and not old.get("finished")
             and not done_blocks(cfg.output.path, stage)):
         # an earlier run started this stage and failed before finishing a single block:
         # nothing of it is worth keeping, so its parameters do not bind this run
@@ -1270,6 +1311,12 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
         if cfg.predict.check_voxel_size:
             _check_voxel_size(vol.attrs["voxel_size"], model, where)
         check_size(vol.shape, model, where)
+    if ("predict" in stages or "synapses" in stages) and cfg.predict.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"predict.device = {cfg.predict.device!r} but this machine has no "
+                             "CUDA GPU that torch can use; use 'auto' or 'cpu'")
     factor = tuple(model.factor if model is not None else existing["factor"])
     synapse_model = None
     if cfg.synapses is not None and "synapses" in stages:

@@ -208,6 +208,30 @@ def test_a_failed_first_run_does_not_block_the_corrected_rerun(tmp_path, tiny_mo
     run(cfg, stages=["segment"])
 
 
+def test_values_that_cannot_work_are_refused_when_the_config_is_read(tmp_path, tiny_model):
+    for section, values, message in [
+            ("cluster", {"n_workers": -1}, r"cluster.n_workers must be >= 0"),  # hung
+            ("segment", {"size_threshold": -5}, r"\[segment\] size_threshold"),
+            ("predict", {"device": "gpu"}, r"predict.device must be 'auto', 'cpu'"),
+            ("input", {"intensity": [200, 100]}, r"black < white, got \[200, 100\]"),
+            ("synapses", {"model": "synapses", "threshold": 1.5},
+             r"synapses.threshold must be in \(0, 1\]")]:
+        with pytest.raises(ValueError, match=message):
+            load_run_config(_config(tmp_path, tiny_model, **{section: values}))
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            run(_config(tmp_path, tiny_model, predict={"device": "cuda"}))
+
+
+def test_a_skipped_stage_does_not_bind_a_rerun_with_other_input(tmp_path, tiny_model):
+    cfg = _config(tmp_path, tiny_model, input={"intensity": [20, 230]})
+    run(cfg, stages=["align"])  # no [align] section: recorded as skipped
+    cfg["input"]["intensity"] = "auto"
+    assert run(cfg)["stages"]["relabel"]["finished"]
+
+
 # ------------------------------------------------------------------ the command line
 def test_cli_errors_are_one_line_with_exit_codes(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
