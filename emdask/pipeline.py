@@ -141,6 +141,7 @@ class EvaluateSpec:
     cells: str | None = None  # per-section true cells: partner accuracy (with synapses)
     # voxels around a true synapse within which cells count as its true partners
     cells_radius: list = field(default_factory=lambda: [0, 6, 6])
+    voxel_size: list | None = None  # for ground truth that carries none (nm, z-y-x)
 
 
 @dataclass
@@ -976,11 +977,24 @@ def _finish_stage(root, stage: str, seconds: float, extra: dict | None = None) -
     _set_stages(root, stages)
 
 
+def _open(url: str, dataset: str | None, voxel_size, section: str):
+    """open_volume, with the config key to set where the file has no voxel size."""
+    from emdask.volumes import VolumeError, open_volume
+
+    try:
+        return open_volume(url, dataset, voxel_size=voxel_size)
+    except VolumeError as err:
+        if "voxel size is missing" not in str(err):
+            raise
+        raise VolumeError(f"{err} (in a run config: [{section}] voxel_size = [z, y, x])"
+                          ) from None
+
+
 def _input(cfg: RunConfig):
     """The input volume, its region of interest, and where that begins (voxels)."""
-    from emdask.volumes import cutout, open_volume
+    from emdask.volumes import cutout
 
-    vol = open_volume(cfg.input.url, cfg.input.dataset, voxel_size=cfg.input.voxel_size)
+    vol = _open(cfg.input.url, cfg.input.dataset, cfg.input.voxel_size, "input")
     if vol.ndim != 3:
         raise ValueError(f"{vol.attrs['source']}: the input must be a 3-D EM volume, got "
                          f"dims {vol.dims}")
@@ -989,7 +1003,16 @@ def _input(cfg: RunConfig):
     roi = np.asarray(cfg.input.roi, float)
     if roi.shape != (2, 3):
         raise ValueError(f"input.roi must be [[z0, y0, x0], [z1, y1, x1]], got {cfg.input.roi}")
-    cut = cutout(vol, roi[0], roi[1], units=cfg.input.roi_units)
+    try:
+        cut = cutout(vol, roi[0], roi[1], units=cfg.input.roi_units)
+    except ValueError as err:
+        if cfg.input.roi_units != "nm":
+            raise
+        extent = [[o, o + v * n] for o, v, n in zip(vol.attrs["offset"],
+                                                     vol.attrs["voxel_size"], vol.shape,
+                                                     strict=True)]
+        raise ValueError(f"{err}; a roi in nm is absolute: the volume spans "
+                         f"{[e[0] for e in extent]} to {[e[1] for e in extent]} nm") from None
     begin = np.rint((np.asarray(cut.attrs["offset"]) - np.asarray(vol.attrs["offset"]))
                     / np.asarray(vol.attrs["voxel_size"])).astype(int)
     return vol, cut, tuple(int(b) for b in begin)
@@ -1110,9 +1133,8 @@ def _parquet(frame) -> bytes:
 
 def _ground_truth(cfg: RunConfig, dataset: str, vol, roi_begin):
     """A ground-truth dataset of ``[evaluate]``, cut to the region of interest."""
-    from emdask.volumes import open_volume
 
-    full = open_volume(cfg.evaluate.url, dataset)
+    full = _open(cfg.evaluate.url, dataset, cfg.evaluate.voxel_size, "evaluate")
     end = [b + n for b, n in zip(roi_begin, vol.shape, strict=True)]
     if any(e > n for e, n in zip(end, full.shape, strict=True)):
         raise ValueError(f"{full.attrs['source']}: ground truth of shape {full.shape} does "
@@ -1122,6 +1144,20 @@ def _ground_truth(cfg: RunConfig, dataset: str, vol, roi_begin):
                          f"{full.attrs['voxel_size']} differs from the input's "
                          f"{vol.attrs['voxel_size']}")
     return full.data[_slices(roi_begin, end)]
+
+
+def _check_offsets(cfg: RunConfig, full_input, roi_begin, vol) -> None:
+    """Ground truth is compared voxel by voxel on the input's grid: say so when its offset
+    differs from the input's (two files that may not cover the same place)."""
+    for dataset in (cfg.evaluate.dataset, cfg.evaluate.synapses, cfg.evaluate.cells):
+        if not dataset:
+            continue
+        gt = _open(cfg.evaluate.url, dataset, cfg.evaluate.voxel_size, "evaluate")
+        if np.any(np.abs(np.subtract(gt.attrs["offset"], full_input.attrs["offset"]))
+                  > 0.5 * np.asarray(vol.attrs["voxel_size"])):
+            print(f"  warning: ground truth {gt.attrs['source']} has offset "
+                  f"{list(gt.attrs['offset'])} nm, the input {list(full_input.attrs['offset'])}"
+                  " nm: they are compared voxel by voxel (same grid assumed)", file=sys.stderr)
 
 
 def _report(cfg: RunConfig, vol, roi_begin) -> dict:
@@ -1532,6 +1568,11 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                    segment=cfg.segment, generation=time.time_ns())
     print(f"emdask run: {vol.attrs['source']} {shape} voxels at {voxel_size} nm, "
           f"{len(grid)} blocks of {grid.chunks} -> {store}", file=sys.stderr)
+    if tuple(grid.chunks) != tuple(cfg.output.chunks):
+        print(f"  output.chunks {list(cfg.output.chunks)} rounded up to multiples of the "
+              f"net's pooling factor {list(factor)}", file=sys.stderr)
+    if cfg.evaluate is not None and "report" in stages:
+        _check_offsets(cfg, full, roi_begin, vol)
     for stage in stages:
         if stage not in ("align", "predict") and not _has(root, "affinities"):
             raise ValueError(f"{store}: stage {stage!r} needs the predict stage's output "

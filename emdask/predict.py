@@ -12,6 +12,7 @@ zeros (black) beyond its borders, as in training.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -240,7 +241,8 @@ def _check_voxel_size(voxel_size, model: AffinityUNet, where: str) -> None:
         raise ValueError(
             f"{where}: voxel size {tuple(vs.tolist())} nm does not match the model's "
             f"{tuple(expected.tolist())} nm; resample the volume, use a model trained for "
-            "this resolution, or pass check_voxel_size=False"
+            "this resolution, or pass check_voxel_size=False ([predict] check_voxel_size = "
+            "false in a run config)"
         )
 
 
@@ -305,6 +307,7 @@ def predict_affinities(
         ``intensity_range`` used and the model card's ``threshold`` (the default of
         :func:`emdask.segment`).
     """
+    model = _as_model(model)
     if model.config.target != "affinities":
         raise ValueError(f"this model predicts {model.config.target}, not affinities; use "
                          f"predict_{model.config.target}")
@@ -330,10 +333,24 @@ def predict_synapses(raw: Any, model: AffinityUNet | None = None, **kwargs) -> x
     if model is None:
         raise ValueError('give a synapse model: pretrained("synapses", accept_licence=True) '
                          "(CC BY-NC-SA 3.0, non-commercial use only) or one you trained")
+    model = _as_model(model)
     if model.config.target != "synapses":
         raise ValueError("this model predicts affinities, not synapses; use "
                          "predict_affinities")
     return _predict(raw, model, **kwargs)[0].rename("synapses")
+
+
+def _as_model(model: Any) -> AffinityUNet:
+    """A model, or the name of a shipped one (:func:`emdask.models.pretrained`, licence
+    checked), or the path of a ``.pt`` file."""
+    if isinstance(model, AffinityUNet):
+        return model
+    if isinstance(model, str | os.PathLike):
+        from emdask.models import load_model, pretrained
+
+        return load_model(model) if str(model).endswith(".pt") else pretrained(str(model))
+    raise TypeError(f"model must be an AffinityUNet, a shipped model's name or a .pt path, "
+                    f"got {type(model).__name__}")
 
 
 def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,

@@ -154,7 +154,9 @@ def test_defaults_are_the_cards(tmp_path, monkeypatch):
 def test_a_volume_smaller_than_the_field_of_view_is_refused(crop):
     tiny = crop[:4, :20, :20]
     with pytest.raises(ValueError, match=r"smaller than the net needs: at least \(13, 30, 30\)"):
-        predict_affinities(tiny, pretrained("fibsem"))
+        predict_affinities(tiny, "fibsem")  # a shipped model by name
+    with pytest.raises(TypeError, match="model must be an AffinityUNet"):
+        predict_affinities(crop, 3)
     with pytest.raises(ValueError, match=r"the volume is empty \(shape \(0, 20, 20\)\)"):
         predict_affinities(crop[:0, :20, :20], pretrained("fibsem"))
     with pytest.raises(ValueError, match="empty"):
@@ -175,9 +177,12 @@ def test_ground_truth_without_voxel_size_is_refused_before_compute(tmp_path, tin
     with h5py.File(gt, "w") as f:
         f.create_dataset("ids", data=np.zeros((24, 96, 96), np.uint64))
     cfg = _config(tmp_path, tiny_model, evaluate={"url": str(gt), "dataset": "ids"})
-    with pytest.raises(ValueError, match=r"gt.h5:ids: voxel size is missing"):
+    with pytest.raises(ValueError, match=r"gt.h5:ids: voxel size is missing.*"
+                                         r"\[evaluate\] voxel_size = \[z, y, x\]"):
         run(cfg)
     assert not Path(cfg["output"]["path"]).exists()
+    cfg["evaluate"]["voxel_size"] = [10.0, 10.0, 10.0]  # the way out the message names
+    assert "plan" in run(cfg, dry_run=True)
 
 
 def test_thresholds_must_be_numbers(tmp_path, tiny_model, capsys):
