@@ -54,7 +54,7 @@ The config's sections and keys: see emdask.pipeline.RunConfig and the README.
 """
 
 #: Exceptions that mean the input (a file, a config, an array) is wrong: exit code 2.
-BAD_INPUT = (ValueError, TypeError, KeyError, LookupError, FileNotFoundError,
+BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError,
              FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 

@@ -217,7 +217,7 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
     """Settings left out take the operating point of the model cards: the boundary net's
     agglomeration threshold, the synapse detector's threshold, minimum size and partner
     radius."""
-    from emdask.models import card_defaults, model_card, shipped_operating_point
+    from emdask.models import card_defaults, model_card
 
     def card(name: str, key: str) -> dict:
         try:
@@ -233,13 +233,12 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
         cfg = replace(cfg, segment=replace(cfg.segment, thresholds=[point["threshold"]]))
     spec = cfg.synapses
     if spec is not None and None in (spec.threshold, spec.min_size, spec.radius):
-        # the model's card, and for what it lacks the shipped detector's
-        point = shipped_operating_point("synapses") | card(spec.model, "synapses.model")
+        point = card(spec.model, "synapses.model")
         missing = [k for k in ("threshold", "min_size", "radius")
                    if getattr(spec, k) is None and k not in point]
         if missing:
             raise ValueError(f"{where}: [synapses] {', '.join(missing)} not given and the "
-                             f"model card of {spec.model!r} names none (nor a shipped one)")
+                             f"model card of {spec.model!r} names none; set them")
         cfg = replace(cfg, synapses=replace(spec, **{
             k: point[k] for k in ("threshold", "min_size", "radius")
             if getattr(spec, k) is None}))
@@ -249,18 +248,21 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
 def load_run_config(path: str | Path | dict) -> RunConfig:
     """A run config from a TOML/YAML file (or a dict), checked: unknown keys, wrong
     types and impossible values are errors naming the key."""
-    where = str(path) if not isinstance(path, dict) else "config"
-    values = read_file(path) if not isinstance(path, dict) else dict(path)
+    if isinstance(path, RunConfig):  # built in Python: checked and completed the same way
+        where, values = "config", path
+    else:
+        where = str(path) if not isinstance(path, dict) else "config"
+        values = read_file(path) if not isinstance(path, dict) else dict(path)
     cfg = from_dict(RunConfig, values, where)
     for key, value in (("segment.thresholds", cfg.segment.thresholds),
                        ("synapses.radius", cfg.synapses and cfg.synapses.radius),
                        ("evaluate.cells_radius", cfg.evaluate and cfg.evaluate.cells_radius),
                        ("input.roi", cfg.input.roi and [
                            v for row in cfg.input.roi
-                           for v in (row if isinstance(row, list) else [row])]),
+                           for v in (row if isinstance(row, list | tuple) else [row])]),
                        ("input.voxel_size", cfg.input.voxel_size),
                        ("input.intensity", cfg.input.intensity
-                        if isinstance(cfg.input.intensity, list) else None)):
+                        if isinstance(cfg.input.intensity, list | tuple) else None)):
         if value and not all(isinstance(v, int | float) and not isinstance(v, bool)
                              for v in value):
             raise TypeError(f"{where}: {key} must be numbers, got {value!r}")
@@ -848,7 +850,8 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
         return p | {"segment": {k: seg[k] for k in ("low", "high", "bins", "score")}}
     p["segment"] = seg
     if stage in ("synapses", "report"):
-        p["synapses"] = asdict(cfg.synapses) if cfg.synapses else None
+        p["synapses"] = ({k: v for k, v in asdict(cfg.synapses).items()
+                          if k != "accept_licence"} if cfg.synapses else None)
         if cfg.synapses and cfg.synapses.model.endswith(".pt") and Path(
                 cfg.synapses.model).exists():
             st = Path(cfg.synapses.model).stat()
@@ -878,8 +881,9 @@ def _check_stage(root, cfg: RunConfig, stage: str, overwrite: bool) -> None:
     elif (old is not None and old["params"] != params and not old.get("finished")
             and not done_blocks(cfg.output.path, stage)):
         # an earlier run started this stage and failed before finishing a single block:
-        # nothing of it is worth keeping, so its parameters do not bind this run
-        _clear(cfg, root, stage)
+        # nothing of it is worth keeping, so its parameters do not bind this run (the
+        # stages after it keep their outputs: their own records still bind them)
+        _clear(cfg, root, stage, downstream=False)
         old = None
         stages = dict(root.attrs.get("emdask", {}).get("stages", {}))
     if old is not None and old["params"] != params:
@@ -930,11 +934,11 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
     return "; ".join(out)
 
 
-def _clear(cfg: RunConfig, root, stage: str) -> None:
-    """Delete a stage's outputs and everything downstream of it."""
+def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
+    """Delete a stage's outputs and record (and, by default, everything downstream)."""
     import shutil
 
-    downstream = STAGES[STAGES.index(stage):]
+    downstream = STAGES[STAGES.index(stage):] if downstream else (stage,)
     with _quiet_listing():
         segmentations = [n for n in root.group_keys() if n.startswith("segmentation_")]
     names = {"align": ["alignment", "aligned", "defects"],
@@ -1038,7 +1042,10 @@ def _intensity(cfg: RunConfig, root, vol, model) -> tuple[float, float]:
 
     meta = dict(root.attrs.get("emdask", {}))
     key = ",".join(f"{p:g}" for p in PERCENTILES)
+    source = _jsonable({k: v for k, v in asdict(cfg.input).items() if k != "intensity"})
     recorded = meta.get("percentiles", {})
+    if recorded.get("input") != source:  # another input or region: sampled anew
+        recorded = {"input": source}
     if key not in recorded:
         recorded[key] = list(data_percentiles(vol, PERCENTILES))
         meta["percentiles"] = recorded
@@ -1300,7 +1307,7 @@ def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = No
         Check the config and print the plan (stages, blocks, output sizes, memory per
         task) without running anything; returns ``{"plan": text}``.
     """
-    cfg = config if isinstance(config, RunConfig) else load_run_config(config)
+    cfg = load_run_config(config)
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
     wanted = _expand(stages)
     checked = _preflight(cfg, wanted)
@@ -1388,7 +1395,9 @@ def _existing_record(store: str) -> dict | None:
         if not path.exists():
             return None
         if not (path / "zarr.json").exists():
-            if any(path.iterdir()):
+            # (the log of a run that failed before creating the store is no obstacle)
+            if any(p.name != "emdask.log" and not p.name.startswith(".")
+                   for p in path.iterdir()):
                 raise ValueError(f"output.path {store} is a folder of other files, not an "
                                  "emdask store; give a new or empty folder")
             return None
@@ -1449,7 +1458,8 @@ def _log_to_store(store: str) -> Iterator[None]:
         log.flush()
         if local is None:
             with contextlib.suppress(Exception):  # the log must not hide the run's error
-                old = get_bytes(store, "emdask.log") if _list(store, "") else b""
+                old = get_bytes(store, "emdask.log") if "emdask.log" in _list(store, "") \
+                    else b""
                 put_bytes(store, "emdask.log", old + buffer.getvalue().encode())
         else:
             log.close()

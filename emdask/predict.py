@@ -39,20 +39,24 @@ __all__ = ["data_percentiles", "intensity_range", "normalize_raw", "predict_affi
 PERCENTILES = (1.0, 99.0)
 
 
-def _sample_blocks(data: da.Array, n_blocks: int) -> np.ndarray:
+def _sample_blocks(data: da.Array, n_blocks: int, per_block: int = 2**20) -> np.ndarray:
     """Values of up to ``n_blocks`` of a Dask array's blocks spread evenly over it (the
-    same blocks for the same chunking, whatever the dtype)."""
+    same blocks for the same chunking, whatever the dtype), each thinned by a stride to
+    about ``per_block`` values; pixels without data (NaN, inf) left out."""
     n = int(np.prod(data.numblocks))
     picks = np.unique(np.linspace(0, n - 1, min(n, n_blocks)).round().astype(int))
     blocks = [data.blocks[np.unravel_index(i, data.numblocks)] for i in picks]
-    values = np.concatenate([np.ravel(b) for b in dask.compute(*blocks)])
+    thinned = [b.ravel()[::max(1, b.size // per_block)] for b in blocks]
+    values = np.concatenate([np.asarray(v) for v in dask.compute(*thinned)])
     return values[np.isfinite(values)] if values.dtype.kind == "f" else values
 
 
 def data_percentiles(raw: Any, percentiles=PERCENTILES, n_blocks: int = 16
                      ) -> tuple[float, float]:
     """The ``percentiles`` of a volume's intensities, estimated from ``n_blocks`` of its
-    chunks (pixels without data, NaN or inf, left out)."""
+    chunks.  Pixels without data are left out: NaN and inf, and zeros where zero is the
+    darkest value and fills more than 0.5% of the sample (black borders of a stitched or
+    aligned volume, missing sections)."""
     data = raw.data if isinstance(raw, xr.DataArray) else raw
     if not isinstance(data, da.Array):
         data = da.from_array(np.asarray(data), chunks=-1)
@@ -60,9 +64,11 @@ def data_percentiles(raw: Any, percentiles=PERCENTILES, n_blocks: int = 16
     if data.size == 0:
         raise ValueError(f"{where}: the volume is empty (shape {data.shape})")
     values = _sample_blocks(data, n_blocks)
+    if values.size and values.min() == 0 and np.count_nonzero(values == 0) > 0.005 * values.size:
+        values = values[values != 0]
     if values.size == 0:
-        raise ValueError(f"{where}: the volume holds no finite intensities (all NaN or inf)")
-    lo, hi = np.percentile(values.astype(np.float64), percentiles)
+        raise ValueError(f"{where}: the volume holds no intensities (all NaN, inf or 0)")
+    lo, hi = np.percentile(values, percentiles)
     return float(lo), float(hi)
 
 

@@ -467,6 +467,7 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
         tmp.write_text("\n".join([lines[0], *kept]) + "\n")
         tmp.replace(log_path)
     t0 = time.perf_counter()
+    operating_point = {}
     for it in range(start + 1, config.iterations + 1):
         model.train()
         for group in opt.param_groups:
@@ -483,6 +484,10 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
                                               or it == config.iterations):
             model.eval()
             scores = validate(model, config.validation, config.thresholds)
+            operating_point = {"threshold": scores["threshold"]} if "threshold" in scores \
+                else {}
+            operating_point |= (
+                {"min_size": SYNAPSE_MIN_SIZE} if config.model.target == "synapses" else {})
             print(f"it {it}: validation " + ", ".join(
                 f"{k} {scores[k]:.3f}" for k in SCORES[config.model.target]), flush=True)
         if it % 10 == 0 or scores:
@@ -500,9 +505,11 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
                         "elapsed": now, "smooth_loss": smooth,
                         "config": dataclasses.asdict(model.config)}, tmp)
             tmp.replace(ckpt)  # atomic: a crash never leaves a half-written checkpoint
-            save_model(model.eval(), out / "model.pt", card={
-                "iterations": it, "train_seconds": round(now),
-                "intensity": sampler.intensity})
+            card = {"iterations": it, "train_seconds": round(now),
+                    "intensity": sampler.intensity}
+            if operating_point:  # the last validation's: defaults of the steps after the net
+                card |= operating_point
+            save_model(model.eval(), out / "model.pt", card=card)
             _plot(log_path, out / "curves.png")
             print(f"it {it}: loss {smooth:.4f}, {now / 60:.1f} min", flush=True)
         if done:

@@ -23,7 +23,7 @@ from emdask.models import WEIGHTS_NC, card_defaults, model_card, pretrained
 from emdask.pipeline import ClusterSpec, _duration, load_run_config, make_cluster, run
 from emdask.predict import intensity_range, predict_synapses
 from emdask.volumes import as_volume
-from emdask.watershed import WatershedParams, basins, quantize_affinities
+from emdask.watershed import WatershedParams, basins
 
 THREADS = {"processes": False, "n_workers": 1}
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,15 +94,40 @@ def test_the_cards_record_their_training_intensities():
 
 
 def test_a_run_records_the_intensity_it_used(tmp_path, tiny_model):
+    import zarr
+
+    from emdask.predict import data_percentiles
+
     cfg = _config(tmp_path, tiny_model, roi=((0, 0, 0), (16, 64, 64)),
                   input={"intensity": [20, 230]})
     run(cfg, stages=["predict"])
-    import zarr
-
     meta = zarr.open_group(cfg["output"]["path"], mode="r").attrs["emdask"]
-    assert list(meta["percentiles"]) == ["1,99"]
+    roi = sample().raw[:16, :64, :64]
+    assert meta["percentiles"]["1,99"] == list(data_percentiles(roi))
     assert "20 (black) to 230 (white)" in (Path(cfg["output"]["path"]) / "emdask.log"
                                            ).read_text()
+    # another region, redone: its own percentiles, not the first region's
+    cfg["input"]["roi"] = [[16, 64, 64], [40, 160, 160]]
+    run(cfg, stages=["predict"], overwrite=True)
+    meta = zarr.open_group(cfg["output"]["path"], mode="r").attrs["emdask"]
+    assert meta["percentiles"]["1,99"] == list(data_percentiles(sample().raw[16:40, 64:160,
+                                                                             64:160]))
+
+
+def test_remote_stores_get_the_log_too():
+    import fsspec
+
+    from emdask.pipeline import _log_to_store, put_bytes
+
+    url = "memory://emdask-log-test/out.zarr"
+    put_bytes(url, "zarr.json", b"{}")
+    for text in ("first", "second"):
+        with _log_to_store(url):
+            import sys
+
+            print(text, file=sys.stderr)
+    log = fsspec.filesystem("memory").cat("/emdask-log-test/out.zarr/emdask.log").decode()
+    assert "first" in log and "second" in log
 
 
 # ------------------------------------------------------------------ formats
@@ -197,6 +222,17 @@ def test_thresholds_must_be_numbers(tmp_path, tiny_model, capsys):
                                  "got ['0.3']\n")
 
 
+def test_a_config_built_in_python_is_completed_and_checked(tmp_path, tiny_model):
+    from emdask.pipeline import InputSpec, OutputSpec, PredictSpec, RunConfig
+
+    cfg = RunConfig(InputSpec(str(sample_path()), "raw"), OutputSpec(str(tmp_path / "o.zarr")),
+                    predict=PredictSpec(model="fibsem"))
+    assert "thresholds [0.5]" in run(cfg, dry_run=True)["plan"]  # the card's threshold
+    cfg.cluster.n_workers = -1
+    with pytest.raises(ValueError, match="n_workers must be >= 0"):
+        run(cfg, dry_run=True)
+
+
 def test_a_failed_first_run_does_not_block_the_corrected_rerun(tmp_path, tiny_model):
     cfg = _config(tmp_path, tiny_model, input={"voxel_size": [40.0, 4.0, 4.0]})
     with pytest.raises(ValueError, match=r"voxel size \(40.0, 4.0, 4.0\) nm does not match"):
@@ -211,6 +247,19 @@ def test_a_failed_first_run_does_not_block_the_corrected_rerun(tmp_path, tiny_mo
     meta["stages"]["watershed"] = {"params": {"other": 1}, "finished": None}
     root.attrs["emdask"] = meta
     run(cfg, stages=["segment"])
+    # an align stage that failed before a block leaves the finished stages after it alone
+    seg = open_volume(cfg["output"]["path"], "segmentation_0.5").values
+    meta = dict(root.attrs["emdask"])
+    meta["stages"]["align"] = {"params": {"other": 1}, "finished": None}
+    root.attrs["emdask"] = meta
+    run(cfg, stages=["align"])
+    np.testing.assert_array_equal(open_volume(cfg["output"]["path"],
+                                              "segmentation_0.5").values, seg)
+    # a run that failed before its store existed left only its log: no obstacle
+    (tmp_path / "new.zarr").mkdir()
+    (tmp_path / "new.zarr" / "emdask.log").write_text("failed: ...")
+    cfg["output"]["path"] = str(tmp_path / "new.zarr")
+    run(cfg, dry_run=True)
 
 
 def test_values_that_cannot_work_are_refused_when_the_config_is_read(tmp_path, tiny_model):
@@ -313,7 +362,8 @@ def test_basins_quantizes_float_affinities():
     affs = rng.random((3, 12, 12, 12)).astype(np.float32)
     params = WatershedParams(size_threshold=0)
     from_float = basins(affs, (0, 0, 0), (6, 6, 6), params, halo=3)
-    from_uint16 = basins(quantize_affinities(affs), (0, 0, 0), (6, 6, 6), params, halo=3)
+    by_hand = np.rint(affs.astype(np.float64) * 65535).astype(np.uint16)  # 1.0 -> 65535
+    from_uint16 = basins(by_hand, (0, 0, 0), (6, 6, 6), params, halo=3)
     for a, b in zip(from_float, from_uint16, strict=True):
         np.testing.assert_array_equal(a, b)
     assert from_float[0].max() > 1  # not all background

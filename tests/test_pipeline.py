@@ -295,6 +295,7 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
                partner_model)
     cfg = _config(tmp_path, tiny_model, **SMALL)
     cfg["synapses"] = {"model": str(syn_model), "threshold": 0.5, "min_size": 30,
+                       "radius": [0, 3, 3],
                        "direction_model": str(partner_model), "direction_patch": [8, 16, 16]}
     result = run(cfg)
     store = cfg["output"]["path"]
