@@ -18,6 +18,8 @@ commands:
   run     raw EM -> alignment -> affinities -> segmentation -> synapses -> report, from a
           config file; resumable: rerun the same command after a crash
   train   train (or resume training) a boundary or synapse net from a config file
+  verify  check that every finished block of an output store is whole (and mark the
+          broken ones for recomputation with --repair)
 """
 
 EXAMPLES = """\
@@ -27,6 +29,7 @@ examples:
   emdask run my_volume.toml                # run (or resume) every stage
   emdask run my_volume.toml --stage segment --overwrite
   emdask train emdask/weights/fibsem.toml --max-minutes 60
+  emdask verify my_volume.zarr --repair    # then rerun: broken blocks are recomputed
 
 A minimal run config (TOML):
   [input]
@@ -79,8 +82,25 @@ def _run(args: argparse.Namespace) -> int:
     from emdask.pipeline import run
 
     run(args.config, stages=args.stage, scheduler=args.scheduler,
-        overwrite=True if args.overwrite else None, dry_run=args.dry_run)
+        overwrite=True if args.overwrite else None, dry_run=args.dry_run,
+        other_version=args.other_version)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from emdask.pipeline import verify
+
+    problems = verify(args.store, repair=args.repair)
+    for problem in problems:
+        print(f"  {problem}")
+    if not problems:
+        print(f"{args.store}: every finished block is whole")
+        return 0
+    blocks = {(p.stage, p.block) for p in problems}
+    print(f"{args.store}: {len(problems)} problem(s) in {len(blocks)} block(s) or outputs; "
+          + ("marked for recomputation: rerun `emdask run` with the same config"
+             if args.repair else "rerun with --repair, then `emdask run` recomputes them"))
+    return 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,7 +151,20 @@ def parser() -> argparse.ArgumentParser:
     rn.add_argument("--scheduler", help="address of a running Dask scheduler to use")
     rn.add_argument("--overwrite", action="store_true", help="redo stages whose outputs "
                     "were made with other parameters")
+    rn.add_argument("--other-version", action="store_true", help="go on with a store "
+                    "whose stages were run by another emdask version")
     rn.set_defaults(func=_run)
+    ve = sub.add_parser("verify", help="check an output store's finished blocks",
+                        parents=[debug], formatter_class=formatter,
+                        description="Check that every finished block of an emdask output "
+                        "store has all its chunks and that they decode; exit code 1 when "
+                        "something is missing or broken.",
+                        epilog="examples:\n  emdask verify run.zarr\n"
+                               "  emdask verify run.zarr --repair && emdask run run.toml")
+    ve.add_argument("store", help="the output store (path or fsspec URL)")
+    ve.add_argument("--repair", action="store_true", help="mark the broken blocks not "
+                    "done, so that the next `emdask run` recomputes them")
+    ve.set_defaults(func=_verify)
     return p
 
 
@@ -151,10 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             raise
+        from emdask.store import StoreBusy
+
         bad_input = isinstance(err, BAD_INPUT)
-        kind = "" if bad_input else f"failed: {type(err).__name__}: "
+        plain = bad_input or isinstance(err, StoreBusy)  # a state to report, not a bug
+        kind = "" if plain else f"failed: {type(err).__name__}: "
         print(f"emdask: error: {kind}{_one_line(err)}"
-              + ("" if bad_input else " (rerun with --debug for the traceback)"),
+              + ("" if plain else " (rerun with --debug for the traceback)"),
               file=sys.stderr)
         return 2 if bad_input else 1
 

@@ -245,7 +245,7 @@ def load_model(path: str | Path, map_location: str = "cpu") -> AffinityUNet:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = torch.load(path, map_location=map_location, weights_only=True)
     model = AffinityUNet(ModelConfig(**state["config"]))
     model.load_state_dict(state["state_dict"] if "state_dict" in state else state["model"])
     model.eval()

@@ -17,10 +17,11 @@ its block plus halo straight from the store (:func:`emdask.volumes.read_box`), s
 graph is one small task per block whatever the volume's size, and writes whole chunks.
 Zarr writes whole chunk objects atomically (a local store writes a temporary file and
 renames it; an object store's PUT is atomic), so no half-written chunk is ever visible.
-After its writes a task leaves a marker ``_emdask/done/<stage>/<block>``; a rerun skips
-marked blocks, so an interrupted run resumes where it stopped.  Each stage records its
-parameters, the emdask version and its timings in the store's attributes, and a rerun
-with different parameters is refused unless ``overwrite`` is given.
+After its writes a task leaves a marker (:mod:`emdask.store`); a rerun skips marked
+blocks, so an interrupted run resumes where it stopped.  Each stage records its
+parameters, the emdask version, its generation and its timings in the store's attributes,
+and a rerun with different parameters is refused unless ``overwrite`` is given.  A run
+holds the store's lease; :func:`verify` checks the finished blocks' chunks.
 
 The store is a zarr v3 group of OME-Zarr images with the input's voxel size and offset
 (of the region of interest), so neuroglancer and napari show outputs in place.
@@ -32,10 +33,10 @@ import contextlib
 import contextvars
 import datetime
 import functools
+import hashlib
 import io
 import json
 import os
-import pickle
 import sys
 import threading
 import time
@@ -48,8 +49,28 @@ from typing import Any
 import numpy as np
 
 from emdask.config import from_dict, read_file
+from emdask.store import (
+    Lease,
+    Problem,
+    StoreBusy,
+    block_chunks,
+    chunk_keys,
+    decode_error,
+    get_bytes,
+    lease,
+    load_arrays,
+    mark_done,
+    marked,
+    put_bytes,
+    remove,
+    save_arrays,
+    unmark,
+)
+from emdask.store import list_keys as _list
+from emdask.store import local_path as _local_path
 
-__all__ = ["STAGES", "RunConfig", "load_run_config", "local_cluster", "make_cluster", "run"]
+__all__ = ["STAGES", "RunConfig", "StoreBusy", "load_run_config", "local_cluster",
+           "make_cluster", "run", "verify"]
 
 STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "report")
 
@@ -75,6 +96,8 @@ class OutputSpec:
     path: str  # zarr store (path or fsspec URL)
     chunks: list = field(default_factory=lambda: [64, 128, 128])  # blocks = storage chunks
     overwrite: bool = False  # replace outputs made with other parameters
+    other_version: bool = False  # go on with a store made by another emdask version
+    lease_timeout: float = 120.0  # s without heartbeat after which a run's lease is stale
 
 
 @dataclass
@@ -315,60 +338,28 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
 
 
 # ---------------------------------------------------------------- the store
-def _local_path(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    return None if "://" in url else url
-
-
-def put_bytes(url: str, key: str, data: bytes) -> None:
-    """Write ``url/key`` atomically (temporary file + rename locally; a PUT remotely)."""
-    local = _local_path(url)
-    if local is None:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(url)
-        fs.pipe(f"{root}/{key}", data)
-        return
-    path = Path(local, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def get_bytes(url: str, key: str) -> bytes:
-    local = _local_path(url)
-    if local is None:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(url)
-        return fs.cat(f"{root}/{key}")
-    return Path(local, key).read_bytes()
-
-
-def _list(url: str, prefix: str) -> list[str]:
-    local = _local_path(url)
-    if local is None:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(url)
+def _record(url: str) -> dict:
+    """The store's emdask record (its root attributes), read straight from ``zarr.json``
+    (retried: the run may be rewriting it)."""
+    for attempt in range(5):
         try:
-            return [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{prefix}", detail=False)]
+            return json.loads(get_bytes(url, "zarr.json")).get("attributes", {}).get(
+                "emdask", {})
         except FileNotFoundError:
-            return []
-    folder = Path(local, prefix)
-    return [p.name for p in folder.iterdir() if not p.name.startswith(".")] \
-        if folder.exists() else []
+            return {}
+        except json.JSONDecodeError:
+            time.sleep(0.05 * (attempt + 1))
+    return {}
+
+
+def _generation(url: str, stage: str) -> str:
+    """The generation of a stage's record: markers of other generations do not count."""
+    return _record(url).get("stages", {}).get(stage, {}).get("generation", "0")
 
 
 def done_blocks(url: str, stage: str) -> set[int]:
-    """Blocks of a stage whose outputs are completely written."""
-    return {int(n) for n in _list(url, f"_emdask/done/{stage}") if n.isdigit()}
-
-
-def _mark_done(url: str, stage: str, block: int) -> None:
-    put_bytes(url, f"_emdask/done/{stage}/{block}", b"")
+    """Blocks of a stage whose outputs are completely written (in its current generation)."""
+    return marked(url, stage, _generation(url, stage))
 
 
 @contextlib.contextmanager
@@ -402,7 +393,8 @@ def _array(ctx: _Context, path: str):
 
 @functools.lru_cache(maxsize=32)
 def _cached_array(url: str, path: str, generation: int):
-    return _open_root(url, "r+")[path]
+    # every chunk is stored, zeros too: a missing chunk is then always a loss (verify)
+    return _open_root(url, "r+")[path].with_config({"write_empty_chunks": True})
 
 
 # ---------------------------------------------------------------- blocks
@@ -453,6 +445,7 @@ class _Context:
     source_name: str = "raw"  # names the source in the per-worker chunk cache
     window: int = 15  # align: side of the flat squares that are missing data
     intensity: tuple | None = None  # predict: the data values taken for black and white
+    stamp: str = "0"  # the stage's generation: its markers are written under it
 
 
 def _slices(begin, end) -> tuple:
@@ -514,7 +507,7 @@ def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
     out = _array(ctx, f"{dataset}/s0")
     out[(slice(None), *_slices(begin, end)) if out.ndim == 4 else _slices(begin, end)] = (
         affs if out.ndim == 4 else affs[0])
-    _mark_done(ctx.store, stage, block)
+    mark_done(ctx.store, stage, block, ctx.stamp)
 
 
 def _align_task(ctx: _Context, block: int) -> None:
@@ -547,7 +540,7 @@ def _align_task(ctx: _Context, block: int) -> None:
                                                  lo[1:], 0, 1)
         mask_out[_slices(begin, end)] = _render_block(mask.astype(np.uint8), fields, spacing,
                                                       begin[1:], shape[1:], lo[1:], 1, 0)
-    _mark_done(ctx.store, "align", block)
+    mark_done(ctx.store, "align", block, ctx.stamp)
 
 
 def _array_complete(root, path: str) -> bool:
@@ -584,10 +577,11 @@ def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
                  "unreliable": table["z"][table["unreliable"]].tolist()}
         print(f"  align: fields solved; missing sections {extra['missing']}, unreliable "
               f"{extra['unreliable']}; table sections.parquet", file=sys.stderr)
+    fresh = _fresh(store, "align")
     for name, dtype in (("aligned", vol.dtype), ("defects", np.uint8)):
-        if not _has(root, name):
+        if fresh or not _has(root, name):
             create_volume(store, name, ctx.grid.shape, dtype, ctx.grid.chunks,
-                          vol.attrs["voxel_size"], vol.attrs["offset"])
+                          vol.attrs["voxel_size"], vol.attrs["offset"], overwrite=True)
     _run_blocks(client, replace(ctx, window=spec.window), "align", _align_task, cfg.cluster)
     return extra
 
@@ -604,9 +598,38 @@ def _watershed_task(ctx: _Context, block: int) -> None:
     labels, basin_info, graph, faces = _block_basins(
         affs, begin, ctx.grid.shape, _params(seg), score_bins(seg.score, seg.bins))
     _array(ctx, "_emdask/basins")[_slices(begin, end)] = labels
-    put_bytes(ctx.store, f"_emdask/graph/{block}", pickle.dumps((basin_info, graph)))
-    put_bytes(ctx.store, f"_emdask/faces/{block}", pickle.dumps(faces))
-    _mark_done(ctx.store, "watershed", block)
+    save_arrays(ctx.store, f"_emdask/graph/{block}.npz", _pack_graph(basin_info, graph))
+    save_arrays(ctx.store, f"_emdask/faces/{block}.npz", _pack_faces(faces))
+    mark_done(ctx.store, "watershed", block, ctx.stamp)
+
+
+# a block's summary as plain arrays (the store holds no pickles)
+_GRAPH_FIELDS = ("u", "v", "count", "total", "max", "hist")
+
+
+def _pack_graph(basin_info, graph) -> dict:
+    return {"first": basin_info[0], "sizes": basin_info[1],
+            **{k: getattr(graph, k) for k in _GRAPH_FIELDS}}
+
+
+def _unpack_graph(arrays: dict):
+    from emdask.region_graph import RegionGraph
+
+    return ((arrays["first"], arrays["sizes"]),
+            RegionGraph(**{k: arrays[k] for k in _GRAPH_FIELDS}))
+
+
+def _pack_faces(faces: dict) -> dict:
+    return {f"{side}{d}_{i}": a for (side, d), parts in faces.items()
+            for i, a in enumerate(parts)}
+
+
+def _unpack_faces(arrays: dict) -> dict:
+    faces: dict = {}
+    for name in sorted(arrays):  # "lower0_0" ...: side, axis, then the part's index
+        key = (name[:5], int(name[5]))
+        faces.setdefault(key, []).append((int(name[7:]), arrays[name]))
+    return {k: tuple(a for _, a in sorted(parts)) for k, parts in faces.items()}
 
 
 def _params(seg: SegmentSpec):
@@ -620,8 +643,8 @@ def _face_task(ctx: _Context, block: int, axis: int):
     from emdask.segmentation import _face_links, score_bins
 
     below = ctx.grid.neighbour(block, axis)
-    upper = pickle.loads(get_bytes(ctx.store, f"_emdask/faces/{block}"))
-    lower = pickle.loads(get_bytes(ctx.store, f"_emdask/faces/{below}"))
+    upper = _unpack_faces(load_arrays(ctx.store, f"_emdask/faces/{block}.npz"))
+    lower = _unpack_faces(load_arrays(ctx.store, f"_emdask/faces/{below}.npz"))
     return _face_links(upper, lower, axis, _params(ctx.segment).quantized()[1],
                        score_bins(ctx.segment.score, ctx.segment.bins))
 
@@ -630,7 +653,7 @@ def _solve_task(ctx: _Context, faces: list, links: list) -> dict:
     """The global solve: supervoxels, global graph, agglomeration -> lookup tables."""
     from emdask.segmentation import _solve
 
-    summaries = [pickle.loads(get_bytes(ctx.store, f"_emdask/graph/{b}"))
+    summaries = [_unpack_graph(load_arrays(ctx.store, f"_emdask/graph/{b}.npz"))
                  for b in range(len(ctx.grid))]
     pairs = [(ctx.grid.neighbour(b, axis), b) for b, axis in faces]
     luts, bases, info = _solve([s[0] for s in summaries], [s[1] for s in summaries], links,
@@ -642,7 +665,7 @@ def _solve_task(ctx: _Context, faces: list, links: list) -> dict:
                             overwrite=True)
     lut[...] = luts
     put_bytes(ctx.store, "_emdask/bases.npy", _npy(bases))
-    _mark_done(ctx.store, "agglomerate", 0)
+    mark_done(ctx.store, "agglomerate", 0, ctx.stamp)
     return asdict(info)
 
 
@@ -668,7 +691,7 @@ def _relabel_task(ctx: _Context, block: int) -> None:
                                                                    [0, luts.shape[1]], 0),
                          strict=True):
         _array(ctx, f"{name}/s0")[_slices(begin, end)] = out
-    _mark_done(ctx.store, "relabel", block)
+    mark_done(ctx.store, "relabel", block, ctx.stamp)
 
 
 def _label_datasets(seg: SegmentSpec) -> list[str]:
@@ -748,8 +771,17 @@ def _duration(seconds: float) -> str:
 
 def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: ClusterSpec
                 ) -> int:
-    """Submit one task per unfinished block of a stage; returns how many ran."""
-    finished = done_blocks(ctx.store, stage)
+    """Submit one task per unfinished block of a stage; returns how many ran.  Blocks
+    marked done whose chunks have gone missing are recomputed."""
+    ctx = replace(ctx, stamp=_generation(ctx.store, stage))
+    finished = marked(ctx.store, stage, ctx.stamp)
+    lost = {p.block for p in _block_problems(ctx.store, stage, finished, decode=False)}
+    if lost:
+        print(f"  {stage}: {len(lost)} finished block(s) have lost chunks "
+              f"({sorted(lost)[:8]}{' ...' if len(lost) > 8 else ''}); recomputing them",
+              file=sys.stderr)
+        unmark(ctx.store, stage, lost, ctx.stamp)
+        finished -= lost
     todo = [b for b in range(len(ctx.grid)) if b not in finished]
     if finished:
         print(f"  {stage}: {len(finished)} of {len(ctx.grid)} blocks already done",
@@ -894,10 +926,27 @@ def _check_stage(root, cfg: RunConfig, stage: str, overwrite: bool) -> None:
                 "(output.overwrite = true or --overwrite) to redo it and what follows")
         _clear(cfg, root, stage)
         stages = dict(root.attrs.get("emdask", {}).get("stages", {}))
+    if old is not None and old["params"] == params and old.get("version") != \
+            emdask.__version__ and not cfg.output.other_version:
+        raise ValueError(
+            f"{cfg.output.path}: stage {stage!r} was run by emdask {old.get('version')}, "
+            f"this is emdask {emdask.__version__}; going on would mix the outputs of two "
+            "versions. Use another output, or output.other_version = true "
+            "(--other-version) to go on anyway")
     if old is None or old["params"] != params:
+        # a new generation: markers of any earlier one (a clear that failed half-way)
+        # can never mark a block of this one done
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
         stages[stage] = {"params": params, "version": emdask.__version__,
+                         "generation": f"{digest[:12]}-{time.time_ns():x}",
                          "started": _now(), "finished": None, "seconds": None}
         _set_stages(root, stages)
+
+
+def _fresh(store: str, stage: str) -> bool:
+    """Whether no block of the stage's generation is done: its arrays are then made anew,
+    so nothing written before this generation survives in them."""
+    return not done_blocks(store, stage)
 
 
 def _check_upstream(root, cfg: RunConfig, stage: str, running: list[str]) -> None:
@@ -934,34 +983,118 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
     return "; ".join(out)
 
 
-def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
-    """Delete a stage's outputs and record (and, by default, everything downstream)."""
-    import shutil
-
-    downstream = STAGES[STAGES.index(stage):] if downstream else (stage,)
+def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
+    """What a stage writes: arrays written block by block (one block = one chunk), files
+    per block (``{block}`` in their name), and outputs written whole."""
     with _quiet_listing():
-        segmentations = [n for n in root.group_keys() if n.startswith("segmentation_")]
-    names = {"align": ["alignment", "aligned", "defects"],
-             "predict": ["affinities"], "watershed": ["_emdask/basins"],
-             "agglomerate": ["_emdask/lut"], "relabel": ["fragments"] + segmentations,
-             "synapses": ["synapse_probabilities", "synapses"]}
-    for s in downstream:
-        for name in names.get(s, []):
-            if _has(root, name):
-                del root[name]
-        local = _local_path(cfg.output.path)
-        for folder in [f"_emdask/done/{s}"] + (["_emdask/graph", "_emdask/faces"]
-                                                if s == "watershed" else []):
-            if local is not None:
-                shutil.rmtree(Path(local, folder), ignore_errors=True)
-            else:
-                import fsspec
+        segmentations = sorted(f"{n}/s0" for n in root.group_keys()
+                               if n.startswith("segmentation_"))
+    return {"align": (["aligned/s0", "defects/s0"], [], ["alignment/fields"]),
+            "predict": (["affinities/s0"], [], []),
+            "watershed": (["_emdask/basins"], ["_emdask/graph/{block}.npz",
+                                                "_emdask/faces/{block}.npz"], []),
+            "agglomerate": ([], [], ["_emdask/lut"]),
+            "relabel": (["fragments/s0", *segmentations], [], []),
+            "synapses": (["synapse_probabilities/s0"], [], ["synapses/s0"]),
+            }.get(stage, ([], [], []))
 
-                fs, base = fsspec.core.url_to_fs(cfg.output.path)
-                if fs.exists(f"{base}/{folder}"):
-                    fs.rm(f"{base}/{folder}", recursive=True)
+
+def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
+    """Delete a stage's outputs and record (and, by default, everything downstream).
+
+    In an order that no failure can turn into lost data marked done: the records first
+    (the stage's next record brings a new generation, under which no old marker counts),
+    then the markers, then the data.  Errors are raised, not ignored."""
+    clear = STAGES[STAGES.index(stage):] if downstream else (stage,)
     stages = dict(root.attrs.get("emdask", {}).get("stages", {}))
-    _set_stages(root, {k: v for k, v in stages.items() if k not in downstream})
+    _set_stages(root, {k: v for k, v in stages.items() if k not in clear})
+    store = cfg.output.path
+    for s in clear:
+        remove(store, f"_emdask/done/{s}")
+    for s in clear:
+        arrays, files, whole = _outputs(root, s)
+        for name in arrays + whole:
+            group = name.removesuffix("/s0")
+            if _has(root, group):
+                del root[group]
+        for pattern in files:
+            remove(store, pattern.rsplit("/", 1)[0])
+
+
+def _block_problems(store: str, stage: str, blocks, decode: bool) -> list[Problem]:
+    """Finished blocks of a stage whose chunks (or per-block files) are missing or, with
+    ``decode``, do not decode."""
+    if not blocks:
+        return []
+    root = _open_root(store, "r")
+    arrays, files, _ = _outputs(root, stage)
+    problems = []
+    for name in arrays:
+        if not _has(root, name):
+            problems += [Problem(stage, b, name, "array missing") for b in sorted(blocks)]
+            continue
+        arr = root[name]
+        grid, present = Grid(arr.shape[-3:], arr.chunks[-3:]), chunk_keys(arr)
+        for b in sorted(blocks):
+            for c in block_chunks(arr, *grid.box(b)):
+                why = ("missing (it would read back as zeros)" if c not in present
+                       else decode_error(arr, c) if decode else None)
+                if why:
+                    problems.append(Problem(stage, b, f"{name} chunk {'.'.join(map(str, c))}",
+                                            why))
+    for pattern in files:
+        have = set(_list(store, pattern.rsplit("/", 1)[0]))
+        for b in sorted(blocks):
+            key = pattern.format(block=b)
+            if key.rsplit("/", 1)[1] not in have:
+                problems.append(Problem(stage, b, key, "missing"))
+            elif decode:
+                try:
+                    load_arrays(store, key)
+                except Exception as err:  # noqa: BLE001 - any failure to read is a finding
+                    problems.append(Problem(stage, b, key, f"does not load ({err})"))
+    return problems
+
+
+def verify(store: str, repair: bool = False) -> list[Problem]:
+    """Check that every finished block of a store's stages has all its chunks and that
+    they decode (and that whole outputs of finished stages decode); return the problems
+    (``emdask verify STORE``).
+
+    With ``repair``, the blocks with problems are marked not done (broken whole outputs
+    are deleted and their stage reopened), so that the next ``emdask run`` with the same
+    config recomputes exactly them.
+    """
+    record = _record(store)
+    if not record.get("stages"):
+        raise ValueError(f"{store}: not an emdask output store (no stage record in its "
+                         "zarr.json)")
+    root = _open_root(store, "r+" if repair else "r")
+    problems = []
+    for stage, rec in record["stages"].items():
+        if rec.get("skipped"):
+            continue
+        generation = rec.get("generation", "0")
+        found = _block_problems(store, stage, marked(store, stage, generation), decode=True)
+        for name in _outputs(root, stage)[2] if rec.get("finished") else []:
+            if not _has(root, name):
+                found.append(Problem(stage, None, name, "missing"))
+                continue
+            arr = root[name]  # written whole: zero chunks may be left out, so decode only
+            found += [Problem(stage, None, f"{name} chunk {'.'.join(map(str, c))}", why)
+                      for c in sorted(chunk_keys(arr)) if (why := decode_error(arr, c))]
+        problems += found
+        if repair and found:
+            unmark(store, stage, {p.block for p in found if p.block is not None}, generation)
+            if any(p.block is None for p in found):
+                for name in _outputs(root, stage)[2]:
+                    if _has(root, name):
+                        del root[name]
+                unmark(store, stage, [0], generation)  # a global stage's one marker
+            stages = dict(root.attrs["emdask"]["stages"])
+            stages[stage] = {**stages[stage], "finished": None}
+            _set_stages(root, stages)
+    return problems
 
 
 def _set_stages(root, stages: dict) -> None:
@@ -1067,7 +1200,8 @@ def _intensity(cfg: RunConfig, root, vol, model) -> tuple[float, float]:
 
 def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     """Face links (one task per face between two blocks), then one global solve."""
-    if done_blocks(ctx.store, "agglomerate"):
+    ctx = replace(ctx, stamp=_generation(ctx.store, "agglomerate"))
+    if marked(ctx.store, "agglomerate", ctx.stamp):
         print("  agglomerate: already done", file=sys.stderr)
         return {}
     grid = ctx.grid
@@ -1093,9 +1227,10 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
 
     spec, store = cfg.synapses, cfg.output.path
     root = _open_root(store)
-    if not _has(root, "synapse_probabilities"):
+    if _fresh(store, "synapses") or not _has(root, "synapse_probabilities"):
         create_volume(store, "synapse_probabilities", ctx.grid.shape, spec.dtype,
-                      ctx.grid.chunks, vol.attrs["voxel_size"], vol.attrs["offset"])
+                      ctx.grid.chunks, vol.attrs["voxel_size"], vol.attrs["offset"],
+                      overwrite=True)
     source, begin, _, name = _raw(cfg, root, full, roi_begin)
     pctx = _Context(store, ctx.grid, source=source, roi_begin=begin,
                     predict=replace(cfg.predict, dtype=spec.dtype),
@@ -1282,13 +1417,15 @@ def _chunks(cfg: RunConfig, factor=(1, 1, 1)) -> tuple:
 
 def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = None,
         scheduler: str | None = None, overwrite: bool | None = None, client=None,
-        dry_run: bool = False) -> dict:
+        dry_run: bool = False, other_version: bool = False) -> dict:
     """Run the pipeline (or some of its stages); returns the report.
 
     Everything that can be checked without computing (the input, the models and their
     voxel sizes, the volume's size against the nets' field of view, the ground truth, the
     output path) is checked first, before anything is written.  What the run prints is
-    also appended to ``emdask.log`` in the output store.
+    also appended to ``emdask.log`` in the output store.  A run holds the store's lease
+    (:class:`emdask.store.Lease`): a second run on the same store refuses with
+    :class:`StoreBusy`, naming the first.
 
     Parameters
     ----------
@@ -1306,8 +1443,13 @@ def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = No
     dry_run
         Check the config and print the plan (stages, blocks, output sizes, memory per
         task) without running anything; returns ``{"plan": text}``.
+    other_version
+        Go on with a store whose stages were run by another emdask version (else refused;
+        also ``output.other_version``).
     """
     cfg = load_run_config(config)
+    if other_version:
+        cfg = replace(cfg, output=replace(cfg.output, other_version=True))
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
     wanted = _expand(stages)
     checked = _preflight(cfg, wanted)
@@ -1315,11 +1457,12 @@ def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = No
         text = plan(cfg, wanted, checked)
         print(text)
         return {"plan": text}
-    with _log_to_store(cfg.output.path):
+    with _log_to_store(cfg.output.path), lease(cfg.output.path, cfg.output.lease_timeout
+                                                ) as held:
         if client is not None:
-            return _run(cfg, wanted, overwrite, client, checked)
+            return _run(cfg, wanted, overwrite, client, checked, held)
         with _client(cfg.cluster, scheduler) as new_client:
-            return _run(cfg, wanted, overwrite, new_client, checked)
+            return _run(cfg, wanted, overwrite, new_client, checked, held)
 
 
 @dataclass
@@ -1395,8 +1538,9 @@ def _existing_record(store: str) -> dict | None:
         if not path.exists():
             return None
         if not (path / "zarr.json").exists():
-            # (the log of a run that failed before creating the store is no obstacle)
-            if any(p.name != "emdask.log" and not p.name.startswith(".")
+            # (the log, or the lease, of a run that has not yet made the store is no
+            # obstacle)
+            if any(p.name not in ("emdask.log", "_emdask") and not p.name.startswith(".")
                    for p in path.iterdir()):
                 raise ValueError(f"output.path {store} is a folder of other files, not an "
                                  "emdask store; give a new or empty folder")
@@ -1558,8 +1702,8 @@ def _expand(stages: Sequence[str] | None) -> list[str]:
     return [s for s in STAGES if s in out]
 
 
-def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _Checked
-         ) -> dict:
+def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _Checked,
+         held: Lease) -> dict:
     from emdask.volumes import create_volume
 
     full, vol, roi_begin, model = checked.full, checked.vol, checked.roi_begin, checked.model
@@ -1584,6 +1728,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
     if cfg.evaluate is not None and "report" in stages:
         _check_offsets(cfg, full, roi_begin, vol)
     for stage in stages:
+        held.check()
         if stage not in ("align", "predict") and not _has(root, "affinities"):
             raise ValueError(f"{store}: stage {stage!r} needs the predict stage's output "
                              "(affinities); run it first")
@@ -1599,27 +1744,29 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                 actx = replace(ctx, source=full.encoding["source"])
                 extra = _align(client, actx, cfg, vol)
         elif stage == "predict":
-            if not _has(root, "affinities"):
+            if _fresh(store, stage) or not _has(root, "affinities"):
                 create_volume(store, "affinities", (len(model.config.offsets), *shape),
                               cfg.predict.dtype, grid.chunks, voxel_size, offset,
-                              attrs={"offsets": [list(o) for o in model.config.offsets]})
+                              attrs={"offsets": [list(o) for o in model.config.offsets]},
+                              overwrite=True)
             source, begin, mask, name = _raw(cfg, root, full, roi_begin)
             pctx = _Context(store, grid, source=source, roi_begin=begin, predict=cfg.predict,
                             segment=cfg.segment, generation=ctx.generation, mask=mask,
                             source_name=name, intensity=_intensity(cfg, root, vol, model))
             _run_blocks(client, pctx, stage, _predict_task, cfg.cluster)
         elif stage == "watershed":
-            if not _has(root, "_emdask/basins"):
+            if _fresh(store, stage) or not _has(root, "_emdask/basins"):
                 root.create_array("_emdask/basins", shape=shape, chunks=grid.chunks,
-                                  dtype=np.uint32, fill_value=0)
+                                  dtype=np.uint32, fill_value=0, overwrite=True)
             _run_blocks(client, ctx, stage, _watershed_task, cfg.cluster)
         elif stage == "agglomerate":
             extra = _agglomerate(client, ctx, cfg)
         elif stage == "relabel":
+            fresh = _fresh(store, stage)
             for name in _label_datasets(cfg.segment):
-                if not _has(root, name):
+                if fresh or not _has(root, name):
                     create_volume(store, name, shape, np.uint64, grid.chunks, voxel_size,
-                                  offset)
+                                  offset, overwrite=True)
             _run_blocks(client, ctx, stage, _relabel_task, cfg.cluster)
         elif stage == "synapses":
             if cfg.synapses is None:

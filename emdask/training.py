@@ -447,7 +447,7 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
     ckpt, log_path = out / "checkpoint.pt", out / "log.csv"
     start, elapsed, smooth = 0, 0.0, None
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sampler.rng.bit_generator.state = state["sampler_rng"]

@@ -210,9 +210,9 @@ def _hangs_once(ctx, block):
     if block == 2 and not _HANGS.get(block):
         _HANGS[block] = True
         threading.Event().wait(30)
-    from emdask.pipeline import _mark_done
+    from emdask.store import mark_done
 
-    _mark_done(ctx.store, "test", block)
+    mark_done(ctx.store, "test", block, ctx.stamp)
 
 
 def test_hung_task_is_abandoned_and_retried(tmp_path):
