@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xarray as xr
 
 from emdask.config import from_dict, read_file
 from emdask.store import (
@@ -125,6 +126,17 @@ class PredictSpec:
 
 
 @dataclass
+class AffinitiesSpec:
+    """Affinities the user already has, to segment instead of predicting: a (c, z, y, x)
+    volume on the input's grid (the whole input, or its region of interest), float in
+    [0, 1] or uint8; channels 0-2 the nearest-neighbour z, y, x affinities."""
+
+    url: str
+    dataset: str | None = None
+    voxel_size: list | None = None  # for a file that carries none (nm, z-y-x)
+
+
+@dataclass
 class SegmentSpec:
     thresholds: list | None = None  # default: the boundary model card's threshold
     low: float = 0.0001
@@ -190,6 +202,7 @@ class RunConfig:
     output: OutputSpec
     align: AlignSpec | None = None
     predict: PredictSpec = field(default_factory=PredictSpec)
+    affinities: AffinitiesSpec | None = None  # given: segment these, no prediction
     segment: SegmentSpec = field(default_factory=SegmentSpec)
     synapses: SynapseSpec | None = None
     evaluate: EvaluateSpec | None = None
@@ -248,6 +261,9 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"{where}: {key} = {name!r}: {err}") from None
 
+    if cfg.segment.thresholds is None and cfg.affinities is not None:
+        raise ValueError(f"{where}: [segment] thresholds are needed with [affinities] (no "
+                         "model card says which suit affinities made elsewhere)")
     if cfg.segment.thresholds is None:
         point = card(cfg.predict.model, "predict.model")
         if "threshold" not in point:
@@ -586,14 +602,39 @@ def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     return extra
 
 
+@dataclass(frozen=True)
+class _Window:
+    """A region of an array-like (leading channel axes whole), itself array-like: reads
+    beyond the region give zeros (read_box), as beyond the edge of a stored volume."""
+
+    source: Any
+    begin: tuple
+    spatial: tuple
+
+    @property
+    def shape(self) -> tuple:
+        return (*self.source.shape[:-3], *self.spatial)
+
+    @property
+    def dtype(self):
+        return self.source.dtype
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        lead, box = key[:-3], key[-3:]
+        return np.asarray(self.source[(*lead, *(slice(s.start + b, s.stop + b) for s, b in
+                                                zip(box, self.begin, strict=True)))])
+
+
 def _watershed_task(ctx: _Context, block: int) -> None:
     from emdask.segmentation import _block_basins, score_bins
     from emdask.volumes import read_box
     from emdask.watershed import HALO
 
     begin, end = ctx.grid.box(block)
-    affs = read_box(_array(ctx, "affinities/s0"), begin, end, (HALO,) * 3,
-                    cache=("affinities", ctx.generation))[:3]
+    source = _array(ctx, "affinities/s0") if ctx.source is None else _Window(
+        ctx.source, ctx.roi_begin, ctx.grid.shape)
+    affs = read_box(source, begin, end, (HALO,) * 3,
+                    cache=("affinities", ctx.generation) if ctx.source is None else None)[:3]
     seg = ctx.segment
     labels, basin_info, graph, faces = _block_basins(
         affs, begin, ctx.grid.shape, _params(seg), score_bins(seg.score, seg.bins))
@@ -875,6 +916,8 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     if cfg.predict.model.endswith(".pt") and Path(cfg.predict.model).exists():
         st = Path(cfg.predict.model).stat()  # a retrained file at the same path differs
         p["predict"]["model_file"] = f"{st.st_size}:{st.st_mtime_ns}"
+    if cfg.affinities is not None:  # no net: the affinities are the user's
+        p["predict"] = {"affinities": asdict(cfg.affinities)}
     if stage == "predict":
         return p
     seg = asdict(cfg.segment)
@@ -956,7 +999,8 @@ def _check_upstream(root, cfg: RunConfig, stage: str, running: list[str]) -> Non
     for before in STAGES[:STAGES.index(stage)]:
         if before == "report" or before in running or (
                 before == "synapses" and cfg.synapses is None) or (
-                before == "align" and cfg.align is None):
+                before == "align" and cfg.align is None) or (
+                before == "predict" and cfg.affinities is not None):
             continue
         old = recorded.get(before)
         if old is None or not old.get("finished"):
@@ -1155,6 +1199,37 @@ def _input(cfg: RunConfig):
     return vol, cut, tuple(int(b) for b in begin)
 
 
+def _affinities_given(cfg: RunConfig, full, vol, roi_begin) -> tuple[Any, tuple]:
+    """The user's affinities (``[affinities]``), checked against the input: the array-like
+    and where the region of interest begins in it."""
+    spec = cfg.affinities
+    affs = _open(spec.url, spec.dataset, spec.voxel_size, "affinities")
+    where = affs.attrs["source"]
+    if affs.ndim != 4 or affs.shape[0] < 3:
+        raise ValueError(f"{where}: affinities must be (c, z, y, x) with at least the 3 "
+                         f"nearest-neighbour channels, got shape {affs.shape}")
+    if np.dtype(affs.dtype) not in (np.uint8, np.float32, np.float64):
+        raise ValueError(f"{where}: affinities must be float in [0, 1] or uint8 (x255), "
+                         f"got {affs.dtype}")
+    if np.any(np.abs(np.subtract(affs.attrs["voxel_size"], vol.attrs["voxel_size"])) > 1e-6):
+        raise ValueError(f"{where}: voxel size {list(affs.attrs['voxel_size'])} differs from "
+                         f"the input's {list(vol.attrs['voxel_size'])}")
+    spatial = tuple(affs.shape[1:])
+    if spatial == tuple(full.shape):
+        begin = roi_begin
+    elif spatial == tuple(vol.shape):
+        begin = (0, 0, 0)  # the region of interest alone
+    else:
+        raise ValueError(f"{where}: affinities of {spatial} voxels fit neither the input "
+                         f"{tuple(full.shape)} nor its region of interest {tuple(vol.shape)}")
+    offsets = affs.attrs.get("offsets")
+    if offsets is not None and [list(o) for o in offsets[:3]] != [[-1, 0, 0], [0, -1, 0],
+                                                                    [0, 0, -1]]:
+        raise ValueError(f"{where}: channels 0-2 must be the nearest-neighbour affinities "
+                         f"(offsets [-1, 0, 0], [0, -1, 0], [0, 0, -1]), got {offsets[:3]}")
+    return affs.encoding["source"], begin
+
+
 def _raw(cfg: RunConfig, root, full, roi_begin):
     """What the nets read: the input's region of interest, or the aligned stack (and its
     missing-data mask) when the pipeline aligns."""
@@ -1302,7 +1377,7 @@ def _check_offsets(cfg: RunConfig, full_input, roi_begin, vol) -> None:
                   " nm: they are compared voxel by voxel (same grid assumed)", file=sys.stderr)
 
 
-def _report(cfg: RunConfig, vol, roi_begin) -> dict:
+def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
     """Scores of each segmentation (and of the synapses) against the ground truth, and a
     figure."""
     from emdask.metrics import evaluate
@@ -1313,8 +1388,24 @@ def _report(cfg: RunConfig, vol, roi_begin) -> dict:
     names = [n for n in _label_datasets(cfg.segment)[1:]]
     scores = {}
     gt = synapses = true_synapses = None
+    region = vol  # the input's region of interest
+    if cfg.align is not None:  # one frame: the outputs are in the aligned stack's
+        vol = open_volume(store, "aligned")
+
+    def truth(dataset: str):
+        """Ground truth in the outputs' frame: with alignment, warped like the raw, by
+        integer gathering (uint64 ids are moved, never interpolated)."""
+        labels = _ground_truth(cfg, dataset, region, roi_begin)
+        if cfg.align is None:
+            return labels
+        from emdask.align import render
+
+        fields = _open_root(store, "r")["alignment/fields"]
+        return render(labels, xr.DataArray(fields[:], attrs=dict(fields.attrs)), order=0,
+                      fill=0).data
+
     if cfg.evaluate is not None:
-        gt = _ground_truth(cfg, cfg.evaluate.dataset, vol, roi_begin)
+        gt = truth(cfg.evaluate.dataset)
         print(f"  {'threshold':>9} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} "
               f"{'ARAND':>7}", file=sys.stderr)
         for t, name in zip(cfg.segment.thresholds, names, strict=True):
@@ -1326,7 +1417,7 @@ def _report(cfg: RunConfig, vol, roi_begin) -> dict:
     if cfg.synapses is not None and _has(_open_root(store), "synapses"):
         synapses = open_volume(store, "synapses").values
     if synapses is not None and cfg.evaluate is not None and cfg.evaluate.synapses:
-        true_synapses = np.asarray(_ground_truth(cfg, cfg.evaluate.synapses, vol, roi_begin))
+        true_synapses = np.asarray(truth(cfg.evaluate.synapses))
         s = synapse_scores(synapses, true_synapses, vol.attrs["voxel_size"],
                            min_size=cfg.synapses.min_size)
         line = (f"  synapses: precision {s['precision']:.3f} recall {s['recall']:.3f} "
@@ -1337,7 +1428,7 @@ def _report(cfg: RunConfig, vol, roi_begin) -> dict:
             t = cfg.synapses.segmentation
             t = cfg.segment.thresholds[-1] if t is None else t
             args = (synapses, true_synapses,
-                    np.asarray(_ground_truth(cfg, cfg.evaluate.cells, vol, roi_begin)),
+                    np.asarray(truth(cfg.evaluate.cells)),
                     open_volume(store, f"segmentation_{t:g}").values,
                     tuple(cfg.synapses.radius))
             within = tuple(cfg.evaluate.cells_radius)
@@ -1355,7 +1446,13 @@ def _report(cfg: RunConfig, vol, roi_begin) -> dict:
         # the section with most synapse voxels if there are any, else the middle one
         z = (int(np.argmax((synapses > 0).sum(axis=(1, 2)))) if synapses is not None
              and synapses.any() else vol.shape[0] // 2)
-        figure(np.asarray(vol[z]), np.asarray(open_volume(store, "affinities")[:, z]),
+        if cfg.affinities is None:
+            affs = np.asarray(open_volume(store, "affinities")[:, z])
+        else:
+            source, begin = _affinities_given(cfg, full, vol, roi_begin)
+            affs = _Window(source, begin, vol.shape)[:, z:z + 1, 0:vol.shape[1],
+                                                     0:vol.shape[2]][:, 0]
+        figure(np.asarray(vol[z]), affs,
                np.asarray(open_volume(store, best)[z]),
                None if gt is None else np.asarray(gt[z]),
                Path(local).with_suffix(".png"),
@@ -1489,7 +1586,12 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
     store = cfg.output.path
     existing = _existing_record(store)
     model = None
-    if "predict" in stages or not (existing and existing.get("factor")):
+    if cfg.affinities is not None:
+        if cfg.align is not None:
+            raise ValueError(f"{where}: [affinities] and [align] do not go together: given "
+                             "affinities are not realigned; leave out one of them")
+        _affinities_given(cfg, full, vol, roi_begin)
+    elif "predict" in stages or not (existing and existing.get("factor")):
         model = _model(cfg.predict.model, "cpu")
         if model.config.target != "affinities":
             raise ValueError(f"predict.model {cfg.predict.model!r} predicts "
@@ -1503,7 +1605,8 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
         if not torch.cuda.is_available():
             raise ValueError(f"predict.device = {cfg.predict.device!r} but this machine has no "
                              "CUDA GPU that torch can use; use 'auto' or 'cpu'")
-    factor = tuple(model.factor if model is not None else existing["factor"])
+    factor = ((1, 1, 1) if cfg.affinities is not None else
+              tuple(model.factor if model is not None else existing["factor"]))
     synapse_model = None
     if cfg.synapses is not None and "synapses" in stages:
         spec = cfg.synapses
@@ -1650,6 +1753,8 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
             if cfg.align is None:
                 continue
             what, memory[stage] = "fields (global solve), then aligned/ and defects/", 0.8e9
+        elif stage == "predict" and cfg.affinities is not None:
+            what, memory[stage] = f"none: affinities given ({cfg.affinities.url})", 0.0
         elif stage == "predict":
             model = checked.model
             what = (f"{cfg.predict.model} net (halo {model.halo}) -> affinities/ "
@@ -1729,7 +1834,8 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
         _check_offsets(cfg, full, roi_begin, vol)
     for stage in stages:
         held.check()
-        if stage not in ("align", "predict") and not _has(root, "affinities"):
+        if stage not in ("align", "predict") and cfg.affinities is None and not _has(
+                root, "affinities"):
             raise ValueError(f"{store}: stage {stage!r} needs the predict stage's output "
                              "(affinities); run it first")
         _check_upstream(root, cfg, stage, stages)
@@ -1743,6 +1849,10 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
             else:
                 actx = replace(ctx, source=full.encoding["source"])
                 extra = _align(client, actx, cfg, vol)
+        elif stage == "predict" and cfg.affinities is not None:
+            print(f"  predict: affinities given ({cfg.affinities.url}); no prediction",
+                  file=sys.stderr)
+            extra = {"skipped": True}
         elif stage == "predict":
             if _fresh(store, stage) or not _has(root, "affinities"):
                 create_volume(store, "affinities", (len(model.config.offsets), *shape),
@@ -1758,7 +1868,10 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
             if _fresh(store, stage) or not _has(root, "_emdask/basins"):
                 root.create_array("_emdask/basins", shape=shape, chunks=grid.chunks,
                                   dtype=np.uint32, fill_value=0, overwrite=True)
-            _run_blocks(client, ctx, stage, _watershed_task, cfg.cluster)
+            wctx = ctx if cfg.affinities is None else replace(
+                ctx, source=(given := _affinities_given(cfg, full, vol, roi_begin))[0],
+                roi_begin=given[1])
+            _run_blocks(client, wctx, stage, _watershed_task, cfg.cluster)
         elif stage == "agglomerate":
             extra = _agglomerate(client, ctx, cfg)
         elif stage == "relabel":
@@ -1776,7 +1889,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                 extra = _synapses(client, ctx, cfg, full, vol, roi_begin,
                                   checked.synapse_model)
         elif stage == "report":
-            extra = {"scores": _report(cfg, vol, roi_begin)}
+            extra = {"scores": _report(cfg, full, vol, roi_begin)}
         timings[stage] = time.perf_counter() - t0
         _finish_stage(root, stage, timings[stage], extra)
         print(f"  {stage}: {timings[stage]:.1f} s", file=sys.stderr)

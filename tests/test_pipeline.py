@@ -284,6 +284,35 @@ def test_a_stage_alone_needs_its_upstream_as_configured(tmp_path, tiny_model):
         load_run_config({**cfg, "segment": {"thresholds": [0.3, 0.30000001]}})
 
 
+def test_segments_affinities_the_user_has(tmp_path, tiny_model, reference):
+    """[affinities]: no net runs; the user's affinities are segmented, whether they cover
+    the region of interest or the whole input (values outside the region are not read)."""
+    roi = SMALL["roi"]
+    cfg = _config(tmp_path, tiny_model, name="given", **SMALL)
+    full = open_volume(sample_path(), "raw")
+    covering = np.random.default_rng(0).random((3, *full.shape), np.float32)  # junk
+    covering[(slice(None), *(slice(a, b) for a, b in zip(*roi, strict=True)))] = (
+        reference["affinities"][:3].astype(np.float32) / 255)
+    save_volume(covering, tmp_path / "affs.zarr", "whole",
+                voxel_size=full.attrs["voxel_size"], offset=full.attrs["offset"])
+    save_volume(reference["affinities"], tmp_path / "affs.zarr", "roi",
+                voxel_size=full.attrs["voxel_size"])
+    for dataset in ("whole", "roi"):
+        given = {**cfg, "output": {**cfg["output"], "path": str(tmp_path / f"{dataset}.zarr")},
+                 "predict": {"model": "no such model"},
+                 "affinities": {"url": str(tmp_path / "affs.zarr"), "dataset": dataset}}
+        run(given, stages=["segment"])  # no predict stage needed before it
+        out = {n: open_volume(given["output"]["path"], n).values
+               for n in ("fragments", "segmentation_0.3", "segmentation_0.5")}
+        for name, labels in out.items():
+            np.testing.assert_array_equal(labels, reference[name], err_msg=name)
+    with pytest.raises(ValueError, match=r"fit neither the input .* nor its region"):
+        run({**given, "affinities": {"url": str(tmp_path / "affs.zarr"), "dataset": "roi"},
+             "input": {**given["input"], "roi": [[0, 0, 0], [32, 96, 96]]}})
+    with pytest.raises(ValueError, match=r"\[segment\] thresholds are needed"):
+        load_run_config({**given, "segment": {}})
+
+
 def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     torch.manual_seed(1)
     syn_model = tmp_path / "syn.pt"
@@ -377,3 +406,47 @@ def test_align_stage_aligns_masks_and_resumes(tmp_path, tiny_model, capsys):
     capsys.readouterr()
     run(cfg, stages=["align"])
     assert "align: 8 of 8 blocks already done" in capsys.readouterr().err
+
+
+def test_align_and_evaluate_score_in_one_frame(tmp_path, tiny_model):
+    """With [align], the ground truth is warped into the aligned frame (integer gathering:
+    uint64 ids above 2**53 survive) before it is scored."""
+    from emdask.align import distort, render
+    from emdask.metrics import evaluate
+
+    sample = open_volume(str(sample_path()), "raw")
+    raw = sample[:12].values
+    distorted, truth = distort(raw, seed=2, translation=6, rotation=1.0, elastic=3)
+    # the ground truth, distorted like the raw (nearest neighbour), with huge ids
+    labels = open_volume(str(sample_path()), "neuron_ids")[:12].values.astype(np.uint64)
+    labels = np.where(labels > 0, labels + np.uint64(2**60), 0).astype(np.uint64)
+    ys, xs = np.indices(raw.shape[1:])
+    moved = np.zeros_like(labels)
+    for z in range(12):
+        y = np.rint(ys + truth[z, 0]).astype(int)
+        x = np.rint(xs + truth[z, 1]).astype(int)
+        inside = (y >= 0) & (y < raw.shape[1]) & (x >= 0) & (x < raw.shape[2])
+        moved[z][inside] = labels[z][y[inside], x[inside]]
+    src = str(tmp_path / "distorted.zarr")
+    save_volume(distorted, src, "raw", voxel_size=sample.attrs["voxel_size"])
+    save_volume(moved, src, "labels", voxel_size=sample.attrs["voxel_size"])
+    cfg = _config(tmp_path, tiny_model, chunks=(6, 96, 96), roi=None)
+    cfg["input"] = {"url": src, "dataset": "raw"}
+    cfg["align"] = {}
+    cfg["evaluate"] = {"url": src, "dataset": "labels"}
+    scores = run(cfg)["stages"]["report"]["scores"]
+    store = cfg["output"]["path"]
+    import zarr
+
+    fields = zarr.open_array(str(Path(store, "alignment", "fields")))
+    import xarray as xr
+
+    aligned_truth = render(moved, xr.DataArray(fields[:], attrs=dict(fields.attrs)),
+                           order=0).values
+    assert set(np.unique(aligned_truth)) <= set(np.unique(labels))  # ids moved, not blended
+    for t in (0.3, 0.5):
+        seg = open_volume(store, f"segmentation_{t:g}").values
+        expected = evaluate(seg, aligned_truth)
+        assert scores[f"segmentation_{t:g}"]["voi"] == pytest.approx(expected["voi"])
+        assert scores[f"segmentation_{t:g}"]["voi"] != pytest.approx(
+            evaluate(seg, moved)["voi"])  # what scoring the unaligned truth gave
