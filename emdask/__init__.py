@@ -10,7 +10,6 @@ from emdask.align import align, render
 from emdask.defects import detect_defects
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
 from emdask.pipeline import run
-from emdask.predict import predict_affinities, predict_synapses
 from emdask.segmentation import segment
 from emdask.synapses import (
     assign_partners,
@@ -20,10 +19,28 @@ from emdask.synapses import (
     partner_accuracy,
     synapse_scores,
 )
-from emdask.training import train
 from emdask.volumes import VolumeError, cutout, open_volume, save_volume
 
 __version__ = "0.1.0"
+
+# The nets' functions are imported when first used: ``import emdask`` does not load torch
+# (a second of start-up and ~300 MB, wasted on workers that only segment or score).
+_LAZY = {"predict_affinities": "emdask.predict", "predict_synapses": "emdask.predict",
+         "train": "emdask.training"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'emdask' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "VolumeError",

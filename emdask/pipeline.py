@@ -57,6 +57,7 @@ from emdask.store import (
     block_chunks,
     chunk_keys,
     decode_error,
+    exists,
     get_bytes,
     lease,
     load_arrays,
@@ -700,25 +701,11 @@ def _solve_task(ctx: _Context, faces: list, links: list) -> dict:
     luts, bases, info = _solve([s[0] for s in summaries], [s[1] for s in summaries], links,
                                pairs, _params(ctx.segment), ctx.segment.thresholds,
                                ctx.segment.score)
-    root = _open_root(ctx.store)
-    lut = root.create_array("_emdask/lut", shape=luts.shape, dtype=np.uint64,
-                            chunks=(luts.shape[0], max(1, min(1 << 20, luts.shape[1]))),
-                            overwrite=True)
-    lut[...] = luts
-    put_bytes(ctx.store, "_emdask/bases.npy", _npy(bases))
+    # one lookup table per block: a relabel task reads just its own
+    for b in range(len(ctx.grid)):
+        save_arrays(ctx.store, f"_emdask/lut/{b}.npz", {"lut": luts[:, bases[b]:bases[b + 1]]})
     mark_done(ctx.store, "agglomerate", 0, ctx.stamp)
     return asdict(info)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
-@functools.lru_cache(maxsize=4)
-def _bases(store: str, generation: int) -> np.ndarray:
-    return np.load(io.BytesIO(get_bytes(store, "_emdask/bases.npy")))
 
 
 def _relabel_task(ctx: _Context, block: int) -> None:
@@ -726,8 +713,7 @@ def _relabel_task(ctx: _Context, block: int) -> None:
 
     begin, end = ctx.grid.box(block)
     labels = np.asarray(_array(ctx, "_emdask/basins")[_slices(begin, end)])
-    bases = _bases(ctx.store, ctx.generation)
-    luts = np.asarray(_array(ctx, "_emdask/lut")[:, bases[block]:bases[block + 1]])
+    luts = load_arrays(ctx.store, f"_emdask/lut/{block}.npz")["lut"]
     for name, out in zip(_label_datasets(ctx.segment), _apply_luts(labels, luts,
                                                                    [0, luts.shape[1]], 0),
                          strict=True):
@@ -1037,7 +1023,7 @@ def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
             "predict": (["affinities/s0"], [], []),
             "watershed": (["_emdask/basins"], ["_emdask/graph/{block}.npz",
                                                 "_emdask/faces/{block}.npz"], []),
-            "agglomerate": ([], [], ["_emdask/lut"]),
+            "agglomerate": ([], [], ["_emdask/lut/{block}.npz"]),
             "relabel": (["fragments/s0", *segmentations], [], []),
             "synapses": (["synapse_probabilities/s0"], [], ["synapses/s0"]),
             }.get(stage, ([], [], []))
@@ -1058,8 +1044,9 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
     for s in clear:
         arrays, files, whole = _outputs(root, s)
         for name in arrays + whole:
-            group = name.removesuffix("/s0")
-            if _has(root, group):
+            if "{block}" in name:  # per-block files
+                files = [*files, name]
+            elif _has(root, group := name.removesuffix("/s0")):
                 del root[group]
         for pattern in files:
             remove(store, pattern.rsplit("/", 1)[0])
@@ -1100,6 +1087,14 @@ def _block_problems(store: str, stage: str, blocks, decode: bool) -> list[Proble
     return problems
 
 
+def _n_blocks(root) -> int:
+    """How many blocks a store's stages are cut into (the block grid of its basins)."""
+    if not _has(root, "_emdask/basins"):
+        return 0
+    basins = root["_emdask/basins"]
+    return len(Grid(basins.shape, basins.chunks))
+
+
 def verify(store: str, repair: bool = False) -> list[Problem]:
     """Check that every finished block of a store's stages has all its chunks and that
     they decode (and that whole outputs of finished stages decode); return the problems
@@ -1121,6 +1116,11 @@ def verify(store: str, repair: bool = False) -> list[Problem]:
         generation = rec.get("generation", "0")
         found = _block_problems(store, stage, marked(store, stage, generation), decode=True)
         for name in _outputs(root, stage)[2] if rec.get("finished") else []:
+            if "{block}" in name:  # a file per block, written by one global task
+                found += [Problem(stage, None, key, "missing")
+                          for b in range(_n_blocks(root))
+                          if not exists(store, key := name.format(block=b))]
+                continue
             if not _has(root, name):
                 found.append(Problem(stage, None, name, "missing"))
                 continue
@@ -1132,7 +1132,7 @@ def verify(store: str, repair: bool = False) -> list[Problem]:
             unmark(store, stage, {p.block for p in found if p.block is not None}, generation)
             if any(p.block is None for p in found):
                 for name in _outputs(root, stage)[2]:
-                    if _has(root, name):
+                    if "{block}" not in name and _has(root, name):
                         del root[name]
                 unmark(store, stage, [0], generation)  # a global stage's one marker
             stages = dict(root.attrs["emdask"]["stages"])

@@ -107,3 +107,12 @@ def test_flops_per_voxel_counts_the_first_convolution():
     m = _model()
     # the 1x5x5 input convolution alone costs 2 * 1 * width * 25 flops per voxel
     assert m.flops_per_voxel() > 2 * 1 * TINY["width"] * 25
+
+
+def test_import_emdask_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, emdask; assert 'torch' not in sys.modules, 'torch loaded'; "
+            "emdask.predict_affinities; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

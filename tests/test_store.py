@@ -142,6 +142,17 @@ def test_a_truncated_chunk_is_named_and_recomputed_after_repair(tmp_path, finish
     _same(_outputs(store), finished[1])
 
 
+def test_a_lost_lookup_table_is_found_and_the_solve_redone(tmp_path, finished):
+    cfg = _copy(finished[0], tmp_path)
+    store = cfg["output"]["path"]
+    Path(store, "_emdask", "lut", "3.npz").unlink()  # one block's table, of the global solve
+    assert [str(p) for p in verify(store)] == ["agglomerate output: _emdask/lut/3.npz: missing"]
+    verify(store, repair=True)
+    run(cfg)
+    assert verify(store) == []
+    _same(_outputs(store), finished[1])
+
+
 # ------------------------------------------------------------------ clearing
 def test_markers_that_survive_a_failed_clear_mark_nothing_done(tmp_path, finished, monkeypatch):
     import emdask.pipeline
