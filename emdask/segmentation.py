@@ -27,7 +27,10 @@ chunking, ids included.
 
 from __future__ import annotations
 
+import threading
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +38,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.callbacks import Callback
 from numba import njit
 
 from emdask.affinities import mask_affinities
@@ -207,11 +211,14 @@ def _solve(basin_info, block_graphs, links, pairs, params: WatershedParams, thre
                    thresholds, score)
 
 
-def _relabel(padded, solution, origin, shape, params, block: int):
+def _relabel(padded, solution, origin, shape, params, block: int, sweep: tuple = ()):
     if isinstance(padded, _StoredBlock):
         padded = padded.read()
     labels, _, _ = basins(quantize_affinities(padded, check=False), origin, shape, params)
-    return _apply_luts(labels, solution[0], solution[1], block)
+    outputs = _apply_luts(labels, solution[0], solution[1], block)
+    if sweep:  # kept for the other thresholds of a sweep (see _SweepCache)
+        _SWEEP_CACHE.put(*sweep, outputs)
+    return outputs
 
 
 def _apply_luts(labels: np.ndarray, luts: np.ndarray, bases: np.ndarray, block: int):
@@ -219,6 +226,81 @@ def _apply_luts(labels: np.ndarray, luts: np.ndarray, bases: np.ndarray, block: 
     lut = np.concatenate([np.zeros((luts.shape[0], 1), np.uint64),
                           luts[:, bases[block]:bases[block + 1]]], axis=1)
     return tuple(row[labels] for row in lut)
+
+
+# ---------------------------------------------------------------- threshold sweeps
+#: Bytes of relabelled blocks kept for live :func:`segment` results (0 disables the cache).
+SWEEP_CACHE_BYTES = 1 << 30
+
+
+class _SweepCache(Callback):
+    """Keeps, for the results of :func:`segment` that are still alive, each block's relabel
+    output (every threshold at once), so that computing their segmentations one at a time
+    runs the shared work (the net upstream, the watershed, the global solve) once.
+
+    The relabel task puts its outputs here; a Dask callback of the local schedulers then
+    replaces, at the start of a computation, every output block task whose block is kept by
+    its value, which leaves the upstream tasks unreachable, so they do not run.  (On a
+    ``distributed`` cluster, compute the segmentations together, ``dask.compute(*segs)``,
+    or persist them.)  Blocks are kept within :data:`SWEEP_CACHE_BYTES`, least recently
+    used first out; a result's blocks are dropped when its arrays are garbage collected."""
+
+    def __init__(self):
+        super().__init__()
+        self.data: OrderedDict = OrderedDict()  # (graph name, block index) -> outputs
+        self.nbytes = 0
+        self.live: dict[str, int] = {}  # graph name -> its arrays alive
+        self.layers: dict[str, tuple[str, int]] = {}  # output layer -> (graph name, item)
+        self.lock = threading.Lock()
+        self.registered = False
+
+    def _start(self, dsk) -> None:
+        with self.lock:
+            for key in list(dsk):
+                where = self.layers.get(key[0]) if isinstance(key, tuple) else None
+                block = where and self.data.get((where[0], key[1:]))
+                if block is not None:
+                    dsk[key] = block[where[1]]
+                    self.data.move_to_end((where[0], key[1:]))
+
+    def put(self, name: str, index: tuple, outputs: tuple) -> None:
+        size = sum(v.nbytes for v in outputs)
+        with self.lock:
+            if name not in self.live or (name, index) in self.data or (
+                    size > SWEEP_CACHE_BYTES):
+                return
+            self.data[(name, index)] = outputs
+            self.nbytes += size
+            while self.nbytes > SWEEP_CACHE_BYTES:
+                _, old = self.data.popitem(last=False)
+                self.nbytes -= sum(v.nbytes for v in old)
+
+    def track(self, name: str, layers: dict[str, int], arrays: list) -> None:
+        """Keep the blocks of graph ``name`` while ``arrays`` live; ``layers`` maps the
+        output layers to the item of the relabel output each holds."""
+        if SWEEP_CACHE_BYTES <= 0:
+            return
+        if not self.registered:  # (a global callback: any local compute may reuse blocks)
+            self.register()
+            self.registered = True
+        with self.lock:
+            self.live[name] = self.live.get(name, 0) + len(arrays)
+            self.layers.update({layer: (name, i) for layer, i in layers.items()})
+        for a in arrays:
+            weakref.finalize(a, self._release, name)
+
+    def _release(self, name: str) -> None:
+        with self.lock:
+            self.live[name] -= 1
+            if self.live[name] > 0:
+                return
+            del self.live[name]
+            self.layers = {k: v for k, v in self.layers.items() if v[0] != name}
+            for key in [k for k in self.data if k[0] == name]:
+                self.nbytes -= sum(v.nbytes for v in self.data.pop(key))
+
+
+_SWEEP_CACHE = _SweepCache()
 
 
 # ---------------------------------------------------------------- public
@@ -310,6 +392,15 @@ def segment(
         (DataArrays with the input's coordinates if the input was one), preceded by the
         fragments if asked; and the info if asked, as ``(list, info)``.
 
+    Notes
+    -----
+    The segmentations of one call share their work: however they are computed (together,
+    or one after another as in ``[s.values for s in segment(affs, thresholds)]``), the
+    affinities upstream (a net), the watershed and the global solve run once; each block's
+    outputs for every threshold are kept while the results live (up to
+    :data:`SWEEP_CACHE_BYTES`, local schedulers; on a ``distributed`` cluster compute them
+    together with ``dask.compute(*segs)``).
+
     Examples
     --------
     >>> import numpy as np
@@ -369,7 +460,7 @@ def segment(
         link_args={"high_q": params.quantized()[1], "bins": bins},
         solve_args={"params": params, "thresholds": thr, "score": score})
     relabelled = {idx: g.add("relabel", idx, _relabel, inputs[idx], solution, origin=origin,
-                             shape=shape, params=params, block=block)
+                             shape=shape, params=params, block=block, sweep=(g.name, idx))
                   for idx, block, origin, _ in g.blocks()}
     info = g.item("info", (), solution, 2)
     results = [g.array(f"labels{i}", relabelled, np.uint64, item=i)
@@ -378,6 +469,8 @@ def segment(
         results = [r[tuple(slice(0, n) for n in shape)] for r in results]
     if not return_fragments:
         results = results[1:]
+    _SWEEP_CACHE.track(g.name, {f"{g.name}-labels{i}": i for i in range(len(thr) + 1)},
+                       results)
     if template is not None:
         spatial = template.isel(c=0, drop=True) if "c" in template.dims else template
         results = [xr.DataArray(r, dims=("z", "y", "x"), coords=spatial.coords,

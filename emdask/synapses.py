@@ -29,6 +29,7 @@ import xarray as xr
 
 from emdask.blockgraph import BlockGraph
 from emdask.segmentation import _apply_luts, _supervoxels
+from emdask.volumes import stored_source
 
 __all__ = ["assign_partners", "connectivity_matrix", "connectome", "find_synapses",
            "partner_accuracy", "predict_direction", "read_partner_annotations",
@@ -174,6 +175,10 @@ def find_synapses(
                     else attrs.get("voxel_size", (1.0, 1.0, 1.0)), float)
     offset = np.asarray(attrs.get("offset", (0.0, 0.0, 0.0)), float)
     shape = tuple(int(n) for n in data.shape)
+    if template is None or stored_source(template) is None:
+        # computed probabilities (a net upstream): both passes below read the mask, so it
+        # is computed once and kept (1 byte a voxel) instead of running the net twice
+        mask = mask.persist()
     g = BlockGraph("synapses", mask.chunks, dependency=mask)
     keys = np.empty(g.grid, object)
     keys[...] = mask.__dask_keys__()

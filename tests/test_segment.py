@@ -220,3 +220,41 @@ def test_info_and_segmentation_computed_together():
     for args in [(info, segs[0]), (segs[0], info)]:  # the graphs merge in either order
         out = dask.compute(*args, optimize_graph=False)
         assert {type(o).__name__ for o in out} == {"SegmentationInfo", "ndarray"}
+
+
+def test_a_sweep_computed_one_threshold_at_a_time_costs_one_pass(monkeypatch):
+    """The net upstream, the watershed and the solve run once for all thresholds, however
+    the segmentations are consumed (local schedulers)."""
+    import dask.array as da
+
+    from emdask import segmentation
+
+    calls = {"upstream": 0, "summary": 0}
+
+    def upstream(block):
+        calls["upstream"] += 1
+        return block
+
+    summary = segmentation._block_summary
+
+    def counted(*args, **kwargs):
+        calls["summary"] += 1
+        return summary(*args, **kwargs)
+
+    monkeypatch.setattr(segmentation, "_block_summary", counted)
+    affs = np.random.default_rng(0).random((3, 32, 64, 64)).astype(np.float32)
+    lazy = da.from_array(affs, chunks=(3, 16, 32, 32)).map_blocks(
+        upstream, meta=np.zeros((0, 0, 0, 0), np.float32))
+    segs = segmentation.segment(lazy, [0.3, 0.5, 0.7], size_threshold=5)
+    one_at_a_time = [np.asarray(s) for s in segs]
+    assert calls == {"upstream": 8, "summary": 8}  # 8 blocks, one pass
+    together = segmentation.segment(affs, [0.3, 0.5, 0.7], size_threshold=5)
+    for a, b in zip(one_at_a_time, together, strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    name = next(iter(segmentation._SWEEP_CACHE.live))
+    del segs, together
+    import gc
+
+    gc.collect()
+    assert name not in segmentation._SWEEP_CACHE.live  # blocks dropped with the arrays
+    assert not any(k[0] == name for k in segmentation._SWEEP_CACHE.data)

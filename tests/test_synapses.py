@@ -44,6 +44,23 @@ def test_probabilities_thresholded_and_errors():
         find_synapses(np.zeros((2, 2, 2), np.int32))
 
 
+def test_computed_probabilities_are_computed_once():
+    """find_synapses on a net's lazy output runs the net once per block, not per pass."""
+    calls = {"net": 0}
+
+    def net(block):
+        calls["net"] += 1
+        return block
+
+    p = np.zeros((4, 8, 8), np.float32)
+    p[0:2, 0:3, 0:3] = 0.9
+    p[3, 5:8, 5:8] = 0.95
+    lazy = da.from_array(p, chunks=(2, 4, 4)).map_blocks(net, meta=np.zeros((0, 0, 0), p.dtype))
+    labels, table = find_synapses(lazy, threshold=0.5, min_size=1)
+    assert labels.values.max() == 2 and table["size"].tolist() == [18, 9]
+    assert calls["net"] == 8  # 8 blocks
+
+
 @pytest.mark.parametrize("chunks", [(20, 1024, 640), (3, 97, 211), (7, 300, 64)])
 def test_vnc_synapses_identical_for_any_chunking(shared_file, chunks):
     """The larval VNC synapse masks: 3-D objects, the same ids for every chunking."""
