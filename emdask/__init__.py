@@ -10,6 +10,7 @@ from emdask.align import align, render
 from emdask.defects import detect_defects
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
 from emdask.pipeline import run
+from emdask.pyramids import downsample
 from emdask.segmentation import segment
 from emdask.synapses import (
     assign_partners,
@@ -53,6 +54,7 @@ __all__ = [
     "contingency_table",
     "cutout",
     "detect_defects",
+    "downsample",
     "evaluate",
     "find_synapses",
     "mask_affinities",

@@ -20,6 +20,7 @@ commands:
   train   train (or resume training) a boundary or synapse net from a config file
   verify  check that every finished block of an output store is whole (and mark the
           broken ones for recomputation with --repair)
+  view    open an output store in neuroglancer (a local viewer; prints its URL)
 """
 
 EXAMPLES = """\
@@ -30,6 +31,7 @@ examples:
   emdask run my_volume.toml --stage segment --overwrite
   emdask train emdask/weights/fibsem.toml --max-minutes 60
   emdask verify my_volume.zarr --repair    # then rerun: broken blocks are recomputed
+  emdask view my_volume.zarr               # raw, affinities, segmentations, synapses
 
 A minimal run config (TOML):
   [input]
@@ -43,7 +45,7 @@ A minimal run config (TOML):
 
 RUN_EXAMPLES = """\
 stages, in order: align (with an [align] section), predict, watershed, agglomerate,
-relabel, synapses (with a [synapses] section), report.  "segment" stands for watershed,
+relabel, synapses (with a [synapses] section), pyramid, report.  "segment" stands for watershed,
 agglomerate and relabel.  Finished blocks are kept: rerunning the same command resumes.
 
 examples:
@@ -101,6 +103,16 @@ def _verify(args: argparse.Namespace) -> int:
           + ("marked for recomputation: rerun `emdask run` with the same config"
              if args.repair else "rerun with --repair, then `emdask run` recomputes them"))
     return 1
+
+
+def _view(args: argparse.Namespace) -> int:
+    try:
+        from emdask.view import main as view
+    except ImportError:
+        raise ImportError("emdask view needs neuroglancer: pip install 'emdask[view]'"
+                          ) from None
+    view(args.store, args.bind, args.port)
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -165,6 +177,20 @@ def parser() -> argparse.ArgumentParser:
     ve.add_argument("--repair", action="store_true", help="mark the broken blocks not "
                     "done, so that the next `emdask run` recomputes them")
     ve.set_defaults(func=_verify)
+    vw = sub.add_parser("view", help="open an output store in neuroglancer", parents=[debug],
+                        formatter_class=formatter,
+                        description="Serve an output store (with CORS headers) and open it "
+                        "in a local neuroglancer viewer: raw, affinities, every "
+                        "segmentation and label, synapses as points with their partners. "
+                        "Prints the URL to open; Ctrl-C stops.",
+                        epilog="examples:\n  emdask view run.zarr\n"
+                               "  emdask view run.zarr --bind 0.0.0.0 --port 9000   "
+                               "# reachable from other machines")
+    vw.add_argument("store", help="the output store of emdask run (a local path)")
+    vw.add_argument("--bind", default="127.0.0.1", help="address to listen on "
+                    "(default: this machine only)")
+    vw.add_argument("--port", type=int, default=0, help="the viewer's port (default: any)")
+    vw.set_defaults(func=_view)
     return p
 
 

@@ -2,14 +2,17 @@
 
 Stages, in order (each can be run alone with ``--stage``)::
 
-    predict      raw -> affinities/s0                     one task per block
+    align        (with an [align] section) fields, then the aligned stack raw/s0 and
+                 its missing-data mask raw/labels/defects/s0
+    predict      raw -> affinities/s0 (and a copy of the raw read into raw/s0)
     watershed    affinities -> block basins + graphs      one task per block
     agglomerate  block graphs -> one global graph -> lookup tables (one task per face,
                  then one global solve)
-    relabel      basins + tables -> fragments/s0, segmentation_<t>/s0 (one per threshold)
+    relabel      basins + tables -> raw/labels/fragments, raw/labels/segmentation_<t>
     synapses     (with a [synapses] model) raw -> synapse_probabilities/s0 (one task per
-                 block), then objects synapses/s0 and the tables synapses.parquet and
-                 connectome.parquet (partners in the chosen segmentation)
+                 block), then objects raw/labels/synapses and the tables synapses.parquet
+                 and connectome.parquet (partners in the chosen segmentation)
+    pyramid      downsampled levels s1, s2, ... of every image and label (viewers)
     report       scores against ground truth (if configured), a figure
 
 Every stage is a list of block tasks submitted to a ``distributed`` client.  A task reads
@@ -74,7 +77,14 @@ from emdask.store import local_path as _local_path
 __all__ = ["STAGES", "RunConfig", "StoreBusy", "load_run_config", "local_cluster",
            "make_cluster", "run", "verify"]
 
-STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "report")
+STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "pyramid",
+          "report")
+
+# The store is an NGFF 0.5 collection: the images raw (the EM the nets read: the input's
+# region of interest, or the aligned stack), affinities and synapse_probabilities, and
+# the label images of raw (defects, fragments, segmentation_<t>, synapses).
+RAW = "raw"
+LABELS = f"{RAW}/labels"
 
 
 
@@ -463,6 +473,7 @@ class _Context:
     window: int = 15  # align: side of the flat squares that are missing data
     intensity: tuple | None = None  # predict: the data values taken for black and white
     stamp: str = "0"  # the stage's generation: its markers are written under it
+    copy_raw: bool = False  # predict: also write the block of raw it read into raw/s0
 
 
 def _slices(begin, end) -> tuple:
@@ -513,6 +524,10 @@ def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
     raw = read_box(ctx.source, src_begin, src_end, model.halo,
                    cache=(ctx.source_name, ctx.generation))
     inside = box_inside(ctx.source.shape[-3:], src_begin, src_end, model.halo)
+    if ctx.copy_raw:  # the store keeps the EM it segmented (for viewing and proofreading)
+        centre = tuple(slice(h, h + e - b) for h, b, e in zip(model.halo, begin, end,
+                                                               strict=True))
+        _array(ctx, f"{RAW}/s0")[_slices(begin, end)] = raw[centre]
     affs = _predict_block(raw, model, device, ctx.predict.patch, ctx.predict.batch_size,
                           np.dtype(ctx.predict.dtype), ctx.intensity, inside)
     if ctx.mask is not None:  # edges reach one voxel below the block: read a halo of 1
@@ -527,6 +542,18 @@ def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
     mark_done(ctx.store, stage, block, ctx.stamp)
 
 
+def _copy_raw_task(ctx: _Context, block: int) -> None:
+    """Copy one block of the input's region of interest into raw/s0 (with [affinities],
+    where no net reads it)."""
+    from emdask.volumes import read_box
+
+    begin, end = ctx.grid.box(block)
+    _array(ctx, f"{RAW}/s0")[_slices(begin, end)] = read_box(
+        ctx.source, [b + r for b, r in zip(begin, ctx.roi_begin, strict=True)],
+        [e + r for e, r in zip(end, ctx.roi_begin, strict=True)])
+    mark_done(ctx.store, "predict", block, ctx.stamp)
+
+
 def _align_task(ctx: _Context, block: int) -> None:
     """Render one block of the aligned stack and of its missing-data mask."""
     from emdask.align import _render_block, source_box
@@ -537,8 +564,8 @@ def _align_task(ctx: _Context, block: int) -> None:
     fields_arr = _array(ctx, "alignment/fields")  # only this block's sections
     fields = np.asarray(fields_arr[begin[0]:end[0]], np.float64)
     spacing = fields_arr.attrs["spacing"]
-    out = _array(ctx, "aligned/s0")
-    mask_out = _array(ctx, "defects/s0")
+    out = _array(ctx, f"{RAW}/s0")
+    mask_out = _array(ctx, f"{LABELS}/defects/s0")
     shape = [e - b for b, e in zip(begin, end, strict=True)]
     box = source_box(fields, spacing, begin, end, ctx.grid.shape)
     if box is None:  # nothing of the input maps here: no data
@@ -595,7 +622,7 @@ def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
         print(f"  align: fields solved; missing sections {extra['missing']}, unreliable "
               f"{extra['unreliable']}; table sections.parquet", file=sys.stderr)
     fresh = _fresh(store, "align")
-    for name, dtype in (("aligned", vol.dtype), ("defects", np.uint8)):
+    for name, dtype in ((RAW, vol.dtype), (f"{LABELS}/defects", np.uint8)):
         if fresh or not _has(root, name):
             create_volume(store, name, ctx.grid.shape, dtype, ctx.grid.chunks,
                           vol.attrs["voxel_size"], vol.attrs["offset"], overwrite=True)
@@ -717,8 +744,53 @@ def _relabel_task(ctx: _Context, block: int) -> None:
     for name, out in zip(_label_datasets(ctx.segment), _apply_luts(labels, luts,
                                                                    [0, luts.shape[1]], 0),
                          strict=True):
-        _array(ctx, f"{name}/s0")[_slices(begin, end)] = out
+        _array(ctx, f"{LABELS}/{name}/s0")[_slices(begin, end)] = out
     mark_done(ctx.store, "relabel", block, ctx.stamp)
+
+
+def _pyramid_task(ctx: _Context, index: int, jobs: list) -> None:
+    """One block of one level of one image: the block of the level below, downsampled."""
+    from emdask.pyramids import downsample_block
+
+    dataset, level, block, factors = jobs[index]
+    out, below = _array(ctx, f"{dataset}/s{level}"), _array(ctx, f"{dataset}/s{level - 1}")
+    begin, end = Grid(tuple(out.shape[-3:]), tuple(out.chunks[-3:])).box(block)
+    lead = (slice(None),) * (out.ndim - 3)
+    src = tuple(slice(b * f, min(e * f, n)) for b, e, f, n in
+                zip(begin, end, factors, below.shape[-3:], strict=True))
+    out[(*lead, *_slices(begin, end))] = downsample_block(np.asarray(below[(*lead, *src)]),
+                                                          factors)
+    mark_done(ctx.store, "pyramid", index, ctx.stamp)
+
+
+def _pyramid(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
+    """Levels s1, s2, ... of every image and label image, level by level, block by block
+    (each level from the one below: a task reads at most 8 blocks' worth)."""
+    from emdask.pyramids import pyramid_factors
+    from emdask.volumes import add_levels
+
+    root = _open_root(cfg.output.path)
+    factors = pyramid_factors(ctx.grid.shape, vol.attrs["voxel_size"])
+    if not factors:
+        print("  pyramid: the volume is small; s0 alone", file=sys.stderr)
+        return {"levels": 0}
+    with _quiet_listing():
+        labels = sorted(root[LABELS].group_keys()) if _has(root, LABELS) else []
+    datasets = [n for n in (RAW, "affinities", "synapse_probabilities") if _has(root, n)]
+    datasets += [f"{LABELS}/{n}" for n in labels]
+    fresh, jobs = _fresh(cfg.output.path, "pyramid"), []
+    for dataset in datasets:
+        for level, arr in enumerate(add_levels(cfg.output.path, dataset, factors,
+                                               overwrite=fresh), start=1):
+            grid = Grid(tuple(arr.shape[-3:]), tuple(arr.chunks[-3:]))
+            jobs += [(dataset, level, b, factors[level - 1]) for b in range(len(grid))]
+    task = functools.partial(_pyramid_task, jobs=jobs)
+    for level in range(1, len(factors) + 1):
+        _run_blocks(client, ctx, "pyramid", task, cfg.cluster, label=f"pyramid s{level}",
+                    blocks=[i for i, job in enumerate(jobs) if job[1] == level])
+    print(f"  pyramid: {len(factors)} levels of {len(datasets)} images, factors "
+          f"{[list(f) for f in factors]}", file=sys.stderr)
+    return {"levels": len(factors), "factors": [list(f) for f in factors]}
 
 
 def _label_datasets(seg: SegmentSpec) -> list[str]:
@@ -796,12 +868,14 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: ClusterSpec
-                ) -> int:
-    """Submit one task per unfinished block of a stage; returns how many ran.  Blocks
-    marked done whose chunks have gone missing are recomputed."""
+def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: ClusterSpec,
+                blocks: Sequence[int] | None = None, label: str | None = None) -> int:
+    """Submit one task per unfinished block of a stage (of ``blocks``, default all of the
+    grid's); returns how many ran.  Blocks marked done whose chunks have gone missing are
+    recomputed."""
     ctx = replace(ctx, stamp=_generation(ctx.store, stage))
-    finished = marked(ctx.store, stage, ctx.stamp)
+    blocks = range(len(ctx.grid)) if blocks is None else blocks
+    finished = marked(ctx.store, stage, ctx.stamp) & set(blocks)
     lost = {p.block for p in _block_problems(ctx.store, stage, finished, decode=False)}
     if lost:
         print(f"  {stage}: {len(lost)} finished block(s) have lost chunks "
@@ -809,15 +883,16 @@ def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: Cluste
               file=sys.stderr)
         unmark(ctx.store, stage, lost, ctx.stamp)
         finished -= lost
-    todo = [b for b in range(len(ctx.grid)) if b not in finished]
+    todo = [b for b in blocks if b not in finished]
+    label = label or stage
     if finished:
-        print(f"  {stage}: {len(finished)} of {len(ctx.grid)} blocks already done",
+        print(f"  {label}: {len(finished)} of {len(blocks)} blocks already done",
               file=sys.stderr)
     task = functools.partial(_guarded, functools.partial(fn, ctx), cluster.task_timeout)
     futures = client.map(task, todo, key=[f"emdask-{stage}-{b}-{time.time_ns()}"
                                           for b in todo],
                          retries=cluster.retries, pure=False)
-    _progress(futures, stage)
+    _progress(futures, label)
     return len(todo)
 
 
@@ -910,7 +985,7 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     if stage == "watershed":
         return p | {"segment": {k: seg[k] for k in ("low", "high", "bins", "score")}}
     p["segment"] = seg
-    if stage in ("synapses", "report"):
+    if stage in ("synapses", "pyramid", "report"):
         p["synapses"] = ({k: v for k, v in asdict(cfg.synapses).items()
                           if k != "accept_licence"} if cfg.synapses else None)
         if cfg.synapses and cfg.synapses.model.endswith(".pt") and Path(
@@ -983,10 +1058,9 @@ def _check_upstream(root, cfg: RunConfig, stage: str, running: list[str]) -> Non
     with this config's parameters (stages run in this same call are checked as they run)."""
     recorded = root.attrs.get("emdask", {}).get("stages", {})
     for before in STAGES[:STAGES.index(stage)]:
-        if before == "report" or before in running or (
+        if before in ("report", "pyramid") or before in running or (
                 before == "synapses" and cfg.synapses is None) or (
-                before == "align" and cfg.align is None) or (
-                before == "predict" and cfg.affinities is not None):
+                before == "align" and cfg.align is None):
             continue
         old = recorded.get(before)
         if old is None or not old.get("finished"):
@@ -1017,15 +1091,16 @@ def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
     """What a stage writes: arrays written block by block (one block = one chunk), files
     per block (``{block}`` in their name), and outputs written whole."""
     with _quiet_listing():
-        segmentations = sorted(f"{n}/s0" for n in root.group_keys()
-                               if n.startswith("segmentation_"))
-    return {"align": (["aligned/s0", "defects/s0"], [], ["alignment/fields"]),
-            "predict": (["affinities/s0"], [], []),
+        segmentations = sorted(f"{LABELS}/{n}/s0" for n in (
+            root[LABELS].group_keys() if _has(root, LABELS) else [])
+            if n.startswith("segmentation_"))
+    return {"align": ([f"{RAW}/s0", f"{LABELS}/defects/s0"], [], ["alignment/fields"]),
+            "predict": (["affinities/s0", f"{RAW}/s0"], [], []),
             "watershed": (["_emdask/basins"], ["_emdask/graph/{block}.npz",
                                                 "_emdask/faces/{block}.npz"], []),
             "agglomerate": ([], [], ["_emdask/lut/{block}.npz"]),
-            "relabel": (["fragments/s0", *segmentations], [], []),
-            "synapses": (["synapse_probabilities/s0"], [], ["synapses/s0"]),
+            "relabel": ([f"{LABELS}/fragments/s0", *segmentations], [], []),
+            "synapses": (["synapse_probabilities/s0"], [], [f"{LABELS}/synapses/s0"]),
             }.get(stage, ([], [], []))
 
 
@@ -1046,7 +1121,9 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
         for name in arrays + whole:
             if "{block}" in name:  # per-block files
                 files = [*files, name]
-            elif _has(root, group := name.removesuffix("/s0")):
+            # (raw's labels belong to later stages: raw loses its array, not its group)
+            elif _has(root, group := name if name == f"{RAW}/s0" else
+                      name.removesuffix("/s0")):
                 del root[group]
         for pattern in files:
             remove(store, pattern.rsplit("/", 1)[0])
@@ -1139,6 +1216,15 @@ def verify(store: str, repair: bool = False) -> list[Problem]:
             stages[stage] = {**stages[stage], "finished": None}
             _set_stages(root, stages)
     return problems
+
+
+def _ngff_index(root) -> None:
+    """Make the store's root an NGFF 0.5 collection that lists its images (the
+    bioformats2raw layout, whose ``OME`` group names them in ``series``)."""
+    images = [n for n in (RAW, "affinities", "synapse_probabilities") if _has(root, n)]
+    root.attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
+    index = root.require_group("OME")
+    index.attrs["ome"] = {"version": "0.5", "series": images}
 
 
 def _set_stages(root, stages: dict) -> None:
@@ -1235,11 +1321,11 @@ def _raw(cfg: RunConfig, root, full, roi_begin):
     missing-data mask) when the pipeline aligns."""
     if cfg.align is None:
         return full.encoding["source"], roi_begin, None, "raw"
-    if not _has(root, "aligned"):
+    if not _has(root, f"{LABELS}/defects"):
         raise ValueError(f"{cfg.output.path}: the config has an [align] section but the "
                          "align stage has not run; run it first")
-    mask = root["defects/s0"] if cfg.align.mask else None
-    return root["aligned/s0"], (0, 0, 0), mask, "aligned"
+    mask = root[f"{LABELS}/defects/s0"] if cfg.align.mask else None
+    return root[f"{RAW}/s0"], (0, 0, 0), mask, "aligned"
 
 
 def _intensity(cfg: RunConfig, root, vol, model) -> tuple[float, float]:
@@ -1316,7 +1402,8 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
         stage="synapses"), cfg.cluster)
     labels, table = find_synapses(open_volume(store, "synapse_probabilities"),
                                   spec.threshold, spec.min_size)
-    labels = save_volume(labels, store, "synapses", chunks=ctx.grid.chunks, overwrite=True)
+    labels = save_volume(labels, store, f"{LABELS}/synapses", chunks=ctx.grid.chunks,
+                         overwrite=True)
     t = spec.segmentation if spec.segmentation is not None else cfg.segment.thresholds[-1]
     segmentation = open_volume(store, f"segmentation_{t:g}")
     table = assign_partners(labels, segmentation, table,
@@ -1324,7 +1411,7 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
     if spec.direction_model:  # which partner is presynaptic; else direction "unknown"
         from emdask.synapses import predict_direction
 
-        raw = open_volume(store, "aligned") if cfg.align is not None else vol
+        raw = open_volume(store, RAW) if cfg.align is not None else vol
         table = predict_direction(raw, segmentation, table,
                                   _model(spec.direction_model, "cpu"),
                                   patch=tuple(spec.direction_patch))
@@ -1390,7 +1477,7 @@ def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
     gt = synapses = true_synapses = None
     region = vol  # the input's region of interest
     if cfg.align is not None:  # one frame: the outputs are in the aligned stack's
-        vol = open_volume(store, "aligned")
+        vol = open_volume(store, RAW)
 
     def truth(dataset: str):
         """Ground truth in the outputs' frame: with alignment, warped like the raw, by
@@ -1414,7 +1501,7 @@ def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
             scores[name] = {k: float(v) for k, v in s.items()}
             print(f"  {t:>9g} {s['voi_split']:9.3f} {s['voi_merge']:9.3f} {s['voi']:7.3f} "
                   f"{s['arand']:7.3f}", file=sys.stderr)
-    if cfg.synapses is not None and _has(_open_root(store), "synapses"):
+    if cfg.synapses is not None and _has(_open_root(store), f"{LABELS}/synapses"):
         synapses = open_volume(store, "synapses").values
     if synapses is not None and cfg.evaluate is not None and cfg.evaluate.synapses:
         true_synapses = np.asarray(truth(cfg.evaluate.synapses))
@@ -1549,6 +1636,10 @@ def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = No
         cfg = replace(cfg, output=replace(cfg.output, other_version=True))
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
     wanted = _expand(stages)
+    if cfg.affinities is not None and "watershed" in wanted:
+        # with given affinities the predict stage only copies the raw EM beside them (for
+        # viewing): a segment run includes it (nothing to do where it is done)
+        wanted = _expand(["predict", *wanted])
     checked = _preflight(cfg, wanted)
     if dry_run:
         text = plan(cfg, wanted, checked)
@@ -1754,7 +1845,8 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
                 continue
             what, memory[stage] = "fields (global solve), then aligned/ and defects/", 0.8e9
         elif stage == "predict" and cfg.affinities is not None:
-            what, memory[stage] = f"none: affinities given ({cfg.affinities.url})", 0.0
+            what, memory[stage] = (f"no net: affinities given ({cfg.affinities.url}); raw "
+                                   "copied to raw/"), 0.0
         elif stage == "predict":
             model = checked.model
             what = (f"{cfg.predict.model} net (halo {model.halo}) -> affinities/ "
@@ -1777,6 +1869,13 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
             what = (f"{s.model} net -> synapse_probabilities/, objects (threshold "
                     f"{s.threshold}, min size {s.min_size}), partners within {s.radius}")
             memory[stage] = net_task(checked.synapse_model)
+        elif stage == "pyramid":
+            from emdask.pyramids import pyramid_factors
+
+            factors = pyramid_factors(shape, vol.attrs["voxel_size"])
+            what = (f"{len(factors)} downsampled levels (s1...) of every image and label, "
+                    f"factors {[list(f) for f in factors]}")
+            memory[stage] = 8 * 8.0 * block_vox * (1 + 8)  # 8 blocks below, uint64
         else:
             what = ("scores against " + cfg.evaluate.url if cfg.evaluate else "no ground "
                     "truth: figure only")
@@ -1849,21 +1948,29 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
             else:
                 actx = replace(ctx, source=full.encoding["source"])
                 extra = _align(client, actx, cfg, vol)
-        elif stage == "predict" and cfg.affinities is not None:
-            print(f"  predict: affinities given ({cfg.affinities.url}); no prediction",
-                  file=sys.stderr)
-            extra = {"skipped": True}
         elif stage == "predict":
-            if _fresh(store, stage) or not _has(root, "affinities"):
-                create_volume(store, "affinities", (len(model.config.offsets), *shape),
-                              cfg.predict.dtype, grid.chunks, voxel_size, offset,
-                              attrs={"offsets": [list(o) for o in model.config.offsets]},
-                              overwrite=True)
-            source, begin, mask, name = _raw(cfg, root, full, roi_begin)
-            pctx = _Context(store, grid, source=source, roi_begin=begin, predict=cfg.predict,
-                            segment=cfg.segment, generation=ctx.generation, mask=mask,
-                            source_name=name, intensity=_intensity(cfg, root, vol, model))
-            _run_blocks(client, pctx, stage, _predict_task, cfg.cluster)
+            fresh = _fresh(store, stage)
+            if cfg.align is None and (fresh or not _has(root, RAW)):
+                create_volume(store, RAW, shape, vol.dtype, grid.chunks, voxel_size, offset,
+                              overwrite=True)  # the EM segmented, kept for viewing
+            if cfg.affinities is not None:
+                print(f"  predict: affinities given ({cfg.affinities.url}); no prediction",
+                      file=sys.stderr)
+                _run_blocks(client, replace(ctx, source=full.encoding["source"]), stage,
+                            _copy_raw_task, cfg.cluster)
+            else:
+                if fresh or not _has(root, "affinities"):
+                    create_volume(store, "affinities", (len(model.config.offsets), *shape),
+                                  cfg.predict.dtype, grid.chunks, voxel_size, offset,
+                                  attrs={"offsets": [list(o) for o in model.config.offsets]},
+                                  overwrite=True)
+                source, begin, mask, name = _raw(cfg, root, full, roi_begin)
+                pctx = _Context(store, grid, source=source, roi_begin=begin,
+                                predict=cfg.predict, segment=cfg.segment,
+                                generation=ctx.generation, mask=mask, source_name=name,
+                                intensity=_intensity(cfg, root, vol, model),
+                                copy_raw=cfg.align is None)
+                _run_blocks(client, pctx, stage, _predict_task, cfg.cluster)
         elif stage == "watershed":
             if _fresh(store, stage) or not _has(root, "_emdask/basins"):
                 root.create_array("_emdask/basins", shape=shape, chunks=grid.chunks,
@@ -1877,9 +1984,9 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
         elif stage == "relabel":
             fresh = _fresh(store, stage)
             for name in _label_datasets(cfg.segment):
-                if fresh or not _has(root, name):
-                    create_volume(store, name, shape, np.uint64, grid.chunks, voxel_size,
-                                  offset, overwrite=True)
+                if fresh or not _has(root, f"{LABELS}/{name}"):
+                    create_volume(store, f"{LABELS}/{name}", shape, np.uint64, grid.chunks,
+                                  voxel_size, offset, overwrite=True)
             _run_blocks(client, ctx, stage, _relabel_task, cfg.cluster)
         elif stage == "synapses":
             if cfg.synapses is None:
@@ -1888,9 +1995,12 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
             else:
                 extra = _synapses(client, ctx, cfg, full, vol, roi_begin,
                                   checked.synapse_model)
+        elif stage == "pyramid":
+            extra = _pyramid(client, ctx, cfg, vol)
         elif stage == "report":
             extra = {"scores": _report(cfg, full, vol, roi_begin)}
         timings[stage] = time.perf_counter() - t0
+        _ngff_index(root)
         _finish_stage(root, stage, timings[stage], extra)
         print(f"  {stage}: {timings[stage]:.1f} s", file=sys.stderr)
     return {"timings": timings, "store": store,

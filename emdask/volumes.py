@@ -476,6 +476,8 @@ def _open_zarr(url: str, dataset: str | None, level, storage_options):
     node, path = root, ""
     if dataset:
         path = dataset.strip("/")
+        if isinstance(root, zarr.Group) and path not in root:
+            path = _label_path(root, path) or path
         if not isinstance(root, zarr.Group) or path not in root:
             raise VolumeError(
                 f"{url}: no dataset {path!r}; arrays in the store: "
@@ -509,6 +511,24 @@ def _open_zarr(url: str, dataset: str | None, level, storage_options):
         "voxel_size": attrs.get("voxel_size", attrs.get("resolution")),
         "offset": attrs.get("offset"),
     }, path
+
+
+def _label_path(root, name: str) -> str | None:
+    """The path of the NGFF label image ``name`` of one of the store's images
+    (``<image>/labels/<name>``), so that a label image is found by its name alone."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():  # tables and other files beside the images
+        warnings.filterwarnings("ignore", message=r"Object at \S+ is not recognized")
+        groups = list(root.groups())
+    for image, member in groups:
+        labels = member.get("labels") if isinstance(member, zarr.Group) else None
+        if isinstance(labels, zarr.Group) and name in labels and name in dict(
+                labels.attrs).get("ome", {}).get("labels", []):
+            return f"{image}/labels/{name}"
+    return None
 
 
 def _zarr_arrays(group) -> list[str]:
@@ -713,6 +733,8 @@ def create_volume(
     group.attrs.update(_ome_metadata(len(shape), name or _volume_name(where),
                                      _check_voxel_size(voxel_size, where),
                                      _check_offset(offset, where), attrs))
+    if dataset.rsplit("/", 2)[-2:-1] == ["labels"]:  # "<image>/labels/<name>": a label image
+        _register_label(root, dataset)
     return group.create_array("s0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
                               dimension_names=list(dims))
 
@@ -728,6 +750,68 @@ def _storage_chunks(vol: xr.DataArray, chunks, where: str) -> tuple[int, ...]:
         raise VolumeError(f"{where}: chunks must be 3 positive sizes (z, y, x), got {chunks}")
     chunks = tuple(min(c, max(s, 1)) for c, s in zip(chunks, spatial, strict=True))
     return (vol.shape[0], *chunks) if vol.ndim == 4 else chunks
+
+
+def add_levels(url: str | os.PathLike, dataset: str, factors: Sequence[Sequence[int]],
+               overwrite: bool = False) -> list:
+    """Create the empty levels ``s1``, ``s2``, ... of an OME-Zarr image beside its ``s0``,
+    each downsampled by ``factors[i]`` from the one before, and list them (with their
+    scale and translation: the centre of each group of voxels) in its multiscales
+    metadata; returns the new zarr arrays.  Existing levels of the right shape are kept
+    (a resumed pyramid) unless ``overwrite``."""
+    import zarr
+
+    url = os.fspath(url)
+    root = zarr.open_group(store=_zarr_store(url, "w", None), mode="a", zarr_format=3)
+    group = root[dataset]
+    meta = dict(group.attrs)
+    ms = meta["ome"]["multiscales"][0]
+    base = group["s0"]
+    s0 = ms["datasets"][0]
+    scale = np.asarray(next(t["scale"] for t in s0["coordinateTransformations"]
+                            if t["type"] == "scale"), float)
+    translation = np.asarray(next((t["translation"] for t in s0["coordinateTransformations"]
+                                   if t["type"] == "translation"), [0.0] * base.ndim), float)
+    lead = base.ndim - 3
+    shape, total = list(base.shape), np.ones(3, int)
+    datasets, arrays = [s0], []
+    for i, f in enumerate(factors, start=1):
+        f = np.asarray(f, int)
+        total = total * f
+        shape = shape[:lead] + [-(-n // k) for n, k in zip(shape[lead:], f, strict=True)]
+        chunks = tuple(base.chunks[:lead]) + tuple(
+            min(c, n) for c, n in zip(base.chunks[lead:], shape[lead:], strict=True))
+        name = f"s{i}"
+        if name in group and not overwrite and tuple(group[name].shape) == tuple(shape):
+            arrays.append(group[name])
+        else:
+            arrays.append(group.create_array(name, shape=tuple(shape), chunks=chunks,
+                                              dtype=base.dtype, fill_value=0, overwrite=True,
+                                              dimension_names=base.metadata.dimension_names))
+        level_scale = scale.copy()
+        level_scale[lead:] *= total
+        level_translation = translation.copy()
+        level_translation[lead:] += scale[lead:] * (total - 1) / 2
+        datasets.append({"path": name, "coordinateTransformations": [
+            {"type": "scale", "scale": level_scale.tolist()},
+            {"type": "translation", "translation": level_translation.tolist()}]})
+    meta["ome"] = {**meta["ome"], "multiscales": [{**ms, "datasets": datasets}]}
+    group.attrs.update(meta)
+    return arrays
+
+
+def _register_label(root, dataset: str) -> None:
+    """Make ``<image>/labels/<name>`` an NGFF 0.5 label image listed by its image's
+    ``labels`` group (so that napari and other readers colour it as a segmentation)."""
+    parent, name = dataset.rsplit("/", 1)
+    group = root[dataset]
+    meta = dict(group.attrs)
+    meta["ome"] = {**meta["ome"], "image-label": {"version": "0.5",
+                                                 "source": {"image": "../../"}}}
+    group.attrs.update(meta)
+    labels = root.require_group(parent)
+    listed = dict(labels.attrs).get("ome", {}).get("labels", [])
+    labels.attrs["ome"] = {"version": "0.5", "labels": sorted({*listed, name})}
 
 
 def _ome_metadata(ndim: int, name: str, voxel_size, offset, extra: dict | None) -> dict:

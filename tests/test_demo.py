@@ -11,7 +11,7 @@ def test_demo_beats_the_classical_baseline(tmp_path, capsys):
 
     result = run_demo(tmp_path / "demo")
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
-    assert (tmp_path / "demo" / "demo.zarr" / "segmentation_0.5" / "zarr.json").exists()
+    assert (tmp_path / "demo" / "demo.zarr" / "raw" / "labels" / "segmentation_0.5" / "zarr.json").exists()
     assert (tmp_path / "demo" / "demo.toml").exists()
     net, base = result["emdask"], result["baseline"]
     assert net["voi"] < base["voi"] and net["arand"] < base["arand"]

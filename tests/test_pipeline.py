@@ -388,7 +388,7 @@ def test_align_stage_aligns_masks_and_resumes(tmp_path, tiny_model, capsys):
     del cfg["evaluate"]
     run(cfg, stages=["align", "predict"])
     store = cfg["output"]["path"]
-    aligned = open_volume(store, "aligned").values
+    aligned = open_volume(store, "raw").values
     mask = open_volume(store, "defects").values.astype(bool)
     table = pd.read_parquet(Path(store, "sections.parquet"))
     assert table["missing"].tolist() == [z == 6 for z in range(12)]

@@ -118,7 +118,7 @@ def _chunk(store: str, name: str) -> Path:
 def test_a_deleted_chunk_is_found_and_recomputed(tmp_path, finished):
     cfg = _copy(finished[0], tmp_path)
     store = cfg["output"]["path"]
-    _chunk(store, "segmentation_0.5").unlink()
+    _chunk(store, "raw/labels/segmentation_0.5").unlink()
     problems = verify(store)
     assert len(problems) == 1 and problems[0].stage == "relabel"
     assert "segmentation_0.5/s0 chunk" in str(problems[0]) and "missing" in str(problems[0])

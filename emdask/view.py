@@ -1,0 +1,161 @@
+"""``emdask view STORE``: an output store in neuroglancer, with one command.
+
+Two local servers, both bound to 127.0.0.1 unless told otherwise: a static file server for
+the store that sends CORS headers (a browser page may read it from another origin, as a
+hosted neuroglancer must), and the ``neuroglancer`` Python package's viewer server (its
+web client ships inside the package).  The viewer gets a layer for each image (raw,
+affinities as RGB, synapse probabilities), each label image as a segmentation, and the
+synapses as annotation points carrying their partner segments, all in nm.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["serve_store", "view"]
+
+AFFINITY_SHADER = """\
+void main() {
+  emitRGB(vec3(toNormalized(getDataValue(0)), toNormalized(getDataValue(1)),
+               toNormalized(getDataValue(2))));
+}
+"""
+
+
+class _CORSHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with the headers a viewer on another origin needs."""
+
+    def end_headers(self) -> None:
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Allow-Headers", "*")
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
+        super().end_headers()
+
+    def do_OPTIONS(self) -> None:
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a viewer makes thousands of requests: keep the terminal for the URL
+
+
+def serve_store(store: str | Path, bind: str = "127.0.0.1", port: int = 0
+                ) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve the folder holding ``store`` over HTTP with CORS headers, in a daemon
+    thread; returns the server and the store's URL."""
+    store = Path(store).resolve()
+    handler = functools.partial(_CORSHandler, directory=str(store.parent))
+    server = http.server.ThreadingHTTPServer((bind, port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="emdask-store").start()
+    host, port = server.server_address[:2]
+    return server, f"http://{host}:{port}/{store.name}"
+
+
+@dataclass
+class Viewing:
+    """A running view: the neuroglancer viewer, its URL and the store's file server."""
+
+    viewer: Any
+    url: str
+    store_url: str
+    server: http.server.ThreadingHTTPServer
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _labels(root) -> list[str]:
+    from emdask.pipeline import LABELS, _has, _quiet_listing
+
+    with _quiet_listing():
+        return sorted(root[LABELS].group_keys()) if _has(root, LABELS) else []
+
+
+def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
+         store_port: int = 0) -> Viewing:
+    """Open an emdask output store in a local neuroglancer viewer; returns the running
+    :class:`Viewing` (its ``url`` is the page to open in a browser).
+
+    Parameters
+    ----------
+    store
+        A local output store of ``emdask run`` (or any zarr store laid out alike).
+    bind
+        Address both servers listen on ("0.0.0.0" to reach them from other machines).
+    port, store_port
+        The viewer's and the file server's ports (0: any free one).
+    """
+    import neuroglancer
+    import pandas as pd
+    import zarr
+
+    from emdask.pipeline import LABELS, RAW, _has
+    from emdask.volumes import open_volume
+
+    store = Path(store)
+    if not (store / "zarr.json").exists():
+        raise FileNotFoundError(f"{store}: not a zarr store (no zarr.json); give the output "
+                                "path of an emdask run")
+    root = zarr.open_group(str(store), mode="r")
+    server, store_url = serve_store(store, bind, store_port)
+    neuroglancer.set_server_bind_address(bind, port)
+    viewer = neuroglancer.Viewer()
+    vs = tuple(open_volume(str(store), RAW).attrs["voxel_size"]) if _has(root, RAW) else None
+    with viewer.txn() as state:
+        if vs is not None:
+            state.dimensions = neuroglancer.CoordinateSpace(names=["z", "y", "x"],
+                                                            units="nm", scales=vs)
+        if _has(root, RAW):
+            state.layers["raw"] = neuroglancer.ImageLayer(source=f"zarr://{store_url}/{RAW}/")
+        if _has(root, "affinities"):
+            state.layers["affinities"] = neuroglancer.ImageLayer(
+                source=f"zarr://{store_url}/affinities/", shader=AFFINITY_SHADER)
+            state.layers["affinities"].visible = False
+        if _has(root, "synapse_probabilities"):
+            state.layers["synapse probabilities"] = neuroglancer.ImageLayer(
+                source=f"zarr://{store_url}/synapse_probabilities/")
+            state.layers["synapse probabilities"].visible = False
+        labels = _labels(root)
+        shown = max((n for n in labels if n.startswith("segmentation_")), default=None)
+        for name in labels:
+            state.layers[name] = neuroglancer.SegmentationLayer(
+                source=f"zarr://{store_url}/{LABELS}/{name}/")
+            state.layers[name].visible = name == shown
+        table = store / "synapses.parquet"
+        if table.exists():
+            synapses = pd.read_parquet(table)
+            layer = neuroglancer.LocalAnnotationLayer(
+                dimensions=neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm",
+                                                        scales=[1, 1, 1]),
+                linked_segmentation_layer={"segments": shown} if shown else None)
+            for row in synapses.itertuples():
+                # pre and post where the direction is known, else the two ranked partners
+                pair = ((row.pre, row.post) if getattr(row, "pre", 0) else
+                        (getattr(row, "partner_1", 0), getattr(row, "partner_2", 0)))
+                partners = [int(s) for s in pair if s]
+                layer.annotations.append(neuroglancer.PointAnnotation(
+                    id=str(row.id), point=[row.z_nm, row.y_nm, row.x_nm],
+                    segments=[partners] if partners else None))
+            state.layers["synapses"] = layer
+    return Viewing(viewer, str(viewer), store_url, server)
+
+
+def main(store: str, bind: str = "127.0.0.1", port: int = 0) -> None:
+    """``emdask view``: print the URL and serve until interrupted."""
+    import time
+
+    viewing = view(store, bind, port)
+    print(f"emdask view: {store} served at {viewing.store_url}\n"
+          f"open {viewing.url}\n(Ctrl-C stops)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        viewing.close()
