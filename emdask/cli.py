@@ -111,7 +111,7 @@ def _view(args: argparse.Namespace) -> int:
     except ImportError:
         raise ImportError("emdask view needs neuroglancer: pip install 'emdask[view]'"
                           ) from None
-    view(args.store, args.bind, args.port)
+    view(args.store, args.bind, args.port, args.screenshot)
     return 0
 
 
@@ -185,11 +185,15 @@ def parser() -> argparse.ArgumentParser:
                         "Prints the URL to open; Ctrl-C stops.",
                         epilog="examples:\n  emdask view run.zarr\n"
                                "  emdask view run.zarr --bind 0.0.0.0 --port 9000   "
-                               "# reachable from other machines")
+                               "# reachable from other machines\n"
+                               "  emdask view run.zarr --screenshot view.png")
     vw.add_argument("store", help="the output store of emdask run (a local path)")
     vw.add_argument("--bind", default="127.0.0.1", help="address to listen on "
                     "(default: this machine only)")
     vw.add_argument("--port", type=int, default=0, help="the viewer's port (default: any)")
+    vw.add_argument("--screenshot", metavar="FILE", help="render the view in headless "
+                    "Chromium, save it as a PNG and exit (needs selenium, chromium and "
+                    "chromium-driver)")
     vw.set_defaults(func=_view)
     return p
 

@@ -25,12 +25,15 @@ VNC_ROI = ((0, 768, 0), (20, 1024, 640))  # the synapse net's validation rows
 
 def demo_config(out: Path, model_name: str = "fibsem") -> dict:
     from emdask.data import sample_path
+    from emdask.models import model_card
 
+    chosen = model_card(model_name).get("threshold", 0.5)
     return {
         "input": {"url": str(sample_path()), "dataset": "raw"},
         "output": {"path": str(out / "demo.zarr"), "chunks": [56, 96, 96], "overwrite": True},
         "predict": {"model": model_name},
-        "segment": {"thresholds": THRESHOLDS},
+        "segment": {"thresholds": sorted({*THRESHOLDS, chosen})},
+        "meshes": {"segmentation": chosen},  # the card's operating point, for emdask view
         "evaluate": {"url": str(sample_path()), "dataset": "neuron_ids"},
     }
 
@@ -54,6 +57,7 @@ def vnc_config(vnc: str | Path, out: Path, model_name: str = "sstem", roi=VNC_RO
         # on the VNC's training rows: 17 of 22 right; 15 at the card's threshold).  The
         # detector's weights are CC BY-NC-SA 3.0, like the stack the user passed.
         "synapses": {"model": "synapses", "accept_licence": True, "segmentation": 0.5},
+        "meshes": {"segmentation": chosen},
         "evaluate": {"url": vnc, "dataset": "labels/cell_ids_2d",
                      "synapses": "labels/clefts", "cells": "labels/cell_ids_2d"},
     }

@@ -78,7 +78,7 @@ __all__ = ["STAGES", "RunConfig", "StoreBusy", "load_run_config", "local_cluster
            "make_cluster", "run", "verify"]
 
 STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "pyramid",
-          "report")
+          "meshes", "report")
 
 # The store is an NGFF 0.5 collection: the images raw (the EM the nets read: the input's
 # region of interest, or the aligned stack), affinities and synapse_probabilities, and
@@ -178,6 +178,14 @@ class SynapseSpec:
 
 
 @dataclass
+class MeshSpec:
+    """Meshes of one segmentation's segments, for viewers (:mod:`emdask.meshes`)."""
+
+    segmentation: float | None = None  # which threshold's segmentation (default: last)
+    max_error: float | None = None  # simplification error, nm (default: largest voxel)
+
+
+@dataclass
 class EvaluateSpec:
     """Ground truth for the report (same grid as the input; the same ROI is cut out)."""
 
@@ -216,6 +224,7 @@ class RunConfig:
     affinities: AffinitiesSpec | None = None  # given: segment these, no prediction
     segment: SegmentSpec = field(default_factory=SegmentSpec)
     synapses: SynapseSpec | None = None
+    meshes: MeshSpec = field(default_factory=MeshSpec)
     evaluate: EvaluateSpec | None = None
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
@@ -353,6 +362,10 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
         score_bins(cfg.segment.score, cfg.segment.bins)
     except ValueError as err:
         raise ValueError(f"{where}: [segment] {err}") from None
+    if cfg.meshes.segmentation is not None and (
+            cfg.meshes.segmentation not in cfg.segment.thresholds):
+        raise ValueError(f"{where}: meshes.segmentation = {cfg.meshes.segmentation} is not "
+                         f"one of the thresholds {cfg.segment.thresholds}")
     if cfg.synapses is not None and cfg.synapses.segmentation is not None and (
             cfg.synapses.segmentation not in cfg.segment.thresholds):
         raise ValueError(f"{where}: synapses.segmentation = {cfg.synapses.segmentation} is "
@@ -793,6 +806,53 @@ def _pyramid(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     return {"levels": len(factors), "factors": [list(f) for f in factors]}
 
 
+def _meshed(store: str, root) -> list[str]:
+    """The label images that have meshes."""
+    with _quiet_listing():
+        names = list(root[LABELS].group_keys()) if _has(root, LABELS) else []
+    return [n for n in names if "meshes" in _list(store, f"{LABELS}/{n}")]
+
+
+def _mesh_task(ctx: _Context, block: int, dataset: str, max_error: float | None,
+               voxel_size: tuple, offset: tuple) -> None:
+    """Meshes of one block (plus one voxel on its high sides) of a segmentation: a
+    fragment per segment, and the list of the segments meshed."""
+    from emdask.meshes import mesh_block
+
+    begin, end = ctx.grid.box(block)
+    high = [min(e + 1, n) for e, n in zip(end, ctx.grid.shape, strict=True)]
+    labels = np.asarray(_array(ctx, f"{dataset}/s0")[_slices(begin, high)])
+    pieces = mesh_block(labels, begin, voxel_size, offset, max_error)
+    for segment, mesh in pieces.items():
+        put_bytes(ctx.store, f"{dataset}/meshes/{segment}:0:{block}", mesh.to_precomputed())
+    save_arrays(ctx.store, f"_emdask/meshes/{block}.npz",
+                {"ids": np.array(sorted(pieces), np.uint64)})
+    mark_done(ctx.store, "meshes", block, ctx.stamp)
+
+
+def _meshes(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
+    """Meshes of one segmentation, block by block, then a manifest per segment."""
+    from emdask.meshes import INFO, manifest
+
+    t = cfg.meshes.segmentation
+    t = cfg.segment.thresholds[-1] if t is None else t
+    dataset = f"{LABELS}/segmentation_{t:g}"
+    task = functools.partial(_mesh_task, dataset=dataset, max_error=cfg.meshes.max_error,
+                             voxel_size=tuple(vol.attrs["voxel_size"]),
+                             offset=tuple(vol.attrs["offset"]))
+    _run_blocks(client, ctx, "meshes", task, cfg.cluster)
+    blocks: dict[int, list[int]] = {}
+    for b in range(len(ctx.grid)):
+        for segment in load_arrays(ctx.store, f"_emdask/meshes/{b}.npz")["ids"].tolist():
+            blocks.setdefault(segment, []).append(b)
+    for segment, where in blocks.items():
+        put_bytes(ctx.store, f"{dataset}/meshes/{segment}:0", manifest(segment, where))
+    put_bytes(ctx.store, f"{dataset}/meshes/info", json.dumps(INFO).encode())
+    print(f"  meshes: {len(blocks)} segments of segmentation_{t:g}, "
+          f"{sum(map(len, blocks.values()))} fragments -> {dataset}/meshes", file=sys.stderr)
+    return {"segments": len(blocks), "segmentation": t}
+
+
 def _label_datasets(seg: SegmentSpec) -> list[str]:
     return ["fragments"] + [f"segmentation_{t:g}" for t in seg.thresholds]
 
@@ -985,7 +1045,7 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     if stage == "watershed":
         return p | {"segment": {k: seg[k] for k in ("low", "high", "bins", "score")}}
     p["segment"] = seg
-    if stage in ("synapses", "pyramid", "report"):
+    if stage in ("synapses", "pyramid", "meshes", "report"):
         p["synapses"] = ({k: v for k, v in asdict(cfg.synapses).items()
                           if k != "accept_licence"} if cfg.synapses else None)
         if cfg.synapses and cfg.synapses.model.endswith(".pt") and Path(
@@ -996,6 +1056,8 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
         if direction and direction.endswith(".pt") and Path(direction).exists():
             st = Path(direction).stat()
             p["synapses"]["direction_model_file"] = f"{st.st_size}:{st.st_mtime_ns}"
+    if stage in ("meshes", "report"):
+        p["meshes"] = asdict(cfg.meshes)
     if stage == "report":
         p["evaluate"] = asdict(cfg.evaluate) if cfg.evaluate else None
     return p
@@ -1058,7 +1120,7 @@ def _check_upstream(root, cfg: RunConfig, stage: str, running: list[str]) -> Non
     with this config's parameters (stages run in this same call are checked as they run)."""
     recorded = root.attrs.get("emdask", {}).get("stages", {})
     for before in STAGES[:STAGES.index(stage)]:
-        if before in ("report", "pyramid") or before in running or (
+        if before in ("report", "pyramid", "meshes") or before in running or (
                 before == "synapses" and cfg.synapses is None) or (
                 before == "align" and cfg.align is None):
             continue
@@ -1101,6 +1163,7 @@ def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
             "agglomerate": ([], [], ["_emdask/lut/{block}.npz"]),
             "relabel": ([f"{LABELS}/fragments/s0", *segmentations], [], []),
             "synapses": (["synapse_probabilities/s0"], [], [f"{LABELS}/synapses/s0"]),
+            "meshes": ([], ["_emdask/meshes/{block}.npz"], []),
             }.get(stage, ([], [], []))
 
 
@@ -1127,6 +1190,9 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
                 del root[group]
         for pattern in files:
             remove(store, pattern.rsplit("/", 1)[0])
+        if s == "meshes":  # the fragments beside the segmentation meshed
+            for name in _meshed(store, root):
+                remove(store, f"{LABELS}/{name}/meshes")
 
 
 def _block_problems(store: str, stage: str, blocks, decode: bool) -> list[Problem]:
@@ -1869,6 +1935,12 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
             what = (f"{s.model} net -> synapse_probabilities/, objects (threshold "
                     f"{s.threshold}, min size {s.min_size}), partners within {s.radius}")
             memory[stage] = net_task(checked.synapse_model)
+        elif stage == "meshes":
+            t = cfg.meshes.segmentation
+            what = (f"marching cubes of segmentation_"
+                    f"{cfg.segment.thresholds[-1] if t is None else t:g} -> "
+                    "precomputed meshes beside it")
+            memory[stage] = 60.0 * block_vox
         elif stage == "pyramid":
             from emdask.pyramids import pyramid_factors
 
@@ -1997,6 +2069,8 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                                   checked.synapse_model)
         elif stage == "pyramid":
             extra = _pyramid(client, ctx, cfg, vol)
+        elif stage == "meshes":
+            extra = _meshes(client, ctx, cfg, vol)
         elif stage == "report":
             extra = {"scores": _report(cfg, full, vol, roi_begin)}
         timings[stage] = time.perf_counter() - t0

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["serve_store", "view"]
+import numpy as np
+
+__all__ = ["screenshot", "serve_store", "view"]
 
 AFFINITY_SHADER = """\
 void main() {
@@ -78,6 +80,16 @@ def _labels(root) -> list[str]:
         return sorted(root[LABELS].group_keys()) if _has(root, LABELS) else []
 
 
+def _largest(store: Path, dataset: str, k: int) -> list[int]:
+    """The ``k`` largest segments of a label image (counted on its coarsest level)."""
+    from emdask.volumes import open_volume
+
+    levels = sorted(p.name for p in (store / dataset).glob("s*") if p.name[1:].isdigit())
+    labels = open_volume(str(store), dataset, level=levels[-1]).values
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    return [int(i) for i in ids[np.argsort(-counts, kind="stable")[:k]]]
+
+
 def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
          store_port: int = 0) -> Viewing:
     """Open an emdask output store in a local neuroglancer viewer; returns the running
@@ -107,11 +119,17 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
     server, store_url = serve_store(store, bind, store_port)
     neuroglancer.set_server_bind_address(bind, port)
     viewer = neuroglancer.Viewer()
-    vs = tuple(open_volume(str(store), RAW).attrs["voxel_size"]) if _has(root, RAW) else None
+    raw = open_volume(str(store), RAW) if _has(root, RAW) else None
     with viewer.txn() as state:
-        if vs is not None:
-            state.dimensions = neuroglancer.CoordinateSpace(names=["z", "y", "x"],
-                                                            units="nm", scales=vs)
+        if raw is not None:
+            # neuroglancer shows its first two dimensions in the main panel: x, y first
+            vs = np.asarray(raw.attrs["voxel_size"], float)
+            state.dimensions = neuroglancer.CoordinateSpace(names=["x", "y", "z"],
+                                                            units="nm", scales=vs[::-1])
+            centre = np.asarray(raw.attrs["offset"]) / vs + np.asarray(raw.shape) / 2
+            state.position = centre[::-1]
+            state.cross_section_scale = max(raw.shape[1:]) / 450  # fills a 500 px panel
+            state.projection_scale = float(max(raw.shape)) * 1.5
         if _has(root, RAW):
             state.layers["raw"] = neuroglancer.ImageLayer(source=f"zarr://{store_url}/{RAW}/")
         if _has(root, "affinities"):
@@ -123,11 +141,20 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
                 source=f"zarr://{store_url}/synapse_probabilities/")
             state.layers["synapse probabilities"].visible = False
         labels = _labels(root)
-        shown = max((n for n in labels if n.startswith("segmentation_")), default=None)
+        meshed = [n for n in labels if (store / LABELS / n / "meshes" / "info").exists()]
+        shown = meshed[0] if meshed else max(
+            (n for n in labels if n.startswith("segmentation_")), default=None)
         for name in labels:
-            state.layers[name] = neuroglancer.SegmentationLayer(
-                source=f"zarr://{store_url}/{LABELS}/{name}/")
+            source = [f"zarr://{store_url}/{LABELS}/{name}/"]
+            if (store / LABELS / name / "meshes" / "info").exists():  # the meshes stage's
+                source.append(f"precomputed://{store_url}/{LABELS}/{name}/meshes")
+            state.layers[name] = neuroglancer.SegmentationLayer(source=source)
             state.layers[name].visible = name == shown
+            # the EM shows through; every segment tinted, the largest few brighter and in 3-D
+            state.layers[name].layer.selected_alpha = 0.4
+            state.layers[name].layer.not_selected_alpha = 0.15
+            if name == shown:  # a few of the largest segments shown in 3-D
+                state.layers[name].layer.segments = _largest(store, f"{LABELS}/{name}", 8)
         table = store / "synapses.parquet"
         if table.exists():
             synapses = pd.read_parquet(table)
@@ -147,11 +174,47 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
     return Viewing(viewer, str(viewer), store_url, server)
 
 
-def main(store: str, bind: str = "127.0.0.1", port: int = 0) -> None:
-    """``emdask view``: print the URL and serve until interrupted."""
+def screenshot(viewing: Viewing, path: str | Path, size: tuple[int, int] = (1200, 700),
+               settle: float = 5.0) -> Path:
+    """Render a view in headless Chromium and save it as a PNG (needs the ``selenium``
+    package and Chromium with its driver, e.g. Debian's chromium and chromium-driver)."""
+    import shutil
+    import time
+
+    import neuroglancer.webdriver
+
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                    if shutil.which(b)), None)
+    if browser is None or shutil.which("chromedriver") is None:
+        raise FileNotFoundError("a screenshot needs Chromium and chromedriver (Debian: apt "
+                                "install chromium chromium-driver) and pip install selenium")
+    with viewing.viewer.txn() as state:
+        state.layout = "xy-3d"
+    with neuroglancer.webdriver.Webdriver(
+            viewing.viewer, headless=True, browser="chrome", browser_binary_path=browser,
+            window_size=size, print_logs=False,
+            extra_command_line_args=["--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader",
+                                     "--enable-unsafe-swiftshader"]) as driver:
+        driver.sync()
+        time.sleep(settle)  # chunks and meshes arrive over HTTP
+        shot = viewing.viewer.screenshot(size=size)
+    path = Path(path)
+    path.write_bytes(shot.screenshot.image)
+    return path
+
+
+def main(store: str, bind: str = "127.0.0.1", port: int = 0,
+         screenshot_to: str | None = None) -> None:
+    """``emdask view``: print the URL and serve until interrupted (or save a screenshot)."""
     import time
 
     viewing = view(store, bind, port)
+    if screenshot_to:
+        try:
+            print(f"emdask view: {screenshot(viewing, screenshot_to)}", file=sys.stderr)
+        finally:
+            viewing.close()
+        return
     print(f"emdask view: {store} served at {viewing.store_url}\n"
           f"open {viewing.url}\n(Ctrl-C stops)", file=sys.stderr)
     try:

@@ -109,9 +109,101 @@ def test_emdask_view_serves_the_store_with_cors_and_a_viewer(store):
         assert seg.type == "segmentation" and seg.visible
         assert seg.layer.source[0].url == (f"zarr://{viewing.store_url}/raw/labels/"
                                            "segmentation_0.5/")
-        assert list(state.dimensions.scales) == [1e-8, 1e-8, 1e-8]  # 10 nm, in metres
+        assert list(state.dimensions.names) == ["x", "y", "z"]
+        assert np.allclose(state.dimensions.scales, 1e-8)  # 10 nm, in metres
         assert viewing.url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(viewing.url) as reply:  # the neuroglancer client
             assert reply.status == 200 and b"<html" in reply.read().lower()
     finally:
         viewing.close()
+
+
+def _fragment(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A neuroglancer legacy precomputed mesh fragment, read with numpy alone."""
+    n = int(np.frombuffer(data[:4], np.uint32)[0])
+    vertices = np.frombuffer(data[4:4 + 12 * n], np.float32).reshape(n, 3)
+    return vertices, np.frombuffer(data[4 + 12 * n:], np.uint32).reshape(-1, 3)
+
+
+def test_meshes_are_written_per_segment_and_lie_on_their_segments(store):
+    import json
+    from pathlib import Path
+
+    seg = open_volume(store, "segmentation_0.5")
+    labels = seg.values
+    folder = Path(store, "raw", "labels", "segmentation_0.5", "meshes")
+    assert json.loads((folder / "info").read_text()) == {"@type": "neuroglancer_legacy_mesh"}
+    ids = [int(i) for i in np.unique(labels) if i]
+    vs, offset = np.asarray(seg.attrs["voxel_size"]), np.asarray(seg.attrs["offset"])
+    for segment in ids:  # every segment has a mesh
+        fragments = json.loads((folder / f"{segment}:0").read_text())["fragments"]
+        assert fragments
+        vertices = np.concatenate([_fragment((folder / f).read_bytes())[0] for f in fragments])
+        assert len(vertices)
+        # each vertex (x, y, z nm) lies within half a voxel of a voxel of its segment
+        zyx = (vertices[:, ::-1] - offset) / vs - 0.5
+        near = np.zeros(len(zyx), bool)
+        for corner in np.ndindex(2, 2, 2):
+            idx = np.clip(np.floor(zyx).astype(int) + corner, 0, np.array(labels.shape) - 1)
+            near |= labels[tuple(idx.T)] == segment
+        assert near.all(), segment
+
+
+def test_meshes_do_not_depend_on_the_blocks():
+    from emdask.meshes import meshes
+
+    seg = open_volume(str(sample_path()), "neuron_ids")[:20, :64, :64]
+    whole = meshes(seg, chunks=(64, 256, 256), max_error=0)
+    blocks = meshes(seg, chunks=(7, 20, 33), max_error=0)
+    assert sorted(whole) == sorted(blocks) == [int(i) for i in np.unique(seg.values) if i]
+    for segment, mesh in whole.items():  # the same surface, cut differently
+        a = {tuple(v) for v in np.round(mesh.vertices, 3)}
+        b = {tuple(v) for v in np.round(blocks[segment].vertices, 3)}
+        assert a == b, segment
+
+
+def _browser() -> bool:
+    import importlib.util
+    import shutil
+
+    return bool(shutil.which("chromium") and shutil.which("chromedriver")
+                and importlib.util.find_spec("selenium"))
+
+
+@pytest.fixture(scope="module")
+def neurons(tmp_path_factory) -> str:
+    """A store segmented from ground-truth affinities: real neurons to look at."""
+    from emdask import affinities_from_labels, save_volume
+
+    folder = tmp_path_factory.mktemp("neurons")
+    truth = open_volume(str(sample_path()), "neuron_ids")
+    affs, _ = affinities_from_labels(truth.values)
+    save_volume(affs.astype(np.float32), folder / "affs.zarr", "affinities",
+                voxel_size=truth.attrs["voxel_size"], offset=truth.attrs["offset"])
+    out = folder / "run.zarr"
+    run({"input": {"url": str(sample_path()), "dataset": "raw",
+                   "roi": [[0, 0, 0], [40, 160, 160]]},
+         "affinities": {"url": str(folder / "affs.zarr"), "dataset": "affinities"},
+         "output": {"path": str(out), "chunks": [16, 64, 64]},
+         "segment": {"thresholds": [0.5]},
+         "cluster": {"processes": False, "n_workers": 2}})
+    return str(out)
+
+
+@pytest.mark.skipif(not _browser(), reason="needs chromium, chromium-driver and selenium")
+def test_a_headless_browser_shows_segments_and_meshes(neurons, tmp_path):
+    from PIL import Image
+
+    from emdask.view import screenshot, view
+
+    viewing = view(neurons)
+    try:
+        path = screenshot(viewing, tmp_path / "view.png", size=(800, 400), settle=3.0)
+    finally:
+        viewing.close()
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    section = image[:, :400]  # the x-y panel (the 3-D panel is on the right)
+    coloured = image.max(axis=-1) - image.min(axis=-1) > 30  # segment colours, not grey EM
+    assert coloured[:, :400].mean() > 0.5  # the section is tinted by the segmentation...
+    assert section.mean(axis=-1).std() > 10  # ...over the EM's texture
+    assert coloured[:, 400:].mean() > 0.1, "no meshes in the 3-D view"

@@ -1,0 +1,97 @@
+"""Meshes of segments, block by block, in neuroglancer's precomputed mesh format.
+
+Each block is meshed by marching cubes (``zmesh``) over the block plus one voxel on its
+high sides, without closing the surface at the block's faces: the cells between two
+blocks belong to exactly one of them, so a segment's pieces from all its blocks join into
+one surface with neither gaps nor overlaps.  Pieces are simplified (``max_error`` nm) and
+written as fragments; a manifest per segment lists its fragments, which is what
+neuroglancer's legacy precomputed mesh source reads (``info``, ``<id>:0``,
+``<id>:0:<block>``).  Vertices are in nm, (x, y, z) as neuroglancer expects, with the
+voxel (z, y, x) at ``offset + (index + 0.5) * voxel_size`` (voxel centres).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["mesh_block", "meshes"]
+
+INFO = {"@type": "neuroglancer_legacy_mesh"}
+
+
+def mesh_block(labels: np.ndarray, origin: Sequence[int], voxel_size: Sequence[float],
+               offset: Sequence[float] = (0.0, 0.0, 0.0), max_error: float | None = None,
+               ) -> dict[int, Any]:
+    """Meshes of every segment in one block of labels, as ``zmesh.Mesh`` objects.
+
+    Parameters
+    ----------
+    labels
+        (z, y, x) ids of the block plus one voxel on each high side (where the volume has
+        it); 0 is background.
+    origin
+        The block's first voxel in the volume (z, y, x).
+    voxel_size, offset
+        nm per voxel and the volume's offset (z, y, x).
+    max_error
+        Simplification error allowed, nm (default: the largest voxel size; 0: none).
+    """
+    import zmesh
+
+    vs = np.asarray(voxel_size, float)
+    mesher = zmesh.Mesher(tuple(vs[::-1]))  # zmesh works in (x, y, z)
+    mesher.mesh(np.asfortranarray(np.asarray(labels).T), close=False)
+    shift = (np.asarray(origin, float) + 0.5) * vs + np.asarray(offset, float)
+    error = float(vs.max()) if max_error is None else float(max_error)
+    out = {}
+    for segment in mesher.ids():
+        mesh = mesher.get(int(segment), normals=False, reduction_factor=10 if error else 0,
+                          max_error=error)
+        mesher.erase(int(segment))
+        if len(mesh.faces):
+            mesh.vertices = (mesh.vertices + shift[::-1]).astype(np.float32)
+            out[int(segment)] = mesh
+    return out
+
+
+def manifest(segment: int, blocks: Sequence[int]) -> bytes:
+    """The manifest of one segment: the fragment files of the blocks it was meshed in."""
+    return json.dumps({"fragments": [f"{segment}:0:{b}" for b in sorted(blocks)]}).encode()
+
+
+def meshes(segmentation: Any, chunks: Sequence[int] = (64, 256, 256),
+           max_error: float | None = None) -> dict[int, Any]:
+    """Meshes of every segment of a segmentation, computed block by block and joined
+    (one ``zmesh.Mesh`` per segment id; vertices in nm, x-y-z).
+
+    Parameters
+    ----------
+    segmentation
+        (z, y, x) DataArray (voxel size and offset from its attrs) or array.
+    chunks
+        The blocks meshed one at a time (the result does not depend on them, up to the
+        order of vertices and the simplification).
+    max_error
+        Simplification error allowed, nm (default: the largest voxel size; 0: none).
+    """
+    import zmesh
+
+    from emdask.volumes import read_box
+
+    attrs = getattr(segmentation, "attrs", {})
+    vs = attrs.get("voxel_size", (1.0, 1.0, 1.0))
+    offset = attrs.get("offset", (0.0, 0.0, 0.0))
+    data = getattr(segmentation, "data", segmentation)
+    shape = data.shape
+    pieces: dict[int, list] = {}
+    for idx in np.ndindex(*[-(-n // c) for n, c in zip(shape, chunks, strict=True)]):
+        begin = [i * c for i, c in zip(idx, chunks, strict=True)]
+        end = [min(b + c + 1, n) for b, c, n in zip(begin, chunks, shape, strict=True)]
+        block = np.asarray(read_box(data, begin, end))
+        for segment, mesh in mesh_block(block, begin, vs, offset, max_error).items():
+            pieces.setdefault(segment, []).append(mesh)
+    return {s: zmesh.Mesh.concatenate(*m) for s, m in sorted(pieces.items())}
