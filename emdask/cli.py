@@ -45,7 +45,7 @@ A minimal run config (TOML):
 
 RUN_EXAMPLES = """\
 stages, in order: align (with an [align] section), predict, watershed, agglomerate,
-relabel, synapses (with a [synapses] section), pyramid, report.  "segment" stands for watershed,
+relabel, synapses (with a [synapses] section), pyramid, meshes, skeletons, report.  "segment" stands for watershed,
 agglomerate and relabel.  Finished blocks are kept: rerunning the same command resumes.
 
 examples:
@@ -106,11 +106,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _view(args: argparse.Namespace) -> int:
-    try:
-        from emdask.view import main as view
-    except ImportError:
-        raise ImportError("emdask view needs neuroglancer: pip install 'emdask[view]'"
-                          ) from None
+    import importlib.util
+
+    if importlib.util.find_spec("neuroglancer") is None:
+        raise ImportError("emdask view needs neuroglancer: pip install 'emdask[view]'")
+    from emdask.view import main as view
+
     view(args.store, args.bind, args.port, args.screenshot)
     return 0
 

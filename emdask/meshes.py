@@ -58,6 +58,16 @@ def mesh_block(labels: np.ndarray, origin: Sequence[int], voxel_size: Sequence[f
     return out
 
 
+def _as_labels(segmentation: Any):
+    """The array of a DataArray, Dask or numpy label volume (read block by block)."""
+    import dask.array as da
+    import xarray as xr
+
+    if isinstance(segmentation, xr.DataArray):
+        return segmentation.data
+    return segmentation if isinstance(segmentation, da.Array) else np.asarray(segmentation)
+
+
 def manifest(segment: int, blocks: Sequence[int]) -> bytes:
     """The manifest of one segment: the fragment files of the blocks it was meshed in."""
     return json.dumps({"fragments": [f"{segment}:0:{b}" for b in sorted(blocks)]}).encode()
@@ -85,7 +95,7 @@ def meshes(segmentation: Any, chunks: Sequence[int] = (64, 256, 256),
     attrs = getattr(segmentation, "attrs", {})
     vs = attrs.get("voxel_size", (1.0, 1.0, 1.0))
     offset = attrs.get("offset", (0.0, 0.0, 0.0))
-    data = getattr(segmentation, "data", segmentation)
+    data = _as_labels(segmentation)
     shape = data.shape
     pieces: dict[int, list] = {}
     for idx in np.ndindex(*[-(-n // c) for n, c in zip(shape, chunks, strict=True)]):

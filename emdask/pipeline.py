@@ -13,6 +13,8 @@ Stages, in order (each can be run alone with ``--stage``)::
                  block), then objects raw/labels/synapses and the tables synapses.parquet
                  and connectome.parquet (partners in the chosen segmentation)
     pyramid      downsampled levels s1, s2, ... of every image and label (viewers)
+    meshes       marching cubes of one segmentation, precomputed meshes beside it
+    skeletons    TEASAR skeletons of the same, joined across blocks; skeletons.parquet
     report       scores against ground truth (if configured), a figure
 
 Every stage is a list of block tasks submitted to a ``distributed`` client.  A task reads
@@ -78,7 +80,7 @@ __all__ = ["STAGES", "RunConfig", "StoreBusy", "load_run_config", "local_cluster
            "make_cluster", "run", "verify"]
 
 STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "pyramid",
-          "meshes", "report")
+          "meshes", "skeletons", "report")
 
 # The store is an NGFF 0.5 collection: the images raw (the EM the nets read: the input's
 # region of interest, or the aligned stack), affinities and synapse_probabilities, and
@@ -179,10 +181,14 @@ class SynapseSpec:
 
 @dataclass
 class MeshSpec:
-    """Meshes of one segmentation's segments, for viewers (:mod:`emdask.meshes`)."""
+    """Meshes and skeletons of one segmentation's segments, for viewers and for cable
+    lengths (:mod:`emdask.meshes`, :mod:`emdask.skeletons`)."""
 
     segmentation: float | None = None  # which threshold's segmentation (default: last)
     max_error: float | None = None  # simplification error, nm (default: largest voxel)
+    skeleton_scale: float = 1.5  # TEASAR: branches kept if they reach beyond
+    skeleton_const: float = 300.0  # scale x the distance to the boundary + const (nm)
+    skeleton_dust: int = 100  # segments smaller than this in a block get no skeleton there
 
 
 @dataclass
@@ -761,11 +767,22 @@ def _relabel_task(ctx: _Context, block: int) -> None:
     mark_done(ctx.store, "relabel", block, ctx.stamp)
 
 
-def _pyramid_task(ctx: _Context, index: int, jobs: list) -> None:
+def _pyramid_job(layout: list, index: int) -> tuple:
+    """The (dataset, level, block, factors) of a pyramid block index: ``layout`` lists
+    (dataset, level, number of blocks, factors) in order (a task gets this, not a list of
+    every block)."""
+    for dataset, level, n, factors in layout:
+        if index < n:
+            return dataset, level, index, factors
+        index -= n
+    raise IndexError(index)
+
+
+def _pyramid_task(ctx: _Context, index: int, layout: list) -> None:
     """One block of one level of one image: the block of the level below, downsampled."""
     from emdask.pyramids import downsample_block
 
-    dataset, level, block, factors = jobs[index]
+    dataset, level, block, factors = _pyramid_job(layout, index)
     out, below = _array(ctx, f"{dataset}/s{level}"), _array(ctx, f"{dataset}/s{level - 1}")
     begin, end = Grid(tuple(out.shape[-3:]), tuple(out.chunks[-3:])).box(block)
     lead = (slice(None),) * (out.ndim - 3)
@@ -791,26 +808,28 @@ def _pyramid(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
         labels = sorted(root[LABELS].group_keys()) if _has(root, LABELS) else []
     datasets = [n for n in (RAW, "affinities", "synapse_probabilities") if _has(root, n)]
     datasets += [f"{LABELS}/{n}" for n in labels]
-    fresh, jobs = _fresh(cfg.output.path, "pyramid"), []
+    fresh, layout = _fresh(cfg.output.path, "pyramid"), []
     for dataset in datasets:
         for level, arr in enumerate(add_levels(cfg.output.path, dataset, factors,
                                                overwrite=fresh), start=1):
             grid = Grid(tuple(arr.shape[-3:]), tuple(arr.chunks[-3:]))
-            jobs += [(dataset, level, b, factors[level - 1]) for b in range(len(grid))]
-    task = functools.partial(_pyramid_task, jobs=jobs)
+            layout.append((dataset, level, len(grid), factors[level - 1]))
+    task = functools.partial(_pyramid_task, layout=layout)
+    starts = np.concatenate([[0], np.cumsum([n for _, _, n, _ in layout])])
     for level in range(1, len(factors) + 1):
         _run_blocks(client, ctx, "pyramid", task, cfg.cluster, label=f"pyramid s{level}",
-                    blocks=[i for i, job in enumerate(jobs) if job[1] == level])
+                    blocks=[i for k, (_, lv, _, _) in enumerate(layout) if lv == level
+                            for i in range(int(starts[k]), int(starts[k + 1]))])
     print(f"  pyramid: {len(factors)} levels of {len(datasets)} images, factors "
           f"{[list(f) for f in factors]}", file=sys.stderr)
     return {"levels": len(factors), "factors": [list(f) for f in factors]}
 
 
-def _meshed(store: str, root) -> list[str]:
-    """The label images that have meshes."""
+def _meshed(store: str, root, what: str = "meshes") -> list[str]:
+    """The label images that have meshes (or skeletons)."""
     with _quiet_listing():
         names = list(root[LABELS].group_keys()) if _has(root, LABELS) else []
-    return [n for n in names if "meshes" in _list(store, f"{LABELS}/{n}")]
+    return [n for n in names if what in _list(store, f"{LABELS}/{n}")]
 
 
 def _mesh_task(ctx: _Context, block: int, dataset: str, max_error: float | None,
@@ -851,6 +870,64 @@ def _meshes(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     print(f"  meshes: {len(blocks)} segments of segmentation_{t:g}, "
           f"{sum(map(len, blocks.values()))} fragments -> {dataset}/meshes", file=sys.stderr)
     return {"segments": len(blocks), "segmentation": t}
+
+
+def _skeleton_task(ctx: _Context, block: int, dataset: str, spec: MeshSpec,
+                   voxel_size: tuple, offset: tuple) -> None:
+    """Skeletons of one block (plus one voxel on its high sides) of a segmentation, as
+    plain arrays: per segment its vertices (nm) and edges."""
+    from emdask.skeletons import skeleton_block
+
+    begin, end = ctx.grid.box(block)
+    high = [min(e + 1, n) for e, n in zip(end, ctx.grid.shape, strict=True)]
+    labels = np.asarray(_array(ctx, f"{dataset}/s0")[_slices(begin, high)])
+    pieces = skeleton_block(labels, begin, voxel_size, offset, spec.skeleton_dust,
+                            {"scale": spec.skeleton_scale, "const": spec.skeleton_const})
+    ids = sorted(pieces)
+    save_arrays(ctx.store, f"_emdask/skeletons/{block}.npz", {
+        "ids": np.array(ids, np.uint64),
+        "n_vertices": np.array([len(pieces[i].vertices) for i in ids], np.int64),
+        "n_edges": np.array([len(pieces[i].edges) for i in ids], np.int64),
+        "vertices": np.concatenate([pieces[i].vertices for i in ids] or [np.zeros((0, 3))]
+                                   ).astype(np.float32),
+        "edges": np.concatenate([pieces[i].edges for i in ids] or [np.zeros((0, 2))]
+                                ).astype(np.uint32)})
+    mark_done(ctx.store, "skeletons", block, ctx.stamp)
+
+
+def _skeletons(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
+    """Skeletons of one segmentation block by block; then each segment's pieces joined
+    (precomputed skeleton files beside the segmentation) and skeletons.parquet."""
+    from osteoid import Skeleton
+
+    from emdask.skeletons import INFO, cable_lengths, join
+
+    t = cfg.meshes.segmentation
+    t = cfg.segment.thresholds[-1] if t is None else t
+    dataset = f"{LABELS}/segmentation_{t:g}"
+    task = functools.partial(_skeleton_task, dataset=dataset, spec=cfg.meshes,
+                             voxel_size=tuple(vol.attrs["voxel_size"]),
+                             offset=tuple(vol.attrs["offset"]))
+    _run_blocks(client, ctx, "skeletons", task, cfg.cluster)
+    pieces: dict[int, list] = {}
+    for b in range(len(ctx.grid)):
+        a = load_arrays(ctx.store, f"_emdask/skeletons/{b}.npz")
+        v_at = np.concatenate([[0], np.cumsum(a["n_vertices"])])
+        e_at = np.concatenate([[0], np.cumsum(a["n_edges"])])
+        for k, segment in enumerate(a["ids"].tolist()):
+            pieces.setdefault(segment, []).append(Skeleton(
+                a["vertices"][v_at[k]:v_at[k + 1]], a["edges"][e_at[k]:e_at[k + 1]],
+                segid=segment))
+    joined = {s: join(p) for s, p in pieces.items()}
+    for segment, skeleton in joined.items():
+        put_bytes(ctx.store, f"{dataset}/skeletons/{segment}", skeleton.to_precomputed())
+    put_bytes(ctx.store, f"{dataset}/skeletons/info", json.dumps(INFO).encode())
+    table = cable_lengths(joined)
+    put_bytes(ctx.store, "skeletons.parquet", _parquet(table))
+    print(f"  skeletons: {len(joined)} segments of segmentation_{t:g}, "
+          f"{table['cable_nm'].sum() / 1e3:.1f} um of cable; table skeletons.parquet",
+          file=sys.stderr)
+    return {"segments": len(joined), "cable_um": round(float(table["cable_nm"].sum()) / 1e3, 3)}
 
 
 def _label_datasets(seg: SegmentSpec) -> list[str]:
@@ -1045,7 +1122,7 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     if stage == "watershed":
         return p | {"segment": {k: seg[k] for k in ("low", "high", "bins", "score")}}
     p["segment"] = seg
-    if stage in ("synapses", "pyramid", "meshes", "report"):
+    if stage in ("synapses", "pyramid", "meshes", "skeletons", "report"):
         p["synapses"] = ({k: v for k, v in asdict(cfg.synapses).items()
                           if k != "accept_licence"} if cfg.synapses else None)
         if cfg.synapses and cfg.synapses.model.endswith(".pt") and Path(
@@ -1056,7 +1133,7 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
         if direction and direction.endswith(".pt") and Path(direction).exists():
             st = Path(direction).stat()
             p["synapses"]["direction_model_file"] = f"{st.st_size}:{st.st_mtime_ns}"
-    if stage in ("meshes", "report"):
+    if stage in ("meshes", "skeletons", "report"):
         p["meshes"] = asdict(cfg.meshes)
     if stage == "report":
         p["evaluate"] = asdict(cfg.evaluate) if cfg.evaluate else None
@@ -1120,7 +1197,7 @@ def _check_upstream(root, cfg: RunConfig, stage: str, running: list[str]) -> Non
     with this config's parameters (stages run in this same call are checked as they run)."""
     recorded = root.attrs.get("emdask", {}).get("stages", {})
     for before in STAGES[:STAGES.index(stage)]:
-        if before in ("report", "pyramid", "meshes") or before in running or (
+        if before in ("report", "pyramid", "meshes", "skeletons") or before in running or (
                 before == "synapses" and cfg.synapses is None) or (
                 before == "align" and cfg.align is None):
             continue
@@ -1156,14 +1233,21 @@ def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
         segmentations = sorted(f"{LABELS}/{n}/s0" for n in (
             root[LABELS].group_keys() if _has(root, LABELS) else [])
             if n.startswith("segmentation_"))
+    # what predict writes depends on the run: no affinities where they were given, and
+    # no raw where the align stage wrote it
+    records = root.attrs.get("emdask", {}).get("stages", {})
+    aligned = "align" in records and not records["align"].get("skipped")
+    given = "affinities" in records.get("predict", {}).get("params", {}).get("predict", {})
+    predict = ([] if given else ["affinities/s0"]) + ([] if aligned else [f"{RAW}/s0"])
     return {"align": ([f"{RAW}/s0", f"{LABELS}/defects/s0"], [], ["alignment/fields"]),
-            "predict": (["affinities/s0", f"{RAW}/s0"], [], []),
+            "predict": (predict, [], []),
             "watershed": (["_emdask/basins"], ["_emdask/graph/{block}.npz",
                                                 "_emdask/faces/{block}.npz"], []),
             "agglomerate": ([], [], ["_emdask/lut/{block}.npz"]),
             "relabel": ([f"{LABELS}/fragments/s0", *segmentations], [], []),
             "synapses": (["synapse_probabilities/s0"], [], [f"{LABELS}/synapses/s0"]),
             "meshes": ([], ["_emdask/meshes/{block}.npz"], []),
+            "skeletons": ([], ["_emdask/skeletons/{block}.npz"], []),
             }.get(stage, ([], [], []))
 
 
@@ -1190,9 +1274,9 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
                 del root[group]
         for pattern in files:
             remove(store, pattern.rsplit("/", 1)[0])
-        if s == "meshes":  # the fragments beside the segmentation meshed
-            for name in _meshed(store, root):
-                remove(store, f"{LABELS}/{name}/meshes")
+        if s in ("meshes", "skeletons"):  # the files beside the segmentation
+            for name in _meshed(store, root, s):
+                remove(store, f"{LABELS}/{name}/{s}")
 
 
 def _block_problems(store: str, stage: str, blocks, decode: bool) -> list[Problem]:
@@ -1251,6 +1335,11 @@ def verify(store: str, repair: bool = False) -> list[Problem]:
     if not record.get("stages"):
         raise ValueError(f"{store}: not an emdask output store (no stage record in its "
                          "zarr.json)")
+    with lease(store) if repair else contextlib.nullcontext():  # no run writes meanwhile
+        return _verify(store, record if not repair else _record(store), repair)
+
+
+def _verify(store: str, record: dict, repair: bool) -> list[Problem]:
     root = _open_root(store, "r+" if repair else "r")
     problems = []
     for stage, rec in record["stages"].items():
@@ -1466,6 +1555,11 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
     _run_blocks(client, pctx, "synapses", functools.partial(
         _predict_task, model_name=spec.model, dataset="synapse_probabilities",
         stage="synapses"), cfg.cluster)
+    record = _record(store).get("stages", {}).get("synapses", {})
+    if record.get("finished") and _has(root, f"{LABELS}/synapses"):
+        # (rewriting them would drop their pyramid levels)
+        print("  synapses: objects and tables already made", file=sys.stderr)
+        return {}
     labels, table = find_synapses(open_volume(store, "synapse_probabilities"),
                                   spec.threshold, spec.min_size)
     labels = save_volume(labels, store, f"{LABELS}/synapses", chunks=ctx.grid.chunks,
@@ -1935,6 +2029,9 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
             what = (f"{s.model} net -> synapse_probabilities/, objects (threshold "
                     f"{s.threshold}, min size {s.min_size}), partners within {s.radius}")
             memory[stage] = net_task(checked.synapse_model)
+        elif stage == "skeletons":
+            what = "TEASAR skeletons (kimimaro) of the same, joined across blocks"
+            memory[stage] = 100.0 * block_vox
         elif stage == "meshes":
             t = cfg.meshes.segmentation
             what = (f"marching cubes of segmentation_"
@@ -2023,8 +2120,10 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
         elif stage == "predict":
             fresh = _fresh(store, stage)
             if cfg.align is None and (fresh or not _has(root, RAW)):
-                create_volume(store, RAW, shape, vol.dtype, grid.chunks, voxel_size, offset,
-                              overwrite=True)  # the EM segmented, kept for viewing
+                # the EM segmented, kept for viewing (float64, which viewers do not read,
+                # as float32)
+                create_volume(store, RAW, shape, np.float32 if vol.dtype == np.float64
+                              else vol.dtype, grid.chunks, voxel_size, offset, overwrite=True)
             if cfg.affinities is not None:
                 print(f"  predict: affinities given ({cfg.affinities.url}); no prediction",
                       file=sys.stderr)
@@ -2071,6 +2170,8 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
             extra = _pyramid(client, ctx, cfg, vol)
         elif stage == "meshes":
             extra = _meshes(client, ctx, cfg, vol)
+        elif stage == "skeletons":
+            extra = _skeletons(client, ctx, cfg, vol)
         elif stage == "report":
             extra = {"scores": _report(cfg, full, vol, roi_begin)}
         timings[stage] = time.perf_counter() - t0

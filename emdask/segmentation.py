@@ -251,7 +251,7 @@ class _SweepCache(Callback):
         self.nbytes = 0
         self.live: dict[str, int] = {}  # graph name -> its arrays alive
         self.layers: dict[str, tuple[str, int]] = {}  # output layer -> (graph name, item)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # (a release from the garbage collector may interrupt)
         self.registered = False
 
     def _start(self, dsk) -> None:
@@ -259,8 +259,8 @@ class _SweepCache(Callback):
             for key in list(dsk):
                 where = self.layers.get(key[0]) if isinstance(key, tuple) else None
                 block = where and self.data.get((where[0], key[1:]))
-                if block is not None:
-                    dsk[key] = block[where[1]]
+                if block is not None:  # a copy: the caller may change what it gets
+                    dsk[key] = block[where[1]].copy()
                     self.data.move_to_end((where[0], key[1:]))
 
     def put(self, name: str, index: tuple, outputs: tuple) -> None:
@@ -269,7 +269,7 @@ class _SweepCache(Callback):
             if name not in self.live or (name, index) in self.data or (
                     size > SWEEP_CACHE_BYTES):
                 return
-            self.data[(name, index)] = outputs
+            self.data[(name, index)] = tuple(o.copy() for o in outputs)
             self.nbytes += size
             while self.nbytes > SWEEP_CACHE_BYTES:
                 _, old = self.data.popitem(last=False)

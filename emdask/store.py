@@ -94,7 +94,7 @@ def list_keys(url: str, prefix: str) -> list[str]:
             return []
     folder = Path(local, prefix)
     return [p.name for p in folder.iterdir() if not p.name.startswith(".")] \
-        if folder.exists() else []
+        if folder.is_dir() else []
 
 
 def remove(url: str, key: str) -> None:
@@ -229,9 +229,17 @@ class Lease:
         if local is None:
             remove(self.url, LEASE)
             return
+        moved = Path(local, f"_emdask/.lease.stale.{self.run}")
         with contextlib.suppress(FileNotFoundError):  # another run took it first
-            Path(local, LEASE).rename(Path(local, f"_emdask/.lease.stale.{self.run}"))
-            Path(local, f"_emdask/.lease.stale.{self.run}").unlink()
+            Path(local, LEASE).rename(moved)
+            try:
+                taken = json.loads(moved.read_bytes()).get("run")
+            except (OSError, ValueError):
+                taken = holder.run  # half-written: it was no live run's
+            if taken != holder.run:  # a run's fresh lease, not the stale one: put it back
+                with contextlib.suppress(OSError):
+                    os.link(moved, Path(local, LEASE))
+            moved.unlink()
 
     def acquire(self) -> None:
         for _ in range(5):
@@ -260,12 +268,14 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
-            holder = _Holder.read(self.url)
-            if holder is not None and holder.run != self.run:
-                self.lost = True  # taken over (this run stalled past the timeout)
-                return
-            with contextlib.suppress(OSError):  # a failed heartbeat is retried next time
+            try:
+                holder = _Holder.read(self.url)
+                if holder is not None and holder.run != self.run:
+                    self.lost = True  # taken over (this run stalled past the timeout)
+                    return
                 put_bytes(self.url, LEASE, self._record())
+            except Exception as err:  # noqa: BLE001 - a failed heartbeat is retried next time
+                print(f"  lease heartbeat failed ({err}); retrying", file=sys.stderr)
 
     def check(self) -> None:
         """Raise if another run has taken this run's lease over."""

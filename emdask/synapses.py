@@ -28,7 +28,7 @@ import pandas as pd
 import xarray as xr
 
 from emdask.blockgraph import BlockGraph
-from emdask.segmentation import _apply_luts, _supervoxels
+from emdask.segmentation import SWEEP_CACHE_BYTES, _apply_luts, _supervoxels
 from emdask.volumes import stored_source
 
 __all__ = ["assign_partners", "connectivity_matrix", "connectome", "find_synapses",
@@ -175,9 +175,11 @@ def find_synapses(
                     else attrs.get("voxel_size", (1.0, 1.0, 1.0)), float)
     offset = np.asarray(attrs.get("offset", (0.0, 0.0, 0.0)), float)
     shape = tuple(int(n) for n in data.shape)
-    if template is None or stored_source(template) is None:
+    if (template is None or stored_source(template) is None) and (
+            mask.nbytes <= SWEEP_CACHE_BYTES):
         # computed probabilities (a net upstream): both passes below read the mask, so it
-        # is computed once and kept (1 byte a voxel) instead of running the net twice
+        # is computed once and kept (1 byte a voxel, within the sweep cache's budget)
+        # instead of running the net twice
         mask = mask.persist()
     g = BlockGraph("synapses", mask.chunks, dependency=mask)
     keys = np.empty(g.grid, object)

@@ -49,14 +49,15 @@ class _CORSHandler(http.server.SimpleHTTPRequestHandler):
 
 def serve_store(store: str | Path, bind: str = "127.0.0.1", port: int = 0
                 ) -> tuple[http.server.ThreadingHTTPServer, str]:
-    """Serve the folder holding ``store`` over HTTP with CORS headers, in a daemon
-    thread; returns the server and the store's URL."""
+    """Serve the store's folder (and nothing beside it: any web page may read what a CORS
+    server serves) over HTTP with CORS headers, in a daemon thread; returns the server and
+    the store's URL."""
     store = Path(store).resolve()
-    handler = functools.partial(_CORSHandler, directory=str(store.parent))
+    handler = functools.partial(_CORSHandler, directory=str(store))
     server = http.server.ThreadingHTTPServer((bind, port), handler)
     threading.Thread(target=server.serve_forever, daemon=True, name="emdask-store").start()
     host, port = server.server_address[:2]
-    return server, f"http://{host}:{port}/{store.name}"
+    return server, f"http://{host}:{port}"
 
 
 @dataclass
@@ -84,8 +85,14 @@ def _largest(store: Path, dataset: str, k: int) -> list[int]:
     """The ``k`` largest segments of a label image (counted on its coarsest level)."""
     from emdask.volumes import open_volume
 
-    levels = sorted(p.name for p in (store / dataset).glob("s*") if p.name[1:].isdigit())
-    labels = open_volume(str(store), dataset, level=levels[-1]).values
+    levels = sorted(int(p.name[1:]) for p in (store / dataset).glob("s*")
+                    if p.name[1:].isdigit())
+    if not levels:
+        return []
+    coarsest = open_volume(str(store), dataset, level=f"s{levels[-1]}")
+    if coarsest.size > 64e6:  # a large volume without a pyramid: do not read it whole
+        return []
+    labels = coarsest.values
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     return [int(i) for i in ids[np.argsort(-counts, kind="stable")[:k]]]
 
@@ -146,8 +153,9 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
             (n for n in labels if n.startswith("segmentation_")), default=None)
         for name in labels:
             source = [f"zarr://{store_url}/{LABELS}/{name}/"]
-            if (store / LABELS / name / "meshes" / "info").exists():  # the meshes stage's
-                source.append(f"precomputed://{store_url}/{LABELS}/{name}/meshes")
+            for kind in ("meshes", "skeletons"):  # the meshes and skeletons stages'
+                if (store / LABELS / name / kind / "info").exists():
+                    source.append(f"precomputed://{store_url}/{LABELS}/{name}/{kind}")
             state.layers[name] = neuroglancer.SegmentationLayer(source=source)
             state.layers[name].visible = name == shown
             # the EM shows through; every segment tinted, the largest few brighter and in 3-D

@@ -727,7 +727,12 @@ def create_volume(
             raise VolumeError(
                 f"{url}: dataset {dataset!r} already exists; pass overwrite=True to replace it"
             )
-        del root[dataset]
+        # an image's label images belong to it but are not replaced with it
+        if "labels" in list(root[dataset].group_keys()):
+            for level in list(root[dataset].array_keys()):
+                del root[dataset][level]
+        else:
+            del root[dataset]
     dims = ("c", "z", "y", "x") if len(shape) == 4 else ("z", "y", "x")
     group = root.require_group(dataset)
     group.attrs.update(_ome_metadata(len(shape), name or _volume_name(where),

@@ -342,8 +342,12 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     assert table.loc[both, "direction"].isin(["1->2", "2->1", "unknown"]).all()
     assert edges["directed"].any() == (table["pre"] > 0).any()
     capsys.readouterr()
+    coarse = open_volume(cfg["output"]["path"], "synapses", level=1).values
     run(cfg, stages=["synapses"])  # resumes: every block already predicted
     assert "synapses: 45 of 45 blocks already done" in capsys.readouterr().err
+    # the objects are not rewritten, so their pyramid levels stay
+    np.testing.assert_array_equal(open_volume(cfg["output"]["path"], "synapses",
+                                              level=1).values, coarse)
     # the report scores synapses against ground truth: here 3 of the detections and one
     # that no detection touches
     sample = open_volume(str(sample_path()), "raw")
@@ -450,3 +454,7 @@ def test_align_and_evaluate_score_in_one_frame(tmp_path, tiny_model):
         assert scores[f"segmentation_{t:g}"]["voi"] == pytest.approx(expected["voi"])
         assert scores[f"segmentation_{t:g}"]["voi"] != pytest.approx(
             evaluate(seg, moved)["voi"])  # what scoring the unaligned truth gave
+    # redoing predict keeps the aligned stack (the align stage's, not predict's)
+    aligned = open_volume(store, "raw").values
+    run({**cfg, "predict": {**cfg["predict"], "dtype": "float32"}}, overwrite=True)
+    np.testing.assert_array_equal(open_volume(store, "raw").values, aligned)

@@ -207,3 +207,74 @@ def test_a_headless_browser_shows_segments_and_meshes(neurons, tmp_path):
     assert coloured[:, :400].mean() > 0.5  # the section is tinted by the segmentation...
     assert section.mean(axis=-1).std() > 10  # ...over the EM's texture
     assert coloured[:, 400:].mean() > 0.1, "no meshes in the 3-D view"
+
+
+def _skeleton(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A neuroglancer precomputed skeleton, read with numpy alone."""
+    n, m = (int(x) for x in np.frombuffer(data[:8], np.uint32))
+    vertices = np.frombuffer(data[8:8 + 12 * n], np.float32).reshape(n, 3)
+    return vertices, np.frombuffer(data[8 + 12 * n:8 + 12 * n + 8 * m], np.uint32).reshape(m, 2)
+
+
+def _components(n: int, edges: np.ndarray) -> int:
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    graph = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[0]
+
+
+def test_skeletons_are_joined_across_blocks_into_one_piece(neurons):
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    import scipy.ndimage as ndi
+
+    seg = open_volume(neurons, "segmentation_0.5")
+    labels = seg.values
+    folder = Path(neurons, "raw", "labels", "segmentation_0.5", "skeletons")
+    assert json.loads((folder / "info").read_text())["@type"] == "neuroglancer_skeletons"
+    table = pd.read_parquet(Path(neurons, "skeletons.parquet"))
+    # segments that are one piece of voxels and cross block faces (16x64x64 blocks)
+    checked = 0
+    for segment in table["id"]:
+        mask = labels == segment
+        zs, ys, xs = np.nonzero(mask)
+        crosses = any(len(np.unique(c // b)) > 1 for c, b in ((zs, 16), (ys, 64), (xs, 64)))
+        if not crosses or ndi.label(mask)[1] != 1 or mask.sum() < 2000:
+            continue
+        vertices, edges = _skeleton((folder / str(segment)).read_bytes())
+        assert _components(len(vertices), edges) == 1, segment
+        row = table[table["id"] == segment].iloc[0]
+        assert row["components"] == 1 and row["vertices"] == len(vertices)
+        lengths = np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=1)
+        assert row["cable_nm"] == pytest.approx(lengths.sum(), rel=1e-4)
+        # vertices lie inside their segment
+        zyx = np.rint((vertices[:, ::-1] - np.asarray(seg.attrs["offset"]))
+                      / np.asarray(seg.attrs["voxel_size"]) - 0.5).astype(int)
+        zyx = np.clip(zyx, 0, np.array(labels.shape) - 1)
+        assert (labels[tuple(zyx.T)] == segment).mean() > 0.95, segment
+        checked += 1
+    assert checked >= 5
+
+
+def test_synapses_are_shown_as_points_with_their_partners(neurons, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from emdask.view import view
+
+    copy = tmp_path / "with_synapses.zarr"
+    shutil.copytree(neurons, copy)
+    pd.DataFrame({"id": [1, 2], "z_nm": [2100.0, 2200.0], "y_nm": [300.0, 400.0],
+                  "x_nm": [500.0, 600.0], "partner_1": [11, 0], "partner_2": [12, 0]}
+                 ).to_parquet(copy / "synapses.parquet")
+    viewing = view(copy)
+    try:
+        points = viewing.viewer.state.layers["synapses"].annotations
+        assert [list(p.point) for p in points] == [[2100, 300, 500], [2200, 400, 600]]
+        assert [list(p.segments[0]) if p.segments else [] for p in points] == [[11, 12], []]
+    finally:
+        viewing.close()
