@@ -12,6 +12,7 @@ voxel (z, y, x) at ``offset + (index + 0.5) * voxel_size`` (voxel centres).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -90,18 +91,26 @@ def meshes(segmentation: Any, chunks: Sequence[int] = (64, 256, 256),
     """
     import zmesh
 
+    pieces = per_block(segmentation, chunks, functools.partial(mesh_block,
+                                                               max_error=max_error))
+    return {s: zmesh.Mesh.concatenate(*m) for s, m in sorted(pieces.items())}
+
+
+def per_block(segmentation: Any, chunks: Sequence[int], kernel) -> dict[int, list]:
+    """``kernel(labels, origin, voxel_size, offset)`` on every block plus one voxel on its
+    high sides (how both meshes and skeletons are computed), its per-segment results
+    collected: segment id -> the pieces of its blocks, in block order."""
     from emdask.volumes import read_box
 
     attrs = getattr(segmentation, "attrs", {})
     vs = attrs.get("voxel_size", (1.0, 1.0, 1.0))
     offset = attrs.get("offset", (0.0, 0.0, 0.0))
     data = _as_labels(segmentation)
-    shape = data.shape
     pieces: dict[int, list] = {}
-    for idx in np.ndindex(*[-(-n // c) for n, c in zip(shape, chunks, strict=True)]):
+    for idx in np.ndindex(*[-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]):
         begin = [i * c for i, c in zip(idx, chunks, strict=True)]
-        end = [min(b + c + 1, n) for b, c, n in zip(begin, chunks, shape, strict=True)]
-        block = np.asarray(read_box(data, begin, end))
-        for segment, mesh in mesh_block(block, begin, vs, offset, max_error).items():
-            pieces.setdefault(segment, []).append(mesh)
-    return {s: zmesh.Mesh.concatenate(*m) for s, m in sorted(pieces.items())}
+        end = [min(b + c + 1, n) for b, c, n in zip(begin, chunks, data.shape, strict=True)]
+        for segment, piece in kernel(np.asarray(read_box(data, begin, end)), begin, vs,
+                                     offset).items():
+            pieces.setdefault(segment, []).append(piece)
+    return pieces

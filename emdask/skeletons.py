@@ -11,6 +11,7 @@ with a table of cable length per segment.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,21 +73,10 @@ def skeletons(segmentation: Any, chunks: Sequence[int] = (64, 256, 256), dust: i
     teasar
         kimimaro's TEASAR parameters (default :data:`TEASAR`).
     """
-    from emdask.meshes import _as_labels
-    from emdask.volumes import read_box
+    from emdask.meshes import per_block
 
-    attrs = getattr(segmentation, "attrs", {})
-    vs = attrs.get("voxel_size", (1.0, 1.0, 1.0))
-    offset = attrs.get("offset", (0.0, 0.0, 0.0))
-    data = _as_labels(segmentation)
-    pieces: dict[int, list] = {}
-    for idx in np.ndindex(*[-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]):
-        begin = [i * c for i, c in zip(idx, chunks, strict=True)]
-        end = [min(b + c + 1, n) for b, c, n in zip(begin, chunks, data.shape, strict=True)]
-        block = np.asarray(read_box(data, begin, end))
-        for segment, skeleton in skeleton_block(block, begin, vs, offset, dust,
-                                                teasar).items():
-            pieces.setdefault(segment, []).append(skeleton)
+    pieces = per_block(segmentation, chunks, functools.partial(skeleton_block, dust=dust,
+                                                               teasar=teasar))
     return {s: join(p) for s, p in sorted(pieces.items())}
 
 
