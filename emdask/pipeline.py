@@ -967,6 +967,11 @@ def _guarded(fn: Callable, timeout: float, *args):
     return result.get("value")
 
 
+#: The lease of the run in progress (its block tasks stop when another run takes it over).
+_HELD: contextvars.ContextVar[Lease | None] = contextvars.ContextVar("emdask_lease",
+                                                                     default=None)
+
+
 def _progress(futures: list, label: str) -> list:
     """Wait for futures, printing a progress bar; returns their results in order."""
     from distributed import as_completed
@@ -985,8 +990,13 @@ def _progress(futures: list, label: str) -> list:
               file=sys.stderr, flush=True)
 
     step = 1 if tty else max(1, total // 4)  # a log file gets a few lines
+    held = _HELD.get()
     for future in as_completed(futures):
         future.result()  # raises the task's error (after Dask's retries)
+        if held is not None and held.lost:  # another run took the store over: stop writing
+            for f in futures:
+                f.cancel()
+            held.check()
         done += 1
         if done % step == 0 or done == total:
             show()
@@ -1807,10 +1817,14 @@ def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = No
         return {"plan": text}
     with _log_to_store(cfg.output.path), lease(cfg.output.path, cfg.output.lease_timeout
                                                 ) as held:
-        if client is not None:
-            return _run(cfg, wanted, overwrite, client, checked, held)
-        with _client(cfg.cluster, scheduler) as new_client:
-            return _run(cfg, wanted, overwrite, new_client, checked, held)
+        token = _HELD.set(held)
+        try:
+            if client is not None:
+                return _run(cfg, wanted, overwrite, client, checked, held)
+            with _client(cfg.cluster, scheduler) as new_client:
+                return _run(cfg, wanted, overwrite, new_client, checked, held)
+        finally:
+            _HELD.reset(token)
 
 
 @dataclass
