@@ -69,6 +69,36 @@ def _as_labels(segmentation: Any):
     return segmentation if isinstance(segmentation, da.Array) else np.asarray(segmentation)
 
 
+def load_mesh(store: str, folder: str, segment: int) -> tuple[np.ndarray, np.ndarray]:
+    """One segment's mesh as written by the pipeline (its manifest's fragments joined):
+    vertices (nm, x-y-z) and triangles."""
+    from emdask.store import get_bytes
+
+    names = json.loads(get_bytes(store, f"{folder}/{segment}:0"))["fragments"]
+    vertices, faces = [], []
+    for name in names:
+        data = get_bytes(store, f"{folder}/{name}")
+        n = int(np.frombuffer(data[:4], np.uint32)[0])
+        faces.append(np.frombuffer(data[4 + 12 * n:], np.uint32).reshape(-1, 3)
+                     + sum(len(v) for v in vertices))
+        vertices.append(np.frombuffer(data[4:4 + 12 * n], np.float32).reshape(n, 3))
+    return (np.concatenate(vertices or [np.zeros((0, 3), np.float32)]),
+            np.concatenate(faces or [np.zeros((0, 3), np.uint32)]))
+
+
+def largest_segments(store: str, dataset: str, k: int) -> list[int]:
+    """The ``k`` largest segments of a stored label image, counted on its coarsest level
+    (none for a volume over 64 Mvoxel without a pyramid: it is not read whole)."""
+    from emdask.volumes import open_volume
+
+    coarsest = open_volume(store, dataset, level=-1)
+    if coarsest.size > 64e6:
+        return []
+    labels = coarsest.values
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    return [int(i) for i in ids[np.argsort(-counts, kind="stable")[:k]]]
+
+
 def manifest(segment: int, blocks: Sequence[int]) -> bytes:
     """The manifest of one segment: the fragment files of the blocks it was meshed in."""
     return json.dumps({"fragments": [f"{segment}:0:{b}" for b in sorted(blocks)]}).encode()

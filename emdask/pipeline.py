@@ -1390,6 +1390,10 @@ def _ngff_index(root) -> None:
     root.attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
     index = root.require_group("OME")
     index.attrs["ome"] = {"version": "0.5", "series": images}
+    if _has(root, LABELS):  # only the label images there are (a cleared stage's are gone)
+        with _quiet_listing():
+            present = sorted(root[LABELS].group_keys())
+        root[LABELS].attrs["ome"] = {"version": "0.5", "labels": present}
 
 
 def _set_stages(root, stages: dict) -> None:
@@ -1715,17 +1719,33 @@ def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
                Path(local).with_suffix(".png"),
                f"emdask, threshold {best.removeprefix('segmentation_')}",
                None if synapses is None else synapses[z],
-               None if true_synapses is None else true_synapses[z])
+               None if true_synapses is None else true_synapses[z], _figure_meshes(cfg))
         print(f"  figure: {Path(local).with_suffix('.png')}", file=sys.stderr)
     return scores
 
 
+def _figure_meshes(cfg: RunConfig) -> list | None:
+    """The meshes stage's meshes of the three largest segments (None before that stage)."""
+    from emdask.meshes import largest_segments, load_mesh
+
+    store = cfg.output.path
+    root = _open_root(store, "r")
+    meshed = _meshed(store, root)
+    if not meshed:
+        return None
+    dataset = f"{LABELS}/{meshed[0]}"
+    folder = f"{dataset}/meshes"
+    # (a segment whose surface is all open block or volume faces has no mesh)
+    return [load_mesh(store, folder, s) for s in largest_segments(store, dataset, 3)
+            if exists(store, f"{folder}/{s}:0")] or None
+
+
 def figure(raw: np.ndarray, affs: np.ndarray, seg: np.ndarray, gt: np.ndarray | None,
            path: str | Path, title: str = "segmentation", synapses: np.ndarray | None = None,
-           true_synapses: np.ndarray | None = None) -> None:
+           true_synapses: np.ndarray | None = None, meshes: list | None = None) -> None:
     """One section: raw EM, affinities (x-y mean), segmentation overlay, ground truth;
     detected synapses outlined in red on the segmentation, true ones in yellow on the
-    ground truth."""
+    ground truth; with ``meshes`` ((vertices, triangles) of a few segments), a 3-D view."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1743,7 +1763,17 @@ def figure(raw: np.ndarray, affs: np.ndarray, seg: np.ndarray, gt: np.ndarray | 
     panels = [("raw EM", None), ("predicted affinities (x-y mean)", None), (title, seg)]
     if gt is not None:
         panels.append(("ground truth", gt))
-    fig, ax = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
+    n = len(panels) + bool(meshes)
+    fig = plt.figure(figsize=(4 * n, 4.4))
+    ax = [fig.add_subplot(1, n, i + 1) for i in range(len(panels))]
+    if meshes:
+        a = fig.add_subplot(1, n, n, projection="3d")
+        for (vertices, triangles), colour in zip(meshes, rng.random((len(meshes), 3)),
+                                                 strict=True):
+            a.plot_trisurf(vertices[:, 0], vertices[:, 1], triangles, vertices[:, 2],
+                           color=colour, linewidth=0)
+        a.set_title(f"the {len(meshes)} largest segments (meshes)")
+        a.set_axis_off()
     for a, (name, labels) in zip(ax, panels, strict=True):
         if name.startswith("predicted"):
             a.imshow(affs[1:3].mean(0), cmap="gray", vmin=0, vmax=1)

@@ -81,22 +81,6 @@ def _labels(root) -> list[str]:
         return sorted(root[LABELS].group_keys()) if _has(root, LABELS) else []
 
 
-def _largest(store: Path, dataset: str, k: int) -> list[int]:
-    """The ``k`` largest segments of a label image (counted on its coarsest level)."""
-    from emdask.volumes import open_volume
-
-    levels = sorted(int(p.name[1:]) for p in (store / dataset).glob("s*")
-                    if p.name[1:].isdigit())
-    if not levels:
-        return []
-    coarsest = open_volume(str(store), dataset, level=f"s{levels[-1]}")
-    if coarsest.size > 64e6:  # a large volume without a pyramid: do not read it whole
-        return []
-    labels = coarsest.values
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    return [int(i) for i in ids[np.argsort(-counts, kind="stable")[:k]]]
-
-
 def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
          store_port: int = 0) -> Viewing:
     """Open an emdask output store in a local neuroglancer viewer; returns the running
@@ -115,6 +99,7 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
     import pandas as pd
     import zarr
 
+    from emdask.meshes import largest_segments
     from emdask.pipeline import LABELS, RAW, _has
     from emdask.volumes import open_volume
 
@@ -162,7 +147,8 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
             state.layers[name].layer.selected_alpha = 0.4
             state.layers[name].layer.not_selected_alpha = 0.15
             if name == shown:  # a few of the largest segments shown in 3-D
-                state.layers[name].layer.segments = _largest(store, f"{LABELS}/{name}", 8)
+                state.layers[name].layer.segments = largest_segments(
+                    str(store), f"{LABELS}/{name}", 8)
         table = store / "synapses.parquet"
         if table.exists():
             synapses = pd.read_parquet(table)

@@ -556,9 +556,9 @@ def _select_level(ms: dict, level, where: str) -> tuple[str, dict]:
     if level is None:
         idx = 0
     elif isinstance(level, int) and not isinstance(level, bool):
-        if not 0 <= level < len(paths):
+        if not -len(paths) <= level < len(paths):  # (-1: the coarsest)
             raise VolumeError(f"{where}: no level {level}; levels: {paths}")
-        idx = level
+        idx = level % len(paths)
     elif str(level) in paths:
         idx = paths.index(str(level))
     else:

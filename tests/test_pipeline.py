@@ -141,6 +141,10 @@ def test_roi_keeps_physical_coordinates_and_reruns_are_checked(tmp_path, tiny_mo
     run(changed, overwrite=True)  # redoes agglomerate and relabel, not predict
     assert _chunk_mtimes(store, "affinities") == before
     assert "segmentation_0.6" in open_volume(store, "segmentation_0.6").attrs["source"]
+    import zarr
+
+    labels = zarr.open_group(f"{store}/raw/labels", mode="r").attrs["ome"]["labels"]
+    assert labels == ["fragments", "segmentation_0.3", "segmentation_0.6"]  # 0.5 is gone
 
 
 # ------------------------------------------------------------------ resilience
