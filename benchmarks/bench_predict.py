@@ -1,60 +1,171 @@
-"""Boundary-net throughput: voxels per second on CPU (and GPU when present), with the
-model's FLOPs per voxel, so throughput can be compared to the hardware's peak.
+"""Boundary-net throughput against the hardware's peak, one definition for every path.
 
-    python benchmarks/bench_predict.py [--model fibsem] [--shape 64 256 256]
+    python benchmarks/bench_predict.py [--models fibsem sstem] [--precision auto]
 
-Counts output voxels of a chunked run over a volume (the halo's recomputation included,
-as in real use) and of the net alone on one patch (no halo overhead).
+For each model, on real EM (the FlyEM medulla cube for ``fibsem``, the larval VNC stack for
+``sstem``, mirrored to a larger volume with ``--tile``), prints:
+
+- FLOPs per output voxel (convolutions, the padded net's count: the useful work);
+- output Mvoxel/s and useful GFLOP/s of the net alone on one task-sized box, of the
+  library path (``predict_affinities`` with its defaults, threaded scheduler) and of the
+  pipeline's predict stage (``emdask run``, default LocalCluster, uint8 affinities);
+- the fraction of this CPU's fp32 and bf16 peak that reaches (peaks measured here with a
+  4096^2 matrix product on all cores, the best a CPU does in practice);
+- the halo overhead: FLOPs computed over FLOPs of one pass over the whole volume, for the
+  timed volume and for a 10 Gvoxel one at the same task size;
+- peak memory (maximum resident set of this process / of the busiest worker) and the
+  workers' user and system CPU time (system time = threads fighting over cores).
+
+Useful throughput counts output voxels only: context computed twice is not useful work.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import tempfile
 import time
+from pathlib import Path
 
 import dask
+import h5py
 import numpy as np
 import torch
 
 from emdask.models import pretrained
-from emdask.predict import _run_net, predict_affinities
+from emdask.predict import halo_overhead, inference_net, predict_affinities, task_shape
 from emdask.volumes import as_volume
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VOLUMES = {  # model: (file, dataset, voxel size in nm)
+    "fibsem": (DATA / "flyem_medulla_fib_neuroproof_sample2/medulla_fib_sample2_250cube.h5",
+               "raw", (10.0, 10.0, 10.0)),
+    "sstem": (DATA / "drosophila_vnc_sstem_gerhard2013/vnc_stack1_synapses_x0-640.h5",
+              "raw", (50.0, 4.6, 4.6)),
+}
+
+
+def peaks() -> dict[str, float]:
+    """GFLOP/s of a large matrix product in fp32 and bf16 on all cores."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+        a @ b
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        out[name] = 5 * 2 * 4096**3 / (time.perf_counter() - t) / 1e9
+    return out
+
+
+def volume(model: str, tile: tuple[int, int, int]) -> np.ndarray:
+    """The model's real volume, mirrored ``tile`` times along each axis."""
+    path, dataset, _ = VOLUMES[model]
+    with h5py.File(path, "r") as f:
+        raw = f[dataset][:]
+    for axis, n in enumerate(tile):
+        parts = [raw if i % 2 == 0 else np.flip(raw, axis) for i in range(n)]
+        raw = np.concatenate(parts, axis=axis)
+    return np.ascontiguousarray(raw)
+
+
+def maxrss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def pipeline(raw: np.ndarray, name: str, voxel_size, precision: str) -> dict:
+    """The predict stage of ``emdask run`` on ``raw`` (written to a zarr store first)."""
+    import psutil
+    from distributed import Client
+
+    from emdask.pipeline import ClusterSpec, make_cluster, run
+    from emdask.volumes import save_volume
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/in.zarr"
+        save_volume(as_volume(raw, voxel_size), src, "raw", chunks=(64, 128, 128))
+        cfg = {"input": {"url": src, "dataset": "raw", "voxel_size": list(voxel_size)},
+               "output": {"path": f"{tmp}/out.zarr"},
+               "predict": {"model": name, "precision": precision}}
+
+        def usage():
+            p = psutil.Process()
+            return (p.cpu_times().user, p.cpu_times().system,
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
+
+        with make_cluster(ClusterSpec()) as cluster, Client(cluster) as client:
+            before = client.run(usage)
+            report = run(cfg, stages=["predict"], client=client)
+            after = client.run(usage)
+    user = sum(after[w][0] - before[w][0] for w in after)
+    system = sum(after[w][1] - before[w][1] for w in after)
+    return {"seconds": report["timings"]["predict"], "user": user, "system": system,
+            "peak": max(a[2] for a in after.values()), "workers": len(after)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="fibsem")
-    parser.add_argument("--shape", type=int, nargs=3, default=[64, 256, 256])
-    parser.add_argument("--chunks", type=int, nargs=3, default=[64, 128, 128])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["fibsem", "sstem"])
+    parser.add_argument("--precision", default="auto",
+                        choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--tile", type=int, nargs=3, default=None,
+                        help="mirror the volume this often per axis (default: fibsem 1 2 2, "
+                        "sstem 4 2 2)")
+    parser.add_argument("--no-pipeline", action="store_true")
     args = parser.parse_args()
-    model = pretrained(args.model)
-    flops = model.flops_per_voxel()
-    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-          f"parameters, {flops / 1e3:.1f} kFLOP per output voxel, field of view "
-          f"{model.field_of_view}, halo {model.halo}")
-    raw = np.random.default_rng(0).integers(0, 256, args.shape).astype(np.uint8)
-    vol = as_volume(raw, model.config.voxel_size).chunk(dict(zip("zyx", args.chunks,
-                                                                  strict=True)))
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print("\n| device | mode | Mvoxel | seconds | voxel/s | GFLOP/s |")
-    print("|---|---|---|---|---|---|")
-    for device in devices:
-        patch = tuple(int(c + 2 * h) for c, h in zip(args.chunks, model.halo, strict=True))
-        x = np.random.default_rng(1).random(patch).astype(np.float32)
-        _run_net(model.to(device), x, device, None, 1)  # warm up
-        t = time.perf_counter()
-        _run_net(model, x, device, None, 1)
-        s = time.perf_counter() - t
-        n = x.size
-        print(f"| {device} | net on one {patch} patch | {n / 1e6:.2f} | {s:.2f} | "
-              f"{n / s:,.0f} | {n * flops / s / 1e9:.1f} |")
-        t = time.perf_counter()
-        with dask.config.set(scheduler="threads" if device == "cpu" else "sync"):
-            predict_affinities(vol, model, device=device).data.compute()
-        s = time.perf_counter() - t
-        print(f"| {device} | chunked {tuple(args.chunks)} over {tuple(args.shape)} | "
-              f"{raw.size / 1e6:.2f} | {s:.2f} | {raw.size / s:,.0f} | "
-              f"{raw.size * flops / s / 1e9:.1f} (useful) |")
+    torch.set_num_threads(torch.get_num_threads())
+    peak = peaks()
+    print(f"CPU peak (matrix product, {torch.get_num_threads()} threads): fp32 "
+          f"{peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s\n")
+    rows = []
+    for name in args.models:
+        model = pretrained(name)
+        dtype = str(inference_net(model, "cpu", args.precision).dtype).removeprefix("torch.")
+        tile = args.tile or {"fibsem": (1, 2, 2), "sstem": (4, 2, 2)}[name]
+        raw = volume(name, tile)
+        vs = VOLUMES[name][2]
+        fpv = model.flops_per_voxel()
+        task = task_shape(model, raw.shape, (64, 256, 256), precision=args.precision)
+        print(f"{name}: {fpv / 1e3:.1f} kFLOP per output voxel; volume {raw.shape} "
+              f"({raw.size / 1e6:.0f} Mvoxel); {dtype}; library task {task}, halo overhead "
+              f"x{halo_overhead(model, raw.shape, task):.2f} (x"
+              f"{halo_overhead(model, (2154,) * 3, task):.2f} for 10 Gvoxel)")
+
+        def row(mode, voxels, seconds, memory, note="", name=name, fpv=fpv):
+            g = voxels * fpv / seconds / 1e9
+            rows.append(f"| {name} | {mode} | {voxels / seconds / 1e6:.2f} | {g:.0f} | "
+                        f"{g / peak['fp32']:.0%} | {g / peak['bf16']:.0%} | "
+                        f"{memory / 2**30:.1f} GiB | {note} |")
+
+        # the net alone on one task-sized box of the volume (no reading, no writing)
+        for precision in ("float32", dtype) if dtype != "float32" else ("float32",):
+            net = inference_net(model, "cpu", precision)
+            out = np.minimum(np.array(task), raw.shape)
+            begin, end = net.input_box(0, out)
+            x = torch.rand(1, 1, *(end - begin).tolist())
+            with torch.inference_mode():
+                net(x)
+                t = time.perf_counter()
+                net(x)
+                s = time.perf_counter() - t
+            row(f"net on one {tuple(out)} box, {precision}", float(np.prod(out)), s,
+                maxrss())
+        with dask.config.set(scheduler="threads"):
+            vol = as_volume(raw, vs).chunk({"z": 64, "y": 256, "x": 256})
+            t = time.perf_counter()
+            predict_affinities(vol, model, dtype="uint8", precision=args.precision).data\
+                .compute()
+            row("library: predict_affinities", raw.size, time.perf_counter() - t, maxrss())
+        if not args.no_pipeline:
+            p = pipeline(raw, name, vs, args.precision)
+            row(f"pipeline: emdask run, predict stage ({p['workers']} workers)", raw.size,
+                p["seconds"], p["peak"], f"user {p['user']:.0f} s, system "
+                f"{p['system']:.1f} s")
+    print("\n| model | path | Mvoxel/s | useful GFLOP/s | of fp32 peak | of bf16 peak | "
+          "peak memory | CPU time |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

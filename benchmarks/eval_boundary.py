@@ -103,6 +103,9 @@ def main() -> None:
                         "get), 'dtype', or 'BLACK,WHITE' (emdask.intensity_range)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "uint8"],
                         help="affinities as stored (the pipeline's default is uint8)")
+    parser.add_argument("--precision", default="auto",
+                        choices=["auto", "float32", "bfloat16"],
+                        help="the net's arithmetic (auto: bfloat16 where the CPU has it)")
     args = parser.parse_args()
     cfg = load_config(args.config)
     model = load_model(args.model)
@@ -115,7 +118,7 @@ def main() -> None:
     vs = (vs[0] * _z_factor(cfg.validation), vs[1] * f[1], vs[2] * f[2])
     affs = predict_affinities(as_volume(raw, vs), model,
                               chunks=raw.shape, intensity=intensity,
-                              dtype=args.dtype)[:3].values
+                              dtype=args.dtype, precision=args.precision)[:3].values
     predict_s = time.perf_counter() - t
     planar = cfg.validation.labels_2d
     net = sweep(affs, gt, planar)

@@ -136,6 +136,8 @@ class PredictSpec:
     patch: list | None = None  # tile blocks for GPU memory
     batch_size: int = 1
     check_voxel_size: bool = True
+    precision: str = "auto"  # "float32", "bfloat16"; auto: bfloat16 where computed natively
+    task_memory: str | int = "auto"  # per predict task; auto: 60% of a worker thread's share
 
 
 @dataclass
@@ -255,6 +257,8 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
         "predict.device": (device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
                            "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         "predict.batch_size": (cfg.predict.batch_size >= 1, ">= 1"),
+        "predict.precision": (cfg.predict.precision in ("auto", "float32", "bfloat16"),
+                              "'auto', 'float32' or 'bfloat16'"),
         "cluster.n_workers": (c.n_workers >= 0, ">= 0 (0: one per core)"),
         "cluster.threads_per_worker": (c.threads_per_worker >= 1, ">= 1"),
         "cluster.retries": (c.retries >= 0, ">= 0"),
@@ -513,6 +517,62 @@ def _cached_model(name: str, device: str, stamp: int):
     return model_from(name).to(device).eval()
 
 
+def _precision(spec: PredictSpec, model: str) -> str:
+    """What a net computes in on this machine (``precision = "auto"`` depends on its model
+    card and the hardware): recorded, so that a run resumed where it means something else
+    is told that the parameters changed."""
+    from emdask.models import model_card
+    from emdask.predict import _torch_dtype
+
+    try:
+        card = model_card(model)
+    except (ValueError, FileNotFoundError):  # named in the preflight, not here
+        card = None
+    return str(_torch_dtype(spec.precision, _device(spec), card)).removeprefix("torch.")
+
+
+def _worker_memory(spec: ClusterSpec) -> float:
+    """Bytes of memory a worker thread may use: its worker's limit over its threads."""
+    import psutil
+    from dask.utils import parse_bytes
+
+    limit = spec.memory_limit if spec.kind == "local" else spec.jobqueue.get("memory", "auto")
+    if isinstance(limit, str) and limit != "auto":
+        limit = parse_bytes(limit)
+    if limit == "auto" or not limit:
+        threads = (os.cpu_count() or 1) if spec.kind == "local" else 1
+        per = psutil.virtual_memory().total / threads
+    else:
+        per = float(limit) / spec.threads_per_worker
+    if spec.kind != "local":
+        per /= max(1, int(spec.jobqueue.get("processes", 1)))
+    return per
+
+
+def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
+    """Blocks (per axis) one prediction task computes: as many as its memory allows
+    (:func:`emdask.predict.task_shape`), so little of the net's context is computed
+    twice, while every worker thread (of ``client``'s cluster, else as configured) still
+    gets a task."""
+    from dask.utils import parse_bytes
+
+    from emdask.predict import task_shape
+
+    spec, cl = cfg.predict, cfg.cluster
+    budget = (0.6 * _worker_memory(cl) if spec.task_memory == "auto"
+              else float(parse_bytes(spec.task_memory)))
+    if client is not None:
+        threads = sum(client.nthreads().values())
+    elif cl.kind == "local":
+        threads = (cl.n_workers or max(1, (os.cpu_count() or 1) // cl.threads_per_worker)
+                   ) * cl.threads_per_worker
+    else:
+        threads = 1
+    task = task_shape(model, grid.shape, grid.chunks, budget, _device(spec), spec.precision,
+                      min_tasks=max(1, threads))
+    return tuple(t // c for t, c in zip(task, grid.chunks, strict=True))
+
+
 def _device(spec: PredictSpec) -> str:
     import torch
 
@@ -521,10 +581,11 @@ def _device(spec: PredictSpec) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
+def _predict_task(ctx: _Context, blocks: list[int], model_name: str | None = None,
                   dataset: str = "affinities", stage: str = "predict") -> None:
-    """Predict one block with the boundary net (or, with ``model_name``, another net such
-    as the synapse detector) into ``dataset``."""
+    """Predict the box of ``blocks`` (neighbouring blocks: one large box computes little
+    context twice) with the boundary net (or, with ``model_name``, another net such as
+    the synapse detector) into ``dataset``; each block is marked done."""
     import torch
 
     from emdask.predict import _predict_block
@@ -536,19 +597,21 @@ def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
         torch.set_num_threads(max(1, get_worker().state.nthreads))
     device = _device(ctx.predict)
     model = _model(model_name or ctx.predict.model, device)
-    begin, end = ctx.grid.box(block)
+    boxes = [ctx.grid.box(b) for b in blocks]
+    begin = np.min([b for b, _ in boxes], axis=0).tolist()
+    end = np.max([e for _, e in boxes], axis=0).tolist()
     src_begin = [b + r for b, r in zip(begin, ctx.roi_begin, strict=True)]
     src_end = [e + r for e, r in zip(end, ctx.roi_begin, strict=True)]
     # context beyond the region of interest is real data where the volume has it
     raw = read_box(ctx.source, src_begin, src_end, model.halo,
                    cache=(ctx.source_name, ctx.generation))
     inside = box_inside(ctx.source.shape[-3:], src_begin, src_end, model.halo)
-    if ctx.copy_raw:  # the store keeps the EM it segmented (for viewing and proofreading)
-        centre = tuple(slice(h, h + e - b) for h, b, e in zip(model.halo, begin, end,
-                                                               strict=True))
-        _array(ctx, f"{RAW}/s0")[_slices(begin, end)] = raw[centre]
+    # the EM read, kept in the store (the EM segmented, for viewing and proofreading)
+    em = raw[tuple(slice(h, h + e - b) for h, b, e in zip(model.halo, begin, end,
+                                                           strict=True))]
     affs = _predict_block(raw, model, device, ctx.predict.patch, ctx.predict.batch_size,
-                          np.dtype(ctx.predict.dtype), ctx.intensity, inside)
+                          np.dtype(ctx.predict.dtype), ctx.intensity, inside,
+                          ctx.predict.precision)
     if ctx.mask is not None:  # edges reach one voxel below the block: read a halo of 1
         from emdask.affinities import _mask_block
 
@@ -556,9 +619,17 @@ def _predict_task(ctx: _Context, block: int, model_name: str | None = None,
         padded = np.pad(affs[:3], [(0, 0)] + [(1, 1)] * 3)
         affs[:3] = _mask_block(padded, mask)[:, 1:-1, 1:-1, 1:-1]
     out = _array(ctx, f"{dataset}/s0")
-    out[(slice(None), *_slices(begin, end)) if out.ndim == 4 else _slices(begin, end)] = (
-        affs if out.ndim == 4 else affs[0])
-    mark_done(ctx.store, stage, block, ctx.stamp)
+    if out.ndim == 3:
+        affs = affs[0]
+    # block by block, each marked as soon as written: a task killed midway leaves at
+    # most one chunk written but unmarked, and only unfinished blocks are written
+    for block, (b, e) in zip(blocks, boxes, strict=True):
+        local = _slices(np.subtract(b, begin), np.subtract(e, begin))
+        if ctx.copy_raw:
+            _array(ctx, f"{RAW}/s0")[_slices(b, e)] = em[local]
+        out[(slice(None),) * (out.ndim - 3) + _slices(b, e)] = affs[
+            (slice(None),) * (out.ndim - 3) + local]
+        mark_done(ctx.store, stage, block, ctx.stamp)
 
 
 def _copy_raw_task(ctx: _Context, block: int) -> None:
@@ -1016,10 +1087,12 @@ def _duration(seconds: float) -> str:
 
 
 def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: ClusterSpec,
-                blocks: Sequence[int] | None = None, label: str | None = None) -> int:
+                blocks: Sequence[int] | None = None, label: str | None = None,
+                group: Sequence[int] | None = None) -> int:
     """Submit one task per unfinished block of a stage (of ``blocks``, default all of the
     grid's); returns how many ran.  Blocks marked done whose chunks have gone missing are
-    recomputed."""
+    recomputed.  With ``group`` (blocks per axis), a task gets the list of unfinished
+    blocks of one group of neighbouring blocks instead."""
     ctx = replace(ctx, stamp=_generation(ctx.store, stage))
     blocks = range(len(ctx.grid)) if blocks is None else blocks
     finished = marked(ctx.store, stage, ctx.stamp) & set(blocks)
@@ -1035,9 +1108,18 @@ def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: Cluste
     if finished:
         print(f"  {label}: {len(finished)} of {len(blocks)} blocks already done",
               file=sys.stderr)
+    if group is not None:  # blocks of one group (z, y, x // group) go to one task
+        counts = np.array(ctx.grid.counts)
+        owner = [tuple(np.array(ctx.grid.index(b)) // np.asarray(group)) for b in todo]
+        todo = [[b for b, o in zip(todo, owner, strict=True) if o == g]
+                for g in dict.fromkeys(owner)]
+        print(f"  {label}: tasks of up to {list(group)} blocks "
+              f"({list(np.minimum(group, counts) * np.array(ctx.grid.chunks))} voxels)",
+              file=sys.stderr)
     task = functools.partial(_guarded, functools.partial(fn, ctx), cluster.task_timeout)
+    first = [t[0] if isinstance(t, list) else t for t in todo]
     futures = client.map(task, todo, key=[f"emdask-{stage}-{b}-{time.time_ns()}"
-                                          for b in todo],
+                                          for b in first],
                          retries=cluster.retries, pure=False)
     _progress(futures, label)
     return len(todo)
@@ -1120,7 +1202,9 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
         return p | ({"align": {k: v for k, v in p["align"].items() if k != "mask"}}
                     if "align" in p else {})
     p["predict"] = {k: v for k, v in asdict(cfg.predict).items()  # no effect on output:
-                    if k not in ("device", "patch", "batch_size", "check_voxel_size")}
+                    if k not in ("device", "patch", "batch_size", "check_voxel_size",
+                                 "task_memory")}
+    p["predict"]["precision"] = _precision(cfg.predict, cfg.predict.model)
     if cfg.predict.model.endswith(".pt") and Path(cfg.predict.model).exists():
         st = Path(cfg.predict.model).stat()  # a retrained file at the same path differs
         p["predict"]["model_file"] = f"{st.st_size}:{st.st_mtime_ns}"
@@ -1135,6 +1219,8 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     if stage in ("synapses", "pyramid", "meshes", "skeletons", "report"):
         p["synapses"] = ({k: v for k, v in asdict(cfg.synapses).items()
                           if k != "accept_licence"} if cfg.synapses else None)
+        if cfg.synapses:
+            p["synapses"]["precision"] = _precision(cfg.predict, cfg.synapses.model)
         if cfg.synapses and cfg.synapses.model.endswith(".pt") and Path(
                 cfg.synapses.model).exists():
             st = Path(cfg.synapses.model).stat()
@@ -1568,7 +1654,7 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
                     intensity=_intensity(cfg, root, vol, model))
     _run_blocks(client, pctx, "synapses", functools.partial(
         _predict_task, model_name=spec.model, dataset="synapse_probabilities",
-        stage="synapses"), cfg.cluster)
+        stage="synapses"), cfg.cluster, group=_task_blocks(cfg, model, ctx.grid, client))
     record = _record(store).get("stages", {}).get("synapses", {})
     if record.get("finished") and _has(root, f"{LABELS}/synapses"):
         # (rewriting them would drop their pyramid levels)
@@ -2026,9 +2112,16 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
                 return f"{nbytes / scale:.1f} {unit}"
         return f"{nbytes / 1e3:.1f} kB"
 
-    def net_task(model) -> float:
-        padded = [c + 2 * h for c, h in zip(grid.chunks, model.halo, strict=True)]
-        return model.inference_bytes(padded) + 8 * float(np.prod(padded))
+    def net_task(model) -> tuple[float, str]:
+        from emdask.predict import halo_overhead, inference_net
+
+        group = _task_blocks(cfg, model, grid)
+        task = np.minimum(np.multiply(group, grid.chunks), shape)
+        net = inference_net(model, _device(cfg.predict), cfg.predict.precision)
+        return (net.inference_bytes(task + 2 * np.array(model.halo)),
+                (f"tasks of {task.tolist()} voxels ({str(net.dtype)[6:]}; context "
+                 f"computed twice: x{halo_overhead(model, shape, task):.2f} the FLOPs of "
+                 "one pass)"))
 
     lines = [f"emdask run plan ({'dry run: nothing is computed or written'})",
              f"  input    {vol.attrs['source']}: {shape} voxels (z, y, x) at "
@@ -2053,9 +2146,10 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
                                    "copied to raw/"), 0.0
         elif stage == "predict":
             model = checked.model
+            memory[stage], tasks = net_task(model)
             what = (f"{cfg.predict.model} net (halo {model.halo}) -> affinities/ "
-                    f"{size(len(model.config.offsets) * n_vox * np.dtype(cfg.predict.dtype).itemsize)}")
-            memory[stage] = net_task(model)
+                    f"{size(len(model.config.offsets) * n_vox * np.dtype(cfg.predict.dtype).itemsize)}"
+                    f", {tasks}")
         elif stage == "watershed":
             what = "block basins and region graphs -> _emdask/basins"
             memory[stage] = 40.0 * float(np.prod([c + 2 * HALO for c in grid.chunks]))
@@ -2072,7 +2166,8 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
             s = cfg.synapses
             what = (f"{s.model} net -> synapse_probabilities/, objects (threshold "
                     f"{s.threshold}, min size {s.min_size}), partners within {s.radius}")
-            memory[stage] = net_task(checked.synapse_model)
+            memory[stage], tasks = net_task(checked.synapse_model)
+            what += f", {tasks}"
         elif stage == "skeletons":
             what = "TEASAR skeletons (kimimaro) of the same, joined across blocks"
             memory[stage] = 100.0 * block_vox
@@ -2185,7 +2280,8 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                                 generation=ctx.generation, mask=mask, source_name=name,
                                 intensity=_intensity(cfg, root, vol, model),
                                 copy_raw=cfg.align is None)
-                _run_blocks(client, pctx, stage, _predict_task, cfg.cluster)
+                _run_blocks(client, pctx, stage, _predict_task, cfg.cluster,
+                            group=_task_blocks(cfg, model, grid, client))
         elif stage == "watershed":
             if _fresh(store, stage) or not _has(root, "_emdask/basins"):
                 root.create_array("_emdask/basins", shape=shape, chunks=grid.chunks,

@@ -1,19 +1,27 @@
 """Chunked boundary prediction: the affinity net mapped over a lazy volume.
 
-Every Dask block is predicted from the block plus a halo of the net's field of view
-(rounded up to its downsampling factor), and only the block itself is kept.  Because each
-output voxel then sees exactly the input it would see in one pass over the whole volume,
-and the pooling grid is anchored the same way in both, the chunked result equals a
-whole-volume pass up to float rounding (no seams, so no blending of overlaps is needed;
-the same holds for the tiles a block is cut into on a GPU).  The volume is padded with
-zeros (black) beyond its borders, as in training.
+Every block is predicted from the block plus a halo of the net's field of view (rounded
+up to its downsampling factor), and only the block itself is kept.  Because each output
+voxel then sees exactly the input it would see in one pass over the whole volume, and the
+pooling grid is anchored the same way in both, the chunked result equals a whole-volume
+pass up to float rounding (no seams, so no blending of overlaps is needed; the same holds
+for the tiles a block is cut into on a GPU).  The volume is padded with zeros (black)
+beyond its borders, as in training.
+
+Speed: the net runs in its inference form (:class:`~emdask.models.ValidUNet`: unpadded
+convolutions, BatchNorm folded, channels-last, bfloat16 where the CPU has it), over blocks
+as large as memory allows (:func:`task_shape`), so that the context computed twice around
+blocks is a small part of the work (:func:`halo_overhead`).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import os
+import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,11 +32,11 @@ import torch
 import xarray as xr
 
 from emdask.affinities import mask_affinities
-from emdask.models import AffinityUNet, card_defaults
+from emdask.models import AffinityUNet, ValidUNet, card_defaults
 from emdask.volumes import as_volume
 
-__all__ = ["data_percentiles", "intensity_range", "normalize_raw", "predict_affinities",
-           "predict_synapses"]
+__all__ = ["data_percentiles", "halo_overhead", "inference_net", "intensity_range",
+           "normalize_raw", "predict_affinities", "predict_synapses", "task_shape"]
 
 
 # Intensity: every input is mapped to the net's input scale, [0, 1] as uint8 EM / 255 in
@@ -158,70 +166,170 @@ def normalize_raw(raw: np.ndarray, intensity_range: Sequence[float] | None = Non
     return np.clip(x, 0.0, 1.0, out=x).astype(np.float32)
 
 
-def _run_net(model: AffinityUNet, x: np.ndarray, device: str, patch, batch_size: int
-             ) -> np.ndarray:
-    """Net output for a padded block ``x`` whose sizes are multiples of the model factor.
+PRECISIONS = ("auto", "float32", "bfloat16")
 
-    With ``patch``, the block is cut into tiles of that size overlapping by twice the halo,
-    and each tile contributes its centre (exact, like the blocks themselves)."""
-    halo = np.array(model.halo)
-    shape = np.array(x.shape)
-    n_out = model.config.n_outputs
-    if patch is None:
-        tiles = [(np.zeros(3, int), shape)]
+
+def _torch_dtype(precision: str, device: str, card: dict | None = None) -> torch.dtype:
+    """The dtype a net computes in: ``"auto"`` is bfloat16 where its model ``card`` says
+    bfloat16 keeps its validation scores (``card["precision"]``) and the hardware computes
+    it natively (CPUs with avx512_bf16 or AMX, CUDA GPUs that support it), else float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return getattr(torch, precision)
+    if (card or {}).get("precision") != "bfloat16":
+        return torch.float32
+    if device.startswith("cuda"):
+        native = torch.cuda.is_bf16_supported()
     else:
-        factor = np.array(model.factor)
-        patch = np.minimum(-(-np.asarray(patch) // factor) * factor, shape)
-        step = patch - 2 * halo
-        if np.any(step <= 0):
-            raise ValueError(f"patch {patch.tolist()} must exceed twice the halo "
-                             f"{halo.tolist()}")
-        starts = [sorted({*range(0, max(n - p, 0) + 1, s), max(n - p, 0)})
-                  for n, p, s in zip(shape, patch, step, strict=True)]
-        tiles = [(np.array([starts[d][i[d]] for d in range(3)]), patch)
-                 for i in np.ndindex(*[len(t) for t in starts])]
-    out = np.zeros((n_out, *shape), np.float32)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-                if device.startswith("cuda") else torch.autocast("cpu", enabled=False))
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
+_NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# One pass of the net at a time per process: torch already spreads each pass over the
+# process's threads, so Dask threads predicting blocks side by side would only fight
+# over the cores (system time) and hold several passes' memory.
+_NET_LOCK = threading.Lock()
+
+
+def inference_net(model: AffinityUNet, device: str = "cpu", precision: str = "auto"
+                  ) -> ValidUNet:
+    """The fast inference form of ``model`` (:class:`~emdask.models.ValidUNet`) on
+    ``device`` at ``precision``, made once per model."""
+    dtype = _torch_dtype(precision, device, getattr(model, "card", None))
+    nets = _NETS.setdefault(model, {})
+    if (device, dtype) not in nets:
+        nets[(device, dtype)] = ValidUNet(model, dtype).to(device)
+    return nets[(device, dtype)]
+
+
+def _run_net(net: ValidUNet, x: np.ndarray, begin, end, device: str,
+             patch=None, batch_size: int = 1) -> np.ndarray:
+    """Probabilities (c, z, y, x) for the box ``begin``-``end`` of ``x`` (the net's input,
+    float32, whose origin lies on the pooling grid; zeros are taken beyond it).
+
+    With ``patch``, the box is cut into output tiles of that size predicted in batches;
+    each tile reads only the context it needs, and the tiles abut exactly."""
+    begin, end = np.asarray(begin), np.asarray(end)
+    f = np.array(net.factor)
+    size = -(-(end - begin) // f) * f
+    if patch is not None:
+        size = np.minimum(-(-np.asarray(patch) // f) * f, size)
+    # tiles start on the pooling grid; the last one on each axis ends at or past the end
+    starts = [sorted({*range(b, max(e - s, b) + 1, s), max(-(-(e - s) // k) * k, b)})
+              for b, e, s, k in zip(begin, end, size, f, strict=True)]
+    tiles = [np.array(t) for t in itertools.product(*starts)]
+    in_begin, in_end = net.input_box(begin, np.max(tiles, axis=0) + size)
+    pad = [(int(max(0, -b)), int(max(0, e - n))) for b, e, n in zip(in_begin, in_end, x.shape,
+                                                                    strict=True)]
+    if any(p != (0, 0) for p in pad):  # beyond the input: black, as in training
+        x = np.pad(x, pad)
+        shift = np.array([p[0] for p in pad])
+        begin, end, in_begin = begin + shift, end + shift, in_begin + shift
+        tiles = [t + shift for t in tiles]
+    out = np.zeros((net.config.n_outputs, *(end - begin)), np.float32)
+    lo = np.array(net.context[0])
     for i in range(0, len(tiles), batch_size):
         group = tiles[i:i + batch_size]
-        batch = np.stack([x[tuple(slice(s, s + p) for s, p in zip(st, sz, strict=True))]
-                          for st, sz in group])[:, None]
-        with torch.inference_mode(), autocast:
-            y = torch.sigmoid(model(torch.from_numpy(batch).to(device)).float()).cpu().numpy()
-        for (st, sz), pred in zip(group, y, strict=True):
-            # keep the tile's centre; at the block's own border keep up to the border
-            lo = np.where(st == 0, 0, halo)
-            hi = np.where(st + sz == shape, sz, sz - halo)
-            src = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-            dst = tuple(slice(s + a, s + b) for s, a, b in zip(st, lo, hi, strict=True))
+        boxes = [net.input_box(t, t + size) for t in group]
+        batch = np.stack([x[tuple(slice(int(a), int(b)) for a, b in zip(*box, strict=True))]
+                          for box in boxes])[:, None]
+        batch = torch.from_numpy(batch)
+        if device.startswith("cuda"):  # page-locked: the copy to the GPU runs at full speed
+            batch = batch.pin_memory()
+        with _NET_LOCK, torch.inference_mode():
+            y = torch.sigmoid_(net(batch.to(device, non_blocking=True))).cpu().numpy()
+        for t, (ib, _), pred in zip(group, boxes, y, strict=True):
+            keep = np.minimum(t + size, end) - t  # the tile, up to the box's end
+            src = tuple(slice(int(a), int(a + k)) for a, k in zip(t - ib - lo, keep,
+                                                                   strict=True))
+            dst = tuple(slice(int(a), int(a + k)) for a, k in zip(t - begin, keep,
+                                                                   strict=True))
             out[(slice(None), *dst)] = pred[(slice(None), *src)]
     return out
 
 
 def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
                    batch_size: int, out_dtype, intensity: Sequence[float] | None = None,
-                   inside: tuple[slice, ...] | None = None) -> np.ndarray:
+                   inside: tuple[slice, ...] | None = None, precision: str = "auto"
+                   ) -> np.ndarray:
     """The net's output for the centre of ``block`` (the block plus the net's halo).
     ``inside``: the part of the block inside the volume; the rest is made black after
     normalization (raw zeros need not be black once intensities are mapped)."""
     halo = np.array(model.halo)
-    factor = np.array(model.factor)
     x = normalize_raw(block, intensity)
     if inside is not None:
         x = np.pad(x[inside], [(s.start, n - s.stop) for s, n in zip(inside, x.shape,
                                                                      strict=True)])
-    inner = np.array(x.shape) - 2 * halo
-    # pad the end to a multiple of the factor (beyond the volume: black, as in training)
-    extra = (-np.array(x.shape)) % factor
-    x = np.pad(x, [(0, int(e)) for e in extra])
-    y = _run_net(model, x, device, patch, batch_size)
-    y = y[(slice(None), *(slice(int(h), int(h + n)) for h, n in zip(halo, inner, strict=True)))]
+    net = inference_net(model, device, precision)
+    y = _run_net(net, x, halo, np.array(x.shape) - halo, device, patch, batch_size)
     if model.config.planar:  # z offsets never trained: no link across sections
         y[[k for k, (dz, _, _) in enumerate(model.config.offsets) if dz != 0]] = 0
     if out_dtype == np.uint8:
         return np.rint(y * 255).astype(np.uint8)
     return y
+
+
+def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
+               budget: float | None = None, device: str = "cpu", precision: str = "auto",
+               min_tasks: int = 1) -> tuple[int, int, int]:
+    """The block each prediction task computes: a multiple of ``unit`` (storage chunks,
+    rounded up to the net's pooling factor) as large as ``budget`` bytes of memory allow
+    (default: a quarter of this machine's memory), grown one unit at a time along the
+    axis that lowers the recomputed context (:func:`halo_overhead`) most per byte, while
+    the volume still makes ``min_tasks`` tasks (one per worker thread: none idles).
+
+    Large blocks pay little for context: the net reads its field of view around every
+    block, and that border is computed twice, once by each block beside it."""
+    net = inference_net(model, device, precision)
+    factor, halo = np.array(model.factor), np.array(model.halo)
+    unit = -(-np.asarray(unit, int) // factor) * factor
+    limit = -(-np.asarray(shape[-3:], int) // unit) * unit  # one block covers the volume
+    if budget is None:
+        import psutil
+
+        budget = psutil.virtual_memory().total / 4
+
+    def cost(t):  # FLOPs per output voxel
+        return net.flops(_input_shape(net, t)) / float(np.prod(t))
+
+    def memory(t):
+        return net.inference_bytes(t + 2 * halo)
+
+    def tasks(t):
+        return int(np.prod(-(-np.asarray(shape[-3:]) // t)))
+
+    task = np.minimum(unit, limit)
+    while True:
+        grown = [task + unit * (np.arange(3) == a) for a in range(3) if task[a] < limit[a]]
+        grown = [t for t in grown if memory(t) <= budget and tasks(t) >= min_tasks]
+        if not grown:
+            return tuple(int(n) for n in task)
+        task = max(grown, key=lambda t: (cost(task) - cost(t)) / (memory(t) - memory(task)))
+
+
+def _input_shape(net: ValidUNet, shape) -> np.ndarray:
+    begin, end = net.input_box(0, shape)
+    return end - begin
+
+
+def halo_overhead(model: AffinityUNet, shape: Sequence[int], task: Sequence[int],
+                  device: str = "cpu", precision: str = "auto") -> float:
+    """FLOPs of predicting a ``shape`` volume in blocks of ``task`` over those of one pass
+    over the whole volume (the context around each block is computed again by every
+    block whose field of view it lies in); 1.0 for a volume in one block."""
+    net = inference_net(model, device, precision)
+
+    def flops(box):
+        return net.flops(_input_shape(net, box))
+
+    # blocks are full-size but for the last along each axis: at most 8 distinct shapes
+    sizes = [[(t, n // t)] + ([(n % t, 1)] if n % t else [])
+             for n, t in zip(shape[-3:], task, strict=True)]
+    total = sum(flops([s for s, _ in combo]) * np.prod([c for _, c in combo])
+                for combo in itertools.product(*sizes))
+    return float(total / flops(shape[-3:]))
 
 
 def check_size(shape: Sequence[int], model: AffinityUNet, where: str = "raw") -> None:
@@ -274,6 +382,7 @@ def predict_affinities(
     check_voxel_size: bool = True,
     mask: Any = None,
     intensity: str | Sequence[float] = "auto",
+    precision: str = "auto",
 ) -> xr.DataArray:
     """Predict affinities for a (lazy) EM volume, chunk by chunk.
 
@@ -285,15 +394,22 @@ def predict_affinities(
     model
         An :class:`~emdask.models.AffinityUNet`, e.g. :func:`emdask.models.pretrained`.
     chunks
-        Blocks (z, y, x); rounded up to multiples of the model's downsampling factor.
-        Default: the input's chunks, rounded up.
+        Blocks (z, y, x) each task predicts; rounded up to multiples of the model's
+        downsampling factor.  Default: as large as a quarter of this machine's memory
+        allows (:func:`task_shape`), so that little of the net's context is computed
+        twice (:func:`halo_overhead`); the result is the same for any blocks.
     dtype
         ``"float32"`` (probabilities) or ``"uint8"`` (probabilities x 255).
     device
         ``"cpu"`` or ``"cuda"``; default CUDA when available (bf16 autocast there).
     patch, batch_size
-        Cut each block into tiles of this size (multiples of the factor) predicted in
-        batches: for GPUs, whose memory limits the tile size.
+        Cut each block into output tiles of this size (multiples of the factor) predicted
+        in batches: for GPUs, whose memory limits the tile size.
+    precision
+        ``"float32"``, ``"bfloat16"`` or ``"auto"`` (default): bfloat16 (about twice as
+        fast) where the model card found that it keeps the validation scores and the
+        hardware computes it natively (CPUs with avx512_bf16 or AMX, recent GPUs), else
+        float32.
     mask
         Optional (z, y, x) boolean volume of missing data (the mask of
         :func:`emdask.detect_defects`): nearest-neighbour affinities of edges that touch it
@@ -318,7 +434,7 @@ def predict_affinities(
         raise ValueError(f"this model predicts {model.config.target}, not affinities; use "
                          f"predict_{model.config.target}")
     affs = _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size,
-                    intensity)
+                    intensity, precision)
     if mask is None:
         return affs
     nearest = mask_affinities(affs.data[:3], mask)
@@ -360,7 +476,8 @@ def _as_model(model: Any) -> AffinityUNet:
 
 
 def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
-             batch_size=1, check_voxel_size=True, intensity="auto") -> xr.DataArray:
+             batch_size=1, check_voxel_size=True, intensity="auto", precision="auto"
+             ) -> xr.DataArray:
     if dtype not in ("float32", "uint8"):
         raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
     out_dtype = np.dtype(dtype)
@@ -375,14 +492,16 @@ def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model.training or next(model.parameters()).device != torch.device(device):
         model = copy.deepcopy(model).to(device).eval()  # the caller's model stays as it was
+    _torch_dtype(precision, device)  # a wrong precision is named before any work
     factor, halo = np.array(model.factor), np.array(model.halo)
     data = raw.data if isinstance(raw.data, da.Array) else da.from_array(raw.data, chunks=-1)
+    if chunks is None:  # blocks as large as memory allows: little recomputed context
+        chunks = task_shape(model, data.shape, np.minimum(data.chunksize, (64, 256, 256)),
+                            device=device, precision=precision)
     # normalized before anything is padded on: beyond the volume is black on the net's
     # scale, whatever the data's raw zero maps to
     data = data.map_blocks(normalize_raw, black_white, dtype=np.float32)
     shape = data.shape
-    if chunks is None:
-        chunks = data.chunksize
     thin = [max(0, int(h) - n) for h, n in zip(halo, shape, strict=True)]
     if any(thin):  # Dask's overlap needs the volume at least as large as the halo
         data = da.pad(data, [(0, t) for t in thin])
@@ -392,8 +511,8 @@ def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
                                 boundary=0)
     n_out = model.config.n_outputs
     affs = padded.map_blocks(
-        _predict_block, model, device, patch, batch_size, out_dtype, (0.0, 1.0),
-        new_axis=0, dtype=out_dtype,
+        _predict_block, model, device, patch, batch_size, out_dtype, (0.0, 1.0), None,
+        precision, new_axis=0, dtype=out_dtype,
         # Dask merges chunks smaller than the halo, so take the grid from the padded array
         chunks=((n_out,), *(tuple(c - 2 * int(h) for c in cs)
                             for cs, h in zip(padded.chunks, halo, strict=True))),

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from emdask.models import AffinityUNet, ModelConfig, load_model, pretrained, save_model
-from emdask.predict import predict_affinities
+from emdask.models import AffinityUNet, ModelConfig, ValidUNet, load_model, pretrained, save_model
+from emdask.predict import halo_overhead, inference_net, predict_affinities, task_shape
 from emdask.volumes import as_volume
 
 TINY = {"width": 2, "downsample": [[1, 2, 2], [2, 2, 2]], "conv3d_from_level": 1,
@@ -41,9 +41,9 @@ def test_chunked_prediction_equals_whole_volume():
     m = _model()
     rng = np.random.default_rng(0)
     raw = as_volume(rng.integers(0, 256, (34, 100, 93)).astype(np.uint8), (40, 4, 4))
-    whole = predict_affinities(raw, m, chunks=raw.shape).values
+    whole = predict_affinities(raw, m, chunks=raw.shape, precision="float32").values
     # chunks of 12 x 32 x 32 (multiples of the net's factor), the last ones shorter
-    chunked = predict_affinities(raw.chunk({"z": 12, "y": 32, "x": 32}), m)
+    chunked = predict_affinities(raw, m, chunks=(12, 32, 32), precision="float32")
     assert chunked.data.numblocks[1:] == (3, 3, 3)
     chunked = chunked.values
     assert chunked.shape == (4, 34, 100, 93)
@@ -55,10 +55,71 @@ def test_tiled_prediction_equals_untiled():
     m = _model()
     raw = as_volume(np.random.default_rng(1).random((8, 90, 90)).astype(np.float32),
                     (40, 4, 4))
-    a = predict_affinities(raw, m, chunks=raw.shape, intensity="dtype").values
-    b = predict_affinities(raw, m, chunks=raw.shape, patch=(24, 64, 64), batch_size=3,
-                           intensity="dtype").values
+    a = predict_affinities(raw, m, chunks=raw.shape, intensity="dtype",
+                           precision="float32").values
+    b = predict_affinities(raw, m, chunks=raw.shape, patch=(4, 24, 40), batch_size=3,
+                           intensity="dtype", precision="float32").values
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(24, 64, 64), (26, 60, 72), (30, 80, 96)])
+def test_valid_net_equals_the_padded_net_where_both_are_defined(shape):
+    """The inference form (BatchNorm folded, unpadded convolutions) computes the same
+    function: on every input size, its output is the padded net's output minus the
+    context it names."""
+    m = _model()
+    v = ValidUNet(m, torch.float32)
+    lo, hi = (np.array(c) for c in v.context)
+    x = torch.rand(1, 1, *shape)
+    with torch.inference_mode():
+        ref = m(x)[0].numpy()
+        out = v(x)[0].numpy()
+    assert out.shape[1:] == tuple(np.array(shape) - lo - hi)
+    # the padded net is exact where its zero padding is out of reach: one field of view in
+    fov = np.array(m.field_of_view)
+    inner = tuple(slice(int(f - a), int(n - a - f)) for f, a, n in zip(fov, lo, shape,
+                                                                       strict=True))
+    centre = tuple(slice(int(f), int(n - f)) for f, n in zip(fov, shape, strict=True))
+    np.testing.assert_allclose(out[(slice(None), *inner)], ref[(slice(None), *centre)],
+                               atol=1e-5)
+    # the block reader's halo covers the context (with the end rounded to the factor)
+    assert np.all(np.array(m.halo) >= lo)
+    assert np.all(np.array(m.halo) >= hi + np.array(m.factor) - 1)
+    # FLOPs: the unpadded net costs the padded one's per output voxel on a large box
+    per_voxel = [v.flops(box + lo + hi) / np.prod(box)
+                 for box in (np.array(m.factor) * 40, np.array(m.factor) * 400)]
+    assert per_voxel[0] > per_voxel[1] > m.flops_per_voxel()
+    assert per_voxel[1] < 1.1 * m.flops_per_voxel()
+
+
+def test_bfloat16_prediction_is_close_to_float32():
+    m = _model()
+    raw = as_volume(np.random.default_rng(4).integers(0, 256, (16, 64, 64)).astype(np.uint8),
+                    (40, 4, 4))
+    a = predict_affinities(raw, m, precision="float32").values
+    b = predict_affinities(raw, m, precision="bfloat16").values
+    c = predict_affinities(raw, m, chunks=(8, 32, 32), precision="bfloat16").values
+    assert np.abs(a - b).max() < 0.05 and np.abs(a - b).mean() < 0.005
+    np.testing.assert_allclose(b, c, atol=0.01)  # bf16 per block: the same up to rounding
+    with pytest.raises(ValueError, match="precision must be one of"):
+        predict_affinities(raw, m, precision="half")
+
+
+def test_tasks_grow_within_the_memory_budget_and_waste_little():
+    m = pretrained("fibsem")
+    shape = (1000, 1000, 1000)
+    small = task_shape(m, shape, (64, 128, 128), budget=2.5e9, precision="float32")
+    large = task_shape(m, shape, (64, 128, 128), budget=6e9, precision="float32")
+    net = inference_net(m, "cpu", "float32")
+    for task, budget in ((small, 2.5e9), (large, 6e9)):
+        assert all(t % c == 0 for t, c in zip(task, (64, 128, 128), strict=True))
+        assert net.inference_bytes(np.add(task, 2 * np.array(m.halo))) <= budget
+    assert np.prod(large) > np.prod(small)
+    assert halo_overhead(m, shape, large) < halo_overhead(m, shape, small) < \
+        halo_overhead(m, shape, (64, 128, 128))
+    assert halo_overhead(m, (100, 200, 200), (128, 256, 256)) == 1.0  # one block
+    # a volume smaller than the unit is one task
+    assert task_shape(m, (30, 50, 50), (64, 128, 128), budget=6e9) == (64, 128, 128)
 
 
 def test_uint8_output_and_missing_section():
