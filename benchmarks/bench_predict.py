@@ -13,8 +13,9 @@ For each model, on real EM (the FlyEM medulla cube for ``fibsem``, the larval VN
   4096^2 matrix product on all cores, the best a CPU does in practice);
 - the halo overhead: FLOPs computed over FLOPs of one pass over the whole volume, for the
   timed volume and for a 10 Gvoxel one at the same task size;
-- peak memory (maximum resident set of this process / of the busiest worker) and the
-  workers' user and system CPU time (system time = threads fighting over cores).
+- peak memory (of this process, the volume and its affinities included / of the busiest
+  worker) and the workers' user and system CPU time (system time: the kernel handing out
+  fresh pages for the feature maps; threads fighting over cores would add to it).
 
 Useful throughput counts output voxels only: context computed twice is not useful work.
 """
@@ -22,7 +23,6 @@ Useful throughput counts output voxels only: context computed twice is not usefu
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -69,8 +69,16 @@ def volume(model: str, tile: tuple[int, int, int]) -> np.ndarray:
     return np.ascontiguousarray(raw)
 
 
-def maxrss() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+def peak_rss(reset: bool = False) -> float:
+    """This process's peak resident memory (bytes) since the last reset (Linux: VmHWM,
+    reset through /proc/self/clear_refs; ru_maxrss would carry a parent's over fork)."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+        return 0.0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) * 1024
+    return float("nan")
 
 
 def pipeline(raw: np.ndarray, name: str, voxel_size, precision: str) -> dict:
@@ -90,10 +98,10 @@ def pipeline(raw: np.ndarray, name: str, voxel_size, precision: str) -> dict:
 
         def usage():
             p = psutil.Process()
-            return (p.cpu_times().user, p.cpu_times().system,
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
+            return p.cpu_times().user, p.cpu_times().system, peak_rss()
 
         with make_cluster(ClusterSpec()) as cluster, Client(cluster) as client:
+            client.run(peak_rss, True)
             before = client.run(usage)
             report = run(cfg, stages=["predict"], client=client)
             after = client.run(usage)
@@ -141,6 +149,7 @@ def main() -> None:
         # the net alone on one task-sized box of the volume (no reading, no writing)
         for precision in ("float32", dtype) if dtype != "float32" else ("float32",):
             net = inference_net(model, "cpu", precision)
+            peak_rss(reset=True)
             out = np.minimum(np.array(task), raw.shape)
             begin, end = net.input_box(0, out)
             x = torch.rand(1, 1, *(end - begin).tolist())
@@ -149,14 +158,15 @@ def main() -> None:
                 t = time.perf_counter()
                 net(x)
                 s = time.perf_counter() - t
-            row(f"net on one {tuple(out)} box, {precision}", float(np.prod(out)), s,
-                maxrss())
+            row(f"net on one {tuple(out.tolist())} box, {precision}", float(np.prod(out)), s,
+                peak_rss())
         with dask.config.set(scheduler="threads"):
             vol = as_volume(raw, vs).chunk({"z": 64, "y": 256, "x": 256})
+            peak_rss(reset=True)
             t = time.perf_counter()
             predict_affinities(vol, model, dtype="uint8", precision=args.precision).data\
                 .compute()
-            row("library: predict_affinities", raw.size, time.perf_counter() - t, maxrss())
+            row("library: predict_affinities", raw.size, time.perf_counter() - t, peak_rss())
         if not args.no_pipeline:
             p = pipeline(raw, name, vs, args.precision)
             row(f"pipeline: emdask run, predict stage ({p['workers']} workers)", raw.size,

@@ -106,6 +106,9 @@ class TrainConfig:
     lr_steps: list = field(default_factory=list)
     seed: int = 0
     threads: int = 0  # torch threads (0: leave torch's default)
+    # "bfloat16": the forward pass and loss under bf16 autocast (weights, gradients and
+    # optimizer stay float32), about twice as fast where the CPU has avx512_bf16 or AMX
+    precision: str = "float32"
     checkpoint_every: int = 100
     validate_every: int = 500
     thresholds: list = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
@@ -127,6 +130,9 @@ def load_config(path: str | Path) -> TrainConfig:
                                    "validation": None}, str(path))
     if val is not None:
         cfg.validation = from_dict(VolumeSpec, val, f"{path}: [validation]")
+    if cfg.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"{path}: precision must be 'float32' or 'bfloat16', got "
+                         f"{cfg.precision!r}")
     return cfg
 
 
@@ -473,7 +479,8 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
         for group in opt.param_groups:
             group["lr"] = _learning_rate(config, it)
         raw, target, mask = (x.to(device) for x in sampler.batch(config.batch_size))
-        loss = balanced_bce(model(raw), target, mask)
+        with torch.autocast(device, torch.bfloat16, enabled=config.precision == "bfloat16"):
+            loss = balanced_bce(model(raw).float(), target, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
