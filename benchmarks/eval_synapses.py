@@ -1,6 +1,18 @@
-"""Score a synapse net on the larval VNC validation rows: detection and partners.
+"""Score a synapse net on the larval VNC stack: detection and partners.
 
     python benchmarks/eval_synapses.py runs/synapses_vnc/model.pt [--threshold 0.98]
+    python benchmarks/eval_synapses.py --folds 4 [--train] [--max-minutes M]
+
+The first form scores one net on the validation rows (y 768-1023).  ``--folds 4`` is
+cross-validation over the whole stack: the rows are cut into 4 folds at rows no labelled
+synapse crosses (every synapse lies in exactly one fold: 10, 10, 6 and 7 synapses); fold k's
+net trains (``--train``: ``runs/synapse_folds/fold<k>``, resumable, the shipped recipe
+``emdask/weights_nc/synapses.toml`` with its rows replaced, under bfloat16 autocast with
+1 x 12 x 96 x 96 patches) on the rows outside the fold and a
+margin of 32 rows around it; its threshold and minimum size are chosen on those training
+rows only; then the fold is scored at that operating point (precision, recall, F1, CREMI
+distances, partners with the true cells and with the ``sstem`` net's segmentation), and
+the table ends with mean +- sd over the folds.
 
 Detection: the net runs chunkwise (``predict_synapses`` over 4 x 2 x 2 blocks), objects
 come from ``find_synapses``, and are scored against the labelled synaptic densities
@@ -20,6 +32,8 @@ training (per-section watershed of the smoothed intensity).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 import dask
 import dask.array as da
@@ -38,14 +52,120 @@ CELLS_RADIUS = (0, 6, 6)  # voxels: the densities lie 4 px (median) from the nea
 # Partners searched within 10 pixels (46 nm): chosen on the training rows (the pipeline with
 # the net's segmentation at 0.5: 17 of 22 right within 10 pixels, 14 of 22 within 6)
 RADIUS = (0, 10, 10)
+# fold boundaries (rows y) in rows that no labelled synapse covers
+FOLDS = (0, 425, 619, 815, 1024)
+MARGIN = 32  # rows between a fold and the rows its net trains on
+FOLD_RUNS = Path("runs/synapse_folds")
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+MIN_SIZES = (0, 25, 50, 100, 200)
+
+
+def fold_config(k: int, recipe: str = "emdask/weights_nc/synapses.toml"):
+    """The shipped detector's training recipe on the rows outside fold ``k`` and its
+    margin, without a validation region (nothing of the fold is looked at in training)."""
+    from emdask.training import load_config
+
+    cfg = load_config(recipe)
+    lo, hi = FOLDS[k] - MARGIN, FOLDS[k + 1] + MARGIN
+    vol = cfg.volumes[0]
+    boxes = [((0, 0, 0), (20, lo, 640))] if lo > 0 else []
+    boxes += [((0, hi, 0), (20, 1024, 640))] if hi < 1024 else []
+    # patches drawn in proportion to the rows of each part
+    volumes = [dataclasses.replace(vol, roi=[list(b), list(e)], weight=(e[1] - b[1]) / 1024)
+               for b, e in boxes]
+    # bfloat16 autocast, 1 x 12 x 96 x 96 patches (as many voxels as the recipe's 2 x 8 x
+    # 96 x 96, whose bf16 backward crashes in oneDNN on these CPUs)
+    return dataclasses.replace(cfg, out=str(FOLD_RUNS / f"fold{k}"), volumes=volumes,
+                               validation=None, precision="bfloat16", batch_size=1,
+                               patch=[12, 96, 96])
+
+
+def _score_rows(prob, clefts, rows, threshold, min_size, vs, keep: bool) -> dict:
+    """Detection scores inside ``rows`` (``keep``) or outside them (the training rows)."""
+    if keep:
+        sl = (slice(None), slice(*rows), slice(None))
+        labels, _ = find_synapses(da.from_array(prob[sl], chunks=(10, 128, 160)), threshold,
+                                  min_size, voxel_size=vs)
+        return synapse_scores(labels.values, clefts[sl], vs, min_size) | {
+            "labels": labels.values}
+    labels, _ = find_synapses(da.from_array(prob, chunks=(10, 128, 160)), threshold,
+                              min_size, voxel_size=vs)
+    det, gt = labels.values.copy(), clefts.copy()
+    det[:, slice(*rows)] = 0
+    gt[:, slice(*rows)] = 0
+    return synapse_scores(det, gt, vs, min_size)
+
+
+def cross_validate(train: bool, max_minutes: float | None) -> None:
+    from emdask.models import pretrained
+    from emdask.predict import predict_affinities
+    from emdask.training import train as train_net
+
+    raw = open_volume(VNC, "raw")
+    clefts = open_volume(VNC, "labels/clefts").values
+    cells = open_volume(VNC, "labels/cell_ids_2d").values
+    vs = raw.attrs["voxel_size"]
+    n = len(FOLDS) - 1
+    if train:
+        for k in range(n):
+            train_net(fold_config(k), max_seconds=max_minutes * 60 if max_minutes else None)
+    # the boundary net's per-section segmentation at its card's threshold, for partners
+    sstem = pretrained("sstem")
+    affs = predict_affinities(raw, sstem, dtype="uint8").values
+    with dask.config.set(scheduler="threads"):
+        net_seg = segment(affs, [sstem.card["threshold"]])[0].compute()
+    print("| fold | rows y | synapses | threshold | min size | precision | recall | F1 | "
+          "FP dist (nm) | FN dist (nm) | partners, true cells | partners, sstem net |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    results = []
+    for k in range(n):
+        model_path = FOLD_RUNS / f"fold{k}" / "model.pt"
+        if not model_path.exists():
+            print(f"| {k} | fold net not trained ({model_path}); run with --train |")
+            continue
+        rows = (FOLDS[k], FOLDS[k + 1])
+        margin_rows = (rows[0] - MARGIN, rows[1] + MARGIN)
+        prob = predict_synapses(raw, load_model(model_path)).values
+        # the operating point: best F1 on the fold net's own training rows
+        t, m = max(((t, m) for t in THRESHOLDS for m in MIN_SIZES),
+                   key=lambda tm: _score_rows(prob, clefts, margin_rows, *tm, vs,
+                                              keep=False)["f1"])
+        s = _score_rows(prob, clefts, rows, t, m, vs, keep=True)
+        sl = (slice(None), slice(*rows), slice(None))
+        partners = []
+        for seg in (cells, net_seg):
+            right, matched = partner_accuracy(s["labels"], clefts[sl], cells[sl], seg[sl],
+                                              RADIUS, cells_radius=CELLS_RADIUS)
+            partners.append(f"{right} of {matched}")
+        results.append(s)
+        print(f"| {k} | {rows[0]}-{rows[1]} | {s['n_true']} | {t} | {m} | "
+              f"{s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
+              f"{s['fp_distance']:.1f} | {s['fn_distance']:.1f} | {partners[0]} | "
+              f"{partners[1]} |")
+    if results:
+        mean = {key: (np.mean([r[key] for r in results]), np.std([r[key] for r in results]))
+                for key in ("precision", "recall", "f1")}
+        print(f"| mean +- sd ({len(results)} folds) | | | | | "
+              + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in mean.values()) + " | | | | |")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--folds", type=int, choices=[len(FOLDS) - 1],
+                        help="cross-validation over the folds")
+    parser.add_argument("--train", action="store_true",
+                        help="with --folds: train (or resume) each fold's net first")
+    parser.add_argument("--max-minutes", type=float, help="training time per fold and call")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
     parser.add_argument("--min-size", type=int, default=50)
     args = parser.parse_args()
+    if args.folds:
+        cross_validate(args.train, args.max_minutes)
+        return
+    if not args.model:
+        parser.error("give a model file, or --folds 4")
     model = load_model(args.model)
     raw = cutout(open_volume(VNC, "raw"), *ROI, units="voxel")
     clefts = cutout(open_volume(VNC, "labels/clefts"), *ROI, units="voxel").values

@@ -42,6 +42,7 @@ import csv
 import dataclasses
 import functools
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -424,6 +425,47 @@ def _plot(log_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+_PROBE = """
+import json, sys, torch
+from emdask.models import AffinityUNet, ModelConfig
+cfg, shape, threads = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+if threads:
+    torch.set_num_threads(threads)
+torch.manual_seed(0)
+model = AffinityUNet(ModelConfig(**cfg)).train()
+x = torch.rand(*shape)
+grads = []
+for bf16 in (False, True, True):
+    model.zero_grad()
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+cos = [torch.nn.functional.cosine_similarity(grads[0], g, dim=0).item() for g in grads[1:]]
+print(min(cos))
+"""
+
+
+def _bfloat16_works(config: TrainConfig) -> bool:
+    """Whether a training step under bf16 autocast runs, on this machine, for this net and
+    patch, with gradients that agree with float32 (cosine > 0.99).  Tried in a separate
+    process: oneDNN's bf16 convolution backward crashes or hangs for some shapes (torch
+    2.13, AMX CPUs: a (1, 3, 3) convolution, 12 channels, 2 x 8 x 96 x 96)."""
+    import json
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    shape = (config.batch_size, config.model.in_channels, *config.patch)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE, json.dumps(asdict(config.model)), json.dumps(shape),
+             str(config.threads)], check=False, capture_output=True, text=True, timeout=120)
+        return out.returncode == 0 and float(out.stdout.split()[-1]) > 0.99
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        return False
+
+
 def _learning_rate(config: TrainConfig, iteration: int) -> float:
     lr = config.lr
     for at, value in sorted(config.lr_steps):
@@ -441,6 +483,10 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     device = _device()
+    if config.precision == "bfloat16" and device == "cpu" and not _bfloat16_works(config):
+        warnings.warn("bfloat16 training fails on this CPU for this net and patch (oneDNN); "
+                      "training in float32", stacklevel=2)
+        config = replace(config, precision="float32")
     model_config = config.model
     if model_config.target == "affinities" and all(v.labels_2d for v in config.volumes):
         model_config = replace(model_config, planar=True)  # z affinities never trained

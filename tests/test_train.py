@@ -188,3 +188,20 @@ def test_downsampling_in_plane_pools_raw_and_picks_labels():
     assert pooled.shape == picked.shape == (2, 2, 2) and pooled.dtype == np.uint8
     assert pooled[0, 0, 0] == np.rint(np.mean([0, 1, 4, 5])) and picked[0, 0, 0] == 1005
     assert set(np.unique(picked)) <= set(np.unique(labels))  # ids, never averages
+
+
+def test_bfloat16_training_runs_or_falls_back(tmp_path, labelled):
+    """precision = "bfloat16" trains under autocast where a probe step in a separate
+    process runs and agrees with float32, else in float32 with a warning; a wrong value is
+    named."""
+    import dataclasses
+
+    _config(tmp_path, labelled, 3)
+    path = tmp_path / "train.toml"
+    path.write_text('precision = "half"\n' + path.read_text())
+    with pytest.raises(ValueError, match="precision must be 'float32' or 'bfloat16'"):
+        load_config(path)
+    cfg = dataclasses.replace(_config(tmp_path, labelled, 3), precision="bfloat16")
+    model = train(cfg)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (tmp_path / "run" / "model.pt").exists()
