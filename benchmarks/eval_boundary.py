@@ -105,7 +105,8 @@ def main() -> None:
                         help="affinities as stored (the pipeline's default is uint8)")
     parser.add_argument("--precision", default="auto",
                         choices=["auto", "float32", "bfloat16"],
-                        help="the net's arithmetic (auto: bfloat16 where the CPU has it)")
+                        help="the net's arithmetic (auto: bfloat16 where the model card "
+                        "allows it and the CPU has it)")
     args = parser.parse_args()
     cfg = load_config(args.config)
     model = load_model(args.model)

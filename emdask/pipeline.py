@@ -259,6 +259,8 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
         "predict.batch_size": (cfg.predict.batch_size >= 1, ">= 1"),
         "predict.precision": (cfg.predict.precision in ("auto", "float32", "bfloat16"),
                               "'auto', 'float32' or 'bfloat16'"),
+        "predict.task_memory": (_bytes_ok(cfg.predict.task_memory),
+                                "'auto' or a size such as '8GB'"),
         "cluster.n_workers": (c.n_workers >= 0, ">= 0 (0: one per core)"),
         "cluster.threads_per_worker": (c.threads_per_worker >= 1, ">= 1"),
         "cluster.retries": (c.retries >= 0, ">= 0"),
@@ -277,6 +279,15 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
             section, name = key.split(".")
             value = getattr(getattr(cfg, section), name)
             raise ValueError(f"{where}: {key} must be {rule}, got {value!r}")
+
+
+def _bytes_ok(value) -> bool:
+    from dask.utils import parse_bytes
+
+    try:
+        return value == "auto" or parse_bytes(value) > 0
+    except (ValueError, TypeError):
+        return False
 
 
 def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
@@ -539,14 +550,15 @@ def _worker_memory(spec: ClusterSpec) -> float:
     limit = spec.memory_limit if spec.kind == "local" else spec.jobqueue.get("memory", "auto")
     if isinstance(limit, str) and limit != "auto":
         limit = parse_bytes(limit)
+    # threads sharing that memory: a LocalCluster worker's, or a batch job's cores
+    threads = (spec.threads_per_worker if spec.kind == "local"
+               else max(1, int(spec.jobqueue.get("cores", 1))))
     if limit == "auto" or not limit:
-        threads = (os.cpu_count() or 1) if spec.kind == "local" else 1
-        per = psutil.virtual_memory().total / threads
-    else:
-        per = float(limit) / spec.threads_per_worker
-    if spec.kind != "local":
-        per /= max(1, int(spec.jobqueue.get("processes", 1)))
-    return per
+        return psutil.virtual_memory().total / (
+            (os.cpu_count() or 1) if spec.kind == "local" else threads)
+    if 0 < float(limit) <= 1:  # a fraction of the machine's memory, as Dask reads it
+        limit = float(limit) * psutil.virtual_memory().total
+    return float(limit) / threads
 
 
 def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
@@ -561,13 +573,13 @@ def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
     spec, cl = cfg.predict, cfg.cluster
     budget = (0.6 * _worker_memory(cl) if spec.task_memory == "auto"
               else float(parse_bytes(spec.task_memory)))
-    if client is not None:
+    if client is not None and client.nthreads():
         threads = sum(client.nthreads().values())
     elif cl.kind == "local":
         threads = (cl.n_workers or max(1, (os.cpu_count() or 1) // cl.threads_per_worker)
                    ) * cl.threads_per_worker
-    else:
-        threads = 1
+    else:  # an adaptive cluster may have no workers yet: as many as it may get
+        threads = cl.maximum_jobs * max(1, int(cl.jobqueue.get("cores", 1)))
     task = task_shape(model, grid.shape, grid.chunks, budget, _device(spec), spec.precision,
                       min_tasks=max(1, threads))
     return tuple(t // c for t, c in zip(task, grid.chunks, strict=True))
@@ -622,7 +634,7 @@ def _predict_task(ctx: _Context, blocks: list[int], model_name: str | None = Non
     if out.ndim == 3:
         affs = affs[0]
     # block by block, each marked as soon as written: a task killed midway leaves at
-    # most one chunk written but unmarked, and only unfinished blocks are written
+    # most one block's chunks written but unmarked, and only unfinished blocks are written
     for block, (b, e) in zip(blocks, boxes, strict=True):
         local = _slices(np.subtract(b, begin), np.subtract(e, begin))
         if ctx.copy_raw:
@@ -1090,7 +1102,7 @@ def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: Cluste
                 blocks: Sequence[int] | None = None, label: str | None = None,
                 group: Sequence[int] | None = None) -> int:
     """Submit one task per unfinished block of a stage (of ``blocks``, default all of the
-    grid's); returns how many ran.  Blocks marked done whose chunks have gone missing are
+    grid's); returns how many tasks ran.  Blocks marked done whose chunks have gone missing are
     recomputed.  With ``group`` (blocks per axis), a task gets the list of unfinished
     blocks of one group of neighbouring blocks instead."""
     ctx = replace(ctx, stamp=_generation(ctx.store, stage))
@@ -1653,7 +1665,8 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
                       overwrite=True)
     source, begin, _, name = _raw(cfg, root, full, roi_begin)
     pctx = _Context(store, ctx.grid, source=source, roi_begin=begin,
-                    predict=replace(cfg.predict, dtype=spec.dtype),
+                    predict=replace(cfg.predict, dtype=spec.dtype,
+                                    precision=_precision(cfg.predict, spec.model)),
                     generation=ctx.generation, source_name=name,
                     intensity=_intensity(cfg, root, vol, model))
     _run_blocks(client, pctx, "synapses", functools.partial(
@@ -2279,8 +2292,11 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                                   attrs={"offsets": [list(o) for o in model.config.offsets]},
                                   overwrite=True)
                 source, begin, mask, name = _raw(cfg, root, full, roi_begin)
+                # "auto" decided here, once, as the stage's record says (not per worker)
+                spec = replace(cfg.predict, precision=_precision(cfg.predict,
+                                                                 cfg.predict.model))
                 pctx = _Context(store, grid, source=source, roi_begin=begin,
-                                predict=cfg.predict, segment=cfg.segment,
+                                predict=spec, segment=cfg.segment,
                                 generation=ctx.generation, mask=mask, source_name=name,
                                 intensity=_intensity(cfg, root, vol, model),
                                 copy_raw=cfg.align is None)

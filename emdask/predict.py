@@ -9,7 +9,8 @@ for the tiles a block is cut into on a GPU).  The volume is padded with zeros (b
 beyond its borders, as in training.
 
 Speed: the net runs in its inference form (:class:`~emdask.models.ValidUNet`: unpadded
-convolutions, BatchNorm folded, channels-last, bfloat16 where the CPU has it), over blocks
+convolutions, BatchNorm folded, channels-last, bfloat16 where the model card allows it and
+the hardware has it), over blocks
 as large as memory allows (:func:`task_shape`), so that the context computed twice around
 blocks is a small part of the work (:func:`halo_overhead`).
 """
@@ -180,7 +181,8 @@ def _torch_dtype(precision: str, device: str, card: dict | None = None) -> torch
     if (card or {}).get("precision") != "bfloat16":
         return torch.float32
     if device.startswith("cuda"):
-        native = torch.cuda.is_bf16_supported()
+        with torch.cuda.device(torch.device(device)):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native else torch.float32
@@ -199,9 +201,12 @@ def inference_net(model: AffinityUNet, device: str = "cpu", precision: str = "au
     ``device`` at ``precision``, made once per model."""
     dtype = _torch_dtype(precision, device, getattr(model, "card", None))
     nets = _NETS.setdefault(model, {})
-    if (device, dtype) not in nets:
-        nets[(device, dtype)] = ValidUNet(model, dtype).to(device)
-    return nets[(device, dtype)]
+    # weights changed in place (a training step, load_state_dict) bump their version
+    weights = tuple((t.data_ptr(), t._version) for t in itertools.chain(
+        model.parameters(), model.buffers()))
+    if nets.get((device, dtype), (None, None))[0] != weights:
+        nets[(device, dtype)] = weights, ValidUNet(model, dtype).to(device)
+    return nets[(device, dtype)][1]
 
 
 def _run_net(net: ValidUNet, x: np.ndarray, begin, end, device: str,

@@ -177,3 +177,16 @@ def test_import_emdask_does_not_load_torch():
     code = ("import sys, emdask; assert 'torch' not in sys.modules, 'torch loaded'; "
             "emdask.predict_affinities; assert 'torch' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prediction_follows_weights_changed_in_place():
+    """The cached inference form is rebuilt when the net's weights change in place (a
+    training step, load_state_dict), so validation during training sees the new net."""
+    m = _model()
+    raw = as_volume(np.random.default_rng(5).integers(0, 256, (16, 48, 48)).astype(np.uint8),
+                    (40, 4, 4))
+    before = predict_affinities(raw, m, precision="float32").values
+    with torch.no_grad():
+        m.out.bias += 1.0
+    after = predict_affinities(raw, m, precision="float32").values
+    assert np.abs(after - before).min() > 0.01
