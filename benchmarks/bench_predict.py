@@ -122,7 +122,6 @@ def main() -> None:
                         "sstem 4 2 2)")
     parser.add_argument("--no-pipeline", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     peak = peaks()
     print(f"CPU peak (matrix product, {torch.get_num_threads()} threads): fp32 "
           f"{peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s\n")

@@ -576,8 +576,7 @@ def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
     if client is not None and client.nthreads():
         threads = sum(client.nthreads().values())
     elif cl.kind == "local":
-        threads = (cl.n_workers or max(1, (os.cpu_count() or 1) // cl.threads_per_worker)
-                   ) * cl.threads_per_worker
+        threads = _local_workers(cl) * cl.threads_per_worker
     else:  # an adaptive cluster may have no workers yet: as many as it may get
         threads = cl.maximum_jobs * max(1, int(cl.jobqueue.get("cores", 1)))
     task = task_shape(model, grid.shape, grid.chunks, budget, _device(spec), spec.precision,
@@ -1164,6 +1163,11 @@ def local_cluster(**kwargs):
         return LocalCluster(**kwargs)
 
 
+def _local_workers(spec: ClusterSpec) -> int:
+    """Worker processes of a local cluster: as configured, else one per core."""
+    return spec.n_workers or max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
+
+
 def make_cluster(spec: ClusterSpec):
     """The cluster a config asks for (not for ``scheduler``): a LocalCluster, or a
     dask-jobqueue cluster scaled adaptively between minimum_jobs and maximum_jobs."""
@@ -1171,8 +1175,7 @@ def make_cluster(spec: ClusterSpec):
 
     with dask.config.set({"distributed.scheduler.allowed-failures": spec.allowed_failures}):
         if spec.kind == "local":
-            n = spec.n_workers or max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
-            return local_cluster(n_workers=n, threads_per_worker=spec.threads_per_worker,
+            return local_cluster(n_workers=_local_workers(spec), threads_per_worker=spec.threads_per_worker,
                                  memory_limit=spec.memory_limit, processes=spec.processes,
                                  dashboard_address=spec.dashboard,
                                  worker_dashboard_address=spec.dashboard)
