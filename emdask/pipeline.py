@@ -1531,19 +1531,27 @@ def _open(url: str, dataset: str | None, voxel_size, section: str):
                           ) from None
 
 
-def _input(cfg: RunConfig):
-    """The input volume, its region of interest, and where that begins (voxels)."""
-    from emdask.volumes import cutout
+def _input(cfg: RunConfig, factors=(1, 1, 1)):
+    """The input volume (at the working resolution: ``factors`` times coarser than the
+    file, see :func:`_working_factors`), its region of interest, and where that begins
+    (voxels)."""
+    from emdask.volumes import cutout, resampled
 
     vol = _open(cfg.input.url, cfg.input.dataset, cfg.input.voxel_size, "input")
     if vol.ndim != 3:
         raise ValueError(f"{vol.attrs['source']}: the input must be a 3-D EM volume, got "
                          f"dims {vol.dims}")
+    factors = tuple(int(f) for f in factors)
+    if factors != (1, 1, 1):
+        vol = resampled(vol, factors)
     if cfg.input.roi is None:
         return vol, vol, (0, 0, 0)
     roi = np.asarray(cfg.input.roi, float)
     if roi.shape != (2, 3):
         raise ValueError(f"input.roi must be [[z0, y0, x0], [z1, y1, x1]], got {cfg.input.roi}")
+    if cfg.input.roi_units != "nm" and factors != (1, 1, 1):
+        # the file's voxels, in the working grid: every voxel of the region covered
+        roi = np.stack([np.floor(roi[0] / factors), np.ceil(roi[1] / factors)])
     try:
         cut = cutout(vol, roi[0], roi[1], units=cfg.input.roi_units)
     except ValueError as err:
@@ -1718,7 +1726,16 @@ def _parquet(frame) -> bytes:
 def _ground_truth(cfg: RunConfig, dataset: str, vol, roi_begin):
     """A ground-truth dataset of ``[evaluate]``, cut to the region of interest."""
 
+    from emdask.volumes import resampled
+
     full = _open(cfg.evaluate.url, dataset, cfg.evaluate.voxel_size, "evaluate")
+    # ground truth finer than the outputs by integer factors: each output voxel compared
+    # with the true label at its centre (nearest neighbour)
+    ratio = np.asarray(vol.attrs["voxel_size"], float) / np.asarray(full.attrs["voxel_size"])
+    factors = np.rint(ratio).astype(int)
+    if np.all(factors >= 1) and np.any(factors > 1) and np.allclose(ratio, factors,
+                                                                    rtol=1e-6):
+        full = resampled(full, factors, "nearest")
     end = [b + n for b, n in zip(roi_begin, vol.shape, strict=True)]
     if any(e > n for e, n in zip(end, full.shape, strict=True)):
         raise ValueError(f"{full.attrs['source']}: ground truth of shape {full.shape} does "
@@ -1974,6 +1991,31 @@ class _Checked:
     factor: tuple  # the boundary net's pooling factor: blocks are multiples of it
     synapse_model: Any = None
     existing: dict | None = None  # the store's emdask record, if the store exists
+    resample: tuple = (1, 1, 1)  # the input read this many times coarser (the net's voxels)
+
+
+def _working_factors(cfg: RunConfig, model, existing: dict | None) -> tuple:
+    """Integer factors (z, y, x) by which the input is read coarser, so that its voxels
+    match the net's: ssTEM at 4 nm in-plane for a net at 8-10 nm is mean-pooled 2x2.  A
+    factor is the rounded ratio of the net's voxel size to the input's where that is 1.5
+    or more, if the voxels then match the net's; a store keeps the factors it was made
+    with.  None with
+    ``predict.check_voxel_size = false`` (the input is taken as it is)."""
+    if model is None:
+        return tuple((existing or {}).get("resample", (1, 1, 1)))
+    if cfg.affinities is not None or not cfg.predict.check_voxel_size:
+        return (1, 1, 1)
+    vs = _open(cfg.input.url, cfg.input.dataset, cfg.input.voxel_size,
+               "input").attrs["voxel_size"]
+    from emdask.predict import _check_voxel_size
+
+    ratio = np.asarray(model.config.voxel_size, float) / np.asarray(vs, float)
+    factors = tuple(int(r) for r in np.where(ratio >= 1.5, np.rint(ratio), 1))
+    try:  # only where that gives the net's voxels (else the check names the file's)
+        _check_voxel_size(np.multiply(vs, factors), model, "")
+    except ValueError:
+        return (1, 1, 1)
+    return factors
 
 
 def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
@@ -1982,18 +2024,26 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
     from emdask.models import check_licence
     from emdask.predict import _check_voxel_size, check_size
 
-    full, vol, roi_begin = _input(cfg)
-    where = vol.attrs["source"]
     store = cfg.output.path
     existing = _existing_record(store)
     model = None
+    if cfg.affinities is None and ("predict" in stages or not (existing and
+                                                              existing.get("factor"))):
+        model = _model(cfg.predict.model, "cpu")
+    factors = _working_factors(cfg, model, existing)
+    full, vol, roi_begin = _input(cfg, factors)
+    where = vol.attrs["source"]
+    if factors != (1, 1, 1):
+        fine = vol.attrs["resampled"]["voxel_size"]
+        print(f"  input at {fine} nm, read at the net's resolution: {list(vol.attrs['voxel_size'])}"
+              f" nm (each voxel the mean of {'x'.join(map(str, factors))} voxels)",
+              file=sys.stderr)
     if cfg.affinities is not None:
         if cfg.align is not None:
             raise ValueError(f"{where}: [affinities] and [align] do not go together: given "
                              "affinities are not realigned; leave out one of them")
         _affinities_given(cfg, full, vol, roi_begin)
-    elif "predict" in stages or not (existing and existing.get("factor")):
-        model = _model(cfg.predict.model, "cpu")
+    elif model is not None:
         if model.config.target != "affinities":
             raise ValueError(f"predict.model {cfg.predict.model!r} predicts "
                              f"{model.config.target}, not affinities")
@@ -2027,7 +2077,7 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
         for dataset in (cfg.evaluate.dataset, cfg.evaluate.synapses, cfg.evaluate.cells):
             if dataset:
                 _ground_truth(cfg, dataset, vol, roi_begin)
-    return _Checked(full, vol, roi_begin, model, factor, synapse_model, existing)
+    return _Checked(full, vol, roi_begin, model, factor, synapse_model, existing, factors)
 
 
 def _existing_record(store: str) -> dict | None:
@@ -2248,6 +2298,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
     grid = Grid(shape, _chunks(cfg, factor))
     meta = dict(root.attrs.get("emdask", {}))
     meta.update({"config": asdict(cfg), "factor": list(factor),
+                 "resample": list(checked.resample),
                  "roi_begin": list(roi_begin), "input_shape": list(shape)})
     root.attrs["emdask"] = meta
     ctx = _Context(store, grid, roi_begin=roi_begin, predict=cfg.predict,

@@ -279,39 +279,49 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
 def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
                budget: float | None = None, device: str = "cpu", precision: str = "auto",
                min_tasks: int = 1) -> tuple[int, int, int]:
-    """The block each prediction task computes: a multiple of ``unit`` (storage chunks,
-    rounded up to the net's pooling factor) as large as ``budget`` bytes of memory allow
-    (default: a quarter of this machine's memory), grown one unit at a time along the
-    axis that lowers the recomputed context (:func:`halo_overhead`) most per byte, while
-    the volume still makes ``min_tasks`` tasks (one per worker thread: none idles).
+    """The block each prediction task computes: the multiple of ``unit`` (storage chunks,
+    rounded up to the net's pooling factor) that recomputes the least context
+    (:func:`halo_overhead`) within ``budget`` bytes of memory (default: a quarter of this
+    machine's memory), while the volume still makes ``min_tasks`` tasks (one per worker
+    thread: none idles).
 
     Large blocks pay little for context: the net reads its field of view around every
-    block, and that border is computed twice, once by each block beside it."""
+    block, and that border is computed twice, once by each block beside it.  Every y-x
+    size is tried, each with the deepest block that fits, and the volume's last, smaller
+    blocks are counted."""
     net = inference_net(model, device, precision)
-    factor, halo = np.array(model.factor), np.array(model.halo)
+    factor = np.array(model.factor)
     unit = -(-np.asarray(unit, int) // factor) * factor
-    limit = -(-np.asarray(shape[-3:], int) // unit) * unit  # one block covers the volume
+    limit = -(-np.asarray(shape[-3:], int) // unit)  # units: one block covers the volume
     if budget is None:
         import psutil
 
         budget = psutil.virtual_memory().total / 4
 
-    def cost(t):  # FLOPs per output voxel
-        return net.flops(_input_shape(net, t)) / float(np.prod(t))
+    cache: dict = {}  # FLOPs of each block shape, shared by the candidates
 
-    def memory(t):
-        return net.inference_bytes(t + 2 * halo)
+    def fits(t):  # the net's input box (the block and its context) in memory
+        return (net.inference_bytes(_input_shape(net, t)) <= budget
+                and int(np.prod(-(-np.asarray(shape[-3:]) // t))) >= min_tasks)
 
-    def tasks(t):
-        return int(np.prod(-(-np.asarray(shape[-3:]) // t)))
-
-    task = np.minimum(unit, limit)
-    while True:
-        grown = [task + unit * (np.arange(3) == a) for a in range(3) if task[a] < limit[a]]
-        grown = [t for t in grown if memory(t) <= budget and tasks(t) >= min_tasks]
-        if not grown:
-            return tuple(int(n) for n in task)
-        task = max(grown, key=lambda t: (cost(task) - cost(t)) / (memory(t) - memory(task)))
+    best = None
+    for ky in range(1, limit[1] + 1):
+        for kx in range(1, limit[2] + 1):
+            lo, hi = 0, int(limit[0])  # the deepest block that fits: binary search
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if fits(unit * (mid, ky, kx)):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo == 0:
+                continue
+            t = unit * (lo, ky, kx)
+            key = (_overhead(net, shape, t, cache), -float(np.prod(t)))
+            if best is None or key < best[0]:
+                best = (key, t)
+    task = unit if best is None else best[1]
+    return tuple(int(n) for n in np.minimum(task, limit * unit))
 
 
 def _input_shape(net: ValidUNet, shape) -> np.ndarray:
@@ -324,10 +334,18 @@ def halo_overhead(model: AffinityUNet, shape: Sequence[int], task: Sequence[int]
     """FLOPs of predicting a ``shape`` volume in blocks of ``task`` over those of one pass
     over the whole volume (the context around each block is computed again by every
     block whose field of view it lies in); 1.0 for a volume in one block."""
-    net = inference_net(model, device, precision)
+    return _overhead(inference_net(model, device, precision), shape, task)
+
+
+def _overhead(net: ValidUNet, shape: Sequence[int], task: Sequence[int],
+              cache: dict | None = None) -> float:
+    cache = {} if cache is None else cache
 
     def flops(box):
-        return net.flops(_input_shape(net, box))
+        box = tuple(int(b) for b in box)
+        if box not in cache:
+            cache[box] = net.flops(_input_shape(net, box))
+        return cache[box]
 
     # blocks are full-size but for the last along each axis: at most 8 distinct shapes
     sizes = [[(t, n // t)] + ([(n % t, 1)] if n % t else [])

@@ -291,6 +291,79 @@ def open_volume(
     return vol
 
 
+class Resampled:
+    """A picklable array-like view of ``source`` (..., z, y, x) with voxels ``factors``
+    times larger: each the mean of its group of voxels (``"mean"``, for EM; integers
+    rounded) or the group's centre voxel (``"nearest"``, for label ids).  A group cut off
+    at the volume's end is dropped.  Reads decode only the region asked for."""
+
+    def __init__(self, source: Any, factors: Sequence[int], method: str = "mean"):
+        if method not in ("mean", "nearest"):
+            raise ValueError(f"method must be 'mean' or 'nearest', got {method!r}")
+        self.source, self.method = source, method
+        self.factors = tuple(int(f) for f in factors)
+        lead = tuple(source.shape[:-3])
+        self.shape = lead + tuple(n // f for n, f in zip(source.shape[-3:], self.factors,
+                                                         strict=True))
+        self.dtype = np.dtype(source.dtype)
+        self.ndim = len(self.shape)
+        chunks = getattr(source, "chunks", None)
+        # storage chunks in this grid where they fall on whole groups (the chunk cache)
+        self.chunks = (lead + tuple(c // f for c, f in zip(chunks[-3:], self.factors,
+                                                            strict=True))
+                       if chunks is not None and all(c % f == 0 for c, f in zip(
+                           chunks[-3:], self.factors, strict=True)) else None)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        lead, box = key[:-3], list(key[-3:])
+        squeeze = []
+        for i, (k, n) in enumerate(zip(box, self.shape[-3:], strict=True)):
+            if isinstance(k, int | np.integer):  # an index: a one-voxel slice, dropped
+                k = int(k) + n if k < 0 else int(k)
+                box[i], squeeze = slice(k, k + 1), squeeze + [i]
+            elif not isinstance(k, slice) or k.step not in (None, 1):
+                raise IndexError("Resampled volumes are read by indices and unit-step "
+                                 f"slices, got {key}")
+        spans = [k.indices(n)[:2] for k, n in zip(box, self.shape[-3:], strict=True)]
+        fine = tuple(slice(a * f, b * f) for (a, b), f in zip(spans, self.factors,
+                                                                strict=True))
+        data = np.asarray(self.source[(*lead, *fine)])
+        if self.method == "nearest":
+            out = data[(..., *(slice(f // 2, None, f) for f in self.factors))]
+        else:
+            from emdask.pyramids import downsample_block
+
+            out = downsample_block(data, self.factors, "mean")
+        return out.squeeze(axis=tuple(out.ndim - 3 + i for i in squeeze)) if squeeze else out
+
+
+def resampled(volume: xr.DataArray, factors: Sequence[int], method: str = "mean"
+              ) -> xr.DataArray:
+    """A volume (opened by :func:`open_volume`) with ``factors`` times larger voxels,
+    lazily: blockwise stages read it like the file (:class:`Resampled`).  The offset moves
+    to the centre of each group of voxels, as in :func:`emdask.downsample`."""
+    factors = tuple(int(f) for f in factors)
+    source = stored_source(volume)
+    if source is None:
+        raise ValueError(f"{volume.attrs.get('source', 'volume')}: resampled needs a volume "
+                         "as opened from its file (not sliced or computed)")
+    view = Resampled(source, factors, method)
+    data = da.from_array(view, chunks=view.chunks or "auto", name=False, asarray=False)
+    vs = np.asarray(volume.attrs["voxel_size"], float)
+    offset = np.asarray(volume.attrs.get("offset", (0.0, 0.0, 0.0)), float)
+    out = as_volume(data, voxel_size=tuple(vs * factors),
+                    offset=tuple(offset + vs * (np.asarray(factors) - 1) / 2),
+                    name=volume.name, where=volume.attrs.get("source"))
+    out.attrs["source"] = volume.attrs.get("source")
+    out.attrs["resampled"] = {"factors": list(factors), "method": method,
+                              "voxel_size": vs.tolist()}
+    out.encoding["source"] = view
+    out.encoding["dask_name"] = data.name
+    return out
+
+
 def stored_source(volume: xr.DataArray) -> Any | None:
     """The array-like a volume was opened from, if its data are still exactly that
     (not a slice, a roll, or a computed array); else None."""

@@ -1,11 +1,20 @@
 """The affinity U-Net: field of view, seamless chunked inference, saving and loading."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from emdask.models import AffinityUNet, ModelConfig, ValidUNet, load_model, pretrained, save_model
-from emdask.predict import halo_overhead, inference_net, predict_affinities, task_shape
+from emdask.predict import (
+    _input_shape,
+    _overhead,
+    halo_overhead,
+    inference_net,
+    predict_affinities,
+    task_shape,
+)
 from emdask.volumes import as_volume
 
 TINY = {"width": 2, "downsample": [[1, 2, 2], [2, 2, 2]], "conv3d_from_level": 1,
@@ -113,7 +122,14 @@ def test_tasks_grow_within_the_memory_budget_and_waste_little():
     net = inference_net(m, "cpu", "float32")
     for task, budget in ((small, 2.5e9), (large, 6e9)):
         assert all(t % c == 0 for t, c in zip(task, (64, 128, 128), strict=True))
-        assert net.inference_bytes(np.add(task, 2 * np.array(m.halo))) <= budget
+        assert net.inference_bytes(_input_shape(net, task)) <= budget
+    # no other block of units within the budget recomputes less context
+    cache: dict = {}
+    best = _overhead(net, shape, large, cache)
+    for other in itertools.product(range(64, 1025, 64), range(128, 1025, 128),
+                                   range(128, 1025, 128)):
+        if net.inference_bytes(_input_shape(net, other)) <= 6e9:
+            assert _overhead(net, shape, other, cache) >= best - 1e-9
     assert np.prod(large) > np.prod(small)
     assert halo_overhead(m, shape, large) < halo_overhead(m, shape, small) < \
         halo_overhead(m, shape, (64, 128, 128))

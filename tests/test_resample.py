@@ -1,0 +1,60 @@
+"""Inputs finer than the net's voxels are read at the net's resolution (Resampled), and the
+report compares with ground truth at the input's resolution by nearest neighbour."""
+
+import h5py
+import numpy as np
+import pytest
+
+from emdask import open_volume, run
+from emdask.pyramids import downsample_block
+from emdask.volumes import Resampled
+
+
+def test_resampled_reads_means_and_centres():
+    data = np.arange(4 * 6 * 10, dtype=np.float32).reshape(4, 6, 10)
+    view = Resampled(data, (1, 2, 3), "mean")
+    assert view.shape == (4, 3, 3)  # the group cut off at x = 9 is dropped
+    np.testing.assert_array_equal(view[:, :, :], downsample_block(data[:, :, :9], (1, 2, 3)))
+    np.testing.assert_array_equal(view[1:3, 1:, 2:3], view[:, :, :][1:3, 1:, 2:3])
+    np.testing.assert_array_equal(view[2], view[:, :, :][2])  # an index drops its axis
+    np.testing.assert_array_equal(view[-1, 0], view[:, :, :][-1, 0])
+    labels = Resampled(data.astype(np.uint64), (1, 2, 3), "nearest")
+    np.testing.assert_array_equal(labels[:, :, :], data[:, 1::2, 1:9:3])  # group centres
+    with pytest.raises(IndexError, match="unit-step"):
+        view[:, ::2, :]
+
+
+def _files(tmp_path, shared_file):
+    """A medulla crop stored at 10 x 10 x 10 nm and the same crop at 10 x 5 x 5 nm (every
+    voxel repeated 2 x 2 in-plane), with their ground truth."""
+    with h5py.File(shared_file("medulla"), "r") as f:
+        raw, gt = f["raw"][200:224, :64, :64], f["labels/neuron_ids"][200:224, :64, :64]
+    path = tmp_path / "data.h5"
+    with h5py.File(path, "w") as f:
+        for name, r, g, vs in (("coarse", raw, gt, 10.0),
+                               ("fine", raw.repeat(2, 1).repeat(2, 2),
+                                gt.repeat(2, 1).repeat(2, 2), 5.0)):
+            for dataset, a in ((f"{name}/raw", r), (f"{name}/gt", g)):
+                f[dataset] = a
+                f[dataset].attrs["resolution"] = [10.0, vs, vs]
+    return str(path)
+
+
+def test_a_finer_input_runs_at_the_nets_resolution(tmp_path, shared_file, capsys):
+    path = _files(tmp_path, shared_file)
+    reports = {}
+    for name in ("coarse", "fine"):
+        cfg = {"input": {"url": path, "dataset": f"{name}/raw"},
+               "output": {"path": str(tmp_path / f"{name}.zarr")},
+               "predict": {"model": "fibsem"}, "segment": {"thresholds": [0.5]},
+               "evaluate": {"url": path, "dataset": f"{name}/gt"}}
+        reports[name] = run(cfg, stages=["predict", "segment", "report"])
+    assert "read at the net's resolution: [10.0, 10.0, 10.0] nm" in capsys.readouterr().err
+    coarse, fine = (open_volume(str(tmp_path / f"{n}.zarr"), "segmentation_0.5")
+                    for n in ("coarse", "fine"))
+    assert fine.shape == coarse.shape == (24, 64, 64)
+    assert tuple(fine.attrs["voxel_size"]) == (10.0, 10.0, 10.0)
+    assert tuple(fine.attrs["offset"]) == (0.0, 2.5, 2.5)  # the centre of each 2 x 2 group
+    np.testing.assert_array_equal(fine.values, coarse.values)  # the same net input
+    scores = [r["stages"]["report"]["scores"] for r in (reports["fine"], reports["coarse"])]
+    assert scores[0] == scores[1] and scores[0]  # the truth at 5 nm, nearest neighbour
