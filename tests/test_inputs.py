@@ -227,7 +227,8 @@ def test_a_config_built_in_python_is_completed_and_checked(tmp_path, tiny_model)
 
     cfg = RunConfig(InputSpec(str(sample_path()), "raw"), OutputSpec(str(tmp_path / "o.zarr")),
                     predict=PredictSpec(model="fibsem"))
-    assert "thresholds [0.5]" in run(cfg, dry_run=True)["plan"]  # the card's threshold
+    card = model_card("fibsem")["threshold"]
+    assert f"thresholds [{card}]" in run(cfg, dry_run=True)["plan"]  # the card's threshold
     cfg.cluster.n_workers = -1
     with pytest.raises(ValueError, match="n_workers must be >= 0"):
         run(cfg, dry_run=True)
