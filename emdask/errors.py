@@ -54,6 +54,9 @@ def error_table(segmentation: Any, ground_truth: Any, min_voxels: int = 100) -> 
         ``voxels`` and ``voi``, largest ``voi`` first.
     """
     gt, seg, count = contingency_table(segmentation, ground_truth)
+    columns = ["kind", "segments", "true_ids", "voxels", "voi"]
+    if count.size == 0:  # no ground truth: no errors to name
+        return pd.DataFrame(columns=columns)
     n = count.sum()
     p = count / n
     rows = []
@@ -73,7 +76,7 @@ def error_table(segmentation: Any, ground_truth: Any, min_voxels: int = 100) -> 
                 segs, true = ((ids, (int(k[s]),)) if kind == "split"
                               else ((int(k[s]),), ids))
                 rows.append((kind, segs, true, int(c[s:end].sum()), voi))
-    frame = pd.DataFrame(rows, columns=["kind", "segments", "true_ids", "voxels", "voi"])
+    frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values("voi", ascending=False, ignore_index=True)
 
 
@@ -82,6 +85,8 @@ def split_labels(pairs: np.ndarray, segmentation: Any, ground_truth: Any,
     """Whether each pair (a, b) of segments is one true neuron: both segments' largest true
     neuron (by at least ``min_voxels``) is the same."""
     gt, seg, count = contingency_table(segmentation, ground_truth)
+    if count.size == 0:
+        return np.zeros(len(pairs), bool)
     order = np.lexsort((-count, seg))
     seg, gt, count = seg[order], gt[order], count[order]
     first = np.r_[True, seg[1:] != seg[:-1]]
@@ -118,15 +123,19 @@ def contacts(segmentation: np.ndarray, affinities: np.ndarray) -> pd.DataFrame:
         pos.append(at)
     u, v = np.concatenate(us), np.concatenate(vs)
     w, at = np.concatenate(ws).astype(np.float64), np.concatenate(pos)
+    if u.size == 0:  # no two segments touch
+        return pd.DataFrame({k: np.zeros(0, t) for k, t in (
+            ("a", seg.dtype), ("b", seg.dtype), ("contact", np.int64), ("mean", float),
+            ("max", float), ("z", float), ("y", float), ("x", float))})
     lo, hi = np.minimum(u, v), np.maximum(u, v)
     order = np.lexsort((hi, lo))
     lo, hi, w, at = lo[order], hi[order], w[order], at[order]
     start = np.flatnonzero(np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])])
     n = np.diff(np.r_[start, lo.size])
-    centre = np.add.reduceat(at, start, axis=0) / n[:, None] if lo.size else at
+    centre = np.add.reduceat(at, start, axis=0) / n[:, None]
     return pd.DataFrame({"a": lo[start], "b": hi[start], "contact": n,
-                         "mean": np.add.reduceat(w, start) / n if lo.size else w,
-                         "max": np.maximum.reduceat(w, start) if lo.size else w,
+                         "mean": np.add.reduceat(w, start) / n,
+                         "max": np.maximum.reduceat(w, start),
                          "z": centre[:, 0], "y": centre[:, 1], "x": centre[:, 2]})
 
 
@@ -170,7 +179,7 @@ def split_features(segmentation: Any, affinities: Any, voxel_size,
 
     ``end_a`` / ``end_b``: distance (um, capped at 2) from the contact to the nearest
     skeleton endpoint of each segment; ``facing``: how well the two nearest endpoints point
-    at each other (mean cosine, 0 where a segment has no endpoint near).
+    at each other (mean cosine; 0 where a segment has no endpoint).
     """
     from emdask.skeletons import skeletons as skeletonize
 

@@ -1223,6 +1223,8 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     p["predict"] = {k: v for k, v in asdict(cfg.predict).items()  # no effect on output:
                     if k not in ("device", "patch", "batch_size", "check_voxel_size",
                                  "task_memory")}
+    if not cfg.predict.check_voxel_size:  # the input as it is: never read resampled
+        p["predict"]["check_voxel_size"] = False
     p["predict"]["precision"] = _precision(cfg.predict, cfg.predict.model)
     if cfg.predict.model.endswith(".pt") and Path(cfg.predict.model).exists():
         st = Path(cfg.predict.model).stat()  # a retrained file at the same path differs
@@ -1542,17 +1544,13 @@ def _input(cfg: RunConfig, factors=(1, 1, 1)):
         raise ValueError(f"{vol.attrs['source']}: the input must be a 3-D EM volume, got "
                          f"dims {vol.dims}")
     factors = tuple(int(f) for f in factors)
-    if factors != (1, 1, 1):
-        vol = resampled(vol, factors)
+    work = resampled(vol, factors) if factors != (1, 1, 1) else vol
     if cfg.input.roi is None:
-        return vol, vol, (0, 0, 0)
+        return work, work, (0, 0, 0)
     roi = np.asarray(cfg.input.roi, float)
     if roi.shape != (2, 3):
         raise ValueError(f"input.roi must be [[z0, y0, x0], [z1, y1, x1]], got {cfg.input.roi}")
-    if cfg.input.roi_units != "nm" and factors != (1, 1, 1):
-        # the file's voxels, in the working grid: every voxel of the region covered
-        roi = np.stack([np.floor(roi[0] / factors), np.ceil(roi[1] / factors)])
-    try:
+    try:  # the region on the file's own grid, as the user wrote it
         cut = cutout(vol, roi[0], roi[1], units=cfg.input.roi_units)
     except ValueError as err:
         if cfg.input.roi_units != "nm":
@@ -1564,7 +1562,11 @@ def _input(cfg: RunConfig, factors=(1, 1, 1)):
                          f"{[e[0] for e in extent]} to {[e[1] for e in extent]} nm") from None
     begin = np.rint((np.asarray(cut.attrs["offset"]) - np.asarray(vol.attrs["offset"]))
                     / np.asarray(vol.attrs["voxel_size"])).astype(int)
-    return vol, cut, tuple(int(b) for b in begin)
+    if factors != (1, 1, 1):  # every group of voxels the region touches, within the volume
+        end = np.minimum(-(-(begin + np.array(cut.shape)) // factors), work.shape)
+        begin = begin // factors
+        cut = cutout(work, begin, end, units="voxel")
+    return work, cut, tuple(int(b) for b in begin)
 
 
 def _affinities_given(cfg: RunConfig, full, vol, roi_begin) -> tuple[Any, tuple]:
@@ -1999,8 +2001,7 @@ def _working_factors(cfg: RunConfig, model, existing: dict | None) -> tuple:
     match the net's: ssTEM at 4 nm in-plane for a net at 8-10 nm is mean-pooled 2x2.  A
     factor is the rounded ratio of the net's voxel size to the input's where that is 1.5
     or more, if the voxels then match the net's; a store keeps the factors it was made
-    with.  None with
-    ``predict.check_voxel_size = false`` (the input is taken as it is)."""
+    with.  (1, 1, 1) with ``predict.check_voxel_size = false`` (the input as it is)."""
     if model is None:
         return tuple((existing or {}).get("resample", (1, 1, 1)))
     if cfg.affinities is not None or not cfg.predict.check_voxel_size:
@@ -2183,12 +2184,12 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
         return f"{nbytes / 1e3:.1f} kB"
 
     def net_task(model) -> tuple[float, str]:
-        from emdask.predict import halo_overhead, inference_net
+        from emdask.predict import _input_shape, halo_overhead, inference_net
 
         group = _task_blocks(cfg, model, grid)
         task = np.minimum(np.multiply(group, grid.chunks), shape)
         net = inference_net(model, _device(cfg.predict), cfg.predict.precision)
-        return (net.inference_bytes(task + 2 * np.array(model.halo)),
+        return (net.inference_bytes(_input_shape(net, task)),
                 (f"tasks of {task.tolist()} voxels ({str(net.dtype)[6:]}; context "
                  f"computed twice: x{halo_overhead(model, shape, task):.2f} the FLOPs of "
                  "one pass)"))

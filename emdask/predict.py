@@ -306,6 +306,7 @@ def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
 
     best = None
     for ky in range(1, limit[1] + 1):
+        widest = 0
         for kx in range(1, limit[2] + 1):
             lo, hi = 0, int(limit[0])  # the deepest block that fits: binary search
             while lo < hi:
@@ -314,12 +315,15 @@ def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
                     lo = mid
                 else:
                     hi = mid - 1
-            if lo == 0:
-                continue
+            if lo == 0:  # wider blocks fit even less (memory and task count are monotone)
+                break
+            widest = kx
             t = unit * (lo, ky, kx)
             key = (_overhead(net, shape, t, cache), -float(np.prod(t)))
             if best is None or key < best[0]:
                 best = (key, t)
+        if widest == 0:  # not even one unit wide fits: taller blocks fit no better
+            break
     task = unit if best is None else best[1]
     return tuple(int(n) for n in np.minimum(task, limit * unit))
 

@@ -21,6 +21,7 @@ chunk read, so the arrays can be shipped to distributed workers.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -308,11 +309,9 @@ class Resampled:
         self.dtype = np.dtype(source.dtype)
         self.ndim = len(self.shape)
         chunks = getattr(source, "chunks", None)
-        # storage chunks in this grid where they fall on whole groups (the chunk cache)
-        self.chunks = (lead + tuple(c // f for c, f in zip(chunks[-3:], self.factors,
-                                                            strict=True))
-                       if chunks is not None and all(c % f == 0 for c, f in zip(
-                           chunks[-3:], self.factors, strict=True)) else None)
+        # chunks of whole groups over whole storage chunks (read_box's chunk cache)
+        self.chunks = (lead + tuple(math.lcm(int(c), f) // f for c, f in zip(
+            chunks[-3:], self.factors, strict=True)) if chunks is not None else None)
 
     def __getitem__(self, key) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
@@ -321,6 +320,8 @@ class Resampled:
         squeeze = []
         for i, (k, n) in enumerate(zip(box, self.shape[-3:], strict=True)):
             if isinstance(k, int | np.integer):  # an index: a one-voxel slice, dropped
+                if not -n <= k < n:
+                    raise IndexError(f"index {k} is out of bounds for an axis of size {n}")
                 k = int(k) + n if k < 0 else int(k)
                 box[i], squeeze = slice(k, k + 1), squeeze + [i]
             elif not isinstance(k, slice) or k.step not in (None, 1):

@@ -87,3 +87,10 @@ def test_detect_splits_with_the_shipped_model():
     assert row.z_nm == pytest.approx(3.5 * 40.0)
     with pytest.raises(ValueError, match="voxel_size"):
         detect_splits(seg, affs)
+
+
+def test_empty_inputs_give_empty_tables():
+    seg = np.ones((4, 5, 6), np.uint64)  # one segment: nothing touches
+    assert len(contacts(seg, np.ones((3, 4, 5, 6), np.float32))) == 0
+    assert len(error_table(seg, np.zeros_like(seg))) == 0  # no ground truth
+    assert split_labels(np.array([[1, 2]]), seg, np.zeros_like(seg)).tolist() == [False]

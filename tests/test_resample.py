@@ -58,3 +58,32 @@ def test_a_finer_input_runs_at_the_nets_resolution(tmp_path, shared_file, capsys
     np.testing.assert_array_equal(fine.values, coarse.values)  # the same net input
     scores = [r["stages"]["report"]["scores"] for r in (reports["fine"], reports["coarse"])]
     assert scores[0] == scores[1] and scores[0]  # the truth at 5 nm, nearest neighbour
+
+
+def test_out_of_bounds_index_and_chunks_of_whole_groups():
+    view = Resampled(np.zeros((4, 6, 10), np.uint8), (1, 2, 3))
+    with pytest.raises(IndexError, match="out of bounds"):
+        view[4]
+    with pytest.raises(IndexError, match="out of bounds"):
+        view[-5]
+
+    class Chunked(np.ndarray):
+        chunks = (2, 4, 5)
+
+    chunked = np.zeros((4, 8, 15), np.uint8).view(Chunked)
+    assert Resampled(chunked, (1, 2, 3)).chunks == (2, 2, 5)  # lcm(5, 3) / 3
+
+
+def test_a_region_of_interest_is_read_on_the_files_grid(tmp_path, shared_file):
+    from emdask.pipeline import _input, load_run_config
+
+    path = _files(tmp_path, shared_file)
+    for roi, units in (([[0, 0, 0], [24, 128, 127]], "voxel"),  # to the odd edge
+                       ([[0, 0, 0], [40, 50, 60]], "nm")):  # from the file's origin
+        cfg = load_run_config({"input": {"url": path, "dataset": "fine/raw", "roi": roi,
+                                         "roi_units": units},
+                               "output": {"path": str(tmp_path / "o.zarr")},
+                               "predict": {"model": "fibsem"}})
+        full, vol, begin = _input(cfg, (1, 2, 2))
+        assert full.shape == (24, 64, 64) and begin == (0, 0, 0)
+        assert vol.shape == ((24, 64, 64) if units == "voxel" else (4, 5, 6))
