@@ -104,25 +104,13 @@ def contacts(segmentation: np.ndarray, affinities: np.ndarray) -> pd.DataFrame:
 
     ``affinities``: the nearest-neighbour channels (3, z, y, x), float or uint8.
     """
+    from emdask.region_graph import observations
+    from emdask.watershed import Q, quantize_affinities
+
     seg = np.asarray(segmentation)
-    affs = np.asarray(affinities[:3])
-    scale = 255.0 if affs.dtype == np.uint8 else 1.0
-    us, vs, ws, pos = [], [], [], []
-    for d in range(3):
-        hi = [slice(None)] * 3
-        lo = [slice(None)] * 3
-        hi[d], lo[d] = slice(1, None), slice(None, -1)
-        a, b = seg[tuple(hi)], seg[tuple(lo)]
-        touch = (a != b) & (a != 0) & (b != 0)
-        idx = np.nonzero(touch)
-        us.append(a[touch])
-        vs.append(b[touch])
-        ws.append(affs[d][tuple(hi)][touch] / scale)
-        at = np.stack(idx, axis=1).astype(np.float64)
-        at[:, d] += 0.5  # the face between the two voxels
-        pos.append(at)
-    u, v = np.concatenate(us), np.concatenate(vs)
-    w, at = np.concatenate(ws).astype(np.float64), np.concatenate(pos)
+    affs = quantize_affinities(np.asarray(affinities[:3]), check=False)
+    u, v, w, at = observations(seg, affs, positions=True)
+    w = w / float(Q)
     if u.size == 0:  # no two segments touch
         return pd.DataFrame({k: np.zeros(0, t) for k, t in (
             ("a", seg.dtype), ("b", seg.dtype), ("contact", np.int64), ("mean", float),

@@ -122,13 +122,15 @@ def combine(graphs: list[RegionGraph], relabel: np.ndarray | None = None) -> Reg
     return _reduce(*cat)
 
 
-def observations(labels: np.ndarray, quantized: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def observations(labels: np.ndarray, quantized: np.ndarray, positions: bool = False
+                 ) -> tuple[np.ndarray, ...]:
     """Voxel edges inside ``labels`` that join two different non-background regions.
 
     ``quantized`` holds the block's uint16 affinities (3, z, y, x) aligned with ``labels``.
+    With ``positions``, also where each edge lies: the centre of the face between its two
+    voxels (z, y, x, in voxels).
     """
-    us, vs, ws = [], [], []
+    us, vs, ws, at = [], [], [], []
     for d in range(3):
         hi = [slice(None)] * 3
         lo = [slice(None)] * 3
@@ -138,7 +140,12 @@ def observations(labels: np.ndarray, quantized: np.ndarray
         us.append(a[mask])
         vs.append(b[mask])
         ws.append(quantized[d][tuple(hi)][mask])
-    return np.concatenate(us), np.concatenate(vs), np.concatenate(ws).astype(np.int64)
+        if positions:
+            face = np.stack(np.nonzero(mask), axis=1).astype(np.float64)
+            face[:, d] += 0.5
+            at.append(face)
+    out = np.concatenate(us), np.concatenate(vs), np.concatenate(ws).astype(np.int64)
+    return (*out, np.concatenate(at)) if positions else out
 
 
 def region_graph(labels: np.ndarray, affinities: np.ndarray, bins: int = 0) -> RegionGraph:
