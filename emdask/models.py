@@ -269,6 +269,13 @@ class ValidUNet(nn.Module):
         self.inp.padding = (0, 0, 0)
         self.eval().requires_grad_(False).to(dtype=dtype, memory_format=torch.channels_last_3d)
         self.dtype = dtype
+        # the full-resolution level is planar in most nets (2-D kernels, no pooling along
+        # z): it then runs in slabs of sections, its largest maps never whole (memory)
+        self.planar0 = (self.inp.kernel_size[0] == 1 and self.down[0].crop[0] == 0
+                        and self.config.downsample[0][0] == 1
+                        and self.up[0].kernel_size[0] == 1 == self.up[0].stride[0]
+                        and self.up_blocks[0].crop[0] == 0 and self.out.kernel_size[0] == 1)
+        self._reads: dict = {}  # input shape: the part of the first skip the decoder reads
         self.context = self._context()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,32 +283,86 @@ class ValidUNet(nn.Module):
         at a multiple of :attr:`factor` and lacks :attr:`context` on each side."""
         return self._forward(x)[0]
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    def _forward(self, x: torch.Tensor, reads: list | None = None
+                 ) -> tuple[torch.Tensor, np.ndarray]:
+        """Logits and where they start; ``reads``: gets (offset, size) of the part of the
+        first skip that the decoder reads."""
+        slabs = self.planar0 and x.device.type != "meta"
+        if slabs:
+            shape = tuple(int(n) for n in x.shape[2:])
+            if shape not in self._reads:  # a pass on the meta device finds it
+                self._reads[shape] = []
+                with torch.device("meta"):
+                    self._forward(torch.empty(x.shape), self._reads[shape])
+            read = self._reads[shape][0]
         begin = self.inp_crop.copy()  # where each tensor starts, in its level's voxels
-        x = self.inp(x.to(self.dtype).contiguous(memory_format=torch.channels_last_3d))
         skips = []
-        for block, f in zip(self.down, self.config.downsample, strict=True):
-            x = block(x)
-            begin = begin + block.crop
-            skips.append((x, begin))
-            # pool only whole cells of the global grid, as a pass over everything does
+        for i, (block, f) in enumerate(zip(self.down, self.config.downsample, strict=True)):
             f = np.array(f)
-            lo = -begin % f
-            n = (np.array(x.shape[2:]) - lo) // f * f
-            x = _max_pool(x[_crop(lo, n)], f)
-            begin = (begin + lo) // f
+            at = begin + block.crop
+            lo = -at % f  # pool only whole cells of the global grid, as a pass over all
+            if i == 0 and slabs:
+                x, skip = self._encode0(x, lo, f, read)
+                skips.append((skip, at + read[0]))
+            else:
+                if i == 0:
+                    x = self.inp(x.to(self.dtype).contiguous(
+                        memory_format=torch.channels_last_3d))
+                x = block(x)
+                skips.append((x, at))
+                n = (np.array(x.shape[2:]) - lo) // f * f
+                x = _max_pool(x[_crop(lo, n)], f)
+            begin = (at + lo) // f
         x = self.bottom(x)
         begin = begin + self.bottom.crop
         for i in reversed(range(len(self.up))):
             f = np.array(self.config.downsample[i])
-            x = self.up[i](x)
             begin = begin * f
-            skip, at = skips[i]
+            skip, at = skips.pop()
+            if i == 0 and slabs:
+                return self._decode0(x, skip), begin + self.up_blocks[0].crop
+            x = self.up[i](x)
+            if i == 0 and reads is not None:
+                reads.append((begin - at, np.array(x.shape[2:])))
             x += skip[_crop(begin - at, np.array(x.shape[2:]))]
-            del skip, skips[i:]
+            del skip
             x = self.up_blocks[i](x)
             begin = begin + self.up_blocks[i].crop
         return self.out(x).float(), begin
+
+    def _encode0(self, x: torch.Tensor, lo, f, read) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input layer, the first block and the first pooling, slab by slab of
+        sections; of the full-resolution maps only ``read`` (offset, size) is kept."""
+        offset, size = read
+        pooled = skip = None
+        for a in range(0, x.shape[2], SLAB):
+            b = min(a + SLAB, x.shape[2])
+            y = self.down[0](self.inp(x[:, :, a:b].to(self.dtype).contiguous(
+                memory_format=torch.channels_last_3d)))
+            n = (np.array(y.shape[2:]) - lo) // f * f
+            p = _max_pool(y[_crop(lo, n)], f)
+            if pooled is None:
+                pooled = _empty_like(p, x.shape[2])
+                skip = _empty_like(y, int(size[0]), size[1:])
+            pooled[:, :, a:b] = p
+            za, zb = max(a, int(offset[0])), min(b, int(offset[0] + size[0]))
+            if za < zb:  # sections the decoder reads
+                skip[:, :, za - int(offset[0]):zb - int(offset[0])] = y[
+                    _crop((za - a, *offset[1:]), (zb - za, *size[1:]))]
+        return pooled, skip
+
+    def _decode0(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The last upsampling, block and output layer, slab by slab of sections."""
+        out = None
+        for a in range(0, x.shape[2], SLAB):
+            b = min(a + SLAB, x.shape[2])
+            u = self.up[0](x[:, :, a:b])
+            u += skip[:, :, a:b]
+            y = self.out(self.up_blocks[0](u))
+            if out is None:
+                out = torch.empty((y.shape[0], y.shape[1], x.shape[2], *y.shape[3:]))
+            out[:, :, a:b] = y
+        return out
 
     def input_box(self, begin, end) -> tuple[np.ndarray, np.ndarray]:
         """The input box (begin, end; multiples of :attr:`factor`) whose output covers the
@@ -313,32 +374,48 @@ class ValidUNet(nn.Module):
 
     def flops(self, shape) -> float:
         """Multiply-adds x 2 of the convolutions for an input box of ``shape``."""
-        total = [0.0]
+        # every layer's size along an axis depends on the input's size along that axis
+        # only: sizes seen once per axis are reused (a task search asks for thousands)
+        shape = tuple(int(n) for n in shape)
+        seen = self.__dict__.setdefault("_sizes_by_axis", ({}, {}, {}))
+        if any(n not in by_size for n, by_size in zip(shape, seen, strict=True)):
+            coeffs, outs = self._conv_outputs(shape)
+            self.__dict__["_conv_coeffs"] = coeffs
+            for axis, (n, by_size) in enumerate(zip(shape, seen, strict=True)):
+                by_size[n] = [o[axis] for o in outs]
+        sizes = [by_size[n] for n, by_size in zip(shape, seen, strict=True)]
+        return float(sum(k * z * y * x for k, z, y, x in
+                         zip(self.__dict__["_conv_coeffs"], *sizes, strict=True)))
 
-        def count(module, args, out):
+    def _conv_outputs(self, shape) -> tuple[list[float], list[tuple[int, int, int]]]:
+        """FLOPs per output voxel and output size (z, y, x) of each convolution."""
+        coeffs, outs = [], []
+
+        def record(module, args, out):
             k = float(np.prod(module.kernel_size))
             if isinstance(module, nn.ConvTranspose3d):
                 k /= float(np.prod(module.stride))  # one kernel tap per output voxel
-            total[0] += 2 * module.in_channels * module.out_channels * k * out[0, 0].numel()
+            coeffs.append(2 * module.in_channels * module.out_channels * k)
+            outs.append(tuple(int(n) for n in out.shape[2:]))
 
-        hooks = [m.register_forward_hook(count) for m in self.modules()
+        hooks = [m.register_forward_hook(record) for m in self.modules()
                  if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)]
         try:
             with torch.device("meta"):
-                self._forward(torch.empty(1, self.config.in_channels,
-                                          *(int(n) for n in shape)))
+                self._forward(torch.empty(1, self.config.in_channels, *shape))
         finally:
             for h in hooks:
                 h.remove()
-        return total[0]
+        return coeffs, outs
 
     def inference_bytes(self, shape) -> float:
         """Peak memory (bytes) of predicting an input box of ``shape``, the block's input
         and outputs included: 1.4 feature maps of every level at the net's precision
-        plus 16 bytes per voxel (measured on CPU, boxes of 27-38 Mvoxel: 1.2 maps + 8
-        bytes for the shipped nets, bfloat16 and float32)."""
+        plus 16 bytes per voxel, the full-resolution level counting 0.75 maps where it
+        runs in slabs (measured on CPU, boxes of 24-48 Mvoxel, the shipped nets in
+        bfloat16 and float32: 0.92-1.0 of this)."""
         voxels = float(np.prod(shape))
-        scale, maps = 1.0, float(self.config.width)
+        scale, maps = 1.0, self.config.width * (0.75 if self.planar0 else 1.0)
         for level, f in enumerate(self.config.downsample, start=1):
             scale *= float(np.prod(f))
             maps += self.config.width * 2 ** level / scale
@@ -352,6 +429,16 @@ class ValidUNet(nn.Module):
             y, lo = self._forward(torch.empty(1, self.config.in_channels, *shape.tolist()))
         hi = shape - lo - np.array(y.shape[2:])
         return tuple(int(v) for v in lo), tuple(int(v) for v in hi)
+
+
+SLAB = 8  # sections per slab of a planar first level
+
+
+def _empty_like(x: torch.Tensor, depth: int, yx=None) -> torch.Tensor:
+    """An uninitialized map like ``x`` (channels last), ``depth`` sections deep."""
+    yx = x.shape[3:] if yx is None else tuple(int(n) for n in yx)
+    return torch.empty((*x.shape[:2], depth, *yx), dtype=x.dtype,
+                       device=x.device).contiguous(memory_format=torch.channels_last_3d)
 
 
 def _max_pool(x: torch.Tensor, f) -> torch.Tensor:

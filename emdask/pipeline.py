@@ -564,8 +564,8 @@ def _worker_memory(spec: ClusterSpec) -> float:
 def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
     """Blocks (per axis) one prediction task computes: as many as its memory allows
     (:func:`emdask.predict.task_shape`), so little of the net's context is computed
-    twice, while every worker thread (of ``client``'s cluster, else as configured) still
-    gets a task."""
+    twice, and cut so that the worker threads (of ``client``'s cluster, else as
+    configured) share the work evenly."""
     from dask.utils import parse_bytes
 
     from emdask.predict import task_shape
@@ -580,7 +580,7 @@ def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
     else:  # an adaptive cluster may have no workers yet: as many as it may get
         threads = cl.maximum_jobs * max(1, int(cl.jobqueue.get("cores", 1)))
     task = task_shape(model, grid.shape, grid.chunks, budget, _device(spec), spec.precision,
-                      min_tasks=max(1, threads))
+                      workers=max(1, threads))
     return tuple(t // c for t, c in zip(task, grid.chunks, strict=True))
 
 

@@ -18,6 +18,7 @@ blocks is a small part of the work (:func:`halo_overhead`).
 from __future__ import annotations
 
 import copy
+import heapq
 import itertools
 import os
 import threading
@@ -233,24 +234,32 @@ def _run_net(net: ValidUNet, x: np.ndarray, begin, end, device: str,
         shift = np.array([p[0] for p in pad])
         begin, end, in_begin = begin + shift, end + shift, in_begin + shift
         tiles = [t + shift for t in tiles]
-    out = np.zeros((net.config.n_outputs, *(end - begin)), np.float32)
+    out = None
     lo = np.array(net.context[0])
     for i in range(0, len(tiles), batch_size):
         group = tiles[i:i + batch_size]
         boxes = [net.input_box(t, t + size) for t in group]
-        batch = np.stack([x[tuple(slice(int(a), int(b)) for a, b in zip(*box, strict=True))]
-                          for box in boxes])[:, None]
-        batch = torch.from_numpy(batch)
+        tiles_in = [x[tuple(slice(int(a), int(b)) for a, b in zip(*box, strict=True))]
+                    for box in boxes]
+        # one tile (a task's whole box): no copy of it
+        batch = torch.from_numpy(np.ascontiguousarray(tiles_in[0])[None, None]
+                                 if len(group) == 1 else np.stack(tiles_in)[:, None])
+        del tiles_in
         if device.startswith("cuda"):  # page-locked: the copy to the GPU runs at full speed
             batch = batch.pin_memory()
         with _NET_LOCK, torch.inference_mode():
             y = torch.sigmoid_(net(batch.to(device, non_blocking=True))).cpu().numpy()
+        del batch
         for t, (ib, _), pred in zip(group, boxes, y, strict=True):
             keep = np.minimum(t + size, end) - t  # the tile, up to the box's end
             src = tuple(slice(int(a), int(a + k)) for a, k in zip(t - ib - lo, keep,
                                                                    strict=True))
             dst = tuple(slice(int(a), int(a + k)) for a, k in zip(t - begin, keep,
                                                                    strict=True))
+            if out is None and len(tiles) == 1 and np.all(keep == end - begin):
+                return pred[(slice(None), *src)]  # the box in one tile: no second copy
+            if out is None:
+                out = np.zeros((net.config.n_outputs, *(end - begin)), np.float32)
             out[(slice(None), *dst)] = pred[(slice(None), *src)]
     return out
 
@@ -271,24 +280,26 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
     y = _run_net(net, x, halo, np.array(x.shape) - halo, device, patch, batch_size)
     if model.config.planar:  # z offsets never trained: no link across sections
         y[[k for k, (dz, _, _) in enumerate(model.config.offsets) if dz != 0]] = 0
-    if out_dtype == np.uint8:
-        return np.rint(y * 255).astype(np.uint8)
+    if out_dtype == np.uint8:  # in place: the float maps are the task's largest array
+        y *= 255
+        return np.rint(y, out=y).astype(np.uint8)
     return y
 
 
 def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
                budget: float | None = None, device: str = "cpu", precision: str = "auto",
-               min_tasks: int = 1) -> tuple[int, int, int]:
+               workers: int = 1) -> tuple[int, int, int]:
     """The block each prediction task computes: the multiple of ``unit`` (storage chunks,
-    rounded up to the net's pooling factor) that recomputes the least context
-    (:func:`halo_overhead`) within ``budget`` bytes of memory (default: a quarter of this
-    machine's memory), while the volume still makes ``min_tasks`` tasks (one per worker
-    thread: none idles).
+    rounded up to the net's pooling factor) within ``budget`` bytes of memory (default: a
+    quarter of this machine's memory) with which ``workers`` (processes predicting side
+    by side, one task at a time each) finish soonest (:func:`_makespan`).
 
     Large blocks pay little for context: the net reads its field of view around every
-    block, and that border is computed twice, once by each block beside it.  Every y-x
-    size is tried, each with the deepest block that fits, and the volume's last, smaller
-    blocks are counted."""
+    block, and that border is computed twice, once by each block beside it
+    (:func:`halo_overhead`).  But a few large blocks of unequal size keep workers idle:
+    the busiest worker's FLOPs, tasks dealt out largest first, are what is minimized.
+    Every y-x size is tried, each with every number of blocks along z that fits (split
+    evenly), and the volume's last, smaller blocks are counted."""
     net = inference_net(model, device, precision)
     factor = np.array(model.factor)
     unit = -(-np.asarray(unit, int) // factor) * factor
@@ -301,8 +312,7 @@ def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
     cache: dict = {}  # FLOPs of each block shape, shared by the candidates
 
     def fits(t):  # the net's input box (the block and its context) in memory
-        return (net.inference_bytes(_input_shape(net, t)) <= budget
-                and int(np.prod(-(-np.asarray(shape[-3:]) // t))) >= min_tasks)
+        return net.inference_bytes(_input_shape(net, t)) <= budget
 
     best = None
     for ky in range(1, limit[1] + 1):
@@ -315,13 +325,17 @@ def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
                     lo = mid
                 else:
                     hi = mid - 1
-            if lo == 0:  # wider blocks fit even less (memory and task count are monotone)
+            if lo == 0:  # wider blocks fit even less (memory is monotone)
                 break
             widest = kx
-            t = unit * (lo, ky, kx)
-            key = (_overhead(net, shape, t, cache), -float(np.prod(t)))
-            if best is None or key < best[0]:
-                best = (key, t)
+            # each number of blocks along z, at the least depth that gives it
+            for kz in sorted({int(-(-limit[0] // -(-limit[0] // k))) for k in
+                              range(1, lo + 1)}):
+                t = unit * (kz, ky, kx)
+                key = (_makespan(net, shape, t, workers, cache),
+                       _overhead(net, shape, t, cache), -float(np.prod(t)))
+                if best is None or key < best[0]:
+                    best = (key, t)
         if widest == 0:  # not even one unit wide fits: taller blocks fit no better
             break
     task = unit if best is None else best[1]
@@ -341,8 +355,10 @@ def halo_overhead(model: AffinityUNet, shape: Sequence[int], task: Sequence[int]
     return _overhead(inference_net(model, device, precision), shape, task)
 
 
-def _overhead(net: ValidUNet, shape: Sequence[int], task: Sequence[int],
-              cache: dict | None = None) -> float:
+def _task_flops(net: ValidUNet, shape: Sequence[int], task: Sequence[int],
+                cache: dict | None = None) -> list[tuple[float, int]]:
+    """(FLOPs, how many) of the tasks of a ``shape`` volume in blocks of ``task``: blocks
+    are full-size but for the last along each axis, so at most 8 distinct shapes."""
     cache = {} if cache is None else cache
 
     def flops(box):
@@ -351,12 +367,35 @@ def _overhead(net: ValidUNet, shape: Sequence[int], task: Sequence[int],
             cache[box] = net.flops(_input_shape(net, box))
         return cache[box]
 
-    # blocks are full-size but for the last along each axis: at most 8 distinct shapes
     sizes = [[(t, n // t)] + ([(n % t, 1)] if n % t else [])
              for n, t in zip(shape[-3:], task, strict=True)]
-    total = sum(flops([s for s, _ in combo]) * np.prod([c for _, c in combo])
-                for combo in itertools.product(*sizes))
-    return float(total / flops(shape[-3:]))
+    return [(flops([s for s, _ in combo]), int(np.prod([c for _, c in combo])))
+            for combo in itertools.product(*sizes)]
+
+
+def _overhead(net: ValidUNet, shape: Sequence[int], task: Sequence[int],
+              cache: dict | None = None) -> float:
+    cache = {} if cache is None else cache
+    total = sum(f * n for f, n in _task_flops(net, shape, task, cache))
+    whole = _task_flops(net, shape, shape[-3:], cache)[0][0]
+    return float(total / whole)
+
+
+def _makespan(net: ValidUNet, shape: Sequence[int], task: Sequence[int], workers: int,
+              cache: dict | None = None) -> float:
+    """The FLOPs of the busiest of ``workers`` when the tasks are dealt out largest first,
+    times ``workers``, over those of one pass over the whole volume: the halo overhead
+    when every worker is busy to the end, more where some wait."""
+    cache = {} if cache is None else cache
+    tasks = sorted(_task_flops(net, shape, task, cache), reverse=True)
+    whole = _task_flops(net, shape, shape[-3:], cache)[0][0]
+    if workers == 1 or sum(n for _, n in tasks) > 64 * workers:  # evenly spread
+        return float(sum(f * n for f, n in tasks) / whole)
+    loads = [0.0] * workers
+    for f, n in tasks:
+        for _ in range(n):
+            heapq.heapreplace(loads, loads[0] + f)
+    return float(max(loads) * workers / whole)
 
 
 def check_size(shape: Sequence[int], model: AffinityUNet, where: str = "raw") -> None:

@@ -9,6 +9,7 @@ import torch
 from emdask.models import AffinityUNet, ModelConfig, ValidUNet, load_model, pretrained, save_model
 from emdask.predict import (
     _input_shape,
+    _makespan,
     _overhead,
     halo_overhead,
     inference_net,
@@ -136,6 +137,24 @@ def test_tasks_grow_within_the_memory_budget_and_waste_little():
     assert halo_overhead(m, (100, 200, 200), (128, 256, 256)) == 1.0  # one block
     # a volume smaller than the unit is one task
     assert task_shape(m, (30, 50, 50), (64, 128, 128), budget=6e9) == (64, 128, 128)
+
+
+def test_tasks_are_cut_so_that_the_workers_share_the_work():
+    m = pretrained("fibsem")
+    net = inference_net(m, "cpu", "float32")
+    shape = (250, 500, 500)
+    one = task_shape(m, shape, (64, 128, 128), budget=12e9, precision="float32")
+    two = task_shape(m, shape, (64, 128, 128), budget=12e9, precision="float32", workers=2)
+    # the fewest FLOPs overall may leave one of two workers idle for most of the run
+    assert _makespan(net, shape, two, 2) < 0.9 * _makespan(net, shape, one, 2)
+    assert _makespan(net, shape, two, 2) < 1.05 * _overhead(net, shape, two)
+    assert _makespan(net, shape, one, 1) == _overhead(net, shape, one)
+    # FLOPs composed from sizes seen per axis equal a fresh count
+    fresh = ValidUNet(m, torch.float32)
+    for box in [(200, 300, 400), (96, 300, 208), (200, 208, 96)]:
+        coeffs, outs = fresh._conv_outputs(box)
+        assert net.flops(box) == sum(k * np.prod(o) for k, o in zip(coeffs, outs,
+                                                                    strict=True))
 
 
 def test_uint8_output_and_missing_section():
