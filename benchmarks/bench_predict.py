@@ -46,15 +46,19 @@ VOLUMES = {  # model: (file, dataset, voxel size in nm)
 
 
 def peaks() -> dict[str, float]:
-    """GFLOP/s of a large matrix product in fp32 and bf16 on all cores."""
+    """GFLOP/s of a large matrix product in fp32 and bf16 on all cores, the best of 5
+    rounds (a shared machine measures 20-35% below its peak in some rounds)."""
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
         a @ b
-        t = time.perf_counter()
+        best = 0.0
         for _ in range(5):
-            a @ b
-        out[name] = 5 * 2 * 4096**3 / (time.perf_counter() - t) / 1e9
+            t = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            best = max(best, 3 * 2 * 4096**3 / (time.perf_counter() - t) / 1e9)
+        out[name] = best
     return out
 
 
@@ -134,10 +138,12 @@ def main() -> None:
         vs = VOLUMES[name][2]
         fpv = model.flops_per_voxel()
         task = task_shape(model, raw.shape, (64, 256, 256), precision=args.precision)
+        big = task_shape(model, (2154,) * 3, (64, 256, 256), precision=args.precision)
         print(f"{name}: {fpv / 1e3:.1f} kFLOP per output voxel; volume {raw.shape} "
               f"({raw.size / 1e6:.0f} Mvoxel); {dtype}; library task {task}, halo overhead "
               f"x{halo_overhead(model, raw.shape, task):.2f} (x"
-              f"{halo_overhead(model, (2154,) * 3, task):.2f} for 10 Gvoxel)")
+              f"{halo_overhead(model, (2154,) * 3, big):.2f} for 10 Gvoxel in its tasks of "
+              f"{big}, within the same memory)")
 
         def row(mode, voxels, seconds, memory, note="", name=name, fpv=fpv):
             g = voxels * fpv / seconds / 1e9

@@ -161,6 +161,10 @@ def normalize_raw(raw: np.ndarray, intensity_range: Sequence[float] | None = Non
     field of view)."""
     raw = np.asarray(raw)
     lo, hi = dtype_range(raw.dtype) if intensity_range is None else intensity_range
+    if raw.dtype.kind in "ui" and raw.dtype.itemsize <= 2:  # a table of every value: one
+        values = np.arange(np.iinfo(raw.dtype).min, np.iinfo(raw.dtype).max + 1)  # pass
+        table = normalize_raw(values.astype(np.float64), (lo, hi))
+        return table[raw.astype(np.intp) - values[0] if values[0] else raw]
     # float64 for the affine map, so that data that differ by an affine map of their own
     # (uint8 and uint16 x 257, int16, floats) give the same float32 input
     x = (raw.astype(np.float64) - lo) * (1.0 / (hi - lo))

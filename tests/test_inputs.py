@@ -21,7 +21,7 @@ from emdask.config import to_toml
 from emdask.data import sample, sample_path
 from emdask.models import WEIGHTS_NC, card_defaults, model_card, pretrained
 from emdask.pipeline import ClusterSpec, _duration, load_run_config, make_cluster, run
-from emdask.predict import intensity_range, predict_synapses
+from emdask.predict import intensity_range, normalize_raw, predict_synapses
 from emdask.volumes import as_volume
 from emdask.watershed import WatershedParams, basins
 
@@ -72,6 +72,16 @@ def test_every_dtype_segments_as_its_uint8_equivalent(crop, kind):
     [a], [b] = segment(ref[:3]), segment(got[:3])  # the card's threshold
     split, merge = voi(a.values, b.values)
     assert split + merge < 0.01, (kind, split, merge)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
+def test_integers_are_normalized_through_a_table_as_by_the_formula(dtype):
+    info = np.iinfo(dtype)
+    raw = np.random.default_rng(0).integers(info.min, info.max + 1, (4, 50, 60)).astype(dtype)
+    for black, white in [(float(info.min), float(info.max)), (10.0, 200.0), (-5.5, 3e4)]:
+        x = (raw.astype(np.float64) - black) / (white - black)
+        expected = np.clip(x, 0, 1).astype(np.float32)
+        np.testing.assert_array_equal(normalize_raw(raw, (black, white)), expected)
 
 
 def test_dtype_scaling_warns_when_the_range_looks_wrong(crop):
