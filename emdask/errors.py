@@ -309,7 +309,7 @@ def correct_splits(segmentation: np.ndarray, candidates: pd.DataFrame, threshold
     """
     seg = np.asarray(segmentation)
     chosen = candidates[candidates.score >= threshold]
-    ids = np.unique(np.r_[chosen.a.to_numpy(), chosen.b.to_numpy()]).astype(np.int64)
+    ids = np.unique(np.r_[chosen.a.to_numpy(), chosen.b.to_numpy()]).astype(seg.dtype)
     parent = np.arange(ids.size)
 
     def find(i):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -291,10 +292,11 @@ class ValidUNet(nn.Module):
         if slabs:
             shape = tuple(int(n) for n in x.shape[2:])
             if shape not in self._reads:  # a pass on the meta device finds it
-                self._reads[shape] = []
+                reads: list = []
                 with torch.device("meta"):
-                    self._forward(torch.empty(x.shape), self._reads[shape])
-            read = self._reads[shape][0]
+                    self._forward(torch.empty(x.shape), reads)
+                self._reads[shape] = reads[0]
+            read = self._reads[shape]
         begin = self.inp_crop.copy()  # where each tensor starts, in its level's voxels
         skips = []
         for i, (block, f) in enumerate(zip(self.down, self.config.downsample, strict=True)):
@@ -360,7 +362,8 @@ class ValidUNet(nn.Module):
             u += skip[:, :, a:b]
             y = self.out(self.up_blocks[0](u))
             if out is None:
-                out = torch.empty((y.shape[0], y.shape[1], x.shape[2], *y.shape[3:]))
+                out = torch.empty((y.shape[0], y.shape[1], x.shape[2], *y.shape[3:]),
+                                  dtype=torch.float32, device=x.device)
             out[:, :, a:b] = y
         return out
 
@@ -378,20 +381,24 @@ class ValidUNet(nn.Module):
         # only: sizes seen once per axis are reused (a task search asks for thousands)
         shape = tuple(int(n) for n in shape)
         seen = self.__dict__.setdefault("_sizes_by_axis", ({}, {}, {}))
-        if any(n not in by_size for n, by_size in zip(shape, seen, strict=True)):
-            coeffs, outs = self._conv_outputs(shape)
-            self.__dict__["_conv_coeffs"] = coeffs
-            for axis, (n, by_size) in enumerate(zip(shape, seen, strict=True)):
-                by_size[n] = [o[axis] for o in outs]
-        sizes = [by_size[n] for n, by_size in zip(shape, seen, strict=True)]
+        with _SIZES_LOCK:
+            if any(n not in by_size for n, by_size in zip(shape, seen, strict=True)):
+                coeffs, outs = self._conv_outputs(shape)
+                self.__dict__["_conv_coeffs"] = coeffs
+                for axis, (n, by_size) in enumerate(zip(shape, seen, strict=True)):
+                    by_size[n] = [o[axis] for o in outs]
+            sizes = [by_size[n] for n, by_size in zip(shape, seen, strict=True)]
         return float(sum(k * z * y * x for k, z, y, x in
                          zip(self.__dict__["_conv_coeffs"], *sizes, strict=True)))
 
     def _conv_outputs(self, shape) -> tuple[list[float], list[tuple[int, int, int]]]:
         """FLOPs per output voxel and output size (z, y, x) of each convolution."""
         coeffs, outs = [], []
+        me = threading.get_ident()
 
         def record(module, args, out):
+            if threading.get_ident() != me:  # a pass of another thread on these modules
+                return
             k = float(np.prod(module.kernel_size))
             if isinstance(module, nn.ConvTranspose3d):
                 k /= float(np.prod(module.stride))  # one kernel tap per output voxel
@@ -432,6 +439,7 @@ class ValidUNet(nn.Module):
 
 
 SLAB = 8  # sections per slab of a planar first level
+_SIZES_LOCK = threading.Lock()  # flops(): one meta pass with recording hooks at a time
 
 
 def _empty_like(x: torch.Tensor, depth: int, yx=None) -> torch.Tensor:

@@ -564,7 +564,7 @@ def _worker_memory(spec: ClusterSpec) -> float:
 def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
     """Blocks (per axis) one prediction task computes: as many as its memory allows
     (:func:`emdask.predict.task_shape`), so little of the net's context is computed
-    twice, and cut so that the worker threads (of ``client``'s cluster, else as
+    twice, and cut so that the worker processes (of ``client``'s cluster, else as
     configured) share the work evenly."""
     from dask.utils import parse_bytes
 
@@ -573,14 +573,15 @@ def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
     spec, cl = cfg.predict, cfg.cluster
     budget = (0.6 * _worker_memory(cl) if spec.task_memory == "auto"
               else float(parse_bytes(spec.task_memory)))
+    # a process runs one net pass at a time (on all its threads): processes share the work
     if client is not None and client.nthreads():
-        threads = sum(client.nthreads().values())
+        processes = len(set(client.run(os.getpid).values()))
     elif cl.kind == "local":
-        threads = _local_workers(cl) * cl.threads_per_worker
+        processes = _local_workers(cl) if cl.processes else 1
     else:  # an adaptive cluster may have no workers yet: as many as it may get
-        threads = cl.maximum_jobs * max(1, int(cl.jobqueue.get("cores", 1)))
+        processes = cl.maximum_jobs * max(1, int(cl.jobqueue.get("processes", 1)))
     task = task_shape(model, grid.shape, grid.chunks, budget, _device(spec), spec.precision,
-                      workers=max(1, threads))
+                      workers=max(1, processes))
     return tuple(t // c for t, c in zip(task, grid.chunks, strict=True))
 
 

@@ -261,7 +261,8 @@ def _run_net(net: ValidUNet, x: np.ndarray, begin, end, device: str,
             dst = tuple(slice(int(a), int(a + k)) for a, k in zip(t - begin, keep,
                                                                    strict=True))
             if out is None and len(tiles) == 1 and np.all(keep == end - begin):
-                return pred[(slice(None), *src)]  # the box in one tile: no second copy
+                # the box in one tile: a view of the net's fresh output, no second copy
+                return pred[(slice(None), *src)]
             if out is None:
                 out = np.zeros((net.config.n_outputs, *(end - begin)), np.float32)
             out[(slice(None), *dst)] = pred[(slice(None), *src)]
@@ -296,7 +297,7 @@ def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
     """The block each prediction task computes: the multiple of ``unit`` (storage chunks,
     rounded up to the net's pooling factor) within ``budget`` bytes of memory (default: a
     quarter of this machine's memory) with which ``workers`` (processes predicting side
-    by side, one task at a time each) finish soonest (:func:`_makespan`).
+    by side, one net pass at a time each) finish soonest (:func:`_makespan`).
 
     Large blocks pay little for context: the net reads its field of view around every
     block, and that border is computed twice, once by each block beside it
@@ -389,7 +390,9 @@ def _makespan(net: ValidUNet, shape: Sequence[int], task: Sequence[int], workers
               cache: dict | None = None) -> float:
     """The FLOPs of the busiest of ``workers`` when the tasks are dealt out largest first,
     times ``workers``, over those of one pass over the whole volume: the halo overhead
-    when every worker is busy to the end, more where some wait."""
+    when every worker is busy to the end, more where some wait.  A model of the run
+    (Dask does not hand out tasks largest first); with over 64 tasks per worker the
+    total is taken, the spread being even."""
     cache = {} if cache is None else cache
     tasks = sorted(_task_flops(net, shape, task, cache), reverse=True)
     whole = _task_flops(net, shape, shape[-3:], cache)[0][0]

@@ -59,6 +59,12 @@ def test_correct_splits_merges_the_chosen_pairs_and_records_them():
     assert set(np.unique(out)) == {1, 3} and (out[seg == 2] == 1).all()
     assert edits.to_dict("records") == [{"a": 1, "b": 2, "score": 0.9, "kept": 1}]
     assert (correct_splits(seg, candidates, 0.95)[0] == seg).all()  # nothing chosen
+    big = np.uint64(2**63 + 5)  # ids of the full uint64 range (hashed or block-offset ids)
+    seg[seg == 2] = big
+    candidates = pd.DataFrame({"a": np.array([1], np.uint64), "b": np.array([big]),
+                               "score": [0.9]})
+    out, _ = correct_splits(seg, candidates, 0.5)
+    assert out.dtype == np.uint64 and set(np.unique(out)) == {1, 3}
 
 
 def test_split_model_learns_a_separable_rule_and_round_trips(tmp_path):

@@ -149,7 +149,14 @@ def test_tasks_are_cut_so_that_the_workers_share_the_work():
     assert _makespan(net, shape, two, 2) < 0.9 * _makespan(net, shape, one, 2)
     assert _makespan(net, shape, two, 2) < 1.05 * _overhead(net, shape, two)
     assert _makespan(net, shape, one, 1) == _overhead(net, shape, one)
-    # FLOPs composed from sizes seen per axis equal a fresh count
+    # FLOPs composed from sizes seen per axis equal a fresh count, also when several
+    # threads ask at once (the meta passes share the modules' hooks)
+    from concurrent.futures import ThreadPoolExecutor
+
+    boxes = [(96 + 8 * i, 200 + 16 * i, 300 - 16 * i) for i in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(ValidUNet(m, torch.float32).flops, boxes))
+    assert together == [ValidUNet(m, torch.float32).flops(b) for b in boxes]
     fresh = ValidUNet(m, torch.float32)
     for box in [(200, 300, 400), (96, 300, 208), (200, 208, 96)]:
         coeffs, outs = fresh._conv_outputs(box)
