@@ -314,8 +314,6 @@ def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
 
         budget = psutil.virtual_memory().total / 4
 
-    cache: dict = {}  # FLOPs of each block shape, shared by the candidates
-
     def fits(t):  # the net's input box (the block and its context) in memory
         return net.inference_bytes(_input_shape(net, t)) <= budget
 
@@ -333,12 +331,11 @@ def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
             if lo == 0:  # wider blocks fit even less (memory is monotone)
                 break
             widest = kx
-            # each number of blocks along z, at the least depth that gives it
-            for kz in sorted({int(-(-limit[0] // -(-limit[0] // k))) for k in
-                              range(1, lo + 1)}):
-                t = unit * (kz, ky, kx)
-                key = (_makespan(net, shape, t, workers, cache),
-                       _overhead(net, shape, t, cache), -float(np.prod(t)))
+            n = int(limit[0])
+            for blocks in sorted({-(-n // k) for k in range(1, lo + 1)}):  # along z
+                t = unit * (-(-n // blocks), ky, kx)  # the least depth giving that many
+                key = (_makespan(net, shape, t, workers), _overhead(net, shape, t),
+                       -float(np.prod(t)))
                 if best is None or key < best[0]:
                     best = (key, t)
         if widest == 0:  # not even one unit wide fits: taller blocks fit no better
@@ -360,17 +357,13 @@ def halo_overhead(model: AffinityUNet, shape: Sequence[int], task: Sequence[int]
     return _overhead(inference_net(model, device, precision), shape, task)
 
 
-def _task_flops(net: ValidUNet, shape: Sequence[int], task: Sequence[int],
-                cache: dict | None = None) -> list[tuple[float, int]]:
+def _task_flops(net: ValidUNet, shape: Sequence[int], task: Sequence[int]
+                ) -> list[tuple[float, int]]:
     """(FLOPs, how many) of the tasks of a ``shape`` volume in blocks of ``task``: blocks
     are full-size but for the last along each axis, so at most 8 distinct shapes."""
-    cache = {} if cache is None else cache
 
     def flops(box):
-        box = tuple(int(b) for b in box)
-        if box not in cache:
-            cache[box] = net.flops(_input_shape(net, box))
-        return cache[box]
+        return net.flops(_input_shape(net, box))
 
     sizes = [[(t, n // t)] + ([(n % t, 1)] if n % t else [])
              for n, t in zip(shape[-3:], task, strict=True)]
@@ -378,24 +371,20 @@ def _task_flops(net: ValidUNet, shape: Sequence[int], task: Sequence[int],
             for combo in itertools.product(*sizes)]
 
 
-def _overhead(net: ValidUNet, shape: Sequence[int], task: Sequence[int],
-              cache: dict | None = None) -> float:
-    cache = {} if cache is None else cache
-    total = sum(f * n for f, n in _task_flops(net, shape, task, cache))
-    whole = _task_flops(net, shape, shape[-3:], cache)[0][0]
-    return float(total / whole)
+def _overhead(net: ValidUNet, shape: Sequence[int], task: Sequence[int]) -> float:
+    total = sum(f * n for f, n in _task_flops(net, shape, task))
+    return float(total / _task_flops(net, shape, shape[-3:])[0][0])
 
 
-def _makespan(net: ValidUNet, shape: Sequence[int], task: Sequence[int], workers: int,
-              cache: dict | None = None) -> float:
+def _makespan(net: ValidUNet, shape: Sequence[int], task: Sequence[int], workers: int
+              ) -> float:
     """The FLOPs of the busiest of ``workers`` when the tasks are dealt out largest first,
     times ``workers``, over those of one pass over the whole volume: the halo overhead
     when every worker is busy to the end, more where some wait.  A model of the run
     (Dask does not hand out tasks largest first); with over 64 tasks per worker the
     total is taken, the spread being even."""
-    cache = {} if cache is None else cache
-    tasks = sorted(_task_flops(net, shape, task, cache), reverse=True)
-    whole = _task_flops(net, shape, shape[-3:], cache)[0][0]
+    tasks = sorted(_task_flops(net, shape, task), reverse=True)
+    whole = _task_flops(net, shape, shape[-3:])[0][0]
     if workers == 1 or sum(n for _, n in tasks) > 64 * workers:  # evenly spread
         return float(sum(f * n for f, n in tasks) / whole)
     loads = [0.0] * workers
