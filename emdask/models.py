@@ -277,6 +277,10 @@ class ValidUNet(nn.Module):
                         and self.up[0].kernel_size[0] == 1 == self.up[0].stride[0]
                         and self.up_blocks[0].crop[0] == 0 and self.out.kernel_size[0] == 1)
         self._reads: dict = {}  # input shape: the part of the first skip the decoder reads
+        # each convolution's FLOPs per output voxel, and its output size along each axis
+        # for each input size along that axis seen so far (see flops)
+        self._conv_coeffs: list[float] = []
+        self._sizes_by_axis: tuple[dict, dict, dict] = ({}, {}, {})
         self.context = self._context()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -380,16 +384,15 @@ class ValidUNet(nn.Module):
         # every layer's size along an axis depends on the input's size along that axis
         # only: sizes seen once per axis are reused (a task search asks for thousands)
         shape = tuple(int(n) for n in shape)
-        seen = self.__dict__.setdefault("_sizes_by_axis", ({}, {}, {}))
+        seen = self._sizes_by_axis
         with _SIZES_LOCK:
             if any(n not in by_size for n, by_size in zip(shape, seen, strict=True)):
-                coeffs, outs = self._conv_outputs(shape)
-                self.__dict__["_conv_coeffs"] = coeffs
+                self._conv_coeffs, outs = self._conv_outputs(shape)
                 for axis, (n, by_size) in enumerate(zip(shape, seen, strict=True)):
                     by_size[n] = [o[axis] for o in outs]
             sizes = [by_size[n] for n, by_size in zip(shape, seen, strict=True)]
         return float(sum(k * z * y * x for k, z, y, x in
-                         zip(self.__dict__["_conv_coeffs"], *sizes, strict=True)))
+                         zip(self._conv_coeffs, *sizes, strict=True)))
 
     def _conv_outputs(self, shape) -> tuple[list[float], list[tuple[int, int, int]]]:
         """FLOPs per output voxel and output size (z, y, x) of each convolution."""
@@ -445,8 +448,8 @@ _SIZES_LOCK = threading.Lock()  # flops(): one meta pass with recording hooks at
 def _empty_like(x: torch.Tensor, depth: int, yx=None) -> torch.Tensor:
     """An uninitialized map like ``x`` (channels last), ``depth`` sections deep."""
     yx = x.shape[3:] if yx is None else tuple(int(n) for n in yx)
-    return torch.empty((*x.shape[:2], depth, *yx), dtype=x.dtype,
-                       device=x.device).contiguous(memory_format=torch.channels_last_3d)
+    return torch.empty((*x.shape[:2], depth, *yx), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last_3d)
 
 
 def _max_pool(x: torch.Tensor, f) -> torch.Tensor:
