@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from emdask.fused import elu_, probabilities_
+
 __all__ = [
     "AffinityUNet",
     "ModelConfig",
@@ -233,10 +235,7 @@ class _ValidRes(nn.Module):
 
     def forward(self, x):
         x = self.project(x)
-        y = self.conv2(nn.functional.elu(self.conv1(x), inplace=True))
-        c = self.crop
-        y += x[..., c[0]:x.shape[2] - c[0], c[1]:x.shape[3] - c[1], c[2]:x.shape[4] - c[2]]
-        return nn.functional.elu(y, inplace=True)
+        return elu_(self.conv2(elu_(self.conv1(x))), x, self.crop)
 
 
 class ValidUNet(nn.Module):
@@ -288,10 +287,16 @@ class ValidUNet(nn.Module):
         at a multiple of :attr:`factor` and lacks :attr:`context` on each side."""
         return self._forward(x)[0]
 
-    def _forward(self, x: torch.Tensor, reads: list | None = None
-                 ) -> tuple[torch.Tensor, np.ndarray]:
-        """Logits and where they start; ``reads``: gets (offset, size) of the part of the
-        first skip that the decoder reads."""
+    def predict(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Probabilities of the output box of ``x`` (as :meth:`forward`) as float32, or as
+        uint8 holding ``round(255 p)`` (the sigmoid, scaling and layout change fused into
+        one pass over the last layer)."""
+        return self._forward(x, probabilities=dtype)[0]
+
+    def _forward(self, x: torch.Tensor, reads: list | None = None,
+                 probabilities: torch.dtype | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Logits (or ``probabilities`` of that dtype) and where they start; ``reads``:
+        gets (offset, size) of the part of the first skip that the decoder reads."""
         slabs = self.planar0 and x.device.type != "meta"
         if slabs:
             shape = tuple(int(n) for n in x.shape[2:])
@@ -326,7 +331,7 @@ class ValidUNet(nn.Module):
             begin = begin * f
             skip, at = skips.pop()
             if i == 0 and slabs:
-                return self._decode0(x, skip), begin + self.up_blocks[0].crop
+                return self._decode0(x, skip, probabilities), begin + self.up_blocks[0].crop
             x = self.up[i](x)
             if i == 0 and reads is not None:
                 reads.append((begin - at, np.array(x.shape[2:])))
@@ -334,15 +339,16 @@ class ValidUNet(nn.Module):
             del skip
             x = self.up_blocks[i](x)
             begin = begin + self.up_blocks[i].crop
-        return self.out(x).float(), begin
+        return _outputs(self.out(x), probabilities), begin
 
     def _encode0(self, x: torch.Tensor, lo, f, read) -> tuple[torch.Tensor, torch.Tensor]:
         """The input layer, the first block and the first pooling, slab by slab of
         sections; of the full-resolution maps only ``read`` (offset, size) is kept."""
         offset, size = read
         pooled = skip = None
-        for a in range(0, x.shape[2], SLAB):
-            b = min(a + SLAB, x.shape[2])
+        slab = _slab(x.device, self.dtype)
+        for a in range(0, x.shape[2], slab):
+            b = min(a + slab, x.shape[2])
             y = self.down[0](self.inp(x[:, :, a:b].to(self.dtype).contiguous(
                 memory_format=torch.channels_last_3d)))
             n = (np.array(y.shape[2:]) - lo) // f * f
@@ -357,18 +363,20 @@ class ValidUNet(nn.Module):
                     _crop((za - a, *offset[1:]), (zb - za, *size[1:]))]
         return pooled, skip
 
-    def _decode0(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def _decode0(self, x: torch.Tensor, skip: torch.Tensor,
+                 probabilities: torch.dtype | None) -> torch.Tensor:
         """The last upsampling, block and output layer, slab by slab of sections."""
         out = None
-        for a in range(0, x.shape[2], SLAB):
-            b = min(a + SLAB, x.shape[2])
+        slab = _slab(x.device, self.dtype)
+        for a in range(0, x.shape[2], slab):
+            b = min(a + slab, x.shape[2])
             u = self.up[0](x[:, :, a:b])
             u += skip[:, :, a:b]
             y = self.out(self.up_blocks[0](u))
             if out is None:
                 out = torch.empty((y.shape[0], y.shape[1], x.shape[2], *y.shape[3:]),
-                                  dtype=torch.float32, device=x.device)
-            out[:, :, a:b] = y
+                                  dtype=probabilities or torch.float32, device=x.device)
+            _outputs(y, probabilities, out, a)
         return out
 
     def input_box(self, begin, end) -> tuple[np.ndarray, np.ndarray]:
@@ -441,7 +449,15 @@ class ValidUNet(nn.Module):
         return tuple(int(v) for v in lo), tuple(int(v) for v in hi)
 
 
-SLAB = 8  # sections per slab of a planar first level
+def _slab(device: torch.device, dtype: torch.dtype) -> int:
+    """Sections per slab of a planar first level (see :meth:`ValidUNet._encode0`).
+
+    One section where the maps are bfloat16 on a CPU: a slab's maps then stay in cache
+    and are reused by the allocator (a 64x512x512 sstem box in 8.7 s on one core, 10.7 s
+    in slabs of 8).  Eight elsewhere: torch runs a float32 convolution on oneDNN only
+    when batch x channels x depth x height > 20480, and takes its 5x slower reference
+    kernel below that; a GPU wants large launches."""
+    return 1 if device.type == "cpu" and dtype == torch.bfloat16 else 8
 _SIZES_LOCK = threading.Lock()  # flops(): one meta pass with recording hooks at a time
 
 
@@ -455,11 +471,28 @@ def _empty_like(x: torch.Tensor, depth: int, yx=None) -> torch.Tensor:
 def _max_pool(x: torch.Tensor, f) -> torch.Tensor:
     """Max pooling by cells ``f`` as the maximum of strided views: twice as fast as
     ``max_pool3d`` on CPU, which also computes indices."""
+    if x.device.type == "meta":  # shapes only: torch's meta maximum imports dynamo (1 s)
+        return x[:, :, ::f[0], ::f[1], ::f[2]]
     out = None
     for o in itertools.product(*(range(int(k)) for k in f)):
         view = x[:, :, o[0]::f[0], o[1]::f[1], o[2]::f[2]]
         out = (view.clone(memory_format=torch.channels_last_3d) if out is None
                else torch.maximum(out, view, out=out))
+    return out
+
+
+def _outputs(y: torch.Tensor, probabilities: torch.dtype | None, out=None, z0: int = 0
+             ) -> torch.Tensor:
+    """The last layer's maps ``y`` as float32 logits, or as ``probabilities`` of that
+    dtype, written into ``out`` at section ``z0`` (default: a new array)."""
+    if out is None:
+        if probabilities is None or y.device.type == "meta":
+            return y.float()
+        out = torch.empty(y.shape, dtype=probabilities, device=y.device)
+    if probabilities is None:
+        out[:, :, z0:z0 + y.shape[2]] = y
+    else:
+        probabilities_(y, out, z0)
     return out
 
 

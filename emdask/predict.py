@@ -215,9 +215,10 @@ def inference_net(model: AffinityUNet, device: str = "cpu", precision: str = "au
 
 
 def _run_net(net: ValidUNet, x: np.ndarray, begin, end, device: str,
-             patch=None, batch_size: int = 1) -> np.ndarray:
+             patch=None, batch_size: int = 1, dtype=np.float32) -> np.ndarray:
     """Probabilities (c, z, y, x) for the box ``begin``-``end`` of ``x`` (the net's input,
-    float32, whose origin lies on the pooling grid; zeros are taken beyond it).
+    float32, whose origin lies on the pooling grid; zeros are taken beyond it), as
+    float32 or as uint8 (``round(255 p)``).
 
     With ``patch``, the box is cut into output tiles of that size predicted in batches;
     each tile reads only the context it needs, and the tiles abut exactly."""
@@ -252,7 +253,8 @@ def _run_net(net: ValidUNet, x: np.ndarray, begin, end, device: str,
         if device.startswith("cuda"):  # page-locked: the copy to the GPU runs at full speed
             batch = batch.pin_memory()
         with _NET_LOCK, torch.inference_mode():
-            y = torch.sigmoid_(net(batch.to(device, non_blocking=True))).cpu().numpy()
+            y = net.predict(batch.to(device, non_blocking=True),
+                            torch.uint8 if dtype == np.uint8 else torch.float32).cpu().numpy()
         del batch
         for t, (ib, _), pred in zip(group, boxes, y, strict=True):
             keep = np.minimum(t + size, end) - t  # the tile, up to the box's end
@@ -264,7 +266,7 @@ def _run_net(net: ValidUNet, x: np.ndarray, begin, end, device: str,
                 # the box in one tile: a view of the net's fresh output, no second copy
                 return pred[(slice(None), *src)]
             if out is None:
-                out = np.zeros((net.config.n_outputs, *(end - begin)), np.float32)
+                out = np.zeros((net.config.n_outputs, *(end - begin)), y.dtype)
             out[(slice(None), *dst)] = pred[(slice(None), *src)]
     return out
 
@@ -278,17 +280,16 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
     normalization (raw zeros need not be black once intensities are mapped)."""
     halo = np.array(model.halo)
     x = normalize_raw(block, intensity)
-    if inside is not None:
-        x = np.pad(x[inside], [(s.start, n - s.stop) for s, n in zip(inside, x.shape,
-                                                                     strict=True)])
+    if inside is not None:  # in place: the block is a task's largest input
+        for axis, s in enumerate(inside):
+            x[(slice(None),) * axis + (slice(None, s.start),)] = 0
+            x[(slice(None),) * axis + (slice(s.stop, None),)] = 0
     net = inference_net(model, device, precision)
-    y = _run_net(net, x, halo, np.array(x.shape) - halo, device, patch, batch_size)
+    y = _run_net(net, x, halo, np.array(x.shape) - halo, device, patch, batch_size,
+                 np.uint8 if out_dtype == np.uint8 else np.float32)
     if model.config.planar:  # z offsets never trained: no link across sections
         y[[k for k, (dz, _, _) in enumerate(model.config.offsets) if dz != 0]] = 0
-    if out_dtype == np.uint8:  # in place: the float maps are the task's largest array
-        y *= 255
-        return np.rint(y, out=y).astype(np.uint8)
-    return y
+    return y if y.dtype == out_dtype else y.astype(out_dtype)
 
 
 def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
