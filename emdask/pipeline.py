@@ -1028,13 +1028,6 @@ def _guarded(fn: Callable, timeout: float, *args):
 
     The abandoned call keeps its thread until it returns; its writes are whole chunks of
     the same values, so a late finish is harmless."""
-    try:
-        return _run_guarded(fn, timeout, *args)
-    finally:
-        _release_memory()
-
-
-def _run_guarded(fn: Callable, timeout: float, *args):
     if not timeout:
         return fn(*args)
     result: dict = {}
@@ -1145,51 +1138,22 @@ def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: Cluste
 
 
 # ---------------------------------------------------------------- clusters
-#: glibc malloc settings of worker processes: one arena (its heap is reused by every
-#: thread), no mmap for large blocks, the heap never trimmed on its own.  A 250x256x500
-#: fibsem predict task: 0.3 s of system time instead of 3.3 s, 14.7 s instead of 17 s
-#: (one thread, second task of a process).  Transparent huge pages
-#: (``glibc.malloc.hugetlb=1``) added system time here: 27 s instead of 17-19 s for the
-#: fibsem row of benchmarks/bench_predict.py.
-WORKER_MALLOC = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                 "glibc.malloc.trim_threshold=68719476736")
-#: Fraction of a worker's memory limit above which a finished task trims the heap (Dask
-#: pauses a worker at 0.8; a task's memory budget is 0.6, see _task_blocks).
-TRIM_ABOVE = 0.7
-
-
-def _release_memory() -> None:
-    """Give the heap's free memory back to the OS if this worker process holds more than
-    :data:`TRIM_ABOVE` of its memory limit (glibc only; elsewhere nothing)."""
-    import ctypes
-
-    import psutil
-
-    with contextlib.suppress(ValueError):  # outside a worker: nothing to protect
-        from distributed import get_worker
-
-        limit = get_worker().memory_manager.memory_limit
-        if limit and psutil.Process().memory_info().rss > TRIM_ABOVE * limit:
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def local_cluster(**kwargs):
     """A ``distributed.LocalCluster`` whose worker processes run emdask's kernels at full
-    speed: glibc's malloc keeps the memory that tasks free and hands it to the next
-    allocation (:data:`WORKER_MALLOC`).
+    speed.
 
-    By default every allocation above 32 MB is mmapped afresh and returned to the OS when
-    freed, so each of the net's feature maps (100s of MB, one per layer) is page-faulted
-    and zeroed by the kernel: a third of a predict task's CPU time went to system time,
-    mostly ``clear_page_erms``.  distributed also starts workers with
-    ``MALLOC_TRIM_THRESHOLD_=65536``, which makes every block-sized numpy allocation
-    fault afresh (the watershed block kernel ran 2x slower).  The workers of this cluster
-    start without it and with :data:`WORKER_MALLOC`; a task after which a worker holds
-    more than :data:`TRIM_ABOVE` of its memory limit gives the free memory back
-    (:func:`_release_memory`), so a worker never stays paused by Dask for memory it does
-    not use.  dask-jobqueue workers are started by the batch system: set
-    ``distributed.nanny.pre-spawn-environ.GLIBC_TUNABLES`` in their Dask config there."""
+    distributed starts worker processes with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand
+    freed memory back to the OS).  Setting it makes glibc give up its adaptive mmap
+    threshold, so every block-sized numpy allocation is mmapped and page-faulted afresh:
+    the watershed block kernel runs 2x slower (71 ms instead of 34 ms for a 74^3 block,
+    measured).  The workers of this cluster start without it.  Other malloc settings
+    were measured on the predict stage of a 500x1000x1000 fibsem volume (2 workers, 4
+    tasks each) and not kept: transparent huge pages (``glibc.malloc.hugetlb=1``) 2.47
+    Mvoxel/s against 2.74 without (more system time: 132 s against 106 s); keeping freed
+    memory in one never-trimmed heap (``arena_max=1:mmap_max=0``) 2.83-2.95 Mvoxel/s but
+    10.7 GiB per worker against 7.5 GiB (the heap's holes), past Dask's pause threshold.
+    dask-jobqueue workers are started by the batch system: set
+    ``distributed.nanny.pre-spawn-environ`` in their Dask config there."""
     import dask
     from distributed import LocalCluster
 
@@ -1197,9 +1161,7 @@ def local_cluster(**kwargs):
     # where later worker processes inherit them: drop the value it put there
     if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
-    environ = "distributed.nanny.pre-spawn-environ"
-    with dask.config.set({f"{environ}.MALLOC_TRIM_THRESHOLD_": None,
-                          f"{environ}.GLIBC_TUNABLES": WORKER_MALLOC}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         return LocalCluster(**kwargs)
 
 
