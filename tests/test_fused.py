@@ -61,3 +61,19 @@ def test_torch_threads_kept():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    """The kernels have no bounds checks: a mismatch must be an error, not a write
+    outside the arrays."""
+    logits = maps((1, 2, 3, 4, 5), torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        probabilities_(logits, torch.zeros(1, 2, 3, 4, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        probabilities_(logits, torch.zeros(1, 2, 4, 4, 5), z0=2)
+    with pytest.raises(ValueError, match="does not cover"):
+        elu_(maps((1, 4, 2, 8, 8), torch.float32), maps((1, 4, 2, 8, 8), torch.float32),
+             (0, 0, 1))
+    kept = logits.clone()
+    probabilities_(logits.contiguous(), torch.zeros(1, 2, 3, 4, 5))  # torch's path
+    assert torch.equal(logits, kept)  # the logits are left as they were
