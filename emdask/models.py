@@ -458,6 +458,8 @@ def _slab(device: torch.device, dtype: torch.dtype) -> int:
     when batch x channels x depth x height > 20480, and takes its 5x slower reference
     kernel below that; a GPU wants large launches."""
     return 1 if device.type == "cpu" and dtype == torch.bfloat16 else 8
+
+
 _SIZES_LOCK = threading.Lock()  # flops(): one meta pass with recording hooks at a time
 
 
