@@ -161,6 +161,8 @@ class SegmentSpec:
     dust_size: int = 0
     score: str = "mean"
     bins: int | None = None
+    # score = "learned": the edge classifier, a shipped name ("fibsem") or a .json file
+    classifier: str | None = None
 
 
 @dataclass
@@ -376,12 +378,14 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
         raise ValueError(f"{where}: cluster.kind must be 'local' or one of "
                          f"{sorted(_JOBQUEUE)}, got {cfg.cluster.kind!r}")
     from emdask.agglomerate import _check_thresholds
-    from emdask.segmentation import score_bins
 
     try:
         _check_thresholds(cfg.segment.thresholds)
-        score_bins(cfg.segment.score, cfg.segment.bins)
-    except ValueError as err:
+        if cfg.segment.score == "learned" and cfg.segment.classifier is None:
+            raise ValueError("score = 'learned' needs classifier = a shipped name ('fibsem') "
+                             "or a .json file from emdask.learn_agglomeration")
+        _bins(cfg.segment)
+    except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"{where}: [segment] {err}") from None
     if cfg.meshes.segmentation is not None and (
             cfg.meshes.segmentation not in cfg.segment.thresholds):
@@ -756,7 +760,7 @@ class _Window:
 
 
 def _watershed_task(ctx: _Context, block: int) -> None:
-    from emdask.segmentation import _block_basins, score_bins
+    from emdask.segmentation import _block_basins
     from emdask.volumes import read_box
     from emdask.watershed import HALO
 
@@ -766,8 +770,13 @@ def _watershed_task(ctx: _Context, block: int) -> None:
     affs = read_box(source, begin, end, (HALO,) * 3,
                     cache=("affinities", ctx.generation) if ctx.source is None else None)[:3]
     seg = ctx.segment
+    classifier = _classifier(seg)
+    if classifier is not None and classifier.raw:  # the EM, as the 4th channel
+        raw = read_box(_array(ctx, f"{RAW}/s0"), begin, end, (HALO,) * 3,
+                       cache=(RAW, ctx.generation))
+        affs = np.concatenate([affs, raw[None].astype(affs.dtype)])
     labels, basin_info, graph, faces = _block_basins(
-        affs, begin, ctx.grid.shape, _params(seg), score_bins(seg.score, seg.bins))
+        affs, begin, ctx.grid.shape, _params(seg), _bins(seg))
     _array(ctx, "_emdask/basins")[_slices(begin, end)] = labels
     save_arrays(ctx.store, f"_emdask/graph/{block}.npz", _pack_graph(basin_info, graph))
     save_arrays(ctx.store, f"_emdask/faces/{block}.npz", _pack_faces(faces))
@@ -775,19 +784,18 @@ def _watershed_task(ctx: _Context, block: int) -> None:
 
 
 # a block's summary as plain arrays (the store holds no pickles)
-_GRAPH_FIELDS = ("u", "v", "count", "total", "max", "hist")
-
-
 def _pack_graph(basin_info, graph) -> dict:
-    return {"first": basin_info[0], "sizes": basin_info[1],
-            **{k: getattr(graph, k) for k in _GRAPH_FIELDS}}
+    from emdask.region_graph import FIELDS
+
+    return {"first": basin_info[0], "sizes": basin_info[1], "raw_sums": basin_info[2],
+            **{k: getattr(graph, k) for k in FIELDS}}
 
 
 def _unpack_graph(arrays: dict):
-    from emdask.region_graph import RegionGraph
+    from emdask.region_graph import FIELDS, RegionGraph
 
-    return ((arrays["first"], arrays["sizes"]),
-            RegionGraph(**{k: arrays[k] for k in _GRAPH_FIELDS}))
+    return ((arrays["first"], arrays["sizes"], arrays["raw_sums"]),
+            RegionGraph(**{k: arrays[k] for k in FIELDS}))
 
 
 def _pack_faces(faces: dict) -> dict:
@@ -810,14 +818,33 @@ def _params(seg: SegmentSpec):
                            seg.dust_size)
 
 
+@functools.lru_cache(maxsize=4)
+def _load_classifier(name: str):
+    from emdask.learn_agglomeration import load_classifier
+
+    return load_classifier(name)
+
+
+def _classifier(seg: SegmentSpec):
+    """The edge classifier of a learned score (None for the other scores)."""
+    return _load_classifier(seg.classifier) if seg.score == "learned" else None
+
+
+def _bins(seg: SegmentSpec) -> int:
+    """Histogram bins of the block graphs for the section's score."""
+    from emdask.segmentation import score_bins
+
+    return score_bins(seg.score, seg.bins, _classifier(seg))
+
+
 def _face_task(ctx: _Context, block: int, axis: int):
-    from emdask.segmentation import _face_links, score_bins
+    from emdask.segmentation import _face_links
 
     below = ctx.grid.neighbour(block, axis)
     upper = _unpack_faces(load_arrays(ctx.store, f"_emdask/faces/{block}.npz"))
     lower = _unpack_faces(load_arrays(ctx.store, f"_emdask/faces/{below}.npz"))
     return _face_links(upper, lower, axis, _params(ctx.segment).quantized()[1],
-                       score_bins(ctx.segment.score, ctx.segment.bins))
+                       _bins(ctx.segment))
 
 
 def _solve_task(ctx: _Context, faces: list, links: list) -> dict:
@@ -829,7 +856,7 @@ def _solve_task(ctx: _Context, faces: list, links: list) -> dict:
     pairs = [(ctx.grid.neighbour(b, axis), b) for b, axis in faces]
     luts, bases, info = _solve([s[0] for s in summaries], [s[1] for s in summaries], links,
                                pairs, _params(ctx.segment), ctx.segment.thresholds,
-                               ctx.segment.score)
+                               ctx.segment.score, _classifier(ctx.segment))
     # one lookup table per block: a relabel task reads just its own
     for b in range(len(ctx.grid)):
         save_arrays(ctx.store, f"_emdask/lut/{b}.npz", {"lut": luts[:, bases[b]:bases[b + 1]]})
@@ -1236,8 +1263,13 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     if stage == "predict":
         return p
     seg = asdict(cfg.segment)
-    if stage == "watershed":
-        return p | {"segment": {k: seg[k] for k in ("low", "high", "bins", "score")}}
+    if seg["score"] == "learned" and Path(seg["classifier"]).suffix == ".json":
+        st = Path(seg["classifier"]).stat()  # a retrained file at the same path differs
+        seg["classifier_file"] = f"{st.st_size}:{st.st_mtime_ns}"
+    if stage == "watershed":  # (a learned score's classifier may read the EM too)
+        keys = ("low", "high", "bins", "score") + (
+            ("classifier", "classifier_file") if seg["score"] == "learned" else ())
+        return p | {"segment": {k: seg.get(k) for k in keys}}
     p["segment"] = seg
     if stage in ("synapses", "pyramid", "meshes", "skeletons", "report"):
         p["synapses"] = ({k: v for k, v in asdict(cfg.synapses).items()
@@ -2360,6 +2392,12 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                 _run_blocks(client, pctx, stage, _predict_task, cfg.cluster,
                             group=_task_blocks(cfg, model, grid, client))
         elif stage == "watershed":
+            classifier = _classifier(cfg.segment)
+            if classifier is not None and classifier.raw and (
+                    not _has(root, RAW) or root[f"{RAW}/s0"].dtype != np.uint8):
+                raise ValueError(f"{store}: [segment] classifier {cfg.segment.classifier!r} "
+                                 f"reads the EM (uint8 {RAW}/s0 in the store), but the store "
+                                 f"has {root[f'{RAW}/s0'].dtype if _has(root, RAW) else 'none'}")
             if _fresh(store, stage) or not _has(root, "_emdask/basins"):
                 root.create_array("_emdask/basins", shape=shape, chunks=grid.chunks,
                                   dtype=np.uint32, fill_value=0, overwrite=True)

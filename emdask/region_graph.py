@@ -1,9 +1,10 @@
 """Region adjacency graph: affinity statistics on the boundary of every pair of regions.
 
 For every pair of touching regions the graph holds the count, the sum and the maximum of the
-(16-bit quantized) affinities of the voxel edges between them, and optionally a histogram
-of those affinities so that quantile scores (median, 75th percentile) can be used.  Every
-statistic is additive (counts, sums and histograms add, maxima take the maximum), so
+(16-bit quantized) affinities of the voxel edges between them, optionally a histogram
+of those affinities so that quantile scores (median, 75th percentile) can be used, and
+optionally the sum of raw EM over the boundary (for learned scores).  Every statistic is
+additive (counts, sums and histograms add, maxima take the maximum), so
 graphs of blocks combine exactly into the graph of the whole volume.
 """
 
@@ -23,7 +24,9 @@ class RegionGraph:
     """Edges ``u < v`` (sorted, unique) with their boundary statistics.
 
     ``total`` is the sum of quantized affinities (1.0 = 65535); ``hist`` has shape
-    (n_edges, bins) with bins of equal width over [0, 1] (bins may be 0).
+    (n_edges, bins) with bins of equal width over [0, 1] (bins may be 0); ``raw`` has shape
+    (n_edges, 1), the sum over the boundary's voxel edges of the raw values of both voxels,
+    or (n_edges, 0) without raw.
     """
 
     u: np.ndarray
@@ -32,9 +35,23 @@ class RegionGraph:
     total: np.ndarray
     max: np.ndarray
     hist: np.ndarray
+    raw: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.raw is None:
+            self.raw = np.zeros((self.u.size, 0), np.int64)
 
     def __len__(self) -> int:
         return int(self.u.size)
+
+    def select(self, keep: np.ndarray) -> RegionGraph:
+        """The edges where ``keep`` (a mask or indices)."""
+        return RegionGraph(*(getattr(self, f)[keep] for f in FIELDS))
+
+    def shifted(self, du: int, dv: int) -> RegionGraph:
+        """The same edges with region ids moved by ``du`` (u) and ``dv`` (v)."""
+        return RegionGraph(self.u + du, self.v + dv, self.count, self.total, self.max,
+                           self.hist, self.raw)
 
     @property
     def mean(self) -> np.ndarray:
@@ -43,13 +60,17 @@ class RegionGraph:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.u, self.v, self.count, self.total, self.max,
-                                      self.hist))
+        return sum(getattr(self, f).nbytes for f in FIELDS)
 
     @classmethod
-    def empty(cls, bins: int = 0) -> RegionGraph:
+    def empty(cls, bins: int = 0, raw: bool = False) -> RegionGraph:
         z = np.zeros(0, np.int64)
-        return cls(z, z.copy(), z.copy(), z.copy(), z.copy(), np.zeros((0, bins), np.int64))
+        return cls(z, z.copy(), z.copy(), z.copy(), z.copy(), np.zeros((0, bins), np.int64),
+                   np.zeros((0, int(raw)), np.int64))
+
+
+#: The arrays of a :class:`RegionGraph`, in order.
+FIELDS = ("u", "v", "count", "total", "max", "hist", "raw")
 
 
 def _sort_pairs(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,14 +89,19 @@ def _sort_pairs(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return order, np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
 
 
-def _reduce(u, v, count, total, maxw, hist) -> RegionGraph:
+def _columns(a: np.ndarray, order: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Per-edge sums of the rows of a (n, k) statistic (k may be 0)."""
+    return np.add.reduceat(a[order], start, axis=0) if a.shape[1] else a[:start.size]
+
+
+def _reduce(u, v, count, total, maxw, hist, raw) -> RegionGraph:
     """Sum statistics of duplicate (u, v) pairs; drop self-edges; orient u < v."""
     keep = u != v
-    u, v, count, total, maxw, hist = u[keep], v[keep], count[keep], total[keep], maxw[keep], \
-        hist[keep]
+    u, v, count, total, maxw, hist, raw = (a[keep] for a in (u, v, count, total, maxw, hist,
+                                                             raw))
     lo, hi = np.minimum(u, v), np.maximum(u, v)
     if lo.size == 0:
-        return RegionGraph.empty(hist.shape[1])
+        return RegionGraph.empty(hist.shape[1], raw.shape[1] > 0)
     order, is_start = _sort_pairs(lo, hi)
     lo, hi = lo[order], hi[order]
     start = np.flatnonzero(is_start)
@@ -84,19 +110,22 @@ def _reduce(u, v, count, total, maxw, hist) -> RegionGraph:
         np.add.reduceat(count[order], start),
         np.add.reduceat(total[order], start),
         np.maximum.reduceat(maxw[order], start),
-        np.add.reduceat(hist[order], start, axis=0) if hist.shape[1] else hist[:start.size],
+        _columns(hist, order, start),
+        _columns(raw, order, start),
     )
 
 
-def from_observations(u: np.ndarray, v: np.ndarray, w: np.ndarray, bins: int = 0
-                      ) -> RegionGraph:
+def from_observations(u: np.ndarray, v: np.ndarray, w: np.ndarray, bins: int = 0,
+                      raw: np.ndarray | None = None) -> RegionGraph:
     """Graph of single voxel-edge observations: region ``u[i]`` meets ``v[i]`` with weight
-    ``w[i]`` (quantized)."""
+    ``w[i]`` (quantized), and optionally raw values ``raw[i]`` (of both voxels, summed)."""
     u, v, w = (np.asarray(a, np.int64).ravel() for a in (u, v, w))
+    r = np.zeros((u.size, 0), np.int64) if raw is None else np.asarray(
+        raw, np.int64).reshape(-1, 1)
     keep = u != v
-    lo, hi, w = np.minimum(u, v)[keep], np.maximum(u, v)[keep], w[keep]
+    lo, hi, w, r = np.minimum(u, v)[keep], np.maximum(u, v)[keep], w[keep], r[keep]
     if lo.size == 0:
-        return RegionGraph.empty(bins)
+        return RegionGraph.empty(bins, raw is not None)
     order, is_start = _sort_pairs(lo, hi)
     lo, hi, w = lo[order], hi[order], w[order]
     start = np.flatnonzero(is_start)
@@ -107,7 +136,8 @@ def from_observations(u: np.ndarray, v: np.ndarray, w: np.ndarray, bins: int = 0
         hist = np.bincount(edge * bins + w * bins // (Q + 1), minlength=n * bins)
         hist = hist.reshape(n, bins).astype(np.int64)
     return RegionGraph(lo[start], hi[start], np.bincount(edge, minlength=n).astype(np.int64),
-                       np.add.reduceat(w, start), np.maximum.reduceat(w, start), hist)
+                       np.add.reduceat(w, start), np.maximum.reduceat(w, start), hist,
+                       _columns(r, order, start))
 
 
 def combine(graphs: list[RegionGraph], relabel: np.ndarray | None = None) -> RegionGraph:
@@ -115,8 +145,7 @@ def combine(graphs: list[RegionGraph], relabel: np.ndarray | None = None) -> Reg
     fall inside one region disappear, parallel edges add up)."""
     if not graphs:
         return RegionGraph.empty()
-    cat = [np.concatenate([getattr(g, f) for g in graphs])
-           for f in ("u", "v", "count", "total", "max", "hist")]
+    cat = [np.concatenate([getattr(g, f) for g in graphs]) for f in FIELDS]
     if relabel is not None:
         cat[0], cat[1] = relabel[cat[0]], relabel[cat[1]]
     return _reduce(*cat)
@@ -148,7 +177,22 @@ def observations(labels: np.ndarray, quantized: np.ndarray, positions: bool = Fa
     return (*out, np.concatenate(at)) if positions else out
 
 
-def region_graph(labels: np.ndarray, affinities: np.ndarray, bins: int = 0) -> RegionGraph:
+def raw_pairs(raw: np.ndarray) -> np.ndarray:
+    """(3, z, y, x) uint16, for uint8 ``raw``: at channel ``d`` and voxel ``v``, ``raw[v] + raw[v - e_d]``, the raw
+    values of the two voxels of the voxel edge that affinity channel ``d`` describes there
+    (0 where ``v - e_d`` lies outside)."""
+    raw = np.asarray(raw, np.uint16)  # uint8 values: a sum of two fits
+    out = np.zeros((3, *raw.shape), np.uint16)
+    for d in range(3):
+        hi = [slice(None)] * 3
+        lo = [slice(None)] * 3
+        hi[d], lo[d] = slice(1, None), slice(None, -1)
+        out[d][tuple(hi)] = raw[tuple(hi)] + raw[tuple(lo)]
+    return out
+
+
+def region_graph(labels: np.ndarray, affinities: np.ndarray, bins: int = 0,
+                 raw: np.ndarray | None = None) -> RegionGraph:
     """Region adjacency graph of a labelled volume (in-memory kernel).
 
     Parameters
@@ -160,6 +204,8 @@ def region_graph(labels: np.ndarray, affinities: np.ndarray, bins: int = 0) -> R
         quantized uint16).
     bins
         Histogram bins per edge (0: none; 16-64 for quantile scores).
+    raw
+        Optional (z, y, x) raw EM (uint8): the graph then holds its sums on the boundaries.
 
     Returns
     -------
@@ -180,5 +226,7 @@ def region_graph(labels: np.ndarray, affinities: np.ndarray, bins: int = 0) -> R
             f"labels {labels.shape} and affinities {np.shape(affinities)} must be (z, y, x) "
             f"and (3, z, y, x)"
         )
-    u, v, w = observations(labels.astype(np.int64), quantize_affinities(affinities))
-    return from_observations(u, v, w, bins)
+    labels = labels.astype(np.int64)
+    u, v, w = observations(labels, quantize_affinities(affinities))
+    r = None if raw is None else observations(labels, raw_pairs(raw))[2]
+    return from_observations(u, v, w, bins, r)

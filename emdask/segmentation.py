@@ -12,7 +12,9 @@
    supervoxels; the block graphs are summed into one global region graph (all statistics
    are additive); small basins merge (:func:`emdask.agglomerate.merge_small_regions`);
    hierarchical agglomeration yields one merge table per threshold
-   (:func:`emdask.agglomerate.agglomerate`).
+   (:func:`emdask.agglomerate.agglomerate`; with a learned score whose classifier reads
+   the EM, the raw block travels as a fourth channel beside the affinities and its sums
+   on boundaries and inside basins are additive too).
 
 Blocks are then relabelled lazily: each output block recomputes its basins (cheap) and
 looks its labels up in the table.  For volumes opened from a file (zarr, HDF5), every
@@ -42,9 +44,15 @@ from dask.callbacks import Callback
 from numba import njit
 
 from emdask.affinities import mask_affinities
-from emdask.agglomerate import _check_thresholds, agglomerate, merge_small_regions, parse_score
+from emdask.agglomerate import (
+    LEARNED_BINS,
+    _check_thresholds,
+    agglomerate,
+    merge_small_regions,
+    parse_score,
+)
 from emdask.blockgraph import BlockGraph
-from emdask.region_graph import RegionGraph, combine, from_observations, observations
+from emdask.region_graph import RegionGraph, combine, from_observations, observations, raw_pairs
 from emdask.volumes import read_box, stored_source
 from emdask.watershed import HALO, WatershedParams, _find, _union, basins, quantize_affinities
 
@@ -90,22 +98,33 @@ def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, b
 
 def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
     """One block's block-local basin labels and what the global solve needs of it: basin
-    info (lowest global index, size), the region graph inside the block, and its faces."""
+    info (lowest global index, size, sum of raw), the region graph inside the block, and
+    its faces.  ``padded`` is (3, ...) affinities, or (4, ...) with raw EM as channel 3
+    (for a learned score with raw features)."""
     if isinstance(padded, _StoredBlock):
         padded = padded.read()
+    inside = (slice(HALO, -HALO),) * 3
     # check only the block itself: the halo belongs to neighbours, which report their own
-    quantize_affinities(padded[:, HALO:-HALO, HALO:-HALO, HALO:-HALO],
+    quantize_affinities(padded[(slice(0, 3), *inside)],
                         where=f"affinities block at voxel {tuple(map(int, origin))}")
-    aq = quantize_affinities(padded, check=False)
+    aq = quantize_affinities(padded[:3], check=False)
     labels, direction, first = basins(aq, origin, shape, params)
-    inner = aq[:, HALO:-HALO, HALO:-HALO, HALO:-HALO]
+    inner = aq[(slice(None), *inside)]
     u, v, w = observations(labels, inner)
-    basin_info = (first, np.bincount(labels.ravel(), minlength=first.size + 1)[1:])
-    graph = from_observations(u - 1, v - 1, w, bins)
+    sizes = np.bincount(labels.ravel(), minlength=first.size + 1)[1:]
+    raw_sums, r, pairs = np.zeros(0, np.int64), None, None
+    if padded.shape[0] == 4:
+        pairs = raw_pairs(padded[3])[(slice(None), *inside)]
+        r = observations(labels, pairs)[2]
+        raw = padded[(3, *inside)].astype(np.float64).ravel()  # exact: sums below 2**53
+        raw_sums = np.bincount(labels.ravel(), raw, first.size + 1)[1:].astype(np.int64)
+    basin_info = (first, sizes, raw_sums)
+    graph = from_observations(u - 1, v - 1, w, bins, r)
     faces = {}
     for d in range(3):
         faces[("lower", d)] = (labels.take(0, d), direction.take(0, d) == d,
-                               inner[d].take(0, d))
+                               inner[d].take(0, d)) + (
+                                   () if pairs is None else (pairs[d].take(0, d),))
         faces[("upper", d)] = (labels.take(-1, d), direction.take(-1, d) == d + 3)
     return labels, basin_info, graph, faces
 
@@ -113,11 +132,12 @@ def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bi
 def _face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
     """Joins and region-graph edges across the face between block A (below) and B."""
     la, up = upper_faces[("upper", d)]
-    lb, down, w = lower_faces[("lower", d)]
+    lb, down, w, *raw = lower_faces[("lower", d)]  # raw: the voxel edges' raw sums
     both = (la > 0) & (lb > 0)
     join = both & (up | down | (w.astype(np.int64) >= high_q))
     pairs = np.unique(np.stack([la[join] - 1, lb[join] - 1]), axis=1)
-    graph = from_observations(la[both] - 1, lb[both] - 1 + _B_OFFSET, w[both], bins)
+    graph = from_observations(la[both] - 1, lb[both] - 1 + _B_OFFSET, w[both], bins,
+                              raw[0][both] if raw else None)
     return pairs, graph
 
 
@@ -146,36 +166,40 @@ def _canonical(root: np.ndarray, keys: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- global graph
 def _supervoxels(basin_info, pairs, links):
     """Union-find over all block-local basins: basins joined across faces form one
-    supervoxel; supervoxels are numbered by their lowest global voxel index."""
-    counts = np.array([first.size for first, _ in basin_info], np.int64)
+    supervoxel; supervoxels are numbered by their lowest global voxel index.  Returns the
+    blocks' offsets into the basins, each basin's supervoxel, the supervoxels' sizes and
+    their sums of raw EM (None where the blocks carry none)."""
+    counts = np.array([info[0].size for info in basin_info], np.int64)
     bases = np.concatenate([[0], np.cumsum(counts)])
     n = int(bases[-1])
-    keys = np.concatenate([first for first, _ in basin_info] + [np.zeros(0, np.int64)])
-    sizes = np.concatenate([size for _, size in basin_info] + [np.zeros(0, np.int64)])
+    keys = np.concatenate([info[0] for info in basin_info] + [np.zeros(0, np.int64)])
+    sizes = np.concatenate([info[1] for info in basin_info] + [np.zeros(0, np.int64)])
+    raws = np.concatenate([info[2] for info in basin_info if len(info) > 2]
+                          + [np.zeros(0, np.int64)])
     pa, pb = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for (ia, ib), joined in zip(pairs, links, strict=True):
         pa.append(joined[0] + bases[ia])
         pb.append(joined[1] + bases[ib])
     sv = _canonical(_union_all(n, np.concatenate(pa), np.concatenate(pb)), keys)
     n_sv = int(sv.max()) + 1 if n else 0
-    return bases, sv, np.bincount(sv, weights=sizes, minlength=n_sv).astype(np.int64)
+    sv_raw = (np.bincount(sv, weights=raws, minlength=n_sv).astype(np.int64)
+              if raws.size == n and n else None)
+    return bases, sv, np.bincount(sv, weights=sizes, minlength=n_sv).astype(np.int64), sv_raw
 
 
 def _global_graph(block_graphs, face_graphs, pairs, supervoxels) -> RegionGraph:
     """Every block's and face's graph in supervoxel ids, summed: the global graph."""
-    bases, sv, _ = supervoxels
-    shifted = [RegionGraph(g.u + bases[b], g.v + bases[b], g.count, g.total, g.max, g.hist)
-               for b, g in enumerate(block_graphs)]
-    shifted += [RegionGraph(g.u + bases[a], g.v - _B_OFFSET + bases[b], g.count, g.total,
-                            g.max, g.hist) for (a, b), g in zip(pairs, face_graphs,
-                                                                strict=True)]
+    bases, sv = supervoxels[:2]
+    shifted = [g.shifted(bases[b], bases[b]) for b, g in enumerate(block_graphs)]
+    shifted += [g.shifted(bases[a], bases[b] - _B_OFFSET)
+                for (a, b), g in zip(pairs, face_graphs, strict=True)]
     return combine(shifted, relabel=sv)
 
 
 def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedParams,
-            thresholds, score: str):
+            thresholds, score: str, classifier=None):
     """Global graph, small-region merging and agglomeration; lookup tables."""
-    bases, sv, sv_sizes = supervoxels
+    bases, sv, sv_sizes, sv_raw = supervoxels
     n_blocks = len(block_graphs)
     sv_graph = _global_graph(block_graphs, face_graphs, pairs, supervoxels)
     n, n_sv = sv.size, sv_sizes.size
@@ -187,14 +211,15 @@ def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedPara
         frag = np.unique(frag, return_inverse=True)[1]
     n_frag = int(frag.max()) + 1 if n_sv else 0
     frag_sizes = np.bincount(frag, weights=sv_sizes, minlength=n_frag).astype(np.int64)
+    frag_raw = None if sv_raw is None else np.bincount(
+        frag, weights=sv_raw, minlength=n_frag).astype(np.int64)
     frag_graph = combine([sv_graph], relabel=frag)
     dust = frag_sizes < params.dust_size
     if dust.any():
-        keep = ~(dust[frag_graph.u] | dust[frag_graph.v])
-        frag_graph = RegionGraph(*(getattr(frag_graph, f)[keep] for f in
-                                   ("u", "v", "count", "total", "max", "hist")))
+        frag_graph = frag_graph.select(~(dust[frag_graph.u] | dust[frag_graph.v]))
     tables = [_consecutive(np.where(dust, 0, np.arange(1, n_frag + 1)))]
-    for reps in agglomerate(frag_graph, n_frag, thresholds, score):
+    for reps in agglomerate(frag_graph, n_frag, thresholds, score, sizes=frag_sizes,
+                            classifier=classifier, raw=frag_raw):
         seg = _canonical(reps, np.arange(n_frag)) + 1
         tables.append(_consecutive(np.where(dust, 0, seg)))
     # lookup tables from block-local basin to output id, one row per output
@@ -204,17 +229,18 @@ def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedPara
 
 
 def _solve(basin_info, block_graphs, links, pairs, params: WatershedParams, thresholds,
-           score: str):
+           score: str, classifier=None):
     """The global solve from the block and face summaries: lookup tables and info."""
     supervoxels = _supervoxels(basin_info, pairs, [lk[0] for lk in links])
     return _finish(block_graphs, [lk[1] for lk in links], pairs, supervoxels, params,
-                   thresholds, score)
+                   thresholds, score, classifier)
 
 
 def _relabel(padded, solution, origin, shape, params, block: int, sweep: tuple = ()):
     if isinstance(padded, _StoredBlock):
         padded = padded.read()
-    labels, _, _ = basins(quantize_affinities(padded, check=False), origin, shape, params)
+    labels, _, _ = basins(quantize_affinities(padded[:3], check=False), origin, shape,
+                          params)
     outputs = _apply_luts(labels, solution[0], solution[1], block)
     if sweep:  # kept for the other thresholds of a sweep (see _SweepCache)
         _SWEEP_CACHE.put(*sweep, outputs)
@@ -304,9 +330,15 @@ _SWEEP_CACHE = _SweepCache()
 
 
 # ---------------------------------------------------------------- public
-def score_bins(score: str, bins: int | None) -> int:
-    """Histogram bins the region graph needs for ``score`` (checked up front)."""
+def score_bins(score: str, bins: int | None, classifier=None) -> int:
+    """Histogram bins the region graph needs for ``score`` (checked up front); a learned
+    score takes its classifier's."""
     parse_score(score)
+    if score == "learned":
+        need = LEARNED_BINS if classifier is None else classifier.bins
+        if bins is not None and int(bins) != need:
+            raise ValueError(f"the learned score's classifier needs bins = {need}, got {bins}")
+        return need
     quantile = score not in ("mean", "max")
     bins = (32 if quantile else 0) if bins is None else int(bins)
     if quantile and bins < 2:
@@ -340,6 +372,19 @@ def _as_affinities(affinities: Any) -> tuple[da.Array, xr.DataArray | None]:
     return data.rechunk({0: -1}), template
 
 
+def _with_raw(data: da.Array, raw: Any) -> da.Array:
+    """Affinities with the raw EM as a fourth channel, in the affinities' chunks."""
+    raw = raw.data if isinstance(raw, xr.DataArray) else raw
+    raw = raw if isinstance(raw, da.Array) else da.from_array(np.asarray(raw))
+    if raw.shape != data.shape[1:]:
+        raise ValueError(f"raw {raw.shape} and affinities {data.shape[1:]} differ in shape")
+    if raw.dtype != np.uint8:
+        raise ValueError(f"raw must be uint8 EM (the classifier's raw features are in its "
+                         f"units), got {raw.dtype}")
+    raw = raw.rechunk(data.chunks[1:]).astype(data.dtype)[None]
+    return da.concatenate([data, raw], axis=0).rechunk({0: -1})
+
+
 def segment(
     affinities: Any,
     thresholds: Sequence[float] | None = None,
@@ -354,6 +399,8 @@ def segment(
     return_fragments: bool = False,
     return_info: bool = False,
     mask: Any = None,
+    classifier: Any = None,
+    raw: Any = None,
 ):
     """Segment affinities into neurons, blockwise, identically for any chunking.
 
@@ -371,10 +418,13 @@ def segment(
     low, high, size_threshold, merge_threshold, dust_size
         Watershed parameters, see :class:`emdask.watershed.WatershedParams`.
     score
-        Agglomeration score: ``"mean"`` affinity (default), ``"max"``, ``"median"`` or
-        ``"quantile-NN"``.
+        Agglomeration score: ``"mean"`` affinity (default), ``"max"``, ``"median"``,
+        ``"quantile-NN"``, or ``"learned"``: the probability of a right merge given by
+        ``classifier`` from the boundary's affinities and the regions' sizes
+        (:mod:`emdask.learn_agglomeration`).
     bins
-        Histogram bins per graph edge (default 32 for quantile scores, else 0).
+        Histogram bins per graph edge (default 32 for quantile scores, the classifier's
+        for the learned score, else 0).
     return_fragments
         Also return the watershed fragments (supervoxels after small-region merging),
         as the first element of the list.
@@ -384,6 +434,13 @@ def segment(
         Optional (z, y, x) boolean volume of missing data (from
         :func:`emdask.detect_defects`): edges touching it get affinity 0, so its voxels are
         background and no segment is joined across a missing section.
+    classifier
+        For ``score="learned"``: a shipped classifier's name (that of the boundary net whose
+        affinities it was trained on, e.g. ``"fibsem"``), a file from
+        :meth:`~emdask.learn_agglomeration.EdgeClassifier.save`, or the classifier itself.
+    raw
+        The (z, y, x) uint8 EM the affinities were predicted from, for a classifier that
+        uses raw features (ignored otherwise).
 
     Returns
     -------
@@ -421,11 +478,23 @@ def segment(
         template = None if template is None else template.copy(data=data)
     thr = _check_thresholds(thresholds)
     params = WatershedParams(low, high, size_threshold, merge_threshold, dust_size)
-    bins = score_bins(score, bins)
+    if score == "learned":
+        if classifier is None:
+            raise ValueError("score='learned' needs a classifier: a shipped name "
+                             "('fibsem') or a file from train_agglomeration")
+        from emdask.learn_agglomeration import load_classifier
+
+        classifier = load_classifier(classifier)
+        if classifier.raw:
+            if raw is None:
+                raise ValueError("this classifier uses raw EM features: pass raw=, the EM "
+                                 "the affinities were predicted from")
+            data = _with_raw(data, raw)
+    bins = score_bins(score, bins, classifier)
     shape = tuple(int(s) for s in data.shape[1:])
     # Each block task gets its block plus a halo (zeros beyond the volume: the kernel knows
     # the volume's shape and ignores edges outside it).
-    stored = stored_source(template) if template is not None else None
+    stored = stored_source(template) if template is not None and data.shape[0] == 3 else None
     thin = [0, 0, 0]
     if stored is not None:
         # Input in a file (zarr, HDF5): one task per block reads block plus halo straight
@@ -458,7 +527,8 @@ def segment(
         inputs, _block_summary, _face_links, _solve,
         summary_args={"shape": shape, "params": params, "bins": bins},
         link_args={"high_q": params.quantized()[1], "bins": bins},
-        solve_args={"params": params, "thresholds": thr, "score": score})
+        solve_args={"params": params, "thresholds": thr, "score": score,
+                    "classifier": classifier})
     relabelled = {idx: g.add("relabel", idx, _relabel, inputs[idx], solution, origin=origin,
                              shape=shape, params=params, block=block, sweep=(g.name, idx))
                   for idx, block, origin, _ in g.blocks()}

@@ -78,7 +78,7 @@ def _face_joins(upper_faces, lower_faces, d: int) -> np.ndarray:
 def _objects(infos, stats, links, pairs, min_size: int):
     """Global objects: lookup table from block-local component to final id, and the
     per-object statistics."""
-    bases, group, sizes = _supervoxels(infos, pairs, links)
+    bases, group, sizes, _ = _supervoxels(infos, pairs, links)
     keep = sizes >= min_size
     final = np.where(keep, np.cumsum(keep), 0)  # ids 1.. in order of lowest voxel index
     n = int(keep.sum())
