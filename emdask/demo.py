@@ -23,16 +23,30 @@ THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 VNC_ROI = ((0, 768, 0), (20, 1024, 640))  # the synapse net's validation rows
 
 
-def demo_config(out: Path, model_name: str = "fibsem") -> dict:
-    from emdask.data import sample_path
+def operating_point(model_name: str) -> tuple[dict, float]:
+    """The ``[segment]`` settings and the threshold a user of this net should take: the
+    learned agglomeration of its shipped edge classifier where there is one (it beat mean
+    agglomeration on the net's validation region), else mean agglomeration at the net's
+    card threshold."""
+    from emdask.learn_agglomeration import load_classifier
     from emdask.models import model_card
 
-    chosen = model_card(model_name).get("threshold", 0.5)
+    try:
+        card = load_classifier(model_name).card
+        return {"score": "learned", "classifier": model_name}, card["threshold"]
+    except FileNotFoundError:
+        return {}, model_card(model_name).get("threshold", 0.5)
+
+
+def demo_config(out: Path, model_name: str = "fibsem") -> dict:
+    from emdask.data import sample_path
+
+    score, chosen = operating_point(model_name)
     return {
         "input": {"url": str(sample_path()), "dataset": "raw"},
         "output": {"path": str(out / "demo.zarr"), "chunks": [56, 96, 96], "overwrite": True},
         "predict": {"model": model_name},
-        "segment": {"thresholds": sorted({*THRESHOLDS, chosen})},
+        "segment": {"thresholds": sorted({*THRESHOLDS, chosen}), **score},
         "meshes": {"segmentation": chosen},  # the card's operating point, for emdask view
         "evaluate": {"url": str(sample_path()), "dataset": "neuron_ids"},
     }
@@ -99,7 +113,6 @@ def run_demo(out: str | Path = "emdask_demo_output", model_name: str = "fibsem",
     from emdask.affinities import affinities_from_intensity
     from emdask.config import to_toml
     from emdask.data import sample
-    from emdask.models import model_card
     from emdask.pipeline import run
 
     out = Path(out)
@@ -113,7 +126,7 @@ def run_demo(out: str | Path = "emdask_demo_output", model_name: str = "fibsem",
     scores = result["stages"]["report"]["scores"]
     rows = [scores[f"segmentation_{t:g}"] | {"threshold": t} for t in THRESHOLDS]
     # the threshold chosen on the model's validation, not the best one here
-    card_threshold = model_card(model_name).get("threshold")
+    score, card_threshold = operating_point(model_name)
     chosen = next((r for r in rows if r["threshold"] == card_threshold),
                   min(rows, key=lambda r: r["voi"]))
 
@@ -127,12 +140,12 @@ def run_demo(out: str | Path = "emdask_demo_output", model_name: str = "fibsem",
     print("\nstage timings (s):")
     for k, v in timings.items():
         print(f"  {k:26s} {v:6.1f}")
-    print("\n                          threshold  VOI split  VOI merge  ARAND")
-    print(f"  emdask ({model_name} net)      {chosen['threshold']:5.2f}  "
-          f"{chosen['voi_split']:9.3f}  {chosen['voi_merge']:9.3f}  {chosen['arand']:.3f}")
-    print(f"  baseline (intensity)      {baseline['threshold']:5.2f}  "
-          f"{baseline['voi_split']:9.3f}  {baseline['voi_merge']:9.3f}  {baseline['arand']:.3f}"
-          "  (its best threshold)")
+    how = f"emdask ({model_name} net, {score.get('score', 'mean')} agglomeration)"
+    print("\n" + " " * 48 + "threshold  VOI split  VOI merge  ARAND")
+    for name, r, note in ((how, chosen, ""),
+                          ("baseline (intensity)", baseline, "  (its best threshold)")):
+        print(f"  {name:46s}{r['threshold']:9.2f}  {r['voi_split']:9.3f}  "
+              f"{r['voi_merge']:9.3f}  {r['arand']:.3f}{note}")
     print(f"\nwrote {out / 'demo.png'}, {out / 'demo.zarr'} (view it in napari or "
           f"neuroglancer) and {out / 'demo.toml'} (rerun: emdask run {out / 'demo.toml'})")
     result = {"emdask": chosen, "baseline": baseline, "timings": timings}

@@ -772,8 +772,9 @@ def _watershed_task(ctx: _Context, block: int) -> None:
     seg = ctx.segment
     classifier = _classifier(seg)
     if classifier is not None and classifier.raw:  # the EM, as the 4th channel
+        # (a cache token of its own: "raw" names the input in the predict tasks' cache)
         raw = read_box(_array(ctx, f"{RAW}/s0"), begin, end, (HALO,) * 3,
-                       cache=(RAW, ctx.generation))
+                       cache=("store raw", ctx.generation))
         affs = np.concatenate([affs, raw[None].astype(affs.dtype)])
     labels, basin_info, graph, faces = _block_basins(
         affs, begin, ctx.grid.shape, _params(seg), _bins(seg))

@@ -323,29 +323,25 @@ def test_segments_affinities_the_user_has(tmp_path, tiny_model, reference):
         load_run_config({**given, "segment": {}})
 
 
-def test_learned_agglomeration_in_the_pipeline(tmp_path, tiny_model, reference):
+def test_learned_agglomeration_in_the_pipeline(tmp_path, tiny_model):
     """[segment] score = "learned" gives what segment() gives with the same classifier,
-    whose raw EM features read the EM the store keeps."""
+    whose raw EM features read the EM that the predict stage keeps in the store."""
     from emdask.segmentation import segment
 
-    cfg = _config(tmp_path, tiny_model, name="learned", **SMALL)
-    affs = reference["affinities"][:3]
-    raw = open_volume(sample_path(), "raw")
-    save_volume(affs, tmp_path / "affs.zarr", "roi", voxel_size=raw.attrs["voxel_size"])
     learned = {"thresholds": [0.3, 0.5], "score": "learned", "classifier": "fibsem"}
-    given = {**cfg, "predict": {"model": "no such model"}, "segment": learned,
-             "affinities": {"url": str(tmp_path / "affs.zarr"), "dataset": "roi"}}
-    run(given, stages=["predict", "segment"])  # predict: copies the EM into the store
-    roi = tuple(slice(a, b) for a, b in zip(*SMALL["roi"], strict=True))
-    expected = segment(affs, [0.3, 0.5], score="learned", classifier="fibsem",
-                       raw=raw[roi].values)
+    cfg = {**_config(tmp_path, tiny_model, name="learned", **SMALL), "segment": learned}
+    run(cfg, stages=["predict", "segment"])
+    store = cfg["output"]["path"]
+    expected = segment(open_volume(store, "affinities")[:3].values, [0.3, 0.5],
+                       score="learned", classifier="fibsem",
+                       raw=open_volume(store, "raw").values)
     for t, labels in zip((0.3, 0.5), expected, strict=True):
-        np.testing.assert_array_equal(
-            open_volume(cfg["output"]["path"], f"segmentation_{t}").values, labels.compute())
+        np.testing.assert_array_equal(open_volume(store, f"segmentation_{t}").values,
+                                      labels.compute())
     with pytest.raises(ValueError, match=r"\[segment\] score = 'learned' needs classifier"):
-        load_run_config({**given, "segment": {"thresholds": [0.5], "score": "learned"}})
+        load_run_config({**cfg, "segment": {"thresholds": [0.5], "score": "learned"}})
     with pytest.raises(ValueError, match=r"\[segment\] nothing: no such classifier"):
-        load_run_config({**given, "segment": {**learned, "classifier": "nothing"}})
+        load_run_config({**cfg, "segment": {**learned, "classifier": "nothing"}})
 
 
 def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
