@@ -164,9 +164,10 @@ def _cost(e, a, b, count, total, emax, hist, eraw, region, code, q, forest, x):
 @njit(cache=True)
 def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code, q, forest,
                         thresholds, truth):
-    """Greedy agglomeration; with ``truth`` (one id per region, 0 unknown), a teacher run
-    instead: the lowest-cost edge is merged only where both regions have the same true id,
-    otherwise dropped, and each decision is recorded with the edge's features."""
+    """Greedy agglomeration; with ``truth`` (one id per region, 0 unknown, -1 boundary), a
+    teacher run instead: the lowest-cost edge is merged only where both regions have the
+    same true id, otherwise dropped, and each decision is recorded with the edge's features
+    (none where a region is unknown; a boundary region's merges are wrong)."""
     n_edges = eu.size
     eu, ev = eu.copy(), ev.copy()
     count, total, emax, hist = count.copy(), total.copy(), emax.copy(), hist.copy()
@@ -223,7 +224,7 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
                 _features(e, a, b, count, total, emax, hist, eraw, region, records[n_records])
                 labels[n_records] = truth[a] == truth[b]
                 n_records += 1
-            if truth[a] == 0 or truth[a] != truth[b]:  # the teacher does not merge
+            if truth[a] <= 0 or truth[a] != truth[b]:  # the teacher does not merge
                 adj[a].pop(b)
                 adj[b].pop(a)
                 continue

@@ -162,8 +162,8 @@ def _majority(fragments: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
 
 
 def merge_examples(affinities: np.ndarray, truth: np.ndarray, rounds_of: Sequence = ("mean",),
-                   bins: int = LEARNED_BINS, raw: np.ndarray | None = None, **watershed
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   bins: int = LEARNED_BINS, raw: np.ndarray | None = None,
+                   background: str = "unknown", **watershed) -> tuple[np.ndarray, np.ndarray]:
     """Teacher agglomerations of one volume: features and right/wrong of every decision.
 
     Parameters
@@ -179,6 +179,10 @@ def merge_examples(affinities: np.ndarray, truth: np.ndarray, rounds_of: Sequenc
         Histogram bins, and the watershed parameters of :func:`emdask.segment`.
     raw
         (z, y, x) uint8 raw EM, for the raw features (0 without).
+    background
+        What truth 0 is: ``"unknown"`` (its fragments give no examples) or ``"boundary"``
+        (membranes, as in 2-D ssTEM labels: merging its fragments into anything is wrong,
+        so that the classifier learns not to bridge cells through them).
 
     Returns
     -------
@@ -187,6 +191,8 @@ def merge_examples(affinities: np.ndarray, truth: np.ndarray, rounds_of: Sequenc
     """
     from emdask.segmentation import segment
 
+    if background not in ("unknown", "boundary"):
+        raise ValueError(f"background must be 'unknown' or 'boundary', got {background!r}")
     affinities = np.asarray(affinities)
     truth = np.asarray(truth)
     if truth.shape != affinities.shape[1:]:
@@ -198,6 +204,8 @@ def merge_examples(affinities: np.ndarray, truth: np.ndarray, rounds_of: Sequenc
     graph = region_graph(fragments, affinities, bins, raw).shifted(-1, -1)
     sizes = np.bincount(fragments.ravel(), minlength=n + 1)[1:]
     true = _majority(fragments, truth, n)
+    if background == "boundary":
+        true[true == 0] = -1
     sums = None
     if raw is not None:  # the boundaries' raw, and each fragment's
         inside = np.bincount(fragments.ravel(), np.asarray(raw, np.float64).ravel(), n + 1)
@@ -223,6 +231,7 @@ def train_agglomeration(
     volumes: Sequence[tuple[np.ndarray, np.ndarray]],
     rounds: int = 2,
     *,
+    background: str = "unknown",
     bins: int = LEARNED_BINS,
     n_estimators: int = 200,
     max_leaf_nodes: int = 15,
@@ -242,6 +251,8 @@ def train_agglomeration(
     rounds
         Teacher rounds: the first ordered by mean affinity, each further one by the
         classifier so far (its examples added to the previous ones).
+    background
+        What truth 0 is, see :func:`merge_examples`.
     bins
         Histogram bins of the region graph.
     n_estimators, max_leaf_nodes, monotonic, seed
@@ -264,7 +275,7 @@ def train_agglomeration(
         policy = ["mean" if clf is None else clf]
         for affs, truth, *raw in volumes:
             x, y = merge_examples(affs, truth, policy, bins, raw[0] if raw else None,
-                                  **watershed)
+                                  background, **watershed)
             xs.append(x)
             ys.append(y)
         x, y = np.concatenate(xs), np.concatenate(ys)

@@ -85,11 +85,17 @@ def test_teacher_merges_only_within_true_neurons():
     # the edge to the unlabelled region gives no example
     assert sorted(right.tolist()) == [False, True, True, True]
     assert x.shape == (4, len(FEATURES)) and np.isfinite(x).all()
+    # region 5 a membrane (2-D labels' boundary, -1): its merge is a wrong example
+    reps, x, right = _run(g, n, [1.0], "mean", np.full(n, 100), None, np.r_[truth[:5], -1])
+    assert sorted(right.tolist()) == [False, False, True, True, True] and reps[0][5] == 5
 
 
 def test_merge_examples_checks_shapes():
     with pytest.raises(ValueError, match="differ in shape"):
         merge_examples(np.zeros((3, 4, 4, 4), np.float32), np.zeros((4, 4, 5), np.int64))
+    with pytest.raises(ValueError, match="background must be"):
+        merge_examples(np.zeros((3, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.int64),
+                       background="membrane")
 
 
 def test_learned_needs_a_classifier_and_its_bins(classifier):
