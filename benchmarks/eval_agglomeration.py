@@ -1,6 +1,6 @@
 """Learned agglomeration against mean and quantile agglomeration of the same affinities.
 
-    python benchmarks/eval_agglomeration.py [--ship]
+    python benchmarks/eval_agglomeration.py [--halves] [--ship]
 
 The shipped ``fibsem`` net predicts the whole FlyEM medulla cube (uint8, as the pipeline
 stores affinities).  The edge classifier (affinity, size and raw EM features) learns from

@@ -34,7 +34,7 @@ def operating_point(model_name: str) -> tuple[dict, float]:
     try:
         card = load_classifier(model_name).card
         return {"score": "learned", "classifier": model_name}, card["threshold"]
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # none shipped for this net (or a .pt path)
         return {}, model_card(model_name).get("threshold", 0.5)
 
 

@@ -3,8 +3,9 @@
 As in gala (Nunez-Iglesias et al. 2013) and NeuroProof (Parag et al. 2015), the score of
 an edge between two regions is the probability, given by a classifier, that the two belong
 to one neuron.  The classifier sees the features of :data:`emdask.agglomerate.FEATURES`:
-the boundary's affinity mean, maximum and quantiles, its size, and the two regions' sizes.
-All follow from additive statistics (histogram counts, sums, voxel counts), so blockwise
+the boundary's affinity mean, maximum and quantiles, its size, the two regions' sizes and
+how much of the smaller one's surface the boundary is, and optionally the raw EM on the
+boundary, inside each region and their contrast.  All follow from additive statistics (histogram counts, sums, voxel counts), so blockwise
 segmentation with ``score="learned"`` stays identical for any chunking.
 
 Training is a teacher's agglomeration of a volume with ground truth (gala's "strict"
@@ -114,6 +115,24 @@ class EdgeClassifier:
                    float(np.ravel(model._baseline_prediction)[0]), int(bins), dict(card or {}))
 
 
+def _check_trees(clf: EdgeClassifier) -> None:
+    """Numba reads the trees unchecked: refuse what would read out of bounds or loop."""
+    shape = clf.feature.shape
+    if len(shape) != 2 or any(getattr(clf, k).shape != shape for k in
+                              ("threshold", "left", "right", "value")):
+        raise ValueError("tree arrays of different shapes")
+    node = np.arange(shape[1])
+    inner = clf.left >= 0
+    if ((clf.feature < 0) | (clf.feature >= len(FEATURES)))[inner].any():
+        raise ValueError(f"a feature index outside 0..{len(FEATURES) - 1}")
+    # children come after their parent (as scikit-learn numbers them): no cycles
+    for child in (clf.left, clf.right):
+        if (inner & ((child <= node) | (child >= shape[1]))).any():
+            raise ValueError("a tree's children must follow their parent inside the tree")
+    if clf.bins < 2:
+        raise ValueError(f"bins must be >= 2, got {clf.bins}")
+
+
 def load_classifier(name: str | Path | EdgeClassifier) -> EdgeClassifier:
     """A shipped classifier by the name of its boundary net (``"fibsem"``), or a file
     written by :meth:`EdgeClassifier.save`."""
@@ -130,17 +149,19 @@ def load_classifier(name: str | Path | EdgeClassifier) -> EdgeClassifier:
                                 f"({', '.join(names) or 'none shipped'})")
     try:
         doc = json.loads(path.read_text())
-        if doc.get("format") != "emdask-edge-classifier/1":
+        if not isinstance(doc, dict) or doc.get("format") != "emdask-edge-classifier/1":
             raise ValueError("not an emdask edge classifier")
         if doc["features"] != list(FEATURES):
             raise ValueError(f"trained on features {doc['features']}, this emdask computes "
                              f"{list(FEATURES)}")
         t = doc["trees"]
-        return EdgeClassifier(np.asarray(t["feature"], np.int64),
-                              np.asarray(t["threshold"], np.float64),
-                              np.asarray(t["left"], np.int64), np.asarray(t["right"], np.int64),
-                              np.asarray(t["value"], np.float64), float(doc["base"]),
-                              int(doc["bins"]), doc.get("card", {}))
+        clf = EdgeClassifier(np.asarray(t["feature"], np.int64),
+                             np.asarray(t["threshold"], np.float64),
+                             np.asarray(t["left"], np.int64), np.asarray(t["right"], np.int64),
+                             np.asarray(t["value"], np.float64), float(doc["base"]),
+                             int(doc["bins"]), doc.get("card", {}))
+        _check_trees(clf)
+        return clf
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: cannot read an edge classifier ({err})") from None
 
@@ -195,6 +216,9 @@ def merge_examples(affinities: np.ndarray, truth: np.ndarray, rounds_of: Sequenc
         raise ValueError(f"background must be 'unknown' or 'boundary', got {background!r}")
     affinities = np.asarray(affinities)
     truth = np.asarray(truth)
+    if raw is not None and (np.shape(raw) != truth.shape or np.asarray(raw).dtype != np.uint8):
+        raise ValueError(f"raw must be uint8 EM of the truth's shape {truth.shape}, got "
+                         f"{np.asarray(raw).dtype} {np.shape(raw)}")
     if truth.shape != affinities.shape[1:]:
         raise ValueError(f"truth {truth.shape} and affinities {affinities.shape} differ in "
                          "shape")
@@ -246,8 +270,9 @@ def train_agglomeration(
     Parameters
     ----------
     volumes
-        ``(affinities, truth)`` pairs, as :func:`merge_examples` takes them: the affinities
-        of the boundary net the classifier will serve.
+        ``(affinities, truth)`` or ``(affinities, truth, raw)`` tuples (all of one kind), as
+        :func:`merge_examples` takes them: the affinities of the boundary net the
+        classifier will serve, and its uint8 EM for the raw features.
     rounds
         Teacher rounds: the first ordered by mean affinity, each further one by the
         classifier so far (its examples added to the previous ones).
@@ -258,6 +283,8 @@ def train_agglomeration(
     n_estimators, max_leaf_nodes, monotonic, seed
         The tree ensemble (scikit-learn's ``HistGradientBoostingClassifier``): its trees,
         their leaves, whether the affinity features are constrained by :data:`MONOTONIC`.
+    weight_power
+        Examples weighted by the smaller region's size to this power (0: equal weights).
     card
         What to record with the classifier (data, scores).
 
@@ -270,6 +297,10 @@ def train_agglomeration(
     except ImportError:
         raise ImportError("training an agglomeration classifier needs scikit-learn: "
                           "pip install scikit-learn") from None
+    kinds = {len(v) > 2 and v[2] is not None for v in volumes}
+    if len(kinds) != 1:
+        raise ValueError("give raw EM for every training volume or for none")
+    with_raw = kinds.pop()
     xs, ys, clf = [], [], None
     for r in range(rounds):
         policy = ["mean" if clf is None else clf]
@@ -288,6 +319,6 @@ def train_agglomeration(
         smaller = np.exp(x[:, FEATURES.index("log_smaller")])
         model.fit(x, y, sample_weight=smaller ** weight_power)
         info = {"rounds": r + 1, "examples": int(y.size), "right": int(y.sum()),
-                "raw": len(volumes[0]) > 2}
+                "raw": with_raw}
         clf = EdgeClassifier.from_sklearn(model, bins, {**(card or {}), **info})
     return clf

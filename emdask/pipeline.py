@@ -795,7 +795,8 @@ def _pack_graph(basin_info, graph) -> dict:
 def _unpack_graph(arrays: dict):
     from emdask.region_graph import FIELDS, RegionGraph
 
-    return ((arrays["first"], arrays["sizes"], arrays["raw_sums"]),
+    # (raw_sums: absent from stores written before learned agglomeration)
+    return ((arrays["first"], arrays["sizes"], arrays.get("raw_sums", np.zeros(0, np.int64))),
             RegionGraph(**{k: arrays[k] for k in FIELDS}))
 
 
@@ -820,15 +821,20 @@ def _params(seg: SegmentSpec):
 
 
 @functools.lru_cache(maxsize=4)
-def _load_classifier(name: str):
+def _load_classifier(name: str, stamp: int):
     from emdask.learn_agglomeration import load_classifier
 
     return load_classifier(name)
 
 
 def _classifier(seg: SegmentSpec):
-    """The edge classifier of a learned score (None for the other scores)."""
-    return _load_classifier(seg.classifier) if seg.score == "learned" else None
+    """The edge classifier of a learned score (None for the other scores); cached per
+    process, and read again when its file changes."""
+    if seg.score != "learned":
+        return None
+    path = Path(seg.classifier)
+    return _load_classifier(seg.classifier, path.stat().st_mtime_ns
+                            if path.suffix == ".json" and path.exists() else 0)
 
 
 def _bins(seg: SegmentSpec) -> int:

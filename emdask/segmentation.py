@@ -420,8 +420,8 @@ def segment(
     score
         Agglomeration score: ``"mean"`` affinity (default), ``"max"``, ``"median"``,
         ``"quantile-NN"``, or ``"learned"``: the probability of a right merge given by
-        ``classifier`` from the boundary's affinities and the regions' sizes
-        (:mod:`emdask.learn_agglomeration`).
+        ``classifier`` from the boundary's affinities, the regions' sizes and (if it was
+        trained with them) the raw EM's statistics (:mod:`emdask.learn_agglomeration`).
     bins
         Histogram bins per graph edge (default 32 for quantile scores, the classifier's
         for the learned score, else 0).
@@ -440,7 +440,9 @@ def segment(
         :meth:`~emdask.learn_agglomeration.EdgeClassifier.save`, or the classifier itself.
     raw
         The (z, y, x) uint8 EM the affinities were predicted from, for a classifier that
-        uses raw features (ignored otherwise).
+        uses raw features (ignored otherwise).  It travels with the affinities as a fourth
+        channel through Dask's overlap, so a file-backed input is then held between the
+        two passes like an in-memory one (memory: the 4-channel volume).
 
     Returns
     -------

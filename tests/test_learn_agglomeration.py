@@ -11,6 +11,7 @@ from test_segment import _check_invariance, assert_same_partition
 from emdask import evaluate, open_volume
 from emdask.agglomerate import FEATURES, _run, agglomerate
 from emdask.learn_agglomeration import (
+    _WEIGHTS,
     EdgeClassifier,
     load_classifier,
     merge_examples,
@@ -68,6 +69,16 @@ def test_classifier_files_are_checked(tmp_path):
     bad.write_text(json.dumps({"format": "emdask-edge-classifier/1", "features": ["mean"]}))
     with pytest.raises(ValueError, match="trained on features"):
         load_classifier(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not an emdask edge classifier"):
+        load_classifier(bad)
+    doc = json.loads((_WEIGHTS / "fibsem_agglomeration.json").read_text())  # the shipped one
+    for key, value, message in (("feature", 99, "feature index"), ("left", 0, "children")):
+        broken = json.loads(json.dumps(doc))
+        broken["trees"][key][0][0] = value
+        bad.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            load_classifier(bad)
 
 
 def test_teacher_merges_only_within_true_neurons():
@@ -88,6 +99,31 @@ def test_teacher_merges_only_within_true_neurons():
     # region 5 a membrane (2-D labels' boundary, -1): its merge is a wrong example
     reps, x, right = _run(g, n, [1.0], "mean", np.full(n, 100), None, np.r_[truth[:5], -1])
     assert sorted(right.tolist()) == [False, False, True, True, True] and reps[0][5] == 5
+
+
+def test_an_edge_that_became_cheap_merges_before_the_threshold():
+    """Lazy rescoring: a region's growth lowers the cost of its other edge below the
+    threshold; it must merge although an unrelated costlier edge stops the queue first."""
+    # one tree: mean > 0.9 -> log-odds +5; mean <= 0.7 -> +2 if the larger region has more
+    # than 150 voxels (cost 0.12) else -2 (cost 0.88); otherwise -0.405 (cost 0.6)
+    big = np.log(150)
+    clf = EdgeClassifier(np.array([[0, 0, 0, 9, 0, 0, 0]]),
+                         np.array([[0.9, 0.7, 0, big, 0, 0, 0]]),
+                         np.array([[1, 3, -1, 5, -1, -1, -1]]),
+                         np.array([[2, 4, -1, 6, -1, -1, -1]]),
+                         np.array([[0, 0, 5.0, 0, -0.405, -2.0, 2.0]]), 0.0, bins=4)
+    u, v, mean = np.array([0, 1, 3]), np.array([1, 2, 4]), np.array([0.95, 0.5, 0.8])
+    q = (mean * 65535).astype(np.int64)
+    hist = np.zeros((3, 4), np.int64)
+    hist[np.arange(3), np.minimum((mean * 4).astype(int), 3)] = 10
+    g = RegionGraph(u, v, np.full(3, 10), q * 10, q, hist)
+    reps = agglomerate(g, 5, [0.5], "learned", sizes=np.array([100, 100, 10, 100, 100]),
+                       classifier=clf)[0]
+    assert reps.tolist() == [1, 1, 1, 3, 4]  # 2 joined {0, 1} (cost 0.12); 3-4 (0.6) not
+    # the same, whatever other thresholds are computed with it
+    sweep = agglomerate(g, 5, [0.005, 0.5], "learned", classifier=clf,
+                        sizes=np.array([100, 100, 10, 100, 100]))
+    assert sweep[1].tolist() == reps.tolist()
 
 
 def test_merge_examples_checks_shapes():
