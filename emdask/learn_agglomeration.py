@@ -31,6 +31,7 @@ import numpy as np
 from numba import njit
 
 from emdask.agglomerate import _QUANTILES, FEATURES, LEARNED_BINS, _forest, _run
+from emdask.metrics import contingency_table
 from emdask.region_graph import region_graph
 
 __all__ = ["EdgeClassifier", "load_classifier", "merge_examples", "train_agglomeration"]
@@ -168,17 +169,22 @@ def load_classifier(name: str | Path | EdgeClassifier) -> EdgeClassifier:
 
 def _majority(fragments: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
     """For fragments ``1..n``, the true id (renumbered ``1..``) most of its voxels carry;
-    0 where that is the truth's background."""
-    f = fragments.ravel().astype(np.int64)
-    _, t = np.unique(truth.ravel(), return_inverse=True)
-    t = t.astype(np.int64) + (0 if truth.min() == 0 else 1)  # keep 0 as background
-    keep = f > 0
-    pairs, counts = np.unique(f[keep] * (int(t.max()) + 1) + t[keep], return_counts=True)
-    frag, true = np.divmod(pairs, int(t.max()) + 1)
-    order = np.lexsort((-counts, frag))  # per fragment, the largest overlap first
-    first = np.r_[True, frag[order][1:] != frag[order][:-1]]
+    0 where more of them are the truth's background (ties: background, then lower id)."""
+    gt, frag, count = contingency_table(fragments, truth)  # (truth 0 not counted)
+    keep = frag > 0
+    gt, frag, count = gt[keep], frag[keep].astype(np.int64), count[keep]
     out = np.zeros(n + 1, np.int64)
-    out[frag[order][first]] = true[order][first]
+    if frag.size == 0:
+        return out[1:]
+    true = np.searchsorted(np.unique(truth[truth > 0]), gt) + 1
+    order = np.lexsort((true, -count, frag))  # per fragment, the largest overlap first
+    first = order[np.r_[True, frag[order][1:] != frag[order][:-1]]]
+    best = np.zeros(n + 1, np.int64)
+    best[frag[first]] = count[first]
+    out[frag[first]] = true[first]
+    background = np.bincount(fragments.ravel(), minlength=n + 1) - np.bincount(
+        frag, count, n + 1).astype(np.int64)
+    out[background >= best] = 0
     return out[1:]
 
 
