@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["NEAREST", "affinities_from_intensity", "affinities_from_labels", "mask_affinities"]
+__all__ = ["NEAREST", "affinities_from_intensity", "affinities_from_labels", "mask_affinities",
+           "shape_descriptors"]
 
 NEAREST: tuple[tuple[int, int, int], ...] = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
 
@@ -112,6 +113,91 @@ def affinities_from_intensity(raw: np.ndarray, sigma: float = 1.0) -> np.ndarray
     affs[1, :, 1:] = np.minimum(b[:, 1:], b[:, :-1])
     affs[2, :, :, 1:] = np.minimum(b[:, :, 1:], b[:, :, :-1])
     return affs
+
+
+#: channels of :func:`shape_descriptors`
+DESCRIPTORS = ("offset_z", "offset_y", "offset_x", "var_z", "var_y", "var_x",
+               "corr_zy", "corr_zx", "corr_yx", "mass")
+
+
+def shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
+                      factor: Sequence[int] = (1, 1, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """Local shape descriptors (Sheridan et al. 2023): for every labelled voxel, statistics
+    of its own object's voxels within a Gaussian window around it.
+
+    An auxiliary training target: to predict them the net must see each object's local
+    shape (where its centre of mass lies, how it extends, its orientation), which makes
+    its affinities better at telling touching objects apart.
+
+    Parameters
+    ----------
+    labels
+        Integer labels (z, y, x); 0 is unlabelled (masked).
+    sigma
+        Gaussian window (z, y, x) in voxels.
+    factor
+        Compute on labels subsampled by this factor (nearest) and repeat back: the
+        descriptors are smooth, and this makes them ``prod(factor)`` times cheaper.
+
+    Returns
+    -------
+    descriptors : float32 (10, z, y, x) in [0, 1]
+        :data:`DESCRIPTORS`: the offset from the voxel to the window's centre of mass in
+        units of sigma (mapped as 0.5 + offset / 2), the variances in units of sigma
+        squared, the Pearson correlations (0.5 + r / 2), and the window's object mass
+        (the Gaussian-weighted fraction of the window inside the object).
+    mask : float32 (10, z, y, x)
+        1 on labelled voxels.
+    """
+    import scipy.ndimage as ndi
+
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
+    factor = np.asarray(factor, int)
+    sub = labels[tuple(slice(f // 2, None, f) for f in factor)]
+    sig = np.asarray(sigma, float) / factor
+    out = np.zeros((10, *sub.shape), np.float32)
+    reach = np.ceil(3 * sig).astype(int)
+    boxes = ndi.find_objects(sub)  # one box per id 1..max (None where absent)
+    ids = [i + 1 for i, b in enumerate(boxes) if b is not None]
+    for i in ids:
+        box = tuple(slice(max(0, b.start - r), min(n, b.stop + r))
+                    for b, r, n in zip(boxes[i - 1], reach, sub.shape, strict=True))
+        m = (sub[box] == i).astype(np.float64)
+        # coordinates in units of sigma, centred in the box (small numbers, exact sums)
+        grids = np.meshgrid(*[(np.arange(s.start, s.stop) - (s.start + s.stop) / 2) / g
+                              for s, g in zip(box, sig, strict=True)], indexing="ij")
+
+        def smooth(a):
+            return ndi.gaussian_filter(a, sig, mode="constant", truncate=3.0)
+
+        mass = smooth(m)
+        inside = m > 0
+        w = np.maximum(mass[inside], 1e-12)
+        means = [smooth(m * c)[inside] / w for c in grids]
+        offs = [mu - c[inside] for mu, c in zip(means, grids, strict=True)]
+        second = {}
+        for a in range(3):
+            for b in range(a, 3):
+                second[a, b] = (smooth(m * grids[a] * grids[b])[inside] / w
+                                - means[a] * means[b])
+        view = out[(slice(None), *box)]
+        values = [*(0.5 + o / 2 for o in offs), *(second[a, a] for a in range(3)),
+                  *(0.5 + second[a, b] / np.sqrt(np.maximum(second[a, a] * second[b, b],
+                                                            1e-12)) / 2
+                    for a, b in ((0, 1), (0, 2), (1, 2))),
+                  mass[inside]]
+        for c, v in enumerate(values):
+            view[c][inside] = np.clip(v, 0, 1)
+    if np.any(factor > 1):  # back to the labels' grid, cropped
+        for axis, f in enumerate(factor):
+            out = np.repeat(out, f, axis=axis + 1)
+        pad = [(0, 0)] + [(f // 2, max(0, n - o - f // 2)) for f, n, o in
+                          zip(factor, labels.shape, out.shape[1:], strict=True)]
+        out = np.pad(out, pad, mode="edge")[(slice(None), *(slice(0, n) for n in labels.shape))]
+    mask = np.broadcast_to(labels > 0, out.shape).astype(np.float32)
+    return out * mask, mask
 
 
 def mask_affinities(affinities, mask):

@@ -21,6 +21,7 @@ import copy
 import itertools
 import json
 import threading
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,11 @@ class ModelConfig:
         postsynaptic cell).
     attention
         ``"partners"``: radius (z, y, x voxels) of the ball that marks the synapse.
+    lsd_sigma
+        Affinity nets: Gaussian window (nm) of local shape descriptors
+        (:func:`emdask.affinities.shape_descriptors`, Sheridan et al. 2023) that the net
+        also learns to predict, an auxiliary target that makes it see each object's shape;
+        inference computes the affinities only.  0 (default): none.
     planar
         Trained on 2-D labels only (every training volume ``labels_2d``, as ISBI 2012): the
         offsets with a z component never saw a target, so :func:`emdask.predict_affinities`
@@ -90,6 +96,7 @@ class ModelConfig:
     in_channels: int = 1
     target: str = "affinities"
     attention: list = field(default_factory=lambda: [1, 6, 6])
+    lsd_sigma: float = 0.0
     planar: bool = False
 
     def __post_init__(self):
@@ -104,11 +111,20 @@ class ModelConfig:
                 [-1, 0, 0], [0, -1, 0], [0, 0, -1]]:
             raise ValueError("the first 3 offsets must be the nearest neighbours "
                              "[-1,0,0], [0,-1,0], [0,0,-1]")
+        if self.lsd_sigma < 0 or (self.lsd_sigma and self.target != "affinities"):
+            raise ValueError("lsd_sigma (nm) must be >= 0, and only affinity nets learn "
+                             f"shape descriptors; got {self.lsd_sigma} for {self.target!r}")
 
 
     @property
-    def n_outputs(self) -> int:
+    def n_predicted(self) -> int:
+        """Channels that inference gives."""
         return {"affinities": len(self.offsets), "synapses": 1, "partners": 2}[self.target]
+
+    @property
+    def n_outputs(self) -> int:
+        """Channels the net learns: those predicted, then the auxiliary descriptors."""
+        return self.n_predicted + (10 if self.lsd_sigma else 0)
 
 
 class _ResBlock(nn.Module):
@@ -265,6 +281,11 @@ class ValidUNet(nn.Module):
         self.up = model.up
         self.up_blocks = nn.ModuleList(_ValidRes(b) for b in model.up_blocks)
         self.out = model.out
+        n = self.config.n_predicted
+        if self.out.out_channels > n:  # auxiliary training targets: never computed here
+            self.out = nn.Conv3d(self.out.in_channels, n, self.out.kernel_size)
+            self.out.weight.data, self.out.bias.data = (model.out.weight.data[:n],
+                                                        model.out.bias.data[:n])
         self.inp_crop = np.array(self.inp.kernel_size) // 2
         self.inp.padding = (0, 0, 0)
         self.eval().requires_grad_(False).to(dtype=dtype, memory_format=torch.channels_last_3d)
@@ -521,7 +542,9 @@ def save_model(model: AffinityUNet, path: str | Path, card: dict | None = None) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, tmp)
+    # the card also inside the weights: a .pt copied alone still maps inputs as in training
+    torch.save({"config": asdict(model.config), "state_dict": model.state_dict(),
+                "card": json.dumps(card or {})}, tmp)
     tmp.replace(path)
     meta = {"config": asdict(model.config), "card": card or {}}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
@@ -536,13 +559,24 @@ def load_model(path: str | Path, map_location: str = "cpu") -> AffinityUNet:
     model = AffinityUNet(ModelConfig(**state["config"]))
     model.load_state_dict(state["state_dict"] if "state_dict" in state else state["model"])
     model.eval()
-    model.card = _card(path)
+    model.card = _card(path, state)
     return model
 
 
-def _card(path: Path) -> dict:
+def _card(path: Path, state: dict | None = None) -> dict:
+    """A model's card: its JSON side file (cards are edited there), else the copy inside
+    the weights file (a .pt copied without its .json keeps its intensity mapping)."""
     meta = path.with_suffix(".json")
-    return json.loads(meta.read_text()).get("card", {}) if meta.exists() else {}
+    if meta.exists():
+        return json.loads(meta.read_text()).get("card", {})
+    if state is not None and "card" in state:
+        return json.loads(state["card"])
+    if state is not None and "state_dict" in state:  # a model file (not a checkpoint)
+        warnings.warn(f"{path}: no model card (neither {meta.name} beside it nor one inside):"
+                      " its threshold and the intensity mapping of its training data are "
+                      "unknown, so inputs are mapped by their dtype, not as in training; copy "
+                      "the .json with the .pt", stacklevel=3)
+    return {}
 
 
 def available_models() -> list[str]:

@@ -266,7 +266,7 @@ def _run_net(net: ValidUNet, x: np.ndarray, begin, end, device: str,
                 # the box in one tile: a view of the net's fresh output, no second copy
                 return pred[(slice(None), *src)]
             if out is None:
-                out = np.zeros((net.config.n_outputs, *(end - begin)), y.dtype)
+                out = np.zeros((net.config.n_predicted, *(end - begin)), y.dtype)
             out[(slice(None), *dst)] = pred[(slice(None), *src)]
     return out
 
@@ -572,7 +572,7 @@ def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
                               zip(data.shape, chunks, factor, halo, strict=True)))
     padded = da.overlap.overlap(data, depth=dict(enumerate(halo.tolist())),
                                 boundary=0)
-    n_out = model.config.n_outputs
+    n_out = model.config.n_predicted
     affs = padded.map_blocks(
         _predict_block, model, device, patch, batch_size, out_dtype, (0.0, 1.0), None,
         precision, new_axis=0, dtype=out_dtype,

@@ -246,6 +246,8 @@ class PatchSampler:
         self.patch = np.asarray(patch)
         self.offsets = model_config.offsets
         self.target = model_config.target
+        # shape descriptors' window in voxels (0: none); volumes are at the net's voxels
+        self.lsd_sigma = np.divide(model_config.lsd_sigma, model_config.voxel_size)
         self._positives = [np.argwhere(lab > 0)[::16] if self.target == "synapses"
                            else np.zeros((0, 3), int) for _, lab in self.data]
         self.attention = model_config.attention
@@ -301,11 +303,54 @@ class PatchSampler:
         target, mask = affinities_from_labels(lab, self.offsets, self.specs[i].background)
         if self.specs[i].labels_2d:
             mask[[k for k, o in enumerate(self.offsets) if o[0] != 0]] = 0
+        if np.any(self.lsd_sigma):
+            lsd, lsd_mask = _descriptors(lab, self.lsd_sigma, self.specs[i].labels_2d)
+            target, mask = np.concatenate([target, lsd]), np.concatenate([mask, lsd_mask])
         return r[None], target, mask
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         items = [self.sample() for _ in range(n)]
         return tuple(torch.from_numpy(np.stack(x)) for x in zip(*items, strict=True))
+
+
+def _descriptors(labels: np.ndarray, sigma: np.ndarray, labels_2d: bool
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Shape descriptor targets of a patch; masked where the patch cuts the window short
+    (within 1.5 sigma of its faces, the objects beyond the patch are unseen) and, for
+    2-D labels, on the z channels."""
+    from emdask.affinities import shape_descriptors
+
+    factor = np.where(sigma >= 2, 2, 1)  # smooth targets: computed on a coarser grid
+    lsd, mask = shape_descriptors(labels, sigma, factor)
+    edge = np.ceil(1.5 * sigma).astype(int)
+    for axis, (e, n) in enumerate(zip(edge, labels.shape, strict=True)):
+        if 2 * e < n:
+            band = [slice(None)] * 4
+            band[axis + 1] = np.r_[0:e, n - e:n]
+            mask[tuple(band)] = 0
+    if labels_2d:  # objects not linked across sections: z statistics unknown
+        mask[[0, 3, 6, 7]] = 0
+    return lsd, mask
+
+
+def descriptor_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+                    ) -> torch.Tensor:
+    """Mean squared error of the sigmoid outputs against the descriptors (in [0, 1]),
+    over the masked-in voxels."""
+    err = (torch.sigmoid(logits) - target) ** 2 * mask
+    return err.sum() / mask.sum().clamp(min=1)
+
+
+def training_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                  n_predicted: int) -> torch.Tensor:
+    """Balanced cross-entropy of the predicted channels, plus the descriptors' error where
+    the net learns them as an auxiliary target."""
+    loss = balanced_bce(logits[:, :n_predicted], target[:, :n_predicted],
+                        mask[:, :n_predicted])
+    if logits.shape[1] > n_predicted:
+        loss = loss + descriptor_loss(logits[:, n_predicted:], target[:, n_predicted:],
+                                      mask[:, n_predicted:])
+    return loss
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
@@ -526,7 +571,8 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
             group["lr"] = _learning_rate(config, it)
         raw, target, mask = (x.to(device) for x in sampler.batch(config.batch_size))
         with torch.autocast(device, torch.bfloat16, enabled=config.precision == "bfloat16"):
-            loss = balanced_bce(model(raw).float(), target, mask)
+            loss = training_loss(model(raw).float(), target, mask,
+                                 model_config.n_predicted)
         opt.zero_grad()
         loss.backward()
         opt.step()

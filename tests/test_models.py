@@ -231,3 +231,23 @@ def test_prediction_follows_weights_changed_in_place():
         m.out.bias += 1.0
     after = predict_affinities(raw, m, precision="float32").values
     assert np.abs(after - before).min() > 0.01
+
+
+def test_a_model_file_copied_without_its_card_keeps_it(tmp_path):
+    """The card (threshold, intensity mapping) is inside the .pt as well as in the .json
+    beside it: a .pt copied alone predicts the same; one with no card anywhere warns."""
+    import shutil
+
+    card = {"threshold": 0.6, "intensity": {"percentiles": [1.0, 99.0],
+                                            "values": [0.2, 0.8]}}
+    save_model(AffinityUNet(ModelConfig(width=2, downsample=[[1, 2, 2]])),
+               tmp_path / "a.pt", card=card)
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "a.pt", tmp_path / "alone" / "a.pt")
+    assert load_model(tmp_path / "alone" / "a.pt").card == card == load_model(
+        tmp_path / "a.pt").card
+    state = torch.load(tmp_path / "a.pt", weights_only=True)
+    del state["card"]
+    torch.save(state, tmp_path / "alone" / "old.pt")  # as saved before cards went inside
+    with pytest.warns(UserWarning, match="no model card"):
+        assert load_model(tmp_path / "alone" / "old.pt").card == {}

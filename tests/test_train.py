@@ -205,3 +205,45 @@ def test_bfloat16_training_runs_or_falls_back(tmp_path, labelled):
     model = train(cfg)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert (tmp_path / "run" / "model.pt").exists()
+
+
+def test_shape_descriptors_describe_the_voxels_own_object():
+    from emdask.affinities import shape_descriptors
+
+    labels = np.zeros((12, 40, 40), np.uint64)
+    labels[:, :20] = 1
+    labels[:, 20:] = 2
+    labels[:, 20:, :4] = 0  # unlabelled: no target there
+    lsd, mask = shape_descriptors(labels, (2, 3, 3))
+    assert lsd.shape == mask.shape == (10, 12, 40, 40) and lsd.min() >= 0 and lsd.max() <= 1
+    np.testing.assert_array_equal(mask[0], labels > 0)
+    assert np.all(lsd[:, labels == 0] == 0)
+    # the y offset to the window's centre of mass points into the object, more so near
+    # its face, and the other object's window never counts: symmetric about the contact
+    col = lsd[1, 6, :, 20]
+    assert col[19] < col[10] - 0.2 and col[20] > col[30] + 0.2
+    np.testing.assert_allclose(col[:20], 1 - col[20:][::-1], atol=1e-6)
+    assert abs(col[10] - 0.5) < 0.02 and lsd[9, 6, 10, 20] > 0.9  # deep inside: centred, full
+    coarse, _ = shape_descriptors(labels, (2, 4, 4), (1, 2, 2))
+    fine, _ = shape_descriptors(labels, (2, 4, 4))
+    assert np.abs(coarse - fine)[:, labels > 0].mean() < 0.03
+
+
+def test_a_net_learns_shape_descriptors_beside_affinities(tmp_path, labelled):
+    """lsd_sigma adds 10 descriptor outputs to training (masked near the patch faces);
+    inference gives the affinities alone, without computing the descriptors."""
+    from emdask import predict_affinities
+    from emdask.models import ValidUNet, load_model
+
+    cfg = _config(tmp_path, labelled, 2, extra="lsd_sigma = 12.0")  # 3 voxels in-plane
+    _, target, mask = PatchSampler(cfg.volumes, cfg.patch, cfg.model, cfg.augment, 0).batch(1)
+    assert target.shape[1] == mask.shape[1] == 4 + 10
+    lsd_mask = mask[0, 4:]
+    # sigma (0.3, 3, 3) voxels: bands of 1 section and 5 pixels at the faces are masked
+    assert lsd_mask[:, [0, -1]].sum() == 0 and lsd_mask[:, :, :5].sum() == 0
+    assert lsd_mask[:, :, :, -5:].sum() == 0 and lsd_mask[:, 1:-1, 5:-5, 5:-5].mean() > 0.5
+    train(cfg)
+    model = load_model(tmp_path / "run" / "model.pt")
+    assert model.config.n_outputs == 14 and ValidUNet(model).out.out_channels == 4
+    raw = np.random.default_rng(1).integers(0, 255, (8, 24, 24), np.uint8)
+    assert predict_affinities(raw, model).shape == (4, 8, 24, 24)
