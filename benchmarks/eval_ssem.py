@@ -17,8 +17,9 @@ against the region's own labels.  Regions, none trained on by any shipped ssEM n
 * VNC rows 768-1023: larval VNC, 2-D labels only, so scored per section (z affinities 0).
 
 Rows: the net at its card's threshold and at its best; ``--planar``: a planar net (the
-previous shipped ``sstem``; an older one from git:
-``git show a703df4:emdask/weights/sstem.pt > /tmp/sstem_planar.pt``); the intensity
+previous shipped ``sstem``; an older one from git, with its card:
+``git show a703df4:emdask/weights/sstem.pt > /tmp/sstem_planar.pt`` and the same for
+``sstem.json``); the intensity
 baseline (intensity smoothed in 3-D or in-plane, no training) at its best.  ``--learned``: also the net's
 shipped agglomeration classifier at 0.5.
 """
@@ -71,8 +72,10 @@ def working_grid(raw: np.ndarray, vs, model: AffinityUNet) -> np.ndarray:
     factor = np.maximum(np.rint(ratio), 1).astype(int)
     if np.all(np.abs(np.asarray(vs[1:]) * factor / target - 1) <= 0.25):
         return downsample_in_plane(raw, raw, factor)[0]
-    return ndi.zoom(raw.astype(np.float32), (1, *(1 / ratio)), order=1).clip(0, 255).astype(
-        raw.dtype)
+    info = np.iinfo(raw.dtype) if raw.dtype.kind in "iu" else np.finfo(raw.dtype)
+    zoomed = ndi.zoom(raw.astype(np.float32), (1, *(1 / ratio)), order=1, grid_mode=True,
+                      mode="nearest")  # voxel centres onto voxel centres, as back_to maps
+    return zoomed.clip(info.min, info.max).astype(raw.dtype)
 
 
 def back_to(seg: np.ndarray, shape) -> np.ndarray:
@@ -98,13 +101,13 @@ def net_affinities(raw: np.ndarray, vs, model: AffinityUNet) -> np.ndarray:
     return affs[:, pad:affs.shape[1] - pad]
 
 
-def sweep(affs, labels, planar: bool, raw=None, classifier=None) -> list[dict]:
+def sweep(affs, labels, planar: bool, raw=None, classifier=None, extra=()) -> list[dict]:
     """Segment at every threshold in one pass, back on the labels' grid, and score."""
     if planar:
         affs = affs.copy()
         affs[0] = 0
     score = "learned" if classifier is not None else "mean"
-    ths = [LEARNED_THRESHOLD] if classifier is not None else THRESHOLDS
+    ths = [LEARNED_THRESHOLD] if classifier is not None else sorted({*THRESHOLDS, *extra})
     segs = dask.compute(*segment(affs, ths, score=score, classifier=classifier, raw=raw))
     return [evaluate(back_to(np.asarray(s), labels.shape), labels) | {"threshold": t}
             for s, t in zip(segs, ths, strict=True)]
@@ -137,7 +140,7 @@ def main() -> None:
         t = time.perf_counter()
         work_raw = working_grid(raw, vs, net)
         affs = net_affinities(raw, vs, net)
-        rows = sweep(affs, labels, spec.labels_2d)
+        rows = sweep(affs, labels, spec.labels_2d, extra=[card_threshold])
         seconds = time.perf_counter() - t
         print(f"\n{where}: {raw.shape} voxels of {' x '.join(f'{v:g}' for v in vs)} nm; "
               f"net grid {affs.shape[1:]}; {seconds:.0f} s\n")

@@ -134,10 +134,13 @@ def shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
     labels
         Integer labels (z, y, x); 0 is unlabelled (masked).
     sigma
-        Gaussian window (z, y, x) in voxels.
+        Gaussian window (z, y, x) in voxels; 0 on an axis: per plane (2-D labels, whose
+        ids are not linked along that axis; its statistics are then 0.5 or 0).
     factor
-        Compute on labels subsampled by this factor (nearest) and repeat back: the
-        descriptors are smooth, and this makes them ``prod(factor)`` times cheaper.
+        Compute on labels subsampled by this factor (nearest) and take each voxel's
+        values from the nearest sample: the descriptors are smooth, and this makes them
+        ``prod(factor)`` times cheaper.  Voxels whose nearest sample lies in another
+        object are masked.
 
     Returns
     -------
@@ -165,8 +168,10 @@ def shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
         box = tuple(slice(max(0, b.start - r), min(n, b.stop + r))
                     for b, r, n in zip(boxes[i - 1], reach, sub.shape, strict=True))
         m = (sub[box] == i).astype(np.float64)
-        # coordinates in units of sigma, centred in the box (small numbers, exact sums)
+        # coordinates in units of sigma, centred in the box (small numbers, exact sums);
+        # 0 along an axis without a window
         grids = np.meshgrid(*[(np.arange(s.start, s.stop) - (s.start + s.stop) / 2) / g
+                              if g > 0 else np.zeros(s.stop - s.start)
                               for s, g in zip(box, sig, strict=True)], indexing="ij")
 
         def smooth(a):
@@ -190,13 +195,13 @@ def shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
                   mass[inside]]
         for c, v in enumerate(values):
             view[c][inside] = np.clip(v, 0, 1)
-    if np.any(factor > 1):  # back to the labels' grid, cropped
-        for axis, f in enumerate(factor):
-            out = np.repeat(out, f, axis=axis + 1)
-        pad = [(0, 0)] + [(f // 2, max(0, n - o - f // 2)) for f, n, o in
-                          zip(factor, labels.shape, out.shape[1:], strict=True)]
-        out = np.pad(out, pad, mode="edge")[(slice(None), *(slice(0, n) for n in labels.shape))]
-    mask = np.broadcast_to(labels > 0, out.shape).astype(np.float32)
+    mask = labels > 0
+    if np.any(factor > 1):  # each voxel from its nearest sample, within its own object
+        near = np.ix_(*[np.clip(np.rint((np.arange(n) - f // 2) / f), 0, m - 1).astype(int)
+                        for n, f, m in zip(labels.shape, factor, sub.shape, strict=True)])
+        out = out[(slice(None), *near)]
+        mask &= sub[near] == labels
+    mask = np.broadcast_to(mask, out.shape).astype(np.float32)
     return out * mask, mask
 
 

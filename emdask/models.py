@@ -634,7 +634,10 @@ def model_card(name: str | Path) -> dict:
     path = _model_path(name)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file")
-    return _card(path)
+    if path.with_suffix(".json").exists():
+        return _card(path)
+    # a .pt copied alone: its own copy of the card (memory-mapped, weights not read)
+    return _card(path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
 #: What a model card sets for the steps after its net (the operating point chosen on its

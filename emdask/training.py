@@ -316,20 +316,22 @@ class PatchSampler:
 def _descriptors(labels: np.ndarray, sigma: np.ndarray, labels_2d: bool
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Shape descriptor targets of a patch; masked where the patch cuts the window short
-    (within 1.5 sigma of its faces, the objects beyond the patch are unseen) and, for
-    2-D labels, on the z channels."""
+    (within 1.5 sigma of its faces, the objects beyond the patch are unseen).  2-D labels
+    (ids not linked across sections) get in-plane windows, their z statistics and their
+    mass (a 2-D fraction, not comparable with 3-D labels') masked."""
     from emdask.affinities import shape_descriptors
 
+    if labels_2d:
+        sigma = np.array([0.0, *sigma[1:]])
     factor = np.where(sigma >= 2, 2, 1)  # smooth targets: computed on a coarser grid
     lsd, mask = shape_descriptors(labels, sigma, factor)
     edge = np.ceil(1.5 * sigma).astype(int)
     for axis, (e, n) in enumerate(zip(edge, labels.shape, strict=True)):
-        if 2 * e < n:
-            band = [slice(None)] * 4
-            band[axis + 1] = np.r_[0:e, n - e:n]
-            mask[tuple(band)] = 0
-    if labels_2d:  # objects not linked across sections: z statistics unknown
-        mask[[0, 3, 6, 7]] = 0
+        band = [slice(None)] * 4
+        band[axis + 1] = np.r_[0:e, n - e:n] if 2 * e < n else slice(None)
+        mask[tuple(band)] = 0
+    if labels_2d:
+        mask[[0, 3, 6, 7, 9]] = 0
     return lsd, mask
 
 

@@ -246,6 +246,9 @@ def test_a_model_file_copied_without_its_card_keeps_it(tmp_path):
     shutil.copy(tmp_path / "a.pt", tmp_path / "alone" / "a.pt")
     assert load_model(tmp_path / "alone" / "a.pt").card == card == load_model(
         tmp_path / "a.pt").card
+    from emdask.models import model_card  # the card alone (licence, threshold), no weights
+
+    assert model_card(tmp_path / "alone" / "a.pt") == card
     state = torch.load(tmp_path / "a.pt", weights_only=True)
     del state["card"]
     torch.save(state, tmp_path / "alone" / "old.pt")  # as saved before cards went inside

@@ -224,9 +224,47 @@ def test_shape_descriptors_describe_the_voxels_own_object():
     assert col[19] < col[10] - 0.2 and col[20] > col[30] + 0.2
     np.testing.assert_allclose(col[:20], 1 - col[20:][::-1], atol=1e-6)
     assert abs(col[10] - 0.5) < 0.02 and lsd[9, 6, 10, 20] > 0.9  # deep inside: centred, full
-    coarse, _ = shape_descriptors(labels, (2, 4, 4), (1, 2, 2))
+    coarse, coarse_mask = shape_descriptors(labels, (2, 4, 4), (1, 2, 2))
     fine, _ = shape_descriptors(labels, (2, 4, 4))
-    assert np.abs(coarse - fine)[:, labels > 0].mean() < 0.03
+    inside = coarse_mask[0] > 0
+    assert np.abs(coarse - fine)[:, inside].mean() < 0.03
+    # a voxel whose nearest sample lies in another object is masked
+    two = np.ones((4, 10, 10), np.uint64)
+    two[:, 5:] = 2  # samples at rows 1, 3, 5, ...: row 4's nearest is row 5
+    _, two_mask = shape_descriptors(two, (1, 2, 2), (1, 2, 2))
+    assert not two_mask[:, :, 4].any() and two_mask[:, :, [3, 5]].all()
+    planar, _ = shape_descriptors(labels, (0, 3, 3))  # 2-D windows: no z statistics
+    assert np.all(planar[[0, 6, 7]][:, labels > 0] == 0.5) and np.all(planar[3] == 0)
+
+
+def test_shape_descriptors_equal_a_direct_computation():
+    """Each voxel's descriptors from the sums over its own object's voxels, weighted by
+    the (truncated, normalized) Gaussian around it."""
+    from emdask.affinities import shape_descriptors
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(1, 4, (3, 4, 4)).repeat(2, 0).repeat(3, 1).repeat(3, 2)
+    sigma = np.array([1.0, 1.5, 2.0])
+    lsd, _ = shape_descriptors(labels, sigma)
+    reach = np.ceil(3 * sigma).astype(int)
+    kernels = []  # scipy's 1-D kernels: truncated at 3 sigma, normalized
+    for s, r in zip(sigma, reach, strict=True):
+        k = np.exp(-0.5 * (np.arange(-r, r + 1) / s) ** 2)
+        kernels.append(k / k.sum())
+    coords = np.indices(labels.shape).reshape(3, -1).T
+    for v in coords[rng.choice(len(coords), 25, replace=False)]:
+        d = coords - v
+        near = np.all(np.abs(d) <= reach, axis=1)
+        w = np.prod([kernels[a][d[near, a] + reach[a]] for a in range(3)], axis=0)
+        same = labels[tuple(coords[near].T)] == labels[tuple(v)]
+        w, u = w * same, d[near] / sigma
+        mean = (w[:, None] * u).sum(0) / w.sum()
+        cov = (w[:, None, None] * u[:, :, None] * u[:, None, :]).sum(0) / w.sum() - np.outer(
+            mean, mean)
+        r = [cov[a, b] / np.sqrt(cov[a, a] * cov[b, b]) for a, b in ((0, 1), (0, 2), (1, 2))]
+        expect = np.clip([*(0.5 + mean / 2), *np.diag(cov), *(0.5 + np.array(r) / 2),
+                          w.sum()], 0, 1)
+        np.testing.assert_allclose(lsd[(slice(None), *v)], expect, atol=1e-5)
 
 
 def test_a_net_learns_shape_descriptors_beside_affinities(tmp_path, labelled):
