@@ -160,13 +160,14 @@ def shape_descriptors(labels: np.ndarray, sigma: Sequence[float],
     factor = np.asarray(factor, int)
     sub = labels[tuple(slice(f // 2, None, f) for f in factor)]
     sig = np.asarray(sigma, float) / factor
-    out = np.zeros((10, *sub.shape), np.float32)
+    out = np.zeros((len(DESCRIPTORS), *sub.shape), np.float32)
     reach = np.ceil(3 * sig).astype(int)
-    boxes = ndi.find_objects(sub)  # one box per id 1..max (None where absent)
-    ids = [i + 1 for i, b in enumerate(boxes) if b is not None]
-    for i in ids:
+    # one box per id 1..max (None where absent)
+    for i, found in enumerate(ndi.find_objects(sub), start=1):
+        if found is None:
+            continue
         box = tuple(slice(max(0, b.start - r), min(n, b.stop + r))
-                    for b, r, n in zip(boxes[i - 1], reach, sub.shape, strict=True))
+                    for b, r, n in zip(found, reach, sub.shape, strict=True))
         m = (sub[box] == i).astype(np.float64)
         # coordinates in units of sigma, centred in the box (small numbers, exact sums);
         # 0 along an axis without a window

@@ -124,7 +124,9 @@ class ModelConfig:
     @property
     def n_outputs(self) -> int:
         """Channels the net learns: those predicted, then the auxiliary descriptors."""
-        return self.n_predicted + (10 if self.lsd_sigma else 0)
+        from emdask.affinities import DESCRIPTORS
+
+        return self.n_predicted + (len(DESCRIPTORS) if self.lsd_sigma else 0)
 
 
 class _ResBlock(nn.Module):
@@ -634,10 +636,10 @@ def model_card(name: str | Path) -> dict:
     path = _model_path(name)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file")
-    if path.with_suffix(".json").exists():
-        return _card(path)
     # a .pt copied alone: its own copy of the card (memory-mapped, weights not read)
-    return _card(path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    state = None if path.with_suffix(".json").exists() else torch.load(
+        path, map_location="cpu", weights_only=True, mmap=True)
+    return _card(path, state)
 
 
 #: What a model card sets for the steps after its net (the operating point chosen on its
