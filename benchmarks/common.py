@@ -24,23 +24,25 @@ def noisy_affinities(labels: np.ndarray, seed: int = 0, sigma=(0, 1, 1, 1), nois
 
 class PeakMemory:
     """Sample the resident memory of this process and its children (Dask workers) in a
-    thread; ``peak_mb`` is the largest total seen inside the ``with`` block."""
+    thread; ``peak_mb`` is the largest total seen inside the ``with`` block,
+    ``process_mb`` the largest of any single process."""
 
     def __init__(self, interval: float = 0.02):
-        self.interval, self.peak_mb = interval, 0.0
+        self.interval, self.peak_mb, self.process_mb = interval, 0.0, 0.0
 
     def _sample(self):
         import psutil
 
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            sizes = [0.0]
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    sizes.append(p.memory_info().rss / 2**20)
                 except psutil.Error:
                     pass
-            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self.peak_mb = max(self.peak_mb, sum(sizes))
+            self.process_mb = max(self.process_mb, max(sizes))
             self._stop.wait(self.interval)
 
     def __enter__(self):

@@ -47,22 +47,40 @@ def parse_score(score: str) -> tuple[int, float]:
 
 
 @njit(cache=True)
-def _merge_small_kernel(n, eu, ev, emax, order, sizes, size_threshold, merge_q):
-    parent = np.arange(n)
-    size = sizes.copy()
+def _merge_small_kernel(eu, ev, emax, order, parent, sizes, size_threshold, merge_q,
+                        uncertain, partial):
+    """Size-dependent single linkage from a partition (``parent``, sizes at the roots).
+
+    In the hierarchical solve some regions' sizes and edges are not all known yet
+    (``uncertain`` at their roots, their sizes lower bounds; ``partial`` edges, whose
+    statistics are incomplete): an edge of such a region that could merge is left for the
+    level above, and the region it joins becomes uncertain too, since its merges from then
+    on depend on that edge.  (Sizes only grow, so an edge between two regions of at least
+    ``size_threshold`` voxels never merges, wherever it falls in the order.)  Returns the
+    roots, each region's uncertainty, and which edges were left."""
+    parent, size, uncertain = parent.copy(), sizes.copy(), uncertain.copy()
+    left = np.zeros(eu.size, np.bool_)
     for e in order:
-        if emax[e] < merge_q:
-            break
         a, b = _find(parent, eu[e]), _find(parent, ev[e])
         if a == b:
+            continue
+        if size[a] >= size_threshold and size[b] >= size_threshold:
+            continue  # never merges
+        if partial[e] or ((uncertain[a] or uncertain[b]) and emax[e] >= merge_q):
+            left[e] = True
+            uncertain[a] = True
+            uncertain[b] = True
+            continue
+        if emax[e] < merge_q:
             continue
         if size[a] < size_threshold or size[b] < size_threshold:
             keep, gone = min(a, b), max(a, b)
             parent[gone] = keep
             size[keep] += size[gone]
-    for i in range(n):
+            uncertain[keep] = uncertain[keep] or uncertain[gone]
+    for i in range(parent.size):
         parent[i] = _find(parent, i)
-    return parent
+    return parent, uncertain[parent], left
 
 
 def merge_small_regions(
@@ -81,11 +99,21 @@ def merge_small_regions(
     numpy.ndarray
         ``root[i]``: the lowest-numbered region that region ``i`` was merged with.
     """
+    n = len(sizes)
+    no = np.zeros(n, np.bool_)
+    return _merge_small(graph, np.arange(n), np.asarray(sizes, np.int64), size_threshold,
+                        merge_threshold, no, np.zeros(len(graph), np.bool_))[0]
+
+
+def _merge_small(graph: RegionGraph, parent, sizes, size_threshold: int,
+                 merge_threshold: float, uncertain, partial):
+    """:func:`_merge_small_kernel` with the edges in their order."""
     merge_q = int(np.ceil(merge_threshold * Q - 1e-9))
     # strongest edges first; a stable sort keeps canonical edge order among ties
     order = np.argsort(-graph.max, kind="stable")
-    return _merge_small_kernel(len(sizes), graph.u, graph.v, graph.max, order,
-                               np.asarray(sizes, np.int64), int(size_threshold), merge_q)
+    return _merge_small_kernel(graph.u, graph.v, graph.max, order, np.asarray(parent, np.int64),
+                               np.asarray(sizes, np.int64), int(size_threshold), merge_q,
+                               uncertain, partial)
 
 
 #: What the learned score sees of an edge (see :func:`_features`); all of it follows from
@@ -164,12 +192,26 @@ def _cost(e, a, b, count, total, emax, hist, eraw, region, code, q, forest, x):
 
 
 @njit(cache=True)
+def _pair(rank, a, b):
+    return (rank[a], rank[b]) if rank[a] <= rank[b] else (rank[b], rank[a])
+
+
+@njit(cache=True)
 def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code, q, forest,
-                        thresholds, truth):
+                        thresholds, truth, rank, frozen):
     """Greedy agglomeration; with ``truth`` (one id per region, 0 unknown, -1 boundary), a
     teacher run instead: the lowest-cost edge is merged only where both regions have the
     same true id, otherwise dropped, and each decision is recorded with the edge's features
-    (none where a region is unknown; a boundary region's merges are wrong)."""
+    (none where a region is unknown; a boundary region's merges are wrong).
+
+    Ties in cost go to the edge whose regions' ``rank`` pair (lower, higher) is smallest; a
+    merged region takes the larger rank.  Ranks only grow under merges, so an edge that is
+    the cheapest of both its regions stays so whatever merges happen elsewhere, and any
+    order of such merges ends in the same partition: the ground of the hierarchical solve
+    (:mod:`emdask.solve_tree`).  There, ``frozen`` regions (whose edges are not all known
+    yet) never merge; an edge that would be merged next but touches a frozen region (or one
+    already blocked) blocks both its regions, which then wait for the level above.  Returns
+    the representatives and the blocked regions at each threshold."""
     n_edges = eu.size
     eu, ev = eu.copy(), ev.copy()
     count, total, emax, hist = count.copy(), total.copy(), emax.copy(), hist.copy()
@@ -193,28 +235,37 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
     adj = List()
     for _ in range(n):
         adj.append(Dict.empty(key_type=types.int64, value_type=types.int64))
-    heap = [(0.0, np.int64(0), np.int64(0))]
+    rank = rank.copy()
+    blocked = frozen.copy()
+    heap = [(0.0, np.int64(0), np.int64(0), np.int64(0), np.int64(0))]
     heap.pop()
     for e in range(n_edges):
         adj[eu[e]][ev[e]] = e
         adj[ev[e]][eu[e]] = e
+        lo, hi = _pair(rank, eu[e], ev[e])
         heap.append((_cost(e, eu[e], ev[e], count, total, emax, hist, eraw, region, code, q, forest,
-                           x), np.int64(e), np.int64(0)))
+                           x), lo, hi, np.int64(e), np.int64(0)))
     heapq.heapify(heap)
     alive = np.ones(n_edges, np.bool_)
     stamp = np.zeros(n_edges, np.int64)
     n_thr = thresholds.size
     out = np.empty((n_thr, n), np.int64)
+    out_blocked = np.zeros((n_thr, n), np.bool_)
     t = 0
     level = 0.0
     while len(heap) > 0 and t < n_thr:
-        c, e, s = heapq.heappop(heap)
+        c, lo, hi, e, s = heapq.heappop(heap)
         if not alive[e] or s != stamp[e]:
+            continue
+        # ranks only grow: an entry with outdated ranks sorts too early, so it is pushed back
+        lo2, hi2 = _pair(rank, eu[e], ev[e])
+        if lo2 != lo or hi2 != hi:
+            heapq.heappush(heap, (c, lo2, hi2, e, s))
             continue
         if resize and scored[e] != version[eu[e]] + version[ev[e]]:
             scored[e] = version[eu[e]] + version[ev[e]]
             heapq.heappush(heap, (_cost(e, eu[e], ev[e], count, total, emax, hist, eraw, region, code,
-                                        q, forest, x), e, s))
+                                        q, forest, x), lo, hi, e, s))
             continue
         if resize and c >= level:
             # At every 1/128 of cost, every edge whose regions grew since it was scored is
@@ -227,20 +278,26 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
                 if alive[f] and f != e and scored[f] != version[eu[f]] + version[ev[f]]:
                     scored[f] = version[eu[f]] + version[ev[f]]
                     stamp[f] += 1
+                    flo, fhi = _pair(rank, eu[f], ev[f])
                     heapq.heappush(heap, (_cost(f, eu[f], ev[f], count, total, emax, hist,
-                                                eraw, region, code, q, forest, x), f,
-                                          stamp[f]))
+                                                eraw, region, code, q, forest, x), flo, fhi,
+                                          f, stamp[f]))
                     flushed = True
             if flushed:
-                heapq.heappush(heap, (c, e, s))
+                heapq.heappush(heap, (c, lo, hi, e, s))
                 continue
         while t < n_thr and c >= thresholds[t]:
             for i in range(n):
                 out[t, i] = _find(parent, i)
+                out_blocked[t, i] = blocked[out[t, i]]
             t += 1
         if t == n_thr:
             break
         a, b = eu[e], ev[e]
+        if blocked[a] or blocked[b]:  # not known to be the cheapest edge of both: wait
+            blocked[a] = True
+            blocked[b] = True
+            continue
         alive[e] = False
         if teach:
             if truth[a] != 0 and truth[b] != 0:
@@ -258,6 +315,7 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
             keep, gone = b, a
         parent[gone] = keep
         region[keep] += region[gone]
+        rank[keep] = max(rank[keep], rank[gone])
         version[keep] += 1
         adj[keep].pop(gone)
         for nb, f in adj[gone].items():
@@ -275,8 +333,9 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
                 alive[f] = False
                 stamp[g] += 1
                 scored[g] = version[keep] + version[nb]
+                glo, ghi = _pair(rank, keep, nb)
                 heapq.heappush(heap, (_cost(g, keep, nb, count, total, emax, hist, eraw, region,
-                                            code, q, forest, x), g, stamp[g]))
+                                            code, q, forest, x), glo, ghi, g, stamp[g]))
             else:
                 adj[keep][nb] = f
                 adj[nb][keep] = f
@@ -289,8 +348,9 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
     while t < n_thr:
         for i in range(n):
             out[t, i] = _find(parent, i)
+            out_blocked[t, i] = blocked[out[t, i]]
         t += 1
-    return out, records[:n_records], labels[:n_records]
+    return out, records[:n_records], labels[:n_records], out_blocked
 
 
 def _check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
@@ -316,8 +376,10 @@ _NO_FOREST = (np.zeros((0, 1), np.int64), np.zeros((0, 1)), np.zeros((0, 1), np.
 
 def _run(graph: RegionGraph, n_regions: int, thresholds: Sequence[float], score: str,
          sizes: np.ndarray | None, classifier, truth: np.ndarray | None,
-         raw: np.ndarray | None = None):
-    """Checked arguments for :func:`_agglomerate_kernel`, and its result."""
+         raw: np.ndarray | None = None, rank: np.ndarray | None = None,
+         frozen: np.ndarray | None = None):
+    """Checked arguments for :func:`_agglomerate_kernel`, and its result: representatives,
+    teacher records and labels, blocked regions."""
     thr = _check_thresholds(thresholds)
     code, q = parse_score(score)
     if code in (_SCORES["quantile"], _SCORES["learned"]) and graph.hist.shape[1] == 0:
@@ -353,9 +415,14 @@ def _run(graph: RegionGraph, n_regions: int, thresholds: Sequence[float], score:
                          f"{region_raw.shape}")
     region = np.stack([sizes, region_raw], axis=1).astype(np.float64)
     truth = np.zeros(0, np.int64) if truth is None else np.asarray(truth, np.int64)
+    rank = np.arange(n_regions, dtype=np.int64) if rank is None else np.asarray(rank, np.int64)
+    frozen = (np.zeros(n_regions, np.bool_) if frozen is None
+              else np.asarray(frozen, np.bool_))
+    if rank.shape != (n_regions,) or frozen.shape != (n_regions,):
+        raise ValueError(f"rank and frozen must have one entry per region ({n_regions})")
     return _agglomerate_kernel(int(n_regions), graph.u, graph.v, graph.count, graph.total,
                                graph.max, graph.hist, edge_raw, region,
-                               code, q, forest, thr, truth)
+                               code, q, forest, thr, truth, rank, frozen)
 
 
 def agglomerate(
@@ -367,6 +434,7 @@ def agglomerate(
     sizes: np.ndarray | None = None,
     classifier=None,
     raw: np.ndarray | None = None,
+    rank: np.ndarray | None = None,
 ) -> np.ndarray:
     """Hierarchical agglomeration for a sweep of thresholds in one pass (as waterz does).
 
@@ -393,10 +461,13 @@ def agglomerate(
     raw
         Sum of raw EM inside each region, with a graph that holds the boundaries' raw
         (for a classifier trained with raw features).
+    rank
+        Breaks ties in cost: the edge whose regions' (lower, higher) rank pair is smallest
+        merges first, and a merged region takes the larger rank (default: the region ids).
 
     Returns
     -------
     numpy.ndarray, shape (len(thresholds), n_regions)
         For each threshold, the representative region of every region.
     """
-    return _run(graph, n_regions, thresholds, score, sizes, classifier, None, raw)[0]
+    return _run(graph, n_regions, thresholds, score, sizes, classifier, None, raw, rank)[0]

@@ -244,7 +244,7 @@ def merge_examples(affinities: np.ndarray, truth: np.ndarray, rounds_of: Sequenc
     for policy in rounds_of:
         score, clf = ("learned", policy) if isinstance(policy, EdgeClassifier) else (policy,
                                                                                      None)
-        _, x, y = _run(graph, n, [1.0], score, sizes, clf, true, sums)
+        _, x, y, _ = _run(graph, n, [1.0], score, sizes, clf, true, sums)
         xs.append(x)
         ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)

@@ -79,6 +79,9 @@ from emdask.store import local_path as _local_path
 __all__ = ["STAGES", "RunConfig", "StoreBusy", "load_run_config", "local_cluster",
            "make_cluster", "run", "verify"]
 
+#: Markers of the boxes of the tree solve (the agglomerate stage's steps).
+TREE_MARKERS = "agglomerate-tree"
+
 STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "pyramid",
           "meshes", "skeletons", "report")
 
@@ -789,14 +792,18 @@ def _pack_graph(basin_info, graph) -> dict:
     from emdask.region_graph import FIELDS
 
     return {"first": basin_info[0], "sizes": basin_info[1], "raw_sums": basin_info[2],
+            "last": basin_info[3],
             **{k: getattr(graph, k) for k in FIELDS}}
 
 
 def _unpack_graph(arrays: dict):
     from emdask.region_graph import FIELDS, RegionGraph
 
-    # (raw_sums: absent from stores written before learned agglomeration)
-    return ((arrays["first"], arrays["sizes"], arrays.get("raw_sums", np.zeros(0, np.int64))),
+    # (raw_sums: absent from stores written before learned agglomeration; last: before
+    # the tree solve, whose ties it breaks: such a store's graphs are read, not resumed,
+    # by this version unless told, see run(other_version=))
+    return ((arrays["first"], arrays["sizes"], arrays.get("raw_sums", np.zeros(0, np.int64)),
+             arrays.get("last", arrays["first"])),
             RegionGraph(**{k: arrays[k] for k in FIELDS}))
 
 
@@ -1401,7 +1408,8 @@ def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
             "predict": (predict, [], []),
             "watershed": (["_emdask/basins"], ["_emdask/graph/{block}.npz",
                                                 "_emdask/faces/{block}.npz"], []),
-            "agglomerate": ([], [], ["_emdask/lut/{block}.npz"]),
+            "agglomerate": ([], [], ["_emdask/lut/{block}.npz", "_emdask/tree/{block}.npz",
+                                     "_emdask/resolution/{block}.npz"]),
             "relabel": ([f"{LABELS}/fragments/s0", *segmentations], [], []),
             "synapses": (["synapse_probabilities/s0"], [], [f"{LABELS}/synapses/s0"]),
             "meshes": ([], ["_emdask/meshes/{block}.npz"], []),
@@ -1421,6 +1429,8 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
     store = cfg.output.path
     for s in clear:
         remove(store, f"_emdask/done/{s}")
+        if s == "agglomerate":
+            remove(store, f"_emdask/done/{TREE_MARKERS}")
     for s in clear:
         arrays, files, whole = _outputs(root, s)
         for name in arrays + whole:
@@ -1684,12 +1694,125 @@ def _intensity(cfg: RunConfig, root, vol, model) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _box_task(ctx: _Context, index: int, boxes: list) -> None:
+    """One box of the tree solve: from its block's summary or its halves' states and the
+    face links between them; writes its state and its resolution."""
+    from emdask.solve_tree import (
+        Carried,
+        face_keys,
+        from_arrays,
+        inner_box,
+        leaf_box,
+        plane_faces,
+        to_arrays,
+    )
+
+    box, seg = boxes[index], ctx.segment
+    args = {"params": _params(seg), "thresholds": seg.thresholds, "score": seg.score}
+
+    def summary(block: int):
+        return (_unpack_graph(load_arrays(ctx.store, f"_emdask/graph/{block}.npz")),
+                _unpack_faces(load_arrays(ctx.store, f"_emdask/faces/{block}.npz")))
+
+    if box.block >= 0:
+        (basin_info, graph), faces = summary(box.block)
+        up, res = leaf_box(basin_info, graph, faces, box, **args)
+    else:
+        halves = [from_arrays(Carried, load_arrays(ctx.store, f"_emdask/tree/{c}.npz"))
+                  for c in box.children]
+        links = []
+        for lower, upper, d in plane_faces(box, ctx.grid.counts):
+            ((info_u, _), faces_u), ((info_l, _), faces_l) = summary(upper), summary(lower)
+            links.append(face_keys(faces_u, faces_l, info_u[0], info_l[0], d,
+                                   _params(seg).quantized()[1], _bins(seg)))
+        up, res = inner_box(*halves, links, box, **args)
+    save_arrays(ctx.store, f"_emdask/tree/{index}.npz", to_arrays(up))
+    save_arrays(ctx.store, f"_emdask/resolution/{index}.npz", to_arrays(res))
+    mark_done(ctx.store, TREE_MARKERS, index, ctx.stamp)
+
+
+def _numbering_task(ctx: _Context, n_boxes: int) -> dict:
+    """Every finished fragment's and segment's key, sorted (output ids are their ranks),
+    and the problem's sizes; reads the resolutions one at a time."""
+    from emdask.segmentation import SegmentationInfo
+    from emdask.solve_tree import Resolution, counts, finished, from_arrays, numbering, totals
+
+    keys, sizes = [], []
+    for i in range(n_boxes):
+        res = from_arrays(Resolution, load_arrays(ctx.store, f"_emdask/resolution/{i}.npz"))
+        keys.append(finished(res))
+        sizes.append(counts(res))
+    frag, segs = numbering(keys)
+    save_arrays(ctx.store, "_emdask/tree/numbers.npz",
+                {"fragments": frag, **{f"segments{t}": k for t, k in enumerate(segs)}})
+    return asdict(SegmentationInfo(len(ctx.grid), *totals(sizes)))
+
+
+def _lut_task(ctx: _Context, block: int, chain: list) -> None:
+    """A block's lookup tables from the resolutions of its boxes (its own up to the
+    root) and the numbering."""
+    from emdask.solve_tree import Resolution, block_lut, from_arrays
+
+    first = load_arrays(ctx.store, f"_emdask/graph/{block}.npz")["first"]
+    path = [from_arrays(Resolution, load_arrays(ctx.store, f"_emdask/resolution/{i}.npz"))
+            for i in chain]
+    numbers = load_arrays(ctx.store, "_emdask/tree/numbers.npz")
+    n_thr = len(ctx.segment.thresholds)
+    lut = block_lut(first, path, (numbers["fragments"],
+                                  [numbers[f"segments{t}"] for t in range(n_thr)]))
+    save_arrays(ctx.store, f"_emdask/lut/{block}.npz", {"lut": lut})
+
+
+def _tree_solve(client, ctx: _Context, cfg: RunConfig) -> dict:
+    """The tree solve (:mod:`emdask.solve_tree`): boxes level by level from the blocks up,
+    resumable per box; then the numbering and every block's lookup tables."""
+    from emdask.solve_tree import paths, tree
+
+    boxes = tree(ctx.grid.counts)
+    height = []
+    for box in boxes:  # children come first
+        height.append(1 + max(height[c] for c in box.children) if box.children else 0)
+    have = {d: set(_list(ctx.store, f"_emdask/{d}")) for d in ("tree", "resolution")}
+    done = {i for i in marked(ctx.store, TREE_MARKERS, ctx.stamp)
+            if all(f"{i}.npz" in have[d] for d in have)}
+    if done:
+        print(f"  tree: {len(done)} of {len(boxes)} boxes already done", file=sys.stderr)
+    retries, timeout = cfg.cluster.retries, cfg.cluster.task_timeout
+    task = functools.partial(_guarded, functools.partial(_box_task, ctx), timeout)
+    for level in range(max(height) + 1):
+        todo = [i for i, h in enumerate(height) if h == level and i not in done]
+        if todo:
+            futures = client.map(task, todo, [boxes] * len(todo), retries=retries,
+                                 pure=False, key=[f"emdask-box-{i}-{time.time_ns()}"
+                                                  for i in todo])
+            _progress(futures, f"tree level {level}")
+    info = _progress([client.submit(_numbering_task, ctx, len(boxes), retries=retries,
+                                    pure=False, key=f"emdask-numbering-{time.time_ns()}")],
+                     "numbering")[0]
+    chains = paths(boxes)
+    blocks = sorted(chains)
+    task = functools.partial(_guarded, functools.partial(_lut_task, ctx), timeout)
+    _progress(client.map(task, blocks, [chains[b] for b in blocks], retries=retries,
+                         pure=False, key=[f"emdask-lut-{b}-{time.time_ns()}" for b in blocks]),
+              "lookup tables")
+    mark_done(ctx.store, "agglomerate", 0, ctx.stamp)
+    return info
+
+
 def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
-    """Face links (one task per face between two blocks), then one global solve."""
+    """The region graph solved: in a tree of boxes (mean and max scores), or by face
+    links (one task per face between two blocks) and one global solve."""
+    from emdask.segmentation import TREE_SCORES
+
     ctx = replace(ctx, stamp=_generation(ctx.store, "agglomerate"))
     if marked(ctx.store, "agglomerate", ctx.stamp):
         print("  agglomerate: already done", file=sys.stderr)
         return {}
+    if ctx.segment.score in TREE_SCORES:
+        info = _tree_solve(client, ctx, cfg)
+        print(f"  tree: {info['n_supervoxels']} supervoxels, {info['n_edges']} edges; the "
+              f"largest box held {info['graph_nbytes'] / 1e6:.1f} MB", file=sys.stderr)
+        return {"graph": info}
     grid = ctx.grid
     faces = [(b, axis) for b in range(len(grid)) for axis in range(3)
              if grid.neighbour(b, axis) is not None]

@@ -53,6 +53,18 @@ from emdask.agglomerate import (
 )
 from emdask.blockgraph import BlockGraph
 from emdask.region_graph import RegionGraph, combine, from_observations, observations, raw_pairs
+from emdask.solve_tree import (
+    block_lut,
+    counts,
+    face_keys,
+    finished,
+    inner_box,
+    leaf_box,
+    numbering,
+    plane_faces,
+    totals,
+    tree,
+)
 from emdask.volumes import read_box, stored_source
 from emdask.watershed import HALO, WatershedParams, _find, _union, basins, quantize_affinities
 
@@ -70,7 +82,9 @@ class SegmentationInfo:
     n_supervoxels: int
     n_fragments: int  # after small-region merging and dust removal
     n_edges: int
-    graph_nbytes: int  # the global region graph of supervoxels
+    # the region graph of supervoxels one task held: the global graph, or with the tree
+    # solve (mean and max scores) the largest state of one box
+    graph_nbytes: int
 
     def per_gigavoxel(self, n_voxels: int) -> float:
         """Global graph bytes per 1e9 voxels."""
@@ -96,10 +110,25 @@ def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, b
     return _block_basins(padded, origin, shape, params, bins)[1:]
 
 
+@njit(cache=True)
+def _last_voxels(labels, n, origin, shape):
+    """Each label's highest global voxel index in the block (C order: the last seen)."""
+    last = np.zeros(n, np.int64)
+    nz, ny, nx = labels.shape
+    for i in range(nz):
+        for j in range(ny):
+            for k in range(nx):
+                lab = labels[i, j, k]
+                if lab > 0:
+                    last[lab - 1] = ((origin[0] + i) * shape[1] + origin[1] + j) * shape[2] \
+                        + origin[2] + k
+    return last
+
+
 def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
     """One block's block-local basin labels and what the global solve needs of it: basin
-    info (lowest global index, size, sum of raw), the region graph inside the block, and
-    its faces.  ``padded`` is (3, ...) affinities, or (4, ...) with raw EM as channel 3
+    info (lowest global index, size, sum of raw, highest global index), the region graph
+    inside the block, and its faces.  ``padded`` is (3, ...) affinities, or (4, ...) with raw EM as channel 3
     (for a learned score with raw features)."""
     if isinstance(padded, _StoredBlock):
         padded = padded.read()
@@ -118,7 +147,7 @@ def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bi
         r = observations(labels, pairs)[2]
         raw = padded[(3, *inside)].astype(np.float64).ravel()  # exact: sums below 2**53
         raw_sums = np.bincount(labels.ravel(), raw, first.size + 1)[1:].astype(np.int64)
-    basin_info = (first, sizes, raw_sums)
+    basin_info = (first, sizes, raw_sums, _last_voxels(labels, first.size, origin, shape))
     graph = from_observations(u - 1, v - 1, w, bins, r)
     faces = {}
     for d in range(3):
@@ -197,8 +226,11 @@ def _global_graph(block_graphs, face_graphs, pairs, supervoxels) -> RegionGraph:
 
 
 def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedParams,
-            thresholds, score: str, classifier=None):
-    """Global graph, small-region merging and agglomeration; lookup tables."""
+            thresholds, score: str, classifier=None, last=None):
+    """Global graph, small-region merging and agglomeration; lookup tables.  ``last``, the
+    basins' highest global voxel indices, ranks fragments for ties in agglomeration (their
+    highest voxel index: the same for any chunking, and growing under merges, as
+    :mod:`emdask.solve_tree` needs)."""
     bases, sv, sv_sizes, sv_raw = supervoxels
     n_blocks = len(block_graphs)
     sv_graph = _global_graph(block_graphs, face_graphs, pairs, supervoxels)
@@ -218,8 +250,12 @@ def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedPara
     if dust.any():
         frag_graph = frag_graph.select(~(dust[frag_graph.u] | dust[frag_graph.v]))
     tables = [_consecutive(np.where(dust, 0, np.arange(1, n_frag + 1)))]
+    rank = None
+    if last is not None and n:
+        rank = np.full(n_frag, -1, np.int64)
+        np.maximum.at(rank, frag[sv], last)
     for reps in agglomerate(frag_graph, n_frag, thresholds, score, sizes=frag_sizes,
-                            classifier=classifier, raw=frag_raw):
+                            classifier=classifier, raw=frag_raw, rank=rank):
         seg = _canonical(reps, np.arange(n_frag)) + 1
         tables.append(_consecutive(np.where(dust, 0, seg)))
     # lookup tables from block-local basin to output id, one row per output
@@ -232,8 +268,9 @@ def _solve(basin_info, block_graphs, links, pairs, params: WatershedParams, thre
            score: str, classifier=None):
     """The global solve from the block and face summaries: lookup tables and info."""
     supervoxels = _supervoxels(basin_info, pairs, [lk[0] for lk in links])
+    last = np.concatenate([info[3] for info in basin_info] + [np.zeros(0, np.int64)])
     return _finish(block_graphs, [lk[1] for lk in links], pairs, supervoxels, params,
-                   thresholds, score, classifier)
+                   thresholds, score, classifier, last)
 
 
 def _relabel(padded, solution, origin, shape, params, block: int, sweep: tuple = ()):
@@ -252,6 +289,62 @@ def _apply_luts(labels: np.ndarray, luts: np.ndarray, bases: np.ndarray, block: 
     lut = np.concatenate([np.zeros((luts.shape[0], 1), np.uint64),
                           luts[:, bases[block]:bases[block + 1]]], axis=1)
     return tuple(row[labels] for row in lut)
+
+
+# ---------------------------------------------------------------- the tree solve
+#: Scores solved in a tree of boxes (:mod:`emdask.solve_tree`); the others in one task.
+TREE_SCORES = ("mean", "max")
+
+
+def _lut_solution(first, path, numbers):
+    """One block's lookup tables, as the (tables, offsets) its relabel reads."""
+    lut = block_lut(first, list(path), numbers)
+    return lut, np.array([0, lut.shape[1]])
+
+
+def _info(parts, n_blocks: int) -> SegmentationInfo:
+    return SegmentationInfo(n_blocks, *totals(list(parts)))
+
+
+def _tree_tasks(g: BlockGraph, inputs: dict, shape, params: WatershedParams, bins: int,
+                thresholds, score: str):
+    """Tasks of the tree solve: block summaries, face links, one task per box, the
+    numbering, and each block's lookup tables.  Returns {block index: key of its
+    solution} and the key of the info."""
+    parts, index = {}, {}
+    for idx, block, origin, _ in g.blocks():
+        s = g.add("summary", idx, _block_summary, inputs[idx], origin=origin, shape=shape,
+                  params=params, bins=bins)
+        parts[block] = [g.item(f"summary{i}", idx, s, i) for i in range(3)]
+        parts[block].append(g.item("first", idx, parts[block][0], 0))  # basin keys
+        index[block] = idx
+    boxes = tree(g.grid)
+    carried, resolutions, paths = [], [], {}
+    args = {"params": params, "thresholds": thresholds, "score": score}
+    for i, box in enumerate(boxes):
+        if box.block >= 0:
+            b = box.block
+            key = g.add("box", (i,), leaf_box, *parts[b][:3], box=box, **args)
+            members = [b]
+        else:
+            links = [g.add("face", (lw, u), face_keys, parts[u][2], parts[lw][2], parts[u][3],
+                           parts[lw][3], d=d, high_q=params.quantized()[1], bins=bins)
+                     for lw, u, d in plane_faces(box, g.grid)]
+            key = g.add("box", (i,), inner_box, carried[box.children[0]][0],
+                        carried[box.children[1]][0], links, box=box, **args)
+            members = carried[box.children[0]][1] + carried[box.children[1]][1]
+        carried.append((g.item("carried", (i,), key, 0), members))
+        resolutions.append(g.item("resolution", (i,), key, 1))
+        for b in members:
+            paths.setdefault(b, []).append(resolutions[-1])
+    keys = [g.add("finished", (i,), finished, r) for i, r in enumerate(resolutions)]
+    numbers = g.add("numbering", (), numbering, keys)
+    solutions = {index[b]: g.add("lut", index[b], _lut_solution, parts[b][3], path, numbers)
+                 for b, path in paths.items()}
+    info = g.add("info", (), _info, [g.add("counts", (i,), counts, r)
+                                     for i, r in enumerate(resolutions)],
+                 n_blocks=len(paths))
+    return solutions, info
 
 
 # ---------------------------------------------------------------- threshold sweeps
@@ -525,16 +618,22 @@ def segment(
         keys[...] = padded.__dask_keys__()
         inputs = {idx: keys[(0, *idx)] for idx in np.ndindex(*g.grid)}
 
-    solution = g.solve(
-        inputs, _block_summary, _face_links, _solve,
-        summary_args={"shape": shape, "params": params, "bins": bins},
-        link_args={"high_q": params.quantized()[1], "bins": bins},
-        solve_args={"params": params, "thresholds": thr, "score": score,
-                    "classifier": classifier})
-    relabelled = {idx: g.add("relabel", idx, _relabel, inputs[idx], solution, origin=origin,
-                             shape=shape, params=params, block=block, sweep=(g.name, idx))
+    if score in TREE_SCORES:
+        solutions, info = _tree_tasks(g, inputs, shape, params, bins, thr, score)
+    else:  # one global task (see emdask.solve_tree for why these scores need it)
+        solution = g.solve(
+            inputs, _block_summary, _face_links, _solve,
+            summary_args={"shape": shape, "params": params, "bins": bins},
+            link_args={"high_q": params.quantized()[1], "bins": bins},
+            solve_args={"params": params, "thresholds": thr, "score": score,
+                        "classifier": classifier})
+        solutions = {idx: solution for idx in np.ndindex(*g.grid)}
+        info = g.item("info", (), solution, 2)
+    relabelled = {idx: g.add("relabel", idx, _relabel, inputs[idx], solutions[idx],
+                             origin=origin, shape=shape, params=params,
+                             block=block if score not in TREE_SCORES else 0,
+                             sweep=(g.name, idx))
                   for idx, block, origin, _ in g.blocks()}
-    info = g.item("info", (), solution, 2)
     results = [g.array(f"labels{i}", relabelled, np.uint64, item=i)
                for i in range(len(thr) + 1)]
     if any(thin):

@@ -89,7 +89,7 @@ def test_teacher_merges_only_within_true_neurons():
     g = RegionGraph(u, v, count, count * 60000, np.full(5, 65535),
                     np.tile([0] * 15 + [10], (5, 1)))
     truth = np.array([1, 1, 1, 2, 2, 0])
-    reps, x, right = _run(g, n, [1.0], "mean", np.full(n, 100), None, truth)
+    reps, x, right, _ = _run(g, n, [1.0], "mean", np.full(n, 100), None, truth)
     assert len(set(reps[0][:3])) == 1 and reps[0][3] == reps[0][4]
     assert reps[0][0] != reps[0][3] and reps[0][5] == 5
     # the decisions: two merges inside neuron 1, one inside 2, one refused between them;
@@ -97,7 +97,7 @@ def test_teacher_merges_only_within_true_neurons():
     assert sorted(right.tolist()) == [False, True, True, True]
     assert x.shape == (4, len(FEATURES)) and np.isfinite(x).all()
     # region 5 a membrane (2-D labels' boundary, -1): its merge is a wrong example
-    reps, x, right = _run(g, n, [1.0], "mean", np.full(n, 100), None, np.r_[truth[:5], -1])
+    reps, x, right, _ = _run(g, n, [1.0], "mean", np.full(n, 100), None, np.r_[truth[:5], -1])
     assert sorted(right.tolist()) == [False, False, True, True, True] and reps[0][5] == 5
 
 
