@@ -9,6 +9,11 @@ tree solve, relabel), the tasks, the peak memory of all processes together and o
 largest single process, and the largest state one box of the tree held.
 
     python benchmarks/bench_pipeline.py [--sizes 1 8 64 512] [--workers 2] [--block 128]
+                                        [--solve tree|global|auto]
+
+The global step runs as a tree of boxes at every size by default (``--solve tree``), so
+that the sizes compare one mechanism; ``auto`` (what a run does by default) solves
+volumes up to 2**27 voxels in one task.
 
 Aim (issue 23): cost per voxel flat within 1.3x and the largest process's peak within 1.5x
 from 8x to 512x.
@@ -51,6 +56,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--block", type=int, default=128, help="block side (voxels)")
     parser.add_argument("--tmp", help="folder for the stores (default: a temporary one)")
+    parser.add_argument("--solve", default="tree", choices=["tree", "global", "auto"])
     args = parser.parse_args()
     if not MEDULLA.exists():
         sys.exit(f"needs {MEDULLA}")
@@ -75,7 +81,7 @@ def main() -> None:
                 "affinities": {"url": affs, "dataset": "affinities"},
                 "output": {"path": str(tmp / f"out_{factor}x.zarr"),
                            "chunks": [args.block] * 3},
-                "segment": {"thresholds": [0.3, 0.5]},
+                "segment": {"thresholds": [0.3, 0.5], "solve": args.solve},
                 "cluster": {"n_workers": args.workers, "threads_per_worker": 1},
             })
             with PeakMemory(interval=0.05) as peaks:
@@ -93,7 +99,8 @@ def main() -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
     print(f"\nemdask run --stage segment, {args.workers} worker processes, blocks "
-          f"{args.block}^3, affinities given (medulla ground truth + noise, mirrored)")
+          f"{args.block}^3, affinities given (medulla ground truth + noise, mirrored), "
+          f"solve = {args.solve}")
     print(f"{'size':>4} {'Gvox':>6} {'blocks':>6} {'boxes':>6} {'faces':>6} "
           f"{'watershed':>10} {'tree':>10} {'relabel':>10} {'total':>10} "
           f"{'wall s':>7} {'peak all MB':>11} {'peak 1 proc MB':>14} {'box MB':>7}")

@@ -21,7 +21,7 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-__all__ = ["BlockGraph"]
+__all__ = ["BlockGraph", "map_reduce"]
 
 
 def _constant(value: Any) -> Any:
@@ -143,3 +143,26 @@ class BlockGraph:
     def delayed(self, key: tuple) -> Delayed:
         """The value of one task, as a Dask delayed."""
         return Delayed(key, self._graph(), layer=self.name)
+
+
+def map_reduce(func: Callable, combine: Callable, arrays: list, split_every: int = 8,
+               **literals) -> Delayed:
+    """``func(*blocks, origin=..., **literals)`` on each block of ``arrays`` (Dask arrays
+    of one chunking), the results combined ``combine(*parts)`` in a tree of fan-in
+    ``split_every``: the pattern of a blockwise table or score, memory bounded by a block
+    and the combined result.  Returns the result as a delayed."""
+    import dask
+
+    for a in arrays[1:]:
+        if a.chunks != arrays[0].chunks:
+            raise ValueError("map_reduce needs arrays of one chunking")
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in arrays[0].chunks]
+    blocks = [a.to_delayed() for a in arrays]
+    apply = dask.delayed(partial(func, **literals), pure=True)
+    parts = [apply(*(b[idx] for b in blocks),
+                   origin=tuple(int(starts[d][i]) for d, i in enumerate(idx)))
+             for idx in np.ndindex(*blocks[0].shape)]
+    merge = dask.delayed(combine, pure=True)
+    while len(parts) > 1:
+        parts = [merge(*parts[i:i + split_every]) for i in range(0, len(parts), split_every)]
+    return parts[0]

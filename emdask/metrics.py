@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+
+from emdask.blockgraph import map_reduce
 
 __all__ = ["adapted_rand", "contingency_table", "evaluate", "voi"]
 
@@ -32,11 +33,12 @@ __all__ = ["adapted_rand", "contingency_table", "evaluate", "voi"]
 Table = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _pair_counts(gt: np.ndarray, seg: np.ndarray) -> Table:
-    """Contingency table of one in-memory block, ground-truth 0 excluded."""
+def _pair_counts(gt: np.ndarray, seg: np.ndarray, either: bool = False) -> Table:
+    """Contingency table of one in-memory block, ground-truth 0 excluded (with
+    ``either``: only voxels where both are 0)."""
     gt = np.asarray(gt).ravel()
     seg = np.asarray(seg).ravel()
-    keep = gt != 0
+    keep = (gt != 0) | (seg != 0) if either else gt != 0
     gt, seg = gt[keep].astype(np.uint64), seg[keep].astype(np.uint64)
     if gt.size == 0:
         empty = np.zeros(0, np.uint64)
@@ -91,16 +93,12 @@ def contingency_table(segmentation: Any, ground_truth: Any, split_every: int = 8
         return _pair_counts(gt, seg)
     seg = da.asarray(seg)
     gt = da.asarray(gt).rechunk(seg.chunks)
-    blocks = [
-        dask.delayed(_pair_counts)(g, s)
-        for g, s in zip(gt.to_delayed().ravel(), seg.to_delayed().ravel(), strict=True)
-    ]
-    while len(blocks) > 1:
-        blocks = [
-            dask.delayed(_merge_tables)(*blocks[i : i + split_every])
-            for i in range(0, len(blocks), split_every)
-        ]
-    return blocks[0].compute()
+    return map_reduce(_block_table, _merge_tables, [gt, seg], split_every).compute()
+
+
+def _block_table(gt: np.ndarray, seg: np.ndarray, origin=None, either: bool = False
+                 ) -> Table:
+    return _pair_counts(gt, seg, either)
 
 
 def _entropy_terms(table: Table) -> tuple[float, float]:

@@ -166,6 +166,9 @@ class SegmentSpec:
     bins: int | None = None
     # score = "learned": the edge classifier, a shipped name ("fibsem") or a .json file
     classifier: str | None = None
+    # the global step: "tree" (bounded memory per task), "global" (one task) or "auto":
+    # the tree above emdask.segmentation.GLOBAL_SOLVE_VOXELS voxels (identical results)
+    solve: str = "auto"
 
 
 @dataclass
@@ -388,6 +391,9 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
             raise ValueError("score = 'learned' needs classifier = a shipped name ('fibsem') "
                              "or a .json file from emdask.learn_agglomeration")
         _bins(cfg.segment)
+        from emdask.segmentation import use_tree
+
+        use_tree(cfg.segment.solve, cfg.segment.score, (1, 1, 1))  # checks the words
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"{where}: [segment] {err}") from None
     if cfg.meshes.segmentation is not None and (
@@ -783,7 +789,7 @@ def _watershed_task(ctx: _Context, block: int) -> None:
         affs, begin, ctx.grid.shape, _params(seg), _bins(seg))
     _array(ctx, "_emdask/basins")[_slices(begin, end)] = labels
     save_arrays(ctx.store, f"_emdask/graph/{block}.npz", _pack_graph(basin_info, graph))
-    save_arrays(ctx.store, f"_emdask/faces/{block}.npz", _pack_faces(faces))
+    save_arrays(ctx.store, f"_emdask/faces/{block}.npz", _pack_faces(faces, basin_info[0]))
     mark_done(ctx.store, "watershed", block, ctx.stamp)
 
 
@@ -807,14 +813,16 @@ def _unpack_graph(arrays: dict):
             RegionGraph(**{k: arrays[k] for k in FIELDS}))
 
 
-def _pack_faces(faces: dict) -> dict:
-    return {f"{side}{d}_{i}": a for (side, d), parts in faces.items()
-            for i, a in enumerate(parts)}
+# (with the basins' keys, which the tree solve's face links need: it then reads a
+# neighbour's small faces file, not its whole graph)
+def _pack_faces(faces: dict, keys: np.ndarray) -> dict:
+    return {"keys": keys, **{f"{side}{d}_{i}": a for (side, d), parts in faces.items()
+                             for i, a in enumerate(parts)}}
 
 
 def _unpack_faces(arrays: dict) -> dict:
     faces: dict = {}
-    for name in sorted(arrays):  # "lower0_0" ...: side, axis, then the part's index
+    for name in sorted(set(arrays) - {"keys"}):  # "lower0_0": side, axis, part's index
         key = (name[:5], int(name[5]))
         faces.setdefault(key, []).append((int(name[7:]), arrays[name]))
     return {k: tuple(a for _, a in sorted(parts)) for k, parts in faces.items()}
@@ -884,8 +892,7 @@ def _relabel_task(ctx: _Context, block: int) -> None:
     begin, end = ctx.grid.box(block)
     labels = np.asarray(_array(ctx, "_emdask/basins")[_slices(begin, end)])
     luts = load_arrays(ctx.store, f"_emdask/lut/{block}.npz")["lut"]
-    for name, out in zip(_label_datasets(ctx.segment), _apply_luts(labels, luts,
-                                                                   [0, luts.shape[1]], 0),
+    for name, out in zip(_label_datasets(ctx.segment), _apply_luts(labels, luts),
                          strict=True):
         _array(ctx, f"{LABELS}/{name}/s0")[_slices(begin, end)] = out
     mark_done(ctx.store, "relabel", block, ctx.stamp)
@@ -1408,8 +1415,7 @@ def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
             "predict": (predict, [], []),
             "watershed": (["_emdask/basins"], ["_emdask/graph/{block}.npz",
                                                 "_emdask/faces/{block}.npz"], []),
-            "agglomerate": ([], [], ["_emdask/lut/{block}.npz", "_emdask/tree/{block}.npz",
-                                     "_emdask/resolution/{block}.npz"]),
+            "agglomerate": ([], [], ["_emdask/lut/{block}.npz"]),
             "relabel": ([f"{LABELS}/fragments/s0", *segmentations], [], []),
             "synapses": (["synapse_probabilities/s0"], [], [f"{LABELS}/synapses/s0"]),
             "meshes": ([], ["_emdask/meshes/{block}.npz"], []),
@@ -1429,7 +1435,7 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
     store = cfg.output.path
     for s in clear:
         remove(store, f"_emdask/done/{s}")
-        if s == "agglomerate":
+        if s == "agglomerate":  # and the tree solve's boxes (intermediates, for resuming)
             remove(store, f"_emdask/done/{TREE_MARKERS}")
     for s in clear:
         arrays, files, whole = _outputs(root, s)
@@ -1442,6 +1448,9 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
                 del root[group]
         for pattern in files:
             remove(store, pattern.rsplit("/", 1)[0])
+        if s == "agglomerate":
+            for folder in ("_emdask/tree", "_emdask/resolution"):
+                remove(store, folder)
         if s in ("meshes", "skeletons"):  # the files beside the segmentation
             for name in _meshed(store, root, s):
                 remove(store, f"{LABELS}/{name}/{s}")
@@ -1694,9 +1703,10 @@ def _intensity(cfg: RunConfig, root, vol, model) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _box_task(ctx: _Context, index: int, boxes: list) -> None:
+def _box_task(ctx: _Context, index: int, box, after: list = ()) -> None:
     """One box of the tree solve: from its block's summary or its halves' states and the
-    face links between them; writes its state and its resolution."""
+    face links between them; writes its state and its resolution.  (``after``: the
+    children's tasks, so that Dask runs this one once they are done.)"""
     from emdask.solve_tree import (
         Carried,
         face_keys,
@@ -1707,23 +1717,26 @@ def _box_task(ctx: _Context, index: int, boxes: list) -> None:
         to_arrays,
     )
 
-    box, seg = boxes[index], ctx.segment
+    seg = ctx.segment
     args = {"params": _params(seg), "thresholds": seg.thresholds, "score": seg.score}
 
-    def summary(block: int):
-        return (_unpack_graph(load_arrays(ctx.store, f"_emdask/graph/{block}.npz")),
-                _unpack_faces(load_arrays(ctx.store, f"_emdask/faces/{block}.npz")))
+    def faces(block: int):
+        arrays = load_arrays(ctx.store, f"_emdask/faces/{block}.npz")
+        if "keys" not in arrays:  # written by an earlier version (run(other_version=))
+            arrays["keys"] = load_arrays(ctx.store, f"_emdask/graph/{block}.npz")["first"]
+        return _unpack_faces(arrays), arrays["keys"]
 
     if box.block >= 0:
-        (basin_info, graph), faces = summary(box.block)
-        up, res = leaf_box(basin_info, graph, faces, box, **args)
+        basin_info, graph = _unpack_graph(load_arrays(ctx.store,
+                                                      f"_emdask/graph/{box.block}.npz"))
+        up, res = leaf_box(basin_info, graph, faces(box.block)[0], box, **args)
     else:
         halves = [from_arrays(Carried, load_arrays(ctx.store, f"_emdask/tree/{c}.npz"))
                   for c in box.children]
         links = []
         for lower, upper, d in plane_faces(box, ctx.grid.counts):
-            ((info_u, _), faces_u), ((info_l, _), faces_l) = summary(upper), summary(lower)
-            links.append(face_keys(faces_u, faces_l, info_u[0], info_l[0], d,
+            (faces_u, keys_u), (faces_l, keys_l) = faces(upper), faces(lower)
+            links.append(face_keys(faces_u, faces_l, keys_u, keys_l, d,
                                    _params(seg).quantized()[1], _bins(seg)))
         up, res = inner_box(*halves, links, box, **args)
     save_arrays(ctx.store, f"_emdask/tree/{index}.npz", to_arrays(up))
@@ -1764,14 +1777,11 @@ def _lut_task(ctx: _Context, block: int, chain: list) -> None:
 
 
 def _tree_solve(client, ctx: _Context, cfg: RunConfig) -> dict:
-    """The tree solve (:mod:`emdask.solve_tree`): boxes level by level from the blocks up,
+    """The tree solve (:mod:`emdask.solve_tree`): boxes from the blocks up, one Dask graph,
     resumable per box; then the numbering and every block's lookup tables."""
     from emdask.solve_tree import paths, tree
 
     boxes = tree(ctx.grid.counts)
-    height = []
-    for box in boxes:  # children come first
-        height.append(1 + max(height[c] for c in box.children) if box.children else 0)
     have = {d: set(_list(ctx.store, f"_emdask/{d}")) for d in ("tree", "resolution")}
     done = {i for i in marked(ctx.store, TREE_MARKERS, ctx.stamp)
             if all(f"{i}.npz" in have[d] for d in have)}
@@ -1779,13 +1789,13 @@ def _tree_solve(client, ctx: _Context, cfg: RunConfig) -> dict:
         print(f"  tree: {len(done)} of {len(boxes)} boxes already done", file=sys.stderr)
     retries, timeout = cfg.cluster.retries, cfg.cluster.task_timeout
     task = functools.partial(_guarded, functools.partial(_box_task, ctx), timeout)
-    for level in range(max(height) + 1):
-        todo = [i for i, h in enumerate(height) if h == level and i not in done]
-        if todo:
-            futures = client.map(task, todo, [boxes] * len(todo), retries=retries,
-                                 pure=False, key=[f"emdask-box-{i}-{time.time_ns()}"
-                                                  for i in todo])
-            _progress(futures, f"tree level {level}")
+    futures: dict = {}  # one graph: each box waits only for its own children
+    for i, box in enumerate(boxes):  # children come first
+        if i not in done:
+            futures[i] = client.submit(
+                task, i, box, [futures[c] for c in box.children if c in futures],
+                retries=retries, pure=False, key=f"emdask-box-{i}-{time.time_ns()}")
+    _progress(list(futures.values()), "tree")
     info = _progress([client.submit(_numbering_task, ctx, len(boxes), retries=retries,
                                     pure=False, key=f"emdask-numbering-{time.time_ns()}")],
                      "numbering")[0]
@@ -1802,13 +1812,13 @@ def _tree_solve(client, ctx: _Context, cfg: RunConfig) -> dict:
 def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     """The region graph solved: in a tree of boxes (mean and max scores), or by face
     links (one task per face between two blocks) and one global solve."""
-    from emdask.segmentation import TREE_SCORES
+    from emdask.segmentation import use_tree
 
     ctx = replace(ctx, stamp=_generation(ctx.store, "agglomerate"))
     if marked(ctx.store, "agglomerate", ctx.stamp):
         print("  agglomerate: already done", file=sys.stderr)
         return {}
-    if ctx.segment.score in TREE_SCORES:
+    if use_tree(ctx.segment.solve, ctx.segment.score, ctx.grid.shape):
         info = _tree_solve(client, ctx, cfg)
         print(f"  tree: {info['n_supervoxels']} supervoxels, {info['n_edges']} edges; the "
               f"largest box held {info['graph_nbytes'] / 1e6:.1f} MB", file=sys.stderr)
@@ -1930,6 +1940,8 @@ def _check_offsets(cfg: RunConfig, full_input, roi_begin, vol) -> None:
 def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
     """Scores of each segmentation (and of the synapses) against the ground truth, and a
     figure."""
+    import dask.array as da
+
     from emdask.metrics import evaluate
     from emdask.synapses import partner_accuracy, synapse_scores
     from emdask.volumes import open_volume
@@ -1965,9 +1977,9 @@ def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
             print(f"  {t:>9g} {s['voi_split']:9.3f} {s['voi_merge']:9.3f} {s['voi']:7.3f} "
                   f"{s['arand']:7.3f}", file=sys.stderr)
     if cfg.synapses is not None and _has(_open_root(store), f"{LABELS}/synapses"):
-        synapses = open_volume(store, "synapses").values
+        synapses = open_volume(store, "synapses").data  # lazy: scored blockwise
     if synapses is not None and cfg.evaluate is not None and cfg.evaluate.synapses:
-        true_synapses = np.asarray(truth(cfg.evaluate.synapses))
+        true_synapses = da.asarray(truth(cfg.evaluate.synapses))
         s = synapse_scores(synapses, true_synapses, vol.attrs["voxel_size"],
                            min_size=cfg.synapses.min_size)
         line = (f"  synapses: precision {s['precision']:.3f} recall {s['recall']:.3f} "
@@ -1978,8 +1990,7 @@ def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
             t = cfg.synapses.segmentation
             t = cfg.segment.thresholds[-1] if t is None else t
             args = (synapses, true_synapses,
-                    np.asarray(truth(cfg.evaluate.cells)),
-                    open_volume(store, f"segmentation_{t:g}").values,
+                    truth(cfg.evaluate.cells), open_volume(store, f"segmentation_{t:g}"),
                     tuple(cfg.synapses.radius))
             within = tuple(cfg.evaluate.cells_radius)
             right, n = partner_accuracy(*args, cells_radius=within)
@@ -1994,8 +2005,10 @@ def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
         segs = [n for n in names if n in scores]
         best = min(segs, key=lambda n: scores[n]["voi"]) if segs else names[-1]
         # the section with most synapse voxels if there are any, else the middle one
-        z = (int(np.argmax((synapses > 0).sum(axis=(1, 2)))) if synapses is not None
-             and synapses.any() else vol.shape[0] // 2)
+        per_section = (None if synapses is None
+                       else (synapses > 0).sum(axis=(1, 2)).compute())
+        z = (int(np.argmax(per_section)) if per_section is not None and per_section.any()
+             else vol.shape[0] // 2)
         if cfg.affinities is None:
             affs = np.asarray(open_volume(store, "affinities")[:, z])
         else:
@@ -2007,8 +2020,9 @@ def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
                None if gt is None else np.asarray(gt[z]),
                Path(local).with_suffix(".png"),
                f"emdask, threshold {best.removeprefix('segmentation_')}",
-               None if synapses is None else synapses[z],
-               None if true_synapses is None else true_synapses[z], _figure_meshes(cfg))
+               None if synapses is None else np.asarray(synapses[z]),
+               None if true_synapses is None else np.asarray(true_synapses[z]),
+               _figure_meshes(cfg))
         print(f"  figure: {Path(local).with_suffix('.png')}", file=sys.stderr)
     return scores
 

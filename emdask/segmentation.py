@@ -66,7 +66,13 @@ from emdask.solve_tree import (
     tree,
 )
 from emdask.volumes import read_box, stored_source
-from emdask.watershed import HALO, WatershedParams, _find, _union, basins, quantize_affinities
+from emdask.watershed import (
+    HALO,
+    WatershedParams,
+    _union_all,
+    basins,
+    quantize_affinities,
+)
 
 __all__ = ["SegmentationInfo", "segment"]
 
@@ -128,8 +134,8 @@ def _last_voxels(labels, n, origin, shape):
 def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
     """One block's block-local basin labels and what the global solve needs of it: basin
     info (lowest global index, size, sum of raw, highest global index), the region graph
-    inside the block, and its faces.  ``padded`` is (3, ...) affinities, or (4, ...) with raw EM as channel 3
-    (for a learned score with raw features)."""
+    inside the block, and its faces.  ``padded`` is (3, ...) affinities, or (4, ...) with
+    raw EM as channel 3 (for a learned score with raw features)."""
     if isinstance(padded, _StoredBlock):
         padded = padded.read()
     inside = (slice(HALO, -HALO),) * 3
@@ -147,7 +153,8 @@ def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bi
         r = observations(labels, pairs)[2]
         raw = padded[(3, *inside)].astype(np.float64).ravel()  # exact: sums below 2**53
         raw_sums = np.bincount(labels.ravel(), raw, first.size + 1)[1:].astype(np.int64)
-    basin_info = (first, sizes, raw_sums, _last_voxels(labels, first.size, origin, shape))
+    basin_info = (first, sizes, raw_sums, _last_voxels(labels, first.size,
+                                                          tuple(origin), tuple(shape)))
     graph = from_observations(u - 1, v - 1, w, bins, r)
     faces = {}
     for d in range(3):
@@ -168,16 +175,6 @@ def _face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
     graph = from_observations(la[both] - 1, lb[both] - 1 + _B_OFFSET, w[both], bins,
                               raw[0][both] if raw else None)
     return pairs, graph
-
-
-@njit(cache=True)
-def _union_all(n, a, b):
-    parent = np.arange(n)
-    for i in range(a.size):
-        _union(parent, a[i], b[i])
-    for i in range(n):
-        parent[i] = _find(parent, i)
-    return parent
 
 
 def _consecutive(ids: np.ndarray) -> np.ndarray:
@@ -273,33 +270,52 @@ def _solve(basin_info, block_graphs, links, pairs, params: WatershedParams, thre
                    thresholds, score, classifier, last)
 
 
-def _relabel(padded, solution, origin, shape, params, block: int, sweep: tuple = ()):
+def _block_solution(solution, block: int):
+    """One block's part of the global solve's lookup tables (what its relabel needs)."""
+    luts, bases = solution[0], solution[1]
+    return luts[:, bases[block]:bases[block + 1]]
+
+
+def _relabel(padded, lut, origin, shape, params, sweep: tuple = ()):
+    """A block's output labels from its basins and its lookup tables (one row per
+    output, one column per basin)."""
     if isinstance(padded, _StoredBlock):
         padded = padded.read()
     labels, _, _ = basins(quantize_affinities(padded[:3], check=False), origin, shape,
                           params)
-    outputs = _apply_luts(labels, solution[0], solution[1], block)
+    outputs = _apply_luts(labels, lut)
     if sweep:  # kept for the other thresholds of a sweep (see _SweepCache)
         _SWEEP_CACHE.put(*sweep, outputs)
     return outputs
 
 
-def _apply_luts(labels: np.ndarray, luts: np.ndarray, bases: np.ndarray, block: int):
-    """Block-local basin labels -> one output label block per lookup table."""
-    lut = np.concatenate([np.zeros((luts.shape[0], 1), np.uint64),
-                          luts[:, bases[block]:bases[block + 1]]], axis=1)
+def _apply_luts(labels: np.ndarray, lut: np.ndarray):
+    """Block-local basin labels (1..n, 0 background) -> one output label block per row
+    of ``lut`` (n columns)."""
+    lut = np.concatenate([np.zeros((lut.shape[0], 1), np.uint64), lut], axis=1)
     return tuple(row[labels] for row in lut)
 
 
 # ---------------------------------------------------------------- the tree solve
 #: Scores solved in a tree of boxes (:mod:`emdask.solve_tree`); the others in one task.
 TREE_SCORES = ("mean", "max")
+#: With ``solve="auto"``, volumes up to this many voxels are solved in one task: their
+#: whole graph (about 7.5 bytes per voxel on EM) fits one worker, and one task is several
+#: times faster than the tree's hundreds of small ones.  Both give identical results.
+GLOBAL_SOLVE_VOXELS = 2**27
 
 
-def _lut_solution(first, path, numbers):
-    """One block's lookup tables, as the (tables, offsets) its relabel reads."""
-    lut = block_lut(first, list(path), numbers)
-    return lut, np.array([0, lut.shape[1]])
+def use_tree(solve: str, score: str, shape: Sequence[int]) -> bool:
+    """Whether the global step runs as a tree of boxes (``solve``: "auto", "tree" or
+    "global")."""
+    if solve not in ("auto", "tree", "global"):
+        raise ValueError(f"solve = {solve!r}: use 'auto', 'tree' or 'global'")
+    if solve == "tree" and score not in TREE_SCORES:
+        raise ValueError(f"solve = 'tree' works for the scores {list(TREE_SCORES)}, not "
+                         f"{score!r} (which needs its edges' whole history in one task)")
+    if solve == "auto":
+        return score in TREE_SCORES and int(np.prod(shape)) > GLOBAL_SOLVE_VOXELS
+    return solve == "tree"
 
 
 def _info(parts, n_blocks: int) -> SegmentationInfo:
@@ -339,7 +355,7 @@ def _tree_tasks(g: BlockGraph, inputs: dict, shape, params: WatershedParams, bin
             paths.setdefault(b, []).append(resolutions[-1])
     keys = [g.add("finished", (i,), finished, r) for i, r in enumerate(resolutions)]
     numbers = g.add("numbering", (), numbering, keys)
-    solutions = {index[b]: g.add("lut", index[b], _lut_solution, parts[b][3], path, numbers)
+    solutions = {index[b]: g.add("lut", index[b], block_lut, parts[b][3], path, numbers)
                  for b, path in paths.items()}
     info = g.add("info", (), _info, [g.add("counts", (i,), counts, r)
                                      for i, r in enumerate(resolutions)],
@@ -494,6 +510,7 @@ def segment(
     mask: Any = None,
     classifier: Any = None,
     raw: Any = None,
+    solve: str = "auto",
 ):
     """Segment affinities into neurons, blockwise, identically for any chunking.
 
@@ -536,6 +553,12 @@ def segment(
         uses raw features (ignored otherwise).  It travels with the affinities as a fourth
         channel through Dask's overlap, so a file-backed input is then held between the
         two passes like an in-memory one (memory: the 4-channel volume).
+    solve
+        How the global step (joining the blocks' graphs and agglomerating) runs:
+        ``"tree"``, in a tree of boxes of blocks that each hold a bounded part of the
+        graph (:mod:`emdask.solve_tree`; mean and max scores), ``"global"``, in one task
+        that holds the whole graph, or ``"auto"`` (default): the tree for volumes over
+        :data:`GLOBAL_SOLVE_VOXELS` voxels.  The results are identical.
 
     Returns
     -------
@@ -618,7 +641,8 @@ def segment(
         keys[...] = padded.__dask_keys__()
         inputs = {idx: keys[(0, *idx)] for idx in np.ndindex(*g.grid)}
 
-    if score in TREE_SCORES:
+    tree_solve = use_tree(solve, score, shape)
+    if tree_solve:
         solutions, info = _tree_tasks(g, inputs, shape, params, bins, thr, score)
     else:  # one global task (see emdask.solve_tree for why these scores need it)
         solution = g.solve(
@@ -627,13 +651,13 @@ def segment(
             link_args={"high_q": params.quantized()[1], "bins": bins},
             solve_args={"params": params, "thresholds": thr, "score": score,
                         "classifier": classifier})
-        solutions = {idx: solution for idx in np.ndindex(*g.grid)}
+        solutions = {idx: g.add("lut", idx, _block_solution, solution, block)
+                     for idx, block, _, _ in g.blocks()}
         info = g.item("info", (), solution, 2)
     relabelled = {idx: g.add("relabel", idx, _relabel, inputs[idx], solutions[idx],
                              origin=origin, shape=shape, params=params,
-                             block=block if score not in TREE_SCORES else 0,
                              sweep=(g.name, idx))
-                  for idx, block, origin, _ in g.blocks()}
+                  for idx, _, origin, _ in g.blocks()}
     results = [g.array(f"labels{i}", relabelled, np.uint64, item=i)
                for i in range(len(thr) + 1)]
     if any(thin):

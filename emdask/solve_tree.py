@@ -47,6 +47,7 @@ import numpy as np
 
 from emdask.agglomerate import _merge_small, _run
 from emdask.region_graph import RegionGraph, combine
+from emdask.watershed import _union_all
 
 __all__ = ["Box", "Carried", "Resolution", "merge_boxes", "solve", "tree"]
 
@@ -212,8 +213,6 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     if joins.size:
         a = np.searchsorted(sv_key, _lookup(face_key, face_sv, joins[0]))
         b = np.searchsorted(sv_key, _lookup(face_key, face_sv, joins[1]))
-        from emdask.segmentation import _union_all
-
         parent = _union_all(n, a, b)  # roots: lowest index, i.e. lowest key
     renamed = parent != np.arange(n)
     sv_from, sv_to = sv_key[renamed], sv_key[parent[renamed]]

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from emdask.blockgraph import BlockGraph
+from emdask.blockgraph import BlockGraph, map_reduce
 from emdask.segmentation import SWEEP_CACHE_BYTES, _apply_luts, _supervoxels
 from emdask.volumes import stored_source
 
@@ -98,7 +98,7 @@ def _objects(infos, stats, links, pairs, min_size: int):
 
 def _relabel(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """Block-local components -> object ids, with the block's part of the lookup table."""
-    return _apply_luts(_components(mask), lut, [0, lut.shape[1]], 0)[0]
+    return _apply_luts(_components(mask), lut)[0]
 
 
 def _operating_point(data: Any, key: str, value: Any) -> Any:
@@ -226,50 +226,119 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0),
     give the detection's size filter, since a detection of that piece alone would be
     filtered out.  Neither it nor a detection that overlaps only such pieces counts.
 
+    Dask inputs are scored blockwise, in two passes over their blocks (an overlap table;
+    then the voxels outside the other's objects, and the objects' surfaces, from which
+    the distances are exact): memory is bounded by a block, the table and those voxels,
+    not by the volume.
+
     Returns
     -------
     dict
         ``precision``, ``recall``, ``f1``, ``n_detected``, ``n_true``, ``n_matched``,
         ``fp_distance``, ``fn_distance``.
     """
-    import scipy.ndimage as ndi
+    from emdask.metrics import _merge_tables
 
-    det = np.asarray(detected)
-    gt = np.asarray(truth)
+    det, gt = (x.data if isinstance(x, xr.DataArray) else x for x in (detected, truth))
     if det.shape != gt.shape:
         raise ValueError(f"detected shape {det.shape} differs from truth shape {gt.shape}")
+    det = da.asarray(det, chunks=det.shape if not isinstance(det, da.Array) else None)
+    gt = da.asarray(gt).rechunk(det.chunks)
+    (gt_ids, det_ids, counts), edge = map_reduce(_overlaps, _merge_overlaps, [gt, det],
+                                                 shape=gt.shape).compute()
+    dropped_gt, dropped_det = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
     if min_size > 0:
-        ids, counts = np.unique(gt, return_counts=True)
-        edge = np.unique(np.concatenate([np.take(gt, [0, -1], axis=d).ravel()
-                                         for d in range(gt.ndim)]))
-        pieces = ids[(ids > 0) & (counts < min_size) & np.isin(ids, edge)]
-        if len(pieces):
-            cut = np.isin(gt, pieces)
-            # detections touching only cut pieces are left out, like the pieces
-            outside = np.setdiff1d(np.unique(det[cut]), np.unique(det[(gt > 0) & ~cut]))
-            det = np.where(np.isin(det, outside[outside > 0]), 0, det)
-            gt = np.where(cut, 0, gt)
-    n_det, n_gt = len(np.unique(det[det > 0])), len(np.unique(gt[gt > 0]))
-    n_match = len(_match(det, gt))
+        ids, inv = np.unique(gt_ids, return_inverse=True)
+        sizes = np.bincount(inv, counts)
+        dropped_gt = ids[(ids > 0) & (sizes < min_size) & np.isin(ids, edge)]
+        cut = np.isin(gt_ids, dropped_gt)
+        # detections touching only cut pieces are left out, like the pieces
+        dropped_det = np.setdiff1d(det_ids[cut], det_ids[(gt_ids > 0) & ~cut])
+        dropped_det = dropped_det[dropped_det > 0]
+        gt_ids = np.where(cut, 0, gt_ids).astype(np.uint64)
+        det_ids = np.where(np.isin(det_ids, dropped_det), 0, det_ids).astype(np.uint64)
+        gt_ids, det_ids, counts = _merge_tables((gt_ids, det_ids, counts))
+    n_det = np.unique(det_ids[det_ids > 0]).size
+    n_gt = np.unique(gt_ids[gt_ids > 0]).size
+    n_match = len(_match_table(gt_ids, det_ids, counts))
     precision = n_match / n_det if n_det else 1.0
     recall = n_match / n_gt if n_gt else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-
-    def mean_distance(source, target):
-        if not source.any():
-            return 0.0
-        if not target.any():
-            return float("inf")
-        return float(ndi.distance_transform_edt(~target, sampling=voxel_size)[source].mean())
-
+    parts = map_reduce(_distance_parts, _concat_parts, [gt, det], shape=gt.shape,
+                       voxel_size=tuple(float(v) for v in voxel_size),
+                       dropped_gt=dropped_gt, dropped_det=dropped_det).compute()
     return {"precision": precision, "recall": recall, "f1": f1, "n_detected": n_det,
             "n_true": n_gt, "n_matched": n_match,
-            "fp_distance": mean_distance(det > 0, gt > 0),
-            "fn_distance": mean_distance(gt > 0, det > 0)}
+            "fp_distance": _mean_distance(*parts[0]),
+            "fn_distance": _mean_distance(*parts[1])}
 
 
-def _match(detected: np.ndarray, truth: np.ndarray) -> dict[int, int]:
-    """One-to-one matches, detected id -> true id, of largest total overlap.
+def _overlaps(gt: np.ndarray, det: np.ndarray, origin, shape):
+    """Pass 1 of :func:`synapse_scores` on a block: the (true, detected, count) table of
+    voxels where either is an object, and the true ids on the volume's faces."""
+    from emdask.metrics import _pair_counts
+
+    faces = [np.take(gt, [0], axis=d).ravel() for d in range(3) if origin[d] == 0]
+    faces += [np.take(gt, [-1], axis=d).ravel() for d in range(3)
+              if origin[d] + gt.shape[d] == shape[d]]
+    edge = np.unique(np.concatenate(faces)) if faces else np.zeros(0, gt.dtype)
+    return _pair_counts(gt, det, either=True), edge.astype(np.uint64)
+
+
+def _merge_overlaps(*parts):
+    from emdask.metrics import _merge_tables
+
+    return (_merge_tables(*(p[0] for p in parts)),
+            np.unique(np.concatenate([p[1] for p in parts])))
+
+
+def _distance_parts(gt: np.ndarray, det: np.ndarray, origin, shape, voxel_size,
+                    dropped_gt, dropped_det):
+    """Pass 2 of :func:`synapse_scores` on a block, for each direction (detected to true,
+    true to detected): the source voxels inside the target (distance 0), the positions
+    (nm) of those outside it, and of the target's surface voxels (block faces included),
+    among which the nearest target voxel of any outside point lies."""
+    import scipy.ndimage as ndi
+
+    t = (gt > 0) & ~np.isin(gt, dropped_gt)
+    d = (det > 0) & ~np.isin(det, dropped_det)
+    scale = np.asarray(voxel_size) * 1.0
+
+    def nm(mask):
+        return (np.argwhere(mask) + np.asarray(origin)) * scale
+
+    def surface(mask):
+        return nm(mask & ~ndi.binary_erosion(mask, border_value=0))
+
+    return ((np.count_nonzero(d & t), nm(d & ~t), surface(t), bool(t.any())),
+            (np.count_nonzero(t & d), nm(t & ~d), surface(d), bool(d.any())))
+
+
+def _concat_parts(*parts):
+    return tuple((sum(p[k][0] for p in parts), np.concatenate([p[k][1] for p in parts]),
+                  np.concatenate([p[k][2] for p in parts]), any(p[k][3] for p in parts))
+                 for k in range(2))
+
+
+def _mean_distance(n_in: int, outside: np.ndarray, surface: np.ndarray,
+                   any_target: bool) -> float:
+    """Mean distance (nm) of the source voxels to the nearest target voxel (0 inside)."""
+    from scipy.spatial import cKDTree
+
+    if n_in + len(outside) == 0:
+        return 0.0
+    if not any_target:
+        return float("inf")
+    if not len(outside):
+        return 0.0
+    dist, _ = cKDTree(surface).query(outside)
+    return float(dist.sum() / (n_in + len(outside)))
+
+
+def _match_table(gt_ids: np.ndarray, det_ids: np.ndarray, counts: np.ndarray
+                 ) -> dict[int, int]:
+    """One-to-one matches, detected id -> true id, of largest total overlap, from an
+    overlap table.
 
     Greedy matching (largest overlap first) can waste a match: a detection spanning two
     true synapses takes the one it overlaps most, although that one is also covered by a
@@ -279,10 +348,7 @@ def _match(detected: np.ndarray, truth: np.ndarray) -> dict[int, int]:
     from scipy.optimize import linear_sum_assignment
     from scipy.sparse.csgraph import connected_components
 
-    from emdask.metrics import contingency_table
-
-    gt_ids, det_ids, counts = contingency_table(detected, truth)  # true 0 left out
-    both = det_ids > 0
+    both = (det_ids > 0) & (gt_ids > 0)
     gt_ids, det_ids, counts = gt_ids[both], det_ids[both], counts[both]
     if not len(counts):
         return {}
@@ -302,6 +368,13 @@ def _match(detected: np.ndarray, truth: np.ndarray) -> dict[int, int]:
             if overlap[a, b] > 0:
                 matches[int(dets[rows[a]])] = int(gts[cols[b]])
     return matches
+
+
+def _match(detected: Any, truth: Any) -> dict[int, int]:
+    """:func:`_match_table` of two label volumes."""
+    from emdask.metrics import contingency_table
+
+    return _match_table(*contingency_table(detected, truth))
 
 
 def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
@@ -327,19 +400,28 @@ def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
     """
     from emdask.metrics import contingency_table
 
-    det, gt = np.asarray(detected), np.asarray(truth)
-    cells, seg = np.asarray(cells), np.asarray(segmentation)
+    det, gt, cells, seg = (x.data if isinstance(x, xr.DataArray) else x
+                           for x in (detected, truth, cells, segmentation))
     right, matches = 0, _match(det, gt)
+    # each true synapse's largest section, from a (true id, z) table: with Dask inputs
+    # counted blockwise, and the volumes then read one section per synapse
+    z_of = da.broadcast_to(da.arange(gt.shape[0], chunks=(da.asarray(gt).chunks[0],))[
+        :, None, None], gt.shape, chunks=da.asarray(gt).chunks) if isinstance(
+        gt, da.Array) else np.broadcast_to(np.arange(gt.shape[0])[:, None, None], gt.shape)
+    ids, zs, n = contingency_table(z_of, gt)
+    order = np.lexsort((zs, -n, ids))  # per id: the largest count, then the lowest z
+    first = np.r_[True, ids[order][1:] != ids[order][:-1]]
+    section = dict(zip(ids[order][first].tolist(), zs[order][first].tolist(), strict=True))
     for d, g in matches.items():
-        z = int(np.argmax((gt == g).sum(axis=(1, 2))))
-        sl = slice(z, z + 1)
-        _, true = _partner_contacts(np.where(gt[sl] == g, g, 0), cells[sl],
+        sl = slice(section[g], section[g] + 1)
+        g_s, d_s, cells_s, seg_s = (np.asarray(x[sl]) for x in (gt, det, cells, seg))
+        _, true = _partner_contacts(np.where(g_s == g, g, 0), cells_s,
                                     radius if cells_radius is None else cells_radius, None)
-        found = assign_partners(np.where(det[sl] == d, d, 0), seg[sl],
+        found = assign_partners(np.where(d_s == d, d, 0), seg_s,
                                 radius=radius).set_index("id")
         if d not in found.index or g not in true or len(true[g][0]) < 2:
             continue
-        cell_ids, seg_ids, counts = contingency_table(seg[sl], cells[sl])
+        cell_ids, seg_ids, counts = contingency_table(seg_s, cells_s)
         order = np.lexsort((-counts, seg_ids))  # each segment's cell of largest overlap
         cell_of = {}
         for s_, c in zip(seg_ids[order], cell_ids[order], strict=True):

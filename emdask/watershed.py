@@ -170,6 +170,18 @@ def _union(parent, a, b):
 
 
 @njit(cache=True, nogil=True)
+def _union_all(n, a, b):
+    """Each of ``n`` elements' root after joining every pair (a[i], b[i]); roots are the
+    lowest index of their set."""
+    parent = np.arange(n)
+    for i in range(a.size):
+        _union(parent, a[i], b[i])
+    for i in range(n):
+        parent[i] = _find(parent, i)
+    return parent
+
+
+@njit(cache=True, nogil=True)
 def _basins_kernel(w, origin, shape, halo, high, depth):
     """Basins of one block from its usable edge weights ``w`` (block plus ``halo``).
 

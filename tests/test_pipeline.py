@@ -1,6 +1,7 @@
 """emdask run: config checks, stages, resume after SIGKILL, lost workers, hung tasks."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def test_config_errors_name_the_key(tmp_path, tiny_model):
         load_run_config({**good, "segment": {"thresholds": [0.5, 0.3]}})
     with pytest.raises(ValueError, match="cluster.kind must be"):
         load_run_config({**good, "cluster": {"kind": "kubernetes"}})
+    with pytest.raises(ValueError, match=r"\[segment\] solve = 'tree' works for the"):
+        load_run_config({**good, "segment": {"thresholds": [0.5], "score": "median",
+                                              "solve": "tree"}})
     with pytest.raises(ValueError, match="missing required keys \\['url'\\]"):
         load_run_config({**good, "input": {"dataset": "raw"}})
     with pytest.raises(ValueError, match="synapses.dtype must be 'uint8' or 'float32'"):
@@ -155,8 +159,32 @@ SMALL = {"chunks": (8, 32, 32), "roi": ((0, 0, 0), (40, 96, 96))}  # 45 small bl
 def reference(tmp_path_factory, tiny_model) -> dict:
     """Outputs of an undisturbed run, to compare interrupted runs with."""
     cfg = _config(tmp_path_factory.mktemp("ref"), tiny_model, name="ref", **SMALL)
-    run(cfg)
+    run(cfg, stages=["predict", "segment"])
     return _outputs(cfg["output"]["path"])
+
+
+def test_the_tree_solve_equals_the_global_one_and_resumes_per_box(tmp_path, tiny_model,
+                                                                 reference, capsys):
+    cfg = _config(tmp_path, tiny_model, name="tree", **SMALL, solve="tree")
+    run(cfg, stages=["predict", "segment"])
+    store = cfg["output"]["path"]
+    tree = _outputs(store)
+    for name in reference:  # the reference: one global task (solve = "auto", small)
+        np.testing.assert_array_equal(tree[name], reference[name], err_msg=name)
+    # a crash in the upper half of the tree: its boxes' markers, the stage's and the
+    # relabel's lost, and a segmentation with them
+    done = Path(store, "_emdask", "done")
+    boxes = sorted(done.glob("agglomerate-tree/*/*"), key=lambda p: int(p.name))
+    assert len(boxes) == 89  # 45 blocks: 45 leaves and 44 inner boxes
+    for marker in [*boxes[60:], *done.glob("agglomerate/*/*"), *done.glob("relabel/*/*")]:
+        marker.unlink()
+    shutil.rmtree(Path(store, "raw", "labels", "segmentation_0.5", "s0", "c"))
+    capsys.readouterr()
+    run(cfg, stages=["segment"])
+    assert "tree: 60 of 89 boxes already done" in capsys.readouterr().err
+    resumed = _outputs(store)
+    for name in reference:
+        np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
 
 
 def test_sigkill_mid_stage_then_resume(tmp_path, tiny_model, reference):

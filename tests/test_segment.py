@@ -198,14 +198,15 @@ def test_stored_input_gives_the_in_memory_result(tmp_path, chunks):
     np.testing.assert_array_equal(np.stack([s.values for s in stored]), memory)
 
 
-def test_graph_is_built_in_linear_time():
+@pytest.mark.parametrize("solve", ["tree", "global"])
+def test_graph_is_built_in_linear_time(solve):
     """segment() writes its tasks into one graph layer: building it for 1728 blocks takes
     well under a second (dask.delayed needed minutes: quadratic in the blocks)."""
     import time
 
     affs = da.zeros((3, 96, 96, 96), np.float32, chunks=(3, 8, 8, 8))
     t0 = time.perf_counter()
-    [seg] = segment(affs, [0.5])
+    [seg] = segment(affs, [0.5], solve=solve)
     assert time.perf_counter() - t0 < 5
     graph = seg.__dask_graph__()
     assert len(graph.layers) < 20  # the input's few, and two: not one per task
@@ -213,6 +214,20 @@ def test_graph_is_built_in_linear_time():
               if name.startswith("segment-"))
     # a fixed number of tasks per block, face and box of the tree solve (about 21)
     assert own < 24 * 1728
+
+
+def test_the_global_step_runs_as_asked():
+    from emdask.segmentation import GLOBAL_SOLVE_VOXELS, use_tree
+
+    big = (1024,) * 3
+    assert np.prod(big) > GLOBAL_SOLVE_VOXELS
+    assert use_tree("auto", "mean", big) and not use_tree("auto", "mean", (64,) * 3)
+    assert not use_tree("auto", "median", big)  # needs the edges' whole history
+    assert use_tree("tree", "max", (8,) * 3) and not use_tree("global", "mean", big)
+    with pytest.raises(ValueError, match="solve = 'tree' works for the scores"):
+        use_tree("tree", "quantile-75", big)
+    with pytest.raises(ValueError, match="solve = 'trees': use 'auto', 'tree' or"):
+        segment(np.ones((3, 4, 4, 4), np.float32), [0.5], solve="trees")
 
 
 def test_info_and_segmentation_computed_together():

@@ -132,6 +132,34 @@ def test_scores_leave_out_cut_pieces():
     assert (s["n_true"], s["n_matched"]) == (2, 1)
 
 
+def _blobs(seed: int, shape=(6, 24, 20)) -> np.ndarray:
+    import cc3d
+
+    noise = ndi.gaussian_filter(np.random.default_rng(seed).random(shape), 1.0)
+    return cc3d.connected_components(noise > np.quantile(noise, 0.9),
+                                     connectivity=6).astype(np.uint64)
+
+
+@pytest.mark.parametrize("chunks", [(6, 24, 20), (2, 7, 9), (1, 24, 3), (4, 5, 20)])
+def test_scores_are_the_same_blockwise(chunks):
+    """Dask inputs are scored block by block: the same objects, matches and distances as
+    the whole volume, for any chunking, and the distances those of a distance transform
+    of the whole volume."""
+    gt, det = _blobs(0), _blobs(1)
+    det[det == det.max()] = gt.max() + 7  # ids that differ from the truth's
+    vs = (40, 4, 5)
+    whole = synapse_scores(det, gt, vs, min_size=6)
+    assert whole["n_true"] > 5 and whole["n_detected"] > 5 and 0 < whole["n_matched"]
+    s = synapse_scores(da.from_array(det, chunks=chunks), da.from_array(gt, chunks=chunks),
+                       vs, min_size=6)
+    assert s == pytest.approx(whole, rel=1e-12)
+    # the distances by a distance transform (no object is left out at min_size 0)
+    s = synapse_scores(da.from_array(det, chunks=chunks), gt, vs)
+    edt = lambda target: ndi.distance_transform_edt(target == 0, sampling=vs)
+    assert s["fp_distance"] == pytest.approx(edt(gt)[det > 0].mean(), rel=1e-12)
+    assert s["fn_distance"] == pytest.approx(edt(det)[gt > 0].mean(), rel=1e-12)
+
+
 def test_partners_and_connectome_by_hand():
     seg = np.zeros((3, 12, 12), np.uint64)
     seg[:, :, :6], seg[:, :, 6:] = 5, 7  # two cells meeting at x = 6
