@@ -9,11 +9,10 @@ tree solve, relabel), the tasks, the peak memory of all processes together and o
 largest single process, and the largest state one box of the tree held.
 
     python benchmarks/bench_pipeline.py [--sizes 1 8 64 512] [--workers 2] [--block 128]
-                                        [--solve tree|global|auto]
+                                        [--solve global|tree]
 
-The global step runs as a tree of boxes at every size by default (``--solve tree``), so
-that the sizes compare one mechanism; ``auto`` (what a run does by default) solves
-volumes up to 2**27 voxels in one task.
+``--solve`` picks how the global step runs: one task (``global``, what a run does by
+default) or a tree of boxes of blocks (``tree``).
 
 Aim (issue 23): cost per voxel flat within 1.3x and the largest process's peak within 1.5x
 from 8x to 512x.
@@ -56,7 +55,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--block", type=int, default=128, help="block side (voxels)")
     parser.add_argument("--tmp", help="folder for the stores (default: a temporary one)")
-    parser.add_argument("--solve", default="tree", choices=["tree", "global", "auto"])
+    parser.add_argument("--solve", default="global", choices=["global", "tree"])
     args = parser.parse_args()
     if not MEDULLA.exists():
         sys.exit(f"needs {MEDULLA}")
@@ -102,17 +101,18 @@ def main() -> None:
           f"{args.block}^3, affinities given (medulla ground truth + noise, mirrored), "
           f"solve = {args.solve}")
     print(f"{'size':>4} {'Gvox':>6} {'blocks':>6} {'boxes':>6} {'faces':>6} "
-          f"{'watershed':>10} {'tree':>10} {'relabel':>10} {'total':>10} "
-          f"{'wall s':>7} {'peak all MB':>11} {'peak 1 proc MB':>14} {'box MB':>7}")
+          f"{'watershed':>10} {'solve':>10} {'relabel':>10} {'total':>10} "
+          f"{'wall s':>7} {'peak all MB':>11} {'peak 1 proc MB':>14} {'graph MB':>8}")
     for factor, shape, blocks, n_boxes, faces, timings, wall, peaks, box_bytes in rows:
         n = float(np.prod(shape))
         per = [timings.get(s, 0) / n * 1e9 for s in ("watershed", "agglomerate", "relabel")]
         print(f"{factor:>3}x {n / 1e9:6.3f} {blocks:6d} {n_boxes:6d} {faces:6d} "
               + " ".join(f"{p:7.1f} ns" for p in per)
               + f" {sum(per):7.1f} ns {wall:7.1f} {peaks.peak_mb:11.0f} "
-              f"{peaks.process_mb:14.0f} {box_bytes / 1e6:7.1f}")
-    print("(times per voxel: each step's wall time over the voxels; 'box MB': the largest "
-          "state one task of the tree held)")
+              f"{peaks.process_mb:14.0f} {box_bytes / 1e6:8.1f}")
+    print("(times per voxel: each step's wall time over the voxels; 'solve': the agglomerate "
+          "stage; 'graph MB': the largest state one task held, the global graph or, with "
+          "--solve tree, the largest box's)")
 
 
 if __name__ == "__main__":

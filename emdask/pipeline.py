@@ -166,9 +166,9 @@ class SegmentSpec:
     bins: int | None = None
     # score = "learned": the edge classifier, a shipped name ("fibsem") or a .json file
     classifier: str | None = None
-    # the global step: "tree" (bounded memory per task), "global" (one task) or "auto":
-    # the tree above emdask.segmentation.GLOBAL_SOLVE_VOXELS voxels (identical results)
-    solve: str = "auto"
+    # the global step: "global" (one task) or "tree" (boxes of blocks; identical results,
+    # see emdask.segment)
+    solve: str = "global"
 
 
 @dataclass
@@ -393,7 +393,7 @@ def load_run_config(path: str | Path | dict) -> RunConfig:
         _bins(cfg.segment)
         from emdask.segmentation import use_tree
 
-        use_tree(cfg.segment.solve, cfg.segment.score, (1, 1, 1))  # checks the words
+        use_tree(cfg.segment.solve, cfg.segment.score)  # checks the words
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"{where}: [segment] {err}") from None
     if cfg.meshes.segmentation is not None and (
@@ -1818,7 +1818,7 @@ def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     if marked(ctx.store, "agglomerate", ctx.stamp):
         print("  agglomerate: already done", file=sys.stderr)
         return {}
-    if use_tree(ctx.segment.solve, ctx.segment.score, ctx.grid.shape):
+    if use_tree(ctx.segment.solve, ctx.segment.score):
         info = _tree_solve(client, ctx, cfg)
         print(f"  tree: {info['n_supervoxels']} supervoxels, {info['n_edges']} edges; the "
               f"largest box held {info['graph_nbytes'] / 1e6:.1f} MB", file=sys.stderr)

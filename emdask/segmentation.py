@@ -299,22 +299,15 @@ def _apply_luts(labels: np.ndarray, lut: np.ndarray):
 # ---------------------------------------------------------------- the tree solve
 #: Scores solved in a tree of boxes (:mod:`emdask.solve_tree`); the others in one task.
 TREE_SCORES = ("mean", "max")
-#: With ``solve="auto"``, volumes up to this many voxels are solved in one task: their
-#: whole graph (about 7.5 bytes per voxel on EM) fits one worker, and one task is several
-#: times faster than the tree's hundreds of small ones.  Both give identical results.
-GLOBAL_SOLVE_VOXELS = 2**27
 
 
-def use_tree(solve: str, score: str, shape: Sequence[int]) -> bool:
-    """Whether the global step runs as a tree of boxes (``solve``: "auto", "tree" or
-    "global")."""
-    if solve not in ("auto", "tree", "global"):
-        raise ValueError(f"solve = {solve!r}: use 'auto', 'tree' or 'global'")
+def use_tree(solve: str, score: str) -> bool:
+    """Whether the global step runs as a tree of boxes (``solve``: "global" or "tree")."""
+    if solve not in ("global", "tree"):
+        raise ValueError(f"solve = {solve!r}: use 'global' or 'tree'")
     if solve == "tree" and score not in TREE_SCORES:
         raise ValueError(f"solve = 'tree' works for the scores {list(TREE_SCORES)}, not "
                          f"{score!r} (which needs its edges' whole history in one task)")
-    if solve == "auto":
-        return score in TREE_SCORES and int(np.prod(shape)) > GLOBAL_SOLVE_VOXELS
     return solve == "tree"
 
 
@@ -510,7 +503,7 @@ def segment(
     mask: Any = None,
     classifier: Any = None,
     raw: Any = None,
-    solve: str = "auto",
+    solve: str = "global",
 ):
     """Segment affinities into neurons, blockwise, identically for any chunking.
 
@@ -555,10 +548,12 @@ def segment(
         two passes like an in-memory one (memory: the 4-channel volume).
     solve
         How the global step (joining the blocks' graphs and agglomerating) runs:
-        ``"tree"``, in a tree of boxes of blocks that each hold a bounded part of the
-        graph (:mod:`emdask.solve_tree`; mean and max scores), ``"global"``, in one task
-        that holds the whole graph, or ``"auto"`` (default): the tree for volumes over
-        :data:`GLOBAL_SOLVE_VOXELS` voxels.  The results are identical.
+        ``"global"`` (default), in one task that holds the whole graph, or ``"tree"``, in
+        a tree of boxes of blocks that each pass up only what touches their open faces
+        (:mod:`emdask.solve_tree`; mean and max scores).  The results are identical; on
+        noisy affinities (a basin per ~25 voxels) the tree still passes up most of the
+        graph, since regions of neurons that cross a box's faces stay open, and costs
+        several times the CPU, so it is not the default (see the README's Scaling).
 
     Returns
     -------
@@ -641,7 +636,7 @@ def segment(
         keys[...] = padded.__dask_keys__()
         inputs = {idx: keys[(0, *idx)] for idx in np.ndindex(*g.grid)}
 
-    tree_solve = use_tree(solve, score, shape)
+    tree_solve = use_tree(solve, score)
     if tree_solve:
         solutions, info = _tree_tasks(g, inputs, shape, params, bins, thr, score)
     else:  # one global task (see emdask.solve_tree for why these scores need it)

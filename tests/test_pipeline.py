@@ -104,7 +104,8 @@ def test_slurm_job_script():
 # ------------------------------------------------------------------ the stages
 def test_run_equals_the_library_functions(tmp_path, tiny_model):
     cfg = _config(tmp_path, tiny_model, roi=None, chunks=(16, 64, 64))
-    result = run(cfg)
+    # every stage but meshes and skeletons (tests/test_viewing.py), which take 30 s here
+    result = run(cfg, stages=["predict", "segment", "synapses", "pyramid", "report"])
     store = cfg["output"]["path"]
     out = _outputs(store)
     raw = open_volume(sample_path(), "raw")
@@ -169,7 +170,7 @@ def test_the_tree_solve_equals_the_global_one_and_resumes_per_box(tmp_path, tiny
     run(cfg, stages=["predict", "segment"])
     store = cfg["output"]["path"]
     tree = _outputs(store)
-    for name in reference:  # the reference: one global task (solve = "auto", small)
+    for name in reference:  # the reference: one global task (the default)
         np.testing.assert_array_equal(tree[name], reference[name], err_msg=name)
     # a crash in the upper half of the tree: its boxes' markers, the stage's and the
     # relabel's lost, and a segmentation with them
@@ -385,7 +386,8 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     cfg["synapses"] = {"model": str(syn_model), "threshold": 0.5, "min_size": 30,
                        "radius": [0, 3, 3],
                        "direction_model": str(partner_model), "direction_patch": [8, 16, 16]}
-    result = run(cfg)
+    # (not meshes and skeletons: 45 small blocks of them are slow, and tested elsewhere)
+    result = run(cfg, stages=["predict", "segment", "synapses", "pyramid"])
     store = cfg["output"]["path"]
     assert result["stages"]["synapses"]["n_synapses"] >= 0
     probs = open_volume(store, "synapse_probabilities")
