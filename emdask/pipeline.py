@@ -873,12 +873,16 @@ def _solve_task(ctx: _Context, faces: list, links: list) -> dict:
     """The global solve: supervoxels, global graph, agglomeration -> lookup tables."""
     from emdask.segmentation import _solve
 
-    summaries = [_unpack_graph(load_arrays(ctx.store, f"_emdask/graph/{b}.npz"))
-                 for b in range(len(ctx.grid))]
+    infos, graphs = [], []  # (two lists, which _solve empties once it has summed them)
+    for b in range(len(ctx.grid)):
+        info, graph = _unpack_graph(load_arrays(ctx.store, f"_emdask/graph/{b}.npz"))
+        infos.append(info)
+        graphs.append(graph)
+    del info, graph
     pairs = [(ctx.grid.neighbour(b, axis), b) for b, axis in faces]
-    luts, bases, info = _solve([s[0] for s in summaries], [s[1] for s in summaries], links,
-                               pairs, _params(ctx.segment), ctx.segment.thresholds,
-                               ctx.segment.score, _classifier(ctx.segment))
+    luts, bases, info = _solve(infos, graphs, links, pairs, _params(ctx.segment),
+                               ctx.segment.thresholds, ctx.segment.score,
+                               _classifier(ctx.segment))
     # one lookup table per block: a relabel task reads just its own
     for b in range(len(ctx.grid)):
         save_arrays(ctx.store, f"_emdask/lut/{b}.npz", {"lut": luts[:, bases[b]:bases[b + 1]]})

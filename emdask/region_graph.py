@@ -94,25 +94,38 @@ def _columns(a: np.ndarray, order: np.ndarray, start: np.ndarray) -> np.ndarray:
     return np.add.reduceat(a[order], start, axis=0) if a.shape[1] else a[:start.size]
 
 
-def _reduce(u, v, count, total, maxw, hist, raw) -> RegionGraph:
-    """Sum statistics of duplicate (u, v) pairs; drop self-edges; orient u < v."""
+def _reduce(cat: list) -> RegionGraph:
+    """Sum statistics of duplicate (u, v) pairs; drop self-edges; orient u < v.
+
+    ``cat`` holds the :data:`FIELDS` arrays and is consumed: each array is let go once
+    used, so that the peak stays near twice the edges' size (this sums the global graph
+    of a whole volume in one task)."""
+    u, v = cat[0], cat[1]
+    cat[0] = cat[1] = None
     keep = u != v
-    u, v, count, total, maxw, hist, raw = (a[keep] for a in (u, v, count, total, maxw, hist,
-                                                             raw))
+    every = bool(keep.all())
     lo, hi = np.minimum(u, v), np.maximum(u, v)
+    del u, v
+    if not every:
+        lo, hi = lo[keep], hi[keep]
     if lo.size == 0:
-        return RegionGraph.empty(hist.shape[1], raw.shape[1] > 0)
+        return RegionGraph.empty(cat[5].shape[1], cat[6].shape[1] > 0)
     order, is_start = _sort_pairs(lo, hi)
-    lo, hi = lo[order], hi[order]
     start = np.flatnonzero(is_start)
-    return RegionGraph(
-        lo[start], hi[start],
-        np.add.reduceat(count[order], start),
-        np.add.reduceat(total[order], start),
-        np.maximum.reduceat(maxw[order], start),
-        _columns(hist, order, start),
-        _columns(raw, order, start),
-    )
+    del is_start
+    lo, hi = lo[order][start], hi[order][start]
+    sums = []
+    for i, op in ((2, np.add), (3, np.add), (4, np.maximum)):
+        a = cat[i] if every else cat[i][keep]
+        cat[i] = None
+        sums.append(op.reduceat(a[order], start))
+        del a
+    columns = []
+    for i in (5, 6):
+        a = cat[i] if every else cat[i][keep]
+        cat[i] = None
+        columns.append(_columns(a, order, start))
+    return RegionGraph(lo, hi, *sums, *columns)
 
 
 def from_observations(u: np.ndarray, v: np.ndarray, w: np.ndarray, bins: int = 0,
@@ -140,15 +153,23 @@ def from_observations(u: np.ndarray, v: np.ndarray, w: np.ndarray, bins: int = 0
                        _columns(r, order, start))
 
 
-def combine(graphs: list[RegionGraph], relabel: np.ndarray | None = None) -> RegionGraph:
-    """Sum graphs; with ``relabel``, region ``i`` becomes ``relabel[i]`` first (edges that
+def combine(graphs: list[RegionGraph], relabel: np.ndarray | None = None,
+            offsets: list[tuple[int, int]] | None = None) -> RegionGraph:
+    """Sum graphs; with ``offsets``, graph ``k``'s ids ``u`` and ``v`` are first moved by
+    ``offsets[k]``; with ``relabel``, region ``i`` then becomes ``relabel[i]`` (edges that
     fall inside one region disappear, parallel edges add up)."""
     if not graphs:
         return RegionGraph.empty()
-    cat = [np.concatenate([getattr(g, f) for g in graphs]) for f in FIELDS]
-    if relabel is not None:
-        cat[0], cat[1] = relabel[cat[0]], relabel[cat[1]]
-    return _reduce(*cat)
+    cat = []
+    for i, f in enumerate(FIELDS):
+        parts = [getattr(g, f) for g in graphs]
+        if offsets is not None and i < 2:
+            parts = [p + o[i] for p, o in zip(parts, offsets, strict=True)]
+        cat.append(np.concatenate(parts))
+        del parts
+        if relabel is not None and i < 2:
+            cat[i] = relabel[cat[i]]
+    return _reduce(cat)
 
 
 def observations(labels: np.ndarray, quantized: np.ndarray, positions: bool = False

@@ -216,10 +216,9 @@ def _supervoxels(basin_info, pairs, links):
 def _global_graph(block_graphs, face_graphs, pairs, supervoxels) -> RegionGraph:
     """Every block's and face's graph in supervoxel ids, summed: the global graph."""
     bases, sv = supervoxels[:2]
-    shifted = [g.shifted(bases[b], bases[b]) for b, g in enumerate(block_graphs)]
-    shifted += [g.shifted(bases[a], bases[b] - _B_OFFSET)
-                for (a, b), g in zip(pairs, face_graphs, strict=True)]
-    return combine(shifted, relabel=sv)
+    offsets = [(bases[b], bases[b]) for b in range(len(block_graphs))]
+    offsets += [(bases[a], bases[b] - _B_OFFSET) for a, b in pairs]
+    return combine([*block_graphs, *face_graphs], relabel=sv, offsets=offsets)
 
 
 def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedParams,
@@ -227,10 +226,14 @@ def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedPara
     """Global graph, small-region merging and agglomeration; lookup tables.  ``last``, the
     basins' highest global voxel indices, ranks fragments for ties in agglomeration (their
     highest voxel index: the same for any chunking, and growing under merges, as
-    :mod:`emdask.solve_tree` needs)."""
+    :mod:`emdask.solve_tree` needs).  ``block_graphs`` and ``face_graphs`` are emptied
+    once summed into the global graph, so that a caller that holds nothing else of them
+    frees them then."""
     bases, sv, sv_sizes, sv_raw = supervoxels
     n_blocks = len(block_graphs)
     sv_graph = _global_graph(block_graphs, face_graphs, pairs, supervoxels)
+    block_graphs.clear()
+    face_graphs.clear()
     n, n_sv = sv.size, sv_sizes.size
     # fragments: small supervoxels merged (roots are lowest ids, hence canonical)
     frag = np.arange(n_sv)
@@ -243,6 +246,8 @@ def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedPara
     frag_raw = None if sv_raw is None else np.bincount(
         frag, weights=sv_raw, minlength=n_frag).astype(np.int64)
     frag_graph = combine([sv_graph], relabel=frag)
+    n_edges, graph_nbytes = len(sv_graph), sv_graph.nbytes
+    del sv_graph
     dust = frag_sizes < params.dust_size
     if dust.any():
         frag_graph = frag_graph.select(~(dust[frag_graph.u] | dust[frag_graph.v]))
@@ -257,7 +262,7 @@ def _finish(block_graphs, face_graphs, pairs, supervoxels, params: WatershedPara
         tables.append(_consecutive(np.where(dust, 0, seg)))
     # lookup tables from block-local basin to output id, one row per output
     luts = np.stack([t[frag[sv]] for t in tables]) if n else np.zeros((len(tables), 0))
-    info = SegmentationInfo(n_blocks, n, n_sv, n_frag, len(sv_graph), sv_graph.nbytes)
+    info = SegmentationInfo(n_blocks, n, n_sv, n_frag, n_edges, graph_nbytes)
     return luts.astype(np.uint64), bases, info
 
 
