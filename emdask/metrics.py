@@ -35,7 +35,7 @@ Table = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def _pair_counts(gt: np.ndarray, seg: np.ndarray, either: bool = False) -> Table:
     """Contingency table of one in-memory block, ground-truth 0 excluded (with
-    ``either``: only voxels where both are 0)."""
+    ``either``: only the voxels where both are 0 excluded)."""
     gt = np.asarray(gt).ravel()
     seg = np.asarray(seg).ravel()
     keep = (gt != 0) | (seg != 0) if either else gt != 0
