@@ -1,21 +1,32 @@
-"""Split-error detection and correction, trained and validated on separate FIB-SEM regions.
+"""Error detection and correction, trained and validated on separate FIB-SEM regions.
 
-    python benchmarks/eval_errors.py [--ship]
+    python benchmarks/eval_errors.py [--only splits|merges] [--ship]
 
 The fibsem net's affinities are segmented at the card's threshold on two regions of the
-FlyEM medulla cube: z 0-159 (the classifier's training region; the net was trained there
-too) and z 200-249 (never trained on by either).  The split model (emdask.errors) is
-trained on the first; its correction threshold is the one whose automated correction lowers
-VOI split + merge most there without raising ARAND.  On the validation region it prints:
-precision and recall of the candidates above that threshold; the share of VOI split that
-a proofreader checking the top 20 candidates removes (merging those that are true); and
-VOI split / merge and ARAND before and after automated correction.  --ship writes the model
-and its card to emdask/weights/splits.json.
+FlyEM medulla cube: z 0-159 (the classifiers' training region; the nets were trained on its
+ground truth too) and z 200-249 (never trained on by any of them).
+
+Splits: the split model (emdask.errors) is trained on the first region; its correction
+threshold is the one whose automated correction lowers VOI split + merge most there
+without raising ARAND.  On the validation region it prints precision and recall of the
+candidates above that threshold; the share of VOI split that a proofreader checking the top
+20 candidates removes (merging those that are true); and VOI split / merge and ARAND before
+and after automated correction.
+
+Merges: the shipped merge net (emdask/weights/merges.toml: artificial merges of touching
+ground-truth neurons of z 0-199) examines every segment of at least 1000 voxels along its
+skeleton.  A segment is a true merge when it overlaps two true neurons by 100 voxels each.
+The threshold is the one of best F1 on the training region; on the validation region it
+prints the ROC AUC over segments, precision and recall at that threshold, and the share of
+VOI merge held by the true merges among the top 20 candidates (what a proofreader cutting
+them would remove).  --ship writes the split model and its card to
+emdask/weights/splits.json and the merge net's threshold and figures into its card.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -26,6 +37,7 @@ import xarray as xr
 import emdask
 from emdask.errors import (
     correct_splits,
+    detect_merges,
     error_table,
     split_features,
     split_labels,
@@ -43,7 +55,9 @@ TOP = 20
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
+@functools.cache
 def region(name: str):
+    """Raw, the fibsem net's segmentation and affinities, and ground truth of a region."""
     import h5py
 
     with h5py.File(CUBE, "r") as f:
@@ -54,16 +68,88 @@ def region(name: str):
     affs = np.asarray(affs[:3])
     [seg] = segment(da.from_array(affs, chunks=(3, 64, 128, 128)),
                     [model.card["threshold"]])
-    return np.asarray(seg), affs, gt
+    return raw, np.asarray(seg), affs, gt
+
+
+def merge_table(name: str) -> tuple:
+    """The merge net's verdict per segment of a region, with whether it is a true merge
+    and its share of VOI merge (bits)."""
+    raw, seg, _, gt = region(name)
+    found = detect_merges(raw, xr.DataArray(seg, dims=("z", "y", "x"), attrs={
+        "voxel_size": list(VOXEL), "offset": [0.0, 0.0, 0.0]}), "merges")
+    truth = error_table(seg, gt)
+    truth = truth[truth.kind == "merge"]
+    voi = {s[0]: v for s, v in zip(truth.segments, truth.voi, strict=True)}
+    found["true"] = [s in voi for s in found.segment]
+    found["voi"] = [voi.get(s, 0.0) for s in found.segment]
+    return found, truth
+
+
+def auc(score: np.ndarray, truth: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    ranks, n_pos = rankdata(score), truth.sum()
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (~truth).sum()))
+
+
+def merges(ship: bool) -> None:
+    found, _ = merge_table("train")
+    best = (0.0, 1.0)
+    for t in np.unique(found.score):
+        chosen = found.score >= t
+        tp = (chosen & found.true).sum()
+        f1 = 2 * tp / max(chosen.sum() + found.true.sum(), 1)
+        if f1 > best[0]:
+            best = (float(f1), float(t))
+    threshold = round(best[1], 3)
+    print(f"merges, training region: {len(found)} segments examined, "
+          f"{int(found.true.sum())} true merges; threshold {threshold:.3f} (F1 {best[0]:.3f})")
+    found, truth = merge_table("validation")
+    chosen = found.score >= threshold
+    tp = int((chosen & found.true).sum())
+    top = found.head(TOP)
+    share = float(top.voi[top.true].sum() / truth.voi.sum()) if len(truth) else 0.0
+    scores = {"segments": len(found), "true_merges": int(found.true.sum()),
+              "true_merges_all": len(truth), "auc": round(auc(found.score.to_numpy(),
+                                                              found.true.to_numpy()), 3),
+              "detected": int(chosen.sum()), "true_detected": tp,
+              "precision": round(tp / max(int(chosen.sum()), 1), 3),
+              "recall": round(tp / max(int(found.true.sum()), 1), 3),
+              f"top{TOP}_true": int(top.true.sum()), f"top{TOP}_voi_merge_share": round(share, 3),
+              "windows": int(found.windows.sum())}
+    print(f"merges, validation region: {scores['segments']} segments examined, "
+          f"{scores['true_merges']} true merges among them ({scores['true_merges_all']} "
+          f"in all); ROC AUC {scores['auc']:.3f}")
+    print(f"at the threshold {threshold:.3f}: {scores['detected']} detected, precision "
+          f"{scores['precision']:.3f}, recall {scores['recall']:.3f}")
+    print(f"top {TOP} checked by a proofreader: {scores[f'top{TOP}_true']} true; they hold "
+          f"{share:.0%} of VOI merge ({truth.voi.sum():.3f} bits)")
+    if ship:
+        from emdask.models import WEIGHTS, load_model, save_model
+
+        path = WEIGHTS / "merges.pt"
+        model = load_model(path)
+        save_model(model, path, card=model.card | {
+            "threshold": threshold, "validation": "FlyEM medulla z 200-249, the fibsem "
+            "net's segmentation at its card threshold", "validation_scores": scores,
+            "reproduce": "python benchmarks/eval_errors.py --only merges --ship"})
+        print(f"wrote the card of {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ship", action="store_true")
+    parser.add_argument("--only", choices=("splits", "merges"))
     args = parser.parse_args()
+    if args.only != "splits":
+        merges(args.ship)
+    if args.only != "merges":
+        splits(args.ship)
 
-    seg, affs, gt = region("train")
+
+def splits(ship: bool) -> None:
+    _, seg, affs, gt = region("train")
     feats = split_features(seg, affs, VOXEL)
     labels = split_labels(feats[["a", "b"]].to_numpy(), seg, gt)
     model = train_split_model(feats, labels)
@@ -80,7 +166,7 @@ def main() -> None:
     print(f"training region: {len(feats)} candidate pairs, {labels.sum()} true splits; "
           f"threshold {model.threshold:.3f}")
 
-    seg, affs, gt = region("validation")
+    _, seg, affs, gt = region("validation")
     before = emdask.evaluate(seg, gt)
     feats = split_features(seg, affs, VOXEL)
     labels = split_labels(feats[["a", "b"]].to_numpy(), seg, gt)
@@ -108,7 +194,7 @@ def main() -> None:
     for name, s in (("before", before), (f"auto-corrected ({len(edits)})", after)):
         print(f"{name:24} {s['voi_split']:9.3f} {s['voi_merge']:9.3f} {s['voi']:7.3f} "
               f"{s['arand']:7.3f}")
-    if args.ship:
+    if ship:
         model.card = {
             "name": "splits", "segmentation": "fibsem net, card threshold, emdask.segment",
             "train": "FlyEM medulla z 0-159 (CC BY)", "validation": "FlyEM medulla z 200-249",

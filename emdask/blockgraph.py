@@ -146,22 +146,39 @@ class BlockGraph:
 
 
 def map_reduce(func: Callable, combine: Callable, arrays: list, split_every: int = 8,
-               **literals) -> Delayed:
+               depth: int = 0, **literals) -> Delayed:
     """``func(*blocks, origin=..., **literals)`` on each block of ``arrays`` (Dask arrays
     of one chunking), the results combined ``combine(*parts)`` in a tree of fan-in
     ``split_every``: the pattern of a blockwise table or score, memory bounded by a block
-    and the combined result.  Returns the result as a delayed."""
+    and the combined result.  Returns the result as a delayed.
+
+    With ``depth``, each block comes with up to ``depth`` voxels of its neighbours on every
+    spatial side (the last three axes; none beyond the volume), ``origin`` is where that
+    padded block begins, and ``func`` also gets ``box=(begin, end)``: the block proper, in
+    the volume's voxels, so that it can count what it owns exactly once."""
     import dask
 
     for a in arrays[1:]:
-        if a.chunks != arrays[0].chunks:
+        if a.chunks[-3:] != arrays[0].chunks[-3:] or a.numblocks[:-3] != (1,) * (a.ndim - 3):
             raise ValueError("map_reduce needs arrays of one chunking")
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in arrays[0].chunks]
-    blocks = [a.to_delayed() for a in arrays]
+    chunks = arrays[0].chunks[-3:]
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
+    if depth:
+        arrays = [da.overlap.overlap(a, depth={k: depth if k >= a.ndim - 3 else 0
+                                               for k in range(a.ndim)}, boundary="none")
+                  for a in arrays]
+    blocks = [a.to_delayed().reshape(a.numblocks[-3:]) for a in arrays]
     apply = dask.delayed(partial(func, **literals), pure=True)
-    parts = [apply(*(b[idx] for b in blocks),
-                   origin=tuple(int(starts[d][i]) for d, i in enumerate(idx)))
-             for idx in np.ndindex(*blocks[0].shape)]
+    parts = []
+    for idx in np.ndindex(*blocks[0].shape):
+        begin = np.array([starts[d][i] for d, i in enumerate(idx)])
+        extra = {}
+        if depth:
+            end = begin + [chunks[d][i] for d, i in enumerate(idx)]
+            extra = {"box": (tuple(int(b) for b in begin), tuple(int(e) for e in end))}
+            begin = np.maximum(begin - depth, 0)
+        parts.append(apply(*(b[idx] for b in blocks), origin=tuple(int(b) for b in begin),
+                           **extra))
     merge = dask.delayed(combine, pure=True)
     while len(parts) > 1:
         parts = [merge(*parts[i:i + split_every]) for i in range(0, len(parts), split_every)]

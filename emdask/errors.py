@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -29,10 +30,22 @@ from emdask.metrics import _as_array, contingency_table
 
 __all__ = [
     "SplitModel",
+    "best_windows",
+    "candidate_table",
     "contacts",
     "correct_splits",
+    "detect_merges",
     "detect_splits",
     "error_table",
+    "join_lut",
+    "load_merge_model",
+    "load_split_model",
+    "merge_candidates",
+    "merge_jobs",
+    "merge_scores",
+    "merge_window",
+    "relabel",
+    "score_windows",
     "split_features",
     "split_labels",
     "train_split_model",
@@ -97,34 +110,264 @@ def split_labels(pairs: np.ndarray, segmentation: Any, ground_truth: Any,
     return (a == b) & (a != 0)
 
 
+# ---------------------------------------------------------------- merge errors
+def merge_scores(model: Any, raws: np.ndarray, masks: np.ndarray, batch: int = 8
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A merge net's verdict on windows: for each (``raws``, ``masks``: n, z, y, x; sizes
+    multiples of the net's factor), its highest output on the object's voxels (the
+    probability that the object joins two neurons there) and that voxel (z, y, x in the
+    window)."""
+    import torch
+
+    from emdask.predict import normalize_raw
+
+    masks = np.asarray(masks, bool)
+    device = next(model.parameters()).device
+    out = np.empty(masks.shape, np.float32)
+    for i in range(0, len(raws), batch):
+        x = np.stack([np.stack([normalize_raw(r), m]) for r, m in
+                      zip(raws[i:i + batch], masks[i:i + batch], strict=True)])
+        with torch.no_grad():
+            y = model(torch.from_numpy(x.astype(np.float32)).to(device))
+        out[i:i + batch] = torch.sigmoid(y[:, 0]).float().cpu().numpy()
+    flat = np.where(masks, out, 0).reshape(len(masks), -1)
+    at = flat.argmax(1)
+    where = np.stack(np.unravel_index(at, masks.shape[1:]), axis=1)
+    return flat[np.arange(len(flat)), at], where
+
+
+def merge_candidates(skeleton: Any, spacing_nm: float) -> np.ndarray:
+    """Where to look for a merge along a skeleton (points in nm, z-y-x): its branch points
+    (where two neurons joined by a merge usually meet) and, for thin necks and contacts
+    along a branch, one vertex per cube of ``spacing_nm`` that the skeleton passes, so that
+    the number of windows grows with the cable length, not the volume."""
+    verts = np.asarray(skeleton.vertices, float)[:, ::-1]  # x-y-z -> z-y-x
+    edges = np.asarray(skeleton.edges, int).reshape(-1, 2)
+    if len(verts) == 0:
+        return np.zeros((0, 3))
+    degree = np.bincount(edges.ravel(), minlength=len(verts))
+    # branch points first, so that a cube keeps its branch point
+    order = np.argsort(degree < 3, kind="stable")
+    cells = np.floor(verts[order] / spacing_nm).astype(np.int64)
+    _, first = np.unique(cells, axis=0, return_index=True)
+    return verts[order][np.sort(first)]
+
+
+def merge_window(model: Any, shape) -> np.ndarray:
+    """The window (voxels) a merge net examines: :data:`emdask.training.MERGE_WINDOW`,
+    cut to the volume ``shape`` and to multiples of the net's factor."""
+    from emdask.training import MERGE_WINDOW
+
+    size = np.array([(min(n, w) // f) * f for n, w, f in zip(shape, MERGE_WINDOW,
+                                                             model.factor, strict=True)])
+    if np.any(size == 0):
+        raise ValueError(f"the volume {tuple(shape)} is smaller than the merge net's "
+                         f"factor {model.factor}")
+    return size
+
+
+def merge_jobs(skeletons: dict, window_nm: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(segment, point in nm) for every window to examine: each skeleton's
+    :func:`merge_candidates`, spaced half the window's shortest side apart."""
+    spacing = float(np.min(window_nm)) / 2
+    return [(int(s), p) for s, sk in sorted(skeletons.items())
+            for p in merge_candidates(sk, spacing)]
+
+
+def score_windows(model: Any, raw: Any, segmentation: Any, jobs: list, voxel_size,
+                  offset=(0.0, 0.0, 0.0), batch: int = 8) -> pd.DataFrame:
+    """The merge net on each job's window (:func:`merge_jobs`), read one at a time from
+    ``raw`` and ``segmentation`` (arrays of the whole volume, lazy or not): a row per
+    window with ``segment``, ``score`` and the location of its highest voxel in nm."""
+    vs, offset = np.asarray(voxel_size, float), np.asarray(offset, float)
+    shape = np.asarray(segmentation.shape)
+    size = merge_window(model, shape)
+    rows = []
+    for i in range(0, len(jobs), batch):
+        raws, masks, starts, ids = [], [], [], []
+        for s, p in jobs[i:i + batch]:
+            centre = np.round((np.asarray(p) - offset) / vs - 0.5).astype(int)
+            start = np.clip(centre - size // 2, 0, shape - size)
+            sl = tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))
+            mask = np.asarray(segmentation[sl]) == s
+            if mask.any():
+                raws.append(np.asarray(raw[sl]))
+                masks.append(mask)
+                starts.append(start)
+                ids.append(s)
+        if ids:
+            score, where = merge_scores(model, np.stack(raws), np.stack(masks))
+            for s, start, sc, w in zip(ids, starts, score, where, strict=True):
+                rows.append((s, float(sc), *(offset + (start + w + 0.5) * vs)))
+    return pd.DataFrame(rows, columns=["segment", "score", "z_nm", "y_nm", "x_nm"])
+
+
+def best_windows(windows: pd.DataFrame) -> pd.DataFrame:
+    """Per segment, its highest-scoring window (and how many were examined); highest
+    score first."""
+    if len(windows) == 0:
+        return windows.assign(windows=np.zeros(0, np.int64))
+    count = windows.groupby("segment").size()
+    best = windows.sort_values(["score", "segment"], ascending=[False, True],
+                               kind="stable").drop_duplicates("segment")
+    best = best.assign(windows=count.loc[best.segment].to_numpy())
+    return best.reset_index(drop=True)
+
+
+def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
+                  skeletons: dict | None = None, min_size: int = 1000,
+                  voxel_size=None, batch: int = 8) -> pd.DataFrame:
+    """Candidate merge errors (one segment spanning two neurons), ranked for proofreading.
+
+    Every segment of at least ``min_size`` voxels is examined by a merge net (raw plus the
+    segment's mask, :data:`emdask.training.MERGE_WINDOW` voxels) in windows centred on its
+    skeleton's :func:`merge_candidates` (spaced half a window apart); a segment's score is
+    its highest window's, the location that window's highest voxel.  Windows are read one
+    at a time, so lazy (Dask, zarr) inputs are never loaded whole.
+
+    Parameters
+    ----------
+    raw, segmentation
+        (z, y, x) EM and segmentation on the same grid (DataArray, Dask or NumPy).
+    model
+        A merge net (:class:`emdask.models.AffinityUNet` with target ``"merges"``), a
+        ``.pt`` file, or ``"merges"``: the shipped one (its card gives the validation
+        figures and the threshold for automated correction).
+    skeletons
+        Skeletons per segment id (as :func:`emdask.skeletons.skeletons` gives them; the
+        pipeline's skeletons stage); computed here (from the whole segmentation) when not
+        given.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``segment``, ``score``, location in nm (``z_nm``, ``y_nm``, ``x_nm``) and
+        ``windows`` examined; highest score first.
+    """
+    model = load_merge_model(model)
+    seg_arr, raw_arr = _as_array(segmentation), _as_array(raw)
+    if seg_arr.shape != raw_arr.shape or len(seg_arr.shape) != 3:
+        raise ValueError(f"raw {raw_arr.shape} and segmentation {seg_arr.shape} must be "
+                         "(z, y, x) volumes on the same grid")
+    attrs = getattr(segmentation, "attrs", {})
+    vs = np.asarray(voxel_size if voxel_size is not None else attrs.get("voxel_size", ()),
+                    float)
+    if vs.shape != (3,):
+        raise ValueError("give voxel_size: the segmentation carries none")
+    if not np.allclose(vs, model.config.voxel_size, rtol=0.25):
+        raise ValueError(f"the merge net was trained at {model.config.voxel_size} nm, the "
+                         f"segmentation's voxel size is {vs.tolist()} nm")
+    offset = np.asarray(attrs.get("offset", (0, 0, 0)), float)
+    size = merge_window(model, seg_arr.shape)
+    if skeletons is None:
+        from emdask.skeletons import skeletons as skeletonize
+
+        seg = np.asarray(seg_arr)
+        ids, counts = np.unique(seg, return_counts=True)
+        keep = ids[(counts >= min_size) & (ids != 0)]
+        big = np.where(np.isin(seg, keep), seg, 0)
+        skeletons = skeletonize(xr.DataArray(big, dims=("z", "y", "x"), attrs={
+            "voxel_size": vs.tolist(), "offset": offset.tolist()})) if keep.size else {}
+    windows = score_windows(model, raw_arr, seg_arr, merge_jobs(skeletons, size * vs), vs,
+                            offset, batch)
+    return best_windows(windows)
+
+
+def load_merge_model(model: Any = "merges"):
+    """A merge net from a model, a ``.pt`` file or a shipped name, checked."""
+    from emdask.models import load_model, pretrained
+
+    if isinstance(model, str | Path):
+        model = load_model(model) if str(model).endswith(".pt") else pretrained(str(model))
+    if model.config.target != "merges":
+        raise ValueError(f"a merge net (target 'merges') is needed, got a "
+                         f"{model.config.target!r} net")
+    return model
+
+
 # ---------------------------------------------------------------- candidates
-def contacts(segmentation: np.ndarray, affinities: np.ndarray) -> pd.DataFrame:
+_CONTACT = ("a", "b", "contact", "sum", "max", "z", "y", "x")  # per pair: sums over faces
+
+
+def _contact_sums(seg: np.ndarray, affs: np.ndarray, origin=(0, 0, 0), box=None):
+    """The contacts of a block and its segments' sizes, as sums that add across blocks:
+    ``(a, b, faces, affinity sum, affinity max, centre sums z, y, x)`` per touching pair
+    and ``(ids, voxels)``.  ``seg`` may carry neighbours' voxels (``box``: the block proper,
+    in the volume's voxels); a face belongs to the block that holds its lower voxel."""
+    from emdask.region_graph import observations
+    from emdask.watershed import quantize_affinities
+
+    seg = np.asarray(seg)
+    origin = np.asarray(origin)
+    begin, end = (np.asarray(b) - origin for b in box) if box is not None else (
+        np.zeros(3, int), np.array(seg.shape))
+    u, v, w, at = observations(seg, quantize_affinities(np.asarray(affs[:3]), check=False),
+                               positions=True)
+    low = np.floor(at).astype(np.int64)  # the face's lower voxel
+    own = np.all((low >= begin) & (low < end), axis=1)
+    u, v, w, at = u[own], v[own], w[own], at[own] + origin
+    lo, hi = np.minimum(u, v), np.maximum(u, v)
+    proper = seg[tuple(slice(b, e) for b, e in zip(begin, end, strict=True))]
+    ids, voxels = np.unique(proper, return_counts=True)
+    return _sum_contacts(lo, hi, np.ones(lo.size, np.int64), w, w, at), (ids, voxels)
+
+
+def _sum_contacts(lo, hi, n, total, top, at):
+    """Rows of the same pair summed (``top``: the maximum)."""
+    order = np.lexsort((hi, lo))
+    lo, hi, n, total, top, at = lo[order], hi[order], n[order], total[order], top[order], \
+        at[order]
+    if lo.size == 0:
+        return lo, hi, n, total, top, at.reshape(0, 3)
+    start = np.flatnonzero(np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])])
+    return (lo[start], hi[start], np.add.reduceat(n, start), np.add.reduceat(total, start),
+            np.maximum.reduceat(top, start), np.add.reduceat(at, start, axis=0))
+
+
+def _merge_contact_sums(*parts):
+    pairs = [p[0] for p in parts]
+    merged = _sum_contacts(*(np.concatenate([p[k] for p in pairs]) for k in range(6)))
+    ids = np.concatenate([p[1][0] for p in parts])
+    voxels = np.concatenate([p[1][1] for p in parts])
+    keys, inverse = np.unique(ids, return_inverse=True)
+    return merged, (keys, np.bincount(inverse, voxels).astype(np.int64))
+
+
+def _contacts_and_sizes(segmentation: Any, affinities: Any
+                        ) -> tuple[pd.DataFrame, dict[int, int]]:
+    """:func:`contacts` and every segment's voxel count, in one pass (blockwise when either
+    input is a Dask array: memory bounded by a block and the tables)."""
+    from emdask.blockgraph import map_reduce
+    from emdask.watershed import Q
+
+    seg, affs = _as_array(segmentation), _as_array(affinities)
+    if tuple(affs.shape[1:]) != tuple(seg.shape) or affs.shape[0] < 3:
+        raise ValueError(f"affinities {tuple(affs.shape)} must be (>= 3, z, y, x) on the "
+                         f"segmentation's grid {tuple(seg.shape)}")
+    if isinstance(seg, da.Array) or isinstance(affs, da.Array):
+        seg = seg if isinstance(seg, da.Array) else da.from_array(seg, chunks=64)
+        affs = da.asarray(affs)[:3].rechunk((3, *seg.chunks))
+        pairs, (ids, voxels) = map_reduce(_contact_sums, _merge_contact_sums, [seg, affs],
+                                          depth=1).compute()
+    else:
+        pairs, (ids, voxels) = _contact_sums(seg, affs)
+    lo, hi, n, total, top, at = pairs
+    frame = pd.DataFrame({"a": lo.astype(seg.dtype), "b": hi.astype(seg.dtype),
+                          "contact": n, "mean": total / np.maximum(n, 1) / float(Q),
+                          "max": top / float(Q)})
+    for k, name in enumerate("zyx"):
+        frame[name] = at[:, k] / np.maximum(n, 1)
+    return frame, dict(zip(ids.tolist(), voxels.tolist(), strict=True))
+
+
+def contacts(segmentation: Any, affinities: Any) -> pd.DataFrame:
     """Every pair of touching segments: contact size, mean and max affinity across it,
     and the contact's centre (voxels, z-y-x).
 
-    ``affinities``: the nearest-neighbour channels (3, z, y, x), float or uint8.
+    ``affinities``: the nearest-neighbour channels (3, z, y, x), float or uint8.  Dask
+    inputs are read block by block (each with one voxel of its neighbours).
     """
-    from emdask.region_graph import observations
-    from emdask.watershed import Q, quantize_affinities
-
-    seg = np.asarray(segmentation)
-    affs = quantize_affinities(np.asarray(affinities[:3]), check=False)
-    u, v, w, at = observations(seg, affs, positions=True)
-    w = w / float(Q)
-    if u.size == 0:  # no two segments touch
-        return pd.DataFrame({k: np.zeros(0, t) for k, t in (
-            ("a", seg.dtype), ("b", seg.dtype), ("contact", np.int64), ("mean", float),
-            ("max", float), ("z", float), ("y", float), ("x", float))})
-    lo, hi = np.minimum(u, v), np.maximum(u, v)
-    order = np.lexsort((hi, lo))
-    lo, hi, w, at = lo[order], hi[order], w[order], at[order]
-    start = np.flatnonzero(np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])])
-    n = np.diff(np.r_[start, lo.size])
-    centre = np.add.reduceat(at, start, axis=0) / n[:, None]
-    return pd.DataFrame({"a": lo[start], "b": hi[start], "contact": n,
-                         "mean": np.add.reduceat(w, start) / n,
-                         "max": np.maximum.reduceat(w, start),
-                         "z": centre[:, 0], "y": centre[:, 1], "x": centre[:, 2]})
+    return _contacts_and_sizes(segmentation, affinities)[0]
 
 
 def _endpoints(skeleton: Any, back: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -161,26 +404,26 @@ FEATURES = ("mean", "max", "log_contact", "log_small", "log_large", "end_a", "en
 
 
 def split_features(segmentation: Any, affinities: Any, voxel_size,
-                   min_size: int = 200, skeletons: dict | None = None) -> pd.DataFrame:
+                   min_size: int = 200, skeletons: dict | None = None,
+                   touching: tuple | None = None) -> pd.DataFrame:
     """The candidate split pairs (touching segments of at least ``min_size`` voxels each)
     and their features (:data:`FEATURES`).
 
     ``end_a`` / ``end_b``: distance (um, capped at 2) from the contact to the nearest
     skeleton endpoint of each segment; ``facing``: how well the two nearest endpoints point
-    at each other (mean cosine; 0 where a segment has no endpoint).
+    at each other (mean cosine; 0 where a segment has no endpoint).  ``skeletons`` (per
+    segment id) and ``touching`` (the contacts and sizes, as the pipeline has them) are
+    computed when not given.
     """
     from emdask.skeletons import skeletons as skeletonize
 
-    seg = np.asarray(_as_array(segmentation))
-    affs = np.asarray(_as_array(affinities))
     vs = np.asarray(voxel_size, float)
-    ids, sizes = np.unique(seg, return_counts=True)
-    size = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
-    pairs = contacts(seg, affs)
+    pairs, size = touching or _contacts_and_sizes(segmentation, affinities)
     big = np.array([size[a] >= min_size and size[b] >= min_size
                     for a, b in zip(pairs.a, pairs.b, strict=True)], bool)
     pairs = pairs[big].reset_index(drop=True) if len(pairs) else pairs
     if skeletons is None:
+        seg = np.asarray(_as_array(segmentation))
         wanted = np.unique(np.r_[pairs.a.to_numpy(), pairs.b.to_numpy()])
         keep = np.where(np.isin(seg, wanted), seg, 0)
         keep = xr.DataArray(keep, dims=("z", "y", "x"),
@@ -268,9 +511,23 @@ def train_split_model(features: pd.DataFrame, labels: np.ndarray, l2: float = 1.
 
 
 # ---------------------------------------------------------------- detection, correction
+def load_split_model(model: SplitModel | str | Path = "splits") -> SplitModel:
+    """A split model from a model, a ``.json`` file or a shipped name (``"splits"``)."""
+    if isinstance(model, SplitModel):
+        return model
+    path = Path(model)
+    if path.suffix != ".json":
+        path = Path(__file__).parent / "weights" / f"{model}.json"
+        if not path.exists():
+            raise ValueError(f"no shipped split model {str(model)!r}; give a .json file "
+                             "from emdask.errors.train_split_model")
+    return SplitModel.load(path)
+
+
 def detect_splits(segmentation: Any, affinities: Any,
                   model: SplitModel | str | Path = "splits", voxel_size=None,
-                  min_size: int = 200) -> pd.DataFrame:
+                  min_size: int = 200, skeletons: dict | None = None,
+                  touching: tuple | None = None) -> pd.DataFrame:
     """Candidate split errors ranked for proofreading.
 
     ``model``: a :class:`SplitModel`, a file, or ``"splits"``: the shipped model (trained
@@ -283,20 +540,51 @@ def detect_splits(segmentation: Any, affinities: Any,
         they are one neuron), the contact's centre in nm (``z_nm``, ``y_nm``, ``x_nm``)
         and the features; highest score first.
     """
-    if model == "splits":
-        model = Path(__file__).parent / "weights" / "splits.json"
-    if not isinstance(model, SplitModel):
-        model = SplitModel.load(model)
+    model = load_split_model(model)  # (skeletons and touching: see split_features)
     if voxel_size is None:
         voxel_size = getattr(segmentation, "attrs", {}).get("voxel_size")
         if voxel_size is None:
             raise ValueError("give voxel_size: the segmentation carries none")
-    feats = split_features(segmentation, affinities, voxel_size, min_size)
+    feats = split_features(segmentation, affinities, voxel_size, min_size, skeletons,
+                           touching)
     feats["score"] = model.predict(feats)
     offset = np.asarray(getattr(segmentation, "attrs", {}).get("offset", (0, 0, 0)), float)
     for axis, name in enumerate("zyx"):
         feats[f"{name}_nm"] = offset[axis] + feats[name] * float(voxel_size[axis])
     return feats.sort_values("score", ascending=False, ignore_index=True)
+
+
+def join_lut(pairs: np.ndarray, dtype=np.uint64) -> tuple[np.ndarray, np.ndarray]:
+    """The lookup table that joins each pair (a, b) of segment ids (and, transitively,
+    their groups): sorted ids -> the lowest id of their group."""
+    pairs = np.asarray(pairs, dtype).reshape(-1, 2)
+    ids = np.unique(pairs)
+    parent = np.arange(ids.size)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in np.searchsorted(ids, pairs):
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([find(i) for i in range(ids.size)], np.int64)
+    return ids, ids[roots] if ids.size else ids
+
+
+def relabel(segmentation: np.ndarray, lut: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``segmentation`` with the ids of ``lut[0]`` (sorted) replaced by ``lut[1]``."""
+    seg = np.asarray(segmentation)
+    old, new = lut
+    out = seg.copy()
+    if old.size:
+        flat = out.ravel()
+        hit = np.isin(flat, old)
+        flat[hit] = new[np.searchsorted(old, flat[hit])]
+        out = flat.reshape(seg.shape)
+    return out
 
 
 def correct_splits(segmentation: np.ndarray, candidates: pd.DataFrame, threshold: float
@@ -309,27 +597,37 @@ def correct_splits(segmentation: np.ndarray, candidates: pd.DataFrame, threshold
     """
     seg = np.asarray(segmentation)
     chosen = candidates[candidates.score >= threshold]
-    ids = np.unique(np.r_[chosen.a.to_numpy(), chosen.b.to_numpy()]).astype(seg.dtype)
-    parent = np.arange(ids.size)
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in zip(np.searchsorted(ids, chosen.a), np.searchsorted(ids, chosen.b),
-                    strict=True):
-        ra, rb = find(a), find(b)
-        parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([find(i) for i in range(ids.size)], np.int64)
-    lut_from, lut_to = ids, ids[roots] if ids.size else ids
-    out = seg.copy()
-    if ids.size:
-        flat = out.ravel()
-        hit = np.isin(flat, lut_from)
-        flat[hit] = lut_to[np.searchsorted(lut_from, flat[hit])]
-        out = flat.reshape(seg.shape)
+    lut = join_lut(np.c_[chosen.a.to_numpy(), chosen.b.to_numpy()], seg.dtype)
     edits = chosen[["a", "b", "score"]].copy()
-    edits["kept"] = lut_to[np.searchsorted(lut_from, edits.a)] if len(edits) else []
-    return out, edits.reset_index(drop=True)
+    edits["kept"] = lut[1][np.searchsorted(lut[0], edits.a)] if len(edits) else []
+    return relabel(seg, lut), edits.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- for proofreading
+def candidate_table(splits: pd.DataFrame | None, merges: pd.DataFrame | None,
+                    split_threshold: float = 0.5, merge_threshold: float = 0.5
+                    ) -> pd.DataFrame:
+    """Split and merge candidates in one table for proofreading: ``kind``, ``segments``
+    (the pair to join, or the segment to cut), ``score``, location in nm, and ``auto``
+    (at or above the model's threshold for automated correction); highest score first.
+    Split candidates below 0.5 (more likely two neurons than one) are left out."""
+    parts = []
+    if splits is not None and len(splits):
+        keep = splits[splits.score >= min(0.5, split_threshold)]
+        parts.append(pd.DataFrame({
+            "kind": "split", "segments": [[int(a), int(b)] for a, b in zip(
+                keep.a, keep.b, strict=True)], "score": keep.score.to_numpy(float),
+            "z_nm": keep.z_nm, "y_nm": keep.y_nm, "x_nm": keep.x_nm,
+            "auto": keep.score.to_numpy() >= split_threshold}))
+    if merges is not None and len(merges):
+        parts.append(pd.DataFrame({
+            "kind": "merge", "segments": [[int(s)] for s in merges.segment],
+            "score": merges.score.to_numpy(float), "z_nm": merges.z_nm,
+            "y_nm": merges.y_nm, "x_nm": merges.x_nm,
+            "auto": merges.score.to_numpy() >= merge_threshold}))
+    columns = ["kind", "segments", "score", "z_nm", "y_nm", "x_nm", "auto"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    table = pd.concat(parts, ignore_index=True)[columns]
+    return table.sort_values("score", ascending=False, kind="stable", ignore_index=True)
+

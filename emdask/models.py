@@ -50,6 +50,10 @@ WEIGHTS = Path(__file__).with_name("weights")
 WEIGHTS_NC = Path(__file__).with_name("weights_nc")
 
 
+#: What a net can learn (:attr:`ModelConfig.target`).
+TARGETS = ("affinities", "synapses", "partners", "merges")
+
+
 @dataclass
 class ModelConfig:
     """Architecture of an :class:`AffinityUNet`.
@@ -73,7 +77,9 @@ class ModelConfig:
         probability that a voxel is synaptic; ``offsets`` are then unused) or
         ``"partners"`` (the attentional partner net of Turner et al. 2020: input raw plus
         a ball marking one synapse, outputs the voxels of its presynaptic and its
-        postsynaptic cell).
+        postsynaptic cell) or ``"merges"`` (the merge-error net: input raw plus one
+        object's mask, output the object's voxels near a junction of two neurons, which
+        marks the object as a merge error; :func:`emdask.errors.detect_merges`).
     attention
         ``"partners"``: radius (z, y, x voxels) of the ball that marks the synapse.
     lsd_sigma
@@ -102,11 +108,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.width < 1 or not self.downsample:
             raise ValueError("width must be >= 1 and downsample must list at least one level")
-        if self.target not in ("affinities", "synapses", "partners"):
-            raise ValueError("target must be 'affinities', 'synapses' or 'partners', got "
-                             f"{self.target!r}")
-        if self.target == "partners" and self.in_channels != 2:
-            raise ValueError("a partner net reads raw and the synapse mark: in_channels = 2")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target in ("partners", "merges") and self.in_channels != 2:
+            raise ValueError(f"a {self.target[:-1]} net reads raw and a mask (the synapse "
+                             "mark, the object): in_channels = 2")
         if self.target == "affinities" and [list(o) for o in self.offsets[:3]] != [
                 [-1, 0, 0], [0, -1, 0], [0, 0, -1]]:
             raise ValueError("the first 3 offsets must be the nearest neighbours "
@@ -119,7 +125,8 @@ class ModelConfig:
     @property
     def n_predicted(self) -> int:
         """Channels that inference gives."""
-        return {"affinities": len(self.offsets), "synapses": 1, "partners": 2}[self.target]
+        return {"affinities": len(self.offsets), "synapses": 1, "partners": 2,
+                "merges": 1}[self.target]
 
     @property
     def n_outputs(self) -> int:

@@ -83,7 +83,7 @@ __all__ = ["STAGES", "RunConfig", "StoreBusy", "load_run_config", "local_cluster
 TREE_MARKERS = "agglomerate-tree"
 
 STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "pyramid",
-          "meshes", "skeletons", "report")
+          "meshes", "skeletons", "errors", "correct", "report")
 
 # The store is an NGFF 0.5 collection: the images raw (the EM the nets read: the input's
 # region of interest, or the aligned stack), affinities and synapse_probabilities, and
@@ -202,6 +202,20 @@ class MeshSpec:
 
 
 @dataclass
+class ErrorSpec:
+    """Error detection for proofreading (:mod:`emdask.errors`) in the segmentation that
+    has skeletons: split candidates (touching segments, a split model) and merge
+    candidates (a merge net along each skeleton), one ranked table ``errors.parquet``."""
+
+    split_model: str | None = "splits"  # a .json file or shipped name; None: no splits
+    merge_model: str | None = "merges"  # a .pt file or shipped name; None: no merges
+    min_size: int = 1000  # voxels: smaller segments are not examined
+    # the correct stage's first decisions (edits.parquet): the candidates at or above their
+    # model's threshold (False: none; people add theirs to edits.parquet)
+    auto: bool = True
+
+
+@dataclass
 class EvaluateSpec:
     """Ground truth for the report (same grid as the input; the same ROI is cut out)."""
 
@@ -241,6 +255,7 @@ class RunConfig:
     segment: SegmentSpec = field(default_factory=SegmentSpec)
     synapses: SynapseSpec | None = None
     meshes: MeshSpec = field(default_factory=MeshSpec)
+    errors: ErrorSpec | None = None
     evaluate: EvaluateSpec | None = None
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
@@ -1065,6 +1080,188 @@ def _skeletons(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     return {"segments": len(joined), "cable_um": round(float(table["cable_nm"].sum()) / 1e3, 3)}
 
 
+def _merge_task(ctx: _Context, block: int, dataset: str, model: str, voxel_size: tuple,
+                offset: tuple) -> None:
+    """The merge net on the windows centred in one block (``_emdask/errors/jobs.npz``),
+    read from the stored raw and segmentation."""
+    from emdask.errors import score_windows
+
+    jobs = load_arrays(ctx.store, "_emdask/errors/jobs.npz")
+    mine = jobs["block"] == block
+    windows = score_windows(_model(model, "cpu"), _array(ctx, f"{RAW}/s0"),
+                            _array(ctx, f"{dataset}/s0"),
+                            list(zip(jobs["segment"][mine].tolist(), jobs["point"][mine],
+                                     strict=True)), voxel_size, offset)
+    save_arrays(ctx.store, f"_emdask/errors/{block}.npz", {
+        "segment": windows.segment.to_numpy(np.uint64), "score": windows.score.to_numpy(),
+        "at": windows[["z_nm", "y_nm", "x_nm"]].to_numpy(float).reshape(-1, 3)})
+    mark_done(ctx.store, "errors", block, ctx.stamp)
+
+
+def _stored_skeletons(store: str, dataset: str, ids) -> dict:
+    from osteoid import Skeleton
+
+    return {int(s): Skeleton.from_precomputed(get_bytes(store, f"{dataset}/skeletons/{s}"),
+                                              segid=int(s)) for s in ids}
+
+
+def _stored_affinities(cfg: RunConfig, root, full, vol, roi_begin):
+    """The nearest-neighbour affinities of the segmented region, lazily: the predicted
+    ones in the store, or the user's (``[affinities]``)."""
+    import dask.array as da
+
+    if _has(root, "affinities"):
+        return da.from_zarr(root["affinities/s0"])[:3]
+    source, begin = _affinities_given(cfg, full, vol, roi_begin)
+    shape = tuple(vol.shape)
+    return da.from_array(source, chunks=(3, *_chunks(cfg)))[
+        (slice(0, 3), *_slices(begin, np.add(begin, shape)))]
+
+
+def _errors(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
+    """Split candidates from the contacts (one blockwise pass) and the split model; merge
+    candidates from the merge net in windows along the stored skeletons, one task per
+    block of window centres (resumable); both in errors.parquet."""
+    import pandas as pd
+
+    from emdask.errors import (
+        _contacts_and_sizes,
+        best_windows,
+        candidate_table,
+        detect_splits,
+        load_merge_model,
+        load_split_model,
+        merge_jobs,
+        merge_window,
+    )
+    from emdask.volumes import open_volume
+
+    spec, store = cfg.errors, cfg.output.path
+    t = cfg.meshes.segmentation
+    t = cfg.segment.thresholds[-1] if t is None else t
+    dataset = f"{LABELS}/segmentation_{t:g}"
+    done = root.attrs.get("emdask", {}).get("stages", {}).get("skeletons", {})
+    if not done.get("finished") or done.get("params") != _stage_params(cfg, "skeletons"):
+        raise ValueError(f"{store}: the errors stage reads the skeletons of "
+                         f"segmentation_{t:g}; run the skeletons stage first")
+    seg = open_volume(store, f"segmentation_{t:g}")
+    vs, offset = tuple(seg.attrs["voxel_size"]), tuple(seg.attrs["offset"])
+    touching = _contacts_and_sizes(seg, affs)  # one pass: contacts and sizes
+    big = [s for s, n in touching[1].items() if s != 0 and n >= spec.min_size]
+    skeleton_ids = set(pd.read_parquet(io.BytesIO(get_bytes(store, "skeletons.parquet"))).id)
+    skeletons = _stored_skeletons(store, dataset, sorted(set(big) & skeleton_ids))
+    splits = merges = None
+    split_threshold = merge_threshold = 1.0
+    if spec.split_model:
+        model = load_split_model(spec.split_model)
+        split_threshold = model.threshold
+        splits = detect_splits(seg, affs, model, vs, spec.min_size, skeletons, touching)
+    if spec.merge_model:
+        net = load_merge_model(_model(spec.merge_model, "cpu"))
+        merge_threshold = float(net.card.get("threshold", 1.0))
+        jobs = merge_jobs(skeletons, merge_window(net, seg.shape) * np.asarray(vs))
+        points = np.array([p for _, p in jobs], float).reshape(-1, 3)
+        voxel = np.clip(((points - offset) / vs).astype(np.int64), 0,
+                        np.array(seg.shape) - 1)
+        blocks = np.array([np.ravel_multi_index(tuple(v // ctx.grid.chunks), ctx.grid.counts)
+                           for v in voxel], np.int64)
+        if _fresh(store, "errors"):
+            save_arrays(store, "_emdask/errors/jobs.npz", {
+                "segment": np.array([s for s, _ in jobs], np.uint64), "point": points,
+                "block": blocks})
+        _run_blocks(client, ctx, "errors", functools.partial(
+            _merge_task, dataset=dataset, model=spec.merge_model, voxel_size=vs,
+            offset=offset), cfg.cluster, blocks=sorted(set(blocks.tolist())),
+            label="errors (merge net)")
+        parts = [load_arrays(store, f"_emdask/errors/{b}.npz") for b in sorted(set(blocks))]
+        windows = pd.DataFrame({
+            "segment": np.concatenate([p["segment"] for p in parts] or [[]]).astype(
+                np.uint64),
+            "score": np.concatenate([p["score"] for p in parts] or [[]]),
+            **{f"{a}_nm": np.concatenate([p["at"][:, k] for p in parts] or [[]])
+               for k, a in enumerate("zyx")}})
+        merges = best_windows(windows)
+    table = candidate_table(splits, merges, split_threshold, merge_threshold)
+    put_bytes(store, "errors.parquet", _parquet(table))
+    counts = table.kind.value_counts().to_dict() if len(table) else {}
+    print(f"  errors: {counts.get('split', 0)} split and {counts.get('merge', 0)} merge "
+          f"candidates in segmentation_{t:g} ({int(table.auto.sum()) if len(table) else 0} "
+          "above the models' correction thresholds); table errors.parquet", file=sys.stderr)
+    return {"splits": int(counts.get("split", 0)), "merges": int(counts.get("merge", 0))}
+
+
+#: The correct stage's output: ``segmentation_{t}`` + this, with the decisions applied.
+CORRECTED = "_corrected"
+#: The decisions the correct stage applies (a table people may edit; see _correct).
+EDITS = "edits.parquet"
+
+
+def _correct_task(ctx: _Context, block: int, dataset: str) -> None:
+    from emdask.errors import relabel
+
+    lut = load_arrays(ctx.store, "_emdask/correct/lut.npz")
+    box = _slices(*ctx.grid.box(block))
+    labels = np.asarray(_array(ctx, f"{dataset}/s0")[box])
+    _array(ctx, f"{dataset}{CORRECTED}/s0")[box] = relabel(labels, (lut["old"], lut["new"]))
+    mark_done(ctx.store, "correct", block, ctx.stamp)
+
+
+def _correct(client, ctx: _Context, cfg: RunConfig, root) -> dict:
+    """Apply the decisions of edits.parquet to the segmentation with error candidates,
+    block by block, into segmentation_{t}_corrected.
+
+    The first run writes edits.parquet from errors.parquet: the candidates at or above
+    their model's threshold (``auto``), ``apply`` true.  It is the record of every edit:
+    set ``apply`` false to undo one, or add rows (kind "split", segments [a, b]: join
+    them) to make one, and run the stage again; what changed is redone.  Merge candidates
+    are listed for people to cut (in a proofreading tool); only joins are applied here."""
+    import pandas as pd
+
+    from emdask.errors import join_lut
+    from emdask.volumes import create_volume, open_volume
+
+    store = cfg.output.path
+    t = cfg.meshes.segmentation
+    t = cfg.segment.thresholds[-1] if t is None else t
+    dataset = f"{LABELS}/segmentation_{t:g}"
+    if not exists(store, "errors.parquet"):
+        raise ValueError(f"{store}: the correct stage applies the errors stage's "
+                         "candidates; run the errors stage first")
+    if not exists(store, EDITS):
+        errors = pd.read_parquet(io.BytesIO(get_bytes(store, "errors.parquet")))
+        first = errors[errors.auto] if cfg.errors.auto else errors.iloc[:0]
+        put_bytes(store, EDITS, _parquet(first.assign(apply=True, by="auto").drop(
+            columns="auto").reset_index(drop=True)))
+    data = get_bytes(store, EDITS)
+    edits = pd.read_parquet(io.BytesIO(data))
+    missing = {"kind", "segments", "apply"} - set(edits.columns)
+    if missing:
+        raise ValueError(f"{store}/{EDITS}: columns {sorted(missing)} are missing")
+    joins = edits[(edits.kind == "split") & edits["apply"].astype(bool)]
+    bad = [list(s) for s in joins.segments if len(s) != 2]
+    if bad:
+        raise ValueError(f"{store}/{EDITS}: a split edit joins two segments, got {bad[:3]}")
+    old, new = join_lut(np.array([list(s) for s in joins.segments], np.uint64).reshape(-1, 2))
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    record = _record(store).get("stages", {}).get("correct", {})
+    if record.get("edits") not in (None, digest):  # the decisions changed: all redone
+        unmark(store, "correct", set(range(len(ctx.grid))), _generation(store, "correct"))
+    if _fresh(store, "correct") or not _has(root, f"{dataset}{CORRECTED}"):
+        seg = open_volume(store, f"segmentation_{t:g}")
+        create_volume(store, f"{dataset}{CORRECTED}", seg.shape, seg.dtype, ctx.grid.chunks,
+                      seg.attrs["voxel_size"], seg.attrs["offset"], overwrite=True)
+    save_arrays(store, "_emdask/correct/lut.npz", {"old": old, "new": new})
+    _set_stages(root, dict(root.attrs["emdask"]["stages"]) | {
+        "correct": record | {"edits": digest}})
+    _run_blocks(client, ctx, "correct", functools.partial(_correct_task, dataset=dataset),
+                cfg.cluster)
+    n_merges = int(((edits.kind == "merge") & edits["apply"].astype(bool)).sum())
+    print(f"  correct: {len(joins)} joins applied ({old.size - np.unique(new).size} segments "
+          f"fewer) -> segmentation_{t:g}{CORRECTED}; {n_merges} merge candidates marked for "
+          f"cutting; decisions in {EDITS}", file=sys.stderr)
+    return {"joins": len(joins), "cuts_to_review": n_merges, "edits": digest}
+
+
 def _label_datasets(seg: SegmentSpec) -> list[str]:
     return ["fragments"] + [f"segmentation_{t:g}" for t in seg.thresholds]
 
@@ -1296,7 +1493,8 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
             ("classifier", "classifier_file") if seg["score"] == "learned" else ())
         return p | {"segment": {k: seg.get(k) for k in keys}}
     p["segment"] = seg
-    if stage in ("synapses", "pyramid", "meshes", "skeletons", "report"):
+    if stage in ("synapses", "pyramid", "meshes", "skeletons", "errors", "correct",
+                 "report"):
         p["synapses"] = ({k: v for k, v in asdict(cfg.synapses).items()
                           if k != "accept_licence"} if cfg.synapses else None)
         if cfg.synapses:
@@ -1309,8 +1507,15 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
         if direction and direction.endswith(".pt") and Path(direction).exists():
             st = Path(direction).stat()
             p["synapses"]["direction_model_file"] = f"{st.st_size}:{st.st_mtime_ns}"
-    if stage in ("meshes", "skeletons", "report"):
+    if stage in ("meshes", "skeletons", "errors", "correct", "report"):
         p["meshes"] = asdict(cfg.meshes)
+    if stage in ("errors", "correct"):
+        p["errors"] = asdict(cfg.errors) if cfg.errors else None
+        for key in ("split_model", "merge_model"):  # a retrained file at the same path
+            name = p["errors"] and p["errors"][key]
+            if name and Path(name).suffix in (".pt", ".json") and Path(name).exists():
+                st = Path(name).stat()
+                p["errors"][f"{key}_file"] = f"{st.st_size}:{st.st_mtime_ns}"
     if stage == "report":
         p["evaluate"] = asdict(cfg.evaluate) if cfg.evaluate else None
     return p
@@ -1373,7 +1578,8 @@ def _check_upstream(root, cfg: RunConfig, stage: str, running: list[str]) -> Non
     with this config's parameters (stages run in this same call are checked as they run)."""
     recorded = root.attrs.get("emdask", {}).get("stages", {})
     for before in STAGES[:STAGES.index(stage)]:
-        if before in ("report", "pyramid", "meshes", "skeletons") or before in running or (
+        if before in ("report", "pyramid", "meshes", "skeletons", "errors", "correct") or (
+                before in running) or (
                 before == "synapses" and cfg.synapses is None) or (
                 before == "align" and cfg.align is None):
             continue
@@ -1406,9 +1612,10 @@ def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
     """What a stage writes: arrays written block by block (one block = one chunk), files
     per block (``{block}`` in their name), and outputs written whole."""
     with _quiet_listing():
-        segmentations = sorted(f"{LABELS}/{n}/s0" for n in (
-            root[LABELS].group_keys() if _has(root, LABELS) else [])
-            if n.startswith("segmentation_"))
+        labels = list(root[LABELS].group_keys()) if _has(root, LABELS) else []
+    segmentations = sorted(f"{LABELS}/{n}/s0" for n in labels
+                           if n.startswith("segmentation_") and not n.endswith(CORRECTED))
+    corrected = sorted(f"{LABELS}/{n}/s0" for n in labels if n.endswith(CORRECTED))
     # what predict writes depends on the run: no affinities where they were given, and
     # no raw where the align stage wrote it
     records = root.attrs.get("emdask", {}).get("stages", {})
@@ -1424,6 +1631,8 @@ def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
             "synapses": (["synapse_probabilities/s0"], [], [f"{LABELS}/synapses/s0"]),
             "meshes": ([], ["_emdask/meshes/{block}.npz"], []),
             "skeletons": ([], ["_emdask/skeletons/{block}.npz"], []),
+            "errors": ([], ["_emdask/errors/{block}.npz"], []),
+            "correct": (corrected, [], []),
             }.get(stage, ([], [], []))
 
 
@@ -1455,6 +1664,14 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
         if s == "agglomerate":
             for folder in ("_emdask/tree", "_emdask/resolution"):
                 remove(store, folder)
+        if s == "errors":  # (the per-block files went with their folder)
+            remove(store, "errors.parquet")
+        if s == "correct" and exists(store, EDITS):
+            # people's decisions name segments of the segmentation being cleared: kept
+            # aside, never applied to another one
+            put_bytes(store, f"edits-{_now().replace(':', '')}.parquet",
+                      get_bytes(store, EDITS))
+            remove(store, EDITS)
         if s in ("meshes", "skeletons"):  # the files beside the segmentation
             for name in _meshed(store, root, s):
                 remove(store, f"{LABELS}/{name}/{s}")
@@ -2424,6 +2641,20 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
         elif stage == "skeletons":
             what = "TEASAR skeletons (kimimaro) of the same, joined across blocks"
             memory[stage] = 100.0 * block_vox
+        elif stage == "errors":
+            if cfg.errors is None:
+                what = "skipped (no [errors] section)"
+            else:
+                e = cfg.errors
+                what = ("split candidates (contacts, model " + (e.split_model or "none")
+                        + ") and merge candidates (net " + (e.merge_model or "none")
+                        + " along the skeletons) -> errors.parquet")
+                memory[stage] = 40.0 * block_vox
+        elif stage == "correct":
+            what = ("skipped (no [errors] section)" if cfg.errors is None else
+                    f"the decisions of {EDITS} (first: the candidates above the models' "
+                    f"thresholds) applied -> segmentation_..{CORRECTED}")
+            memory[stage] = 24.0 * block_vox
         elif stage == "meshes":
             t = cfg.meshes.segmentation
             what = (f"marching cubes of segmentation_"
@@ -2575,6 +2806,19 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
             extra = _meshes(client, ctx, cfg, vol)
         elif stage == "skeletons":
             extra = _skeletons(client, ctx, cfg, vol)
+        elif stage == "errors":
+            if cfg.errors is None:
+                print("  errors: no [errors] section configured; skipped", file=sys.stderr)
+                extra = {"skipped": True}
+            else:
+                extra = _errors(client, ctx, cfg, root, _stored_affinities(
+                    cfg, root, full, vol, roi_begin))
+        elif stage == "correct":
+            if cfg.errors is None:
+                print("  correct: no [errors] section configured; skipped", file=sys.stderr)
+                extra = {"skipped": True}
+            else:
+                extra = _correct(client, ctx, cfg, root)
         elif stage == "report":
             extra = {"scores": _report(cfg, full, vol, roi_begin)}
         timings[stage] = time.perf_counter() - t0

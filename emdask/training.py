@@ -226,6 +226,71 @@ def _partner_example(raw, labels, pair, start, size, attention):
     return raw[sl], code
 
 
+#: Merge nets: voxels of a merged object within this distance (nm) of the junction of its
+#: two neurons are the target; the window (voxels) they see around a candidate point.
+MERGE_RADIUS_NM = 50.0
+MERGE_WINDOW = (48, 48, 48)
+
+
+def contact_sites(labels: np.ndarray, step: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Where two labelled neurons touch (face-adjacent voxels of two different non-zero
+    labels): rows ``[z, y, x, a, b]`` (``a < b``; the voxel is on the lower side), sorted by
+    pair, every ``step``-th of each pair's kept, and the first row of each pair (so that a
+    pair can be drawn uniformly, small contacts such as a spine's as often as large ones).
+    """
+    parts = []
+    for d in range(3):
+        lo = tuple(slice(0, -1) if k == d else slice(None) for k in range(3))
+        hi = tuple(slice(1, None) if k == d else slice(None) for k in range(3))
+        a, b = labels[lo], labels[hi]
+        touch = (a != b) & (a > 0) & (b > 0)
+        u, v = a[touch].astype(np.int64), b[touch].astype(np.int64)
+        parts.append(np.column_stack([np.argwhere(touch), np.minimum(u, v),
+                                      np.maximum(u, v)]))
+    rows = np.concatenate(parts) if parts else np.zeros((0, 5), np.int64)
+    rows = rows[np.lexsort((rows[:, 4], rows[:, 3]))]
+    first = np.flatnonzero(np.r_[True, np.any(rows[1:, 3:] != rows[:-1, 3:], axis=1)]
+                           ) if len(rows) else np.zeros(0, np.int64)
+    within = np.arange(len(rows)) - np.repeat(first, np.diff(np.r_[first, len(rows)]))
+    rows = rows[within % step == 0]
+    first = np.flatnonzero(np.r_[True, np.any(rows[1:, 3:] != rows[:-1, 3:], axis=1)]
+                           ) if len(rows) else first
+    return rows, first
+
+
+def _merge_crop(raw, labels, site, size, rng: np.random.Generator):
+    """A window of ``size`` near a contact ``site`` (jittered by up to a quarter window),
+    with the two neurons coded 1 and 2 in one label volume (so augmentations move them
+    with the raw)."""
+    start = [int(np.clip(c - n // 2 + rng.integers(-(n // 4), n // 4 + 1), 0, d - n))
+             for c, n, d in zip(site[:3], size, raw.shape, strict=True)]
+    sl = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
+    lab = labels[sl]
+    return raw[sl], ((lab == site[3]) * 1 + (lab == site[4]) * 2).astype(np.uint64)
+
+
+def merge_target(code: np.ndarray, voxel_size) -> np.ndarray:
+    """The voxels of neuron 1 within :data:`MERGE_RADIUS_NM` of neuron 2 and vice versa:
+    where an object made of both joins them."""
+    from scipy.ndimage import distance_transform_edt
+
+    a, b = code == 1, code == 2
+    if not a.any() or not b.any():
+        return np.zeros(code.shape, bool)
+    near_b = distance_transform_edt(~b, sampling=voxel_size) <= MERGE_RADIUS_NM
+    near_a = distance_transform_edt(~a, sampling=voxel_size) <= MERGE_RADIUS_NM
+    return (a & near_b) | (b & near_a)
+
+
+def _merge_example(raw: np.ndarray, code: np.ndarray, keep: int, voxel_size):
+    """Input (raw, object mask) and target of a merge net: the object is neuron 1, 2 or
+    both (``keep`` 1, 2 or 3: an artificial merge, whose junction is the target)."""
+    mask = (code & keep) > 0
+    target = merge_target(code, voxel_size) if keep == 3 else np.zeros(code.shape, bool)
+    x = np.stack([raw, mask]).astype(np.float32)
+    return x, target[None].astype(np.float32)
+
+
 def card_intensity(volumes: list[np.ndarray], weights=None) -> dict:
     """The intensity percentiles (:data:`emdask.predict.PERCENTILES`) of training volumes
     on the net's input scale (:func:`emdask.predict.normalize_raw` by dtype), as a model
@@ -254,6 +319,9 @@ class PatchSampler:
         self.pairs = [_partner_pairs(v, lab) for v, (_, lab) in zip(volumes, self.data,
                                                                      strict=True)
                       ] if self.target == "partners" else []
+        self.sites = [contact_sites(lab) for _, lab in self.data
+                      ] if self.target == "merges" else []
+        self.voxel_size = np.asarray(model_config.voxel_size, float)
         self.aug = augment_config
         self.margin = augment_config.max_shift if (augment_config.slip
                                                    or augment_config.shift) else 0
@@ -294,6 +362,16 @@ class PatchSampler:
             r, code = augment(normalize_raw(r), code, self.rng, self.margin, self.aug)
             x = np.stack([r, (code & 4) > 0]).astype(np.float32)
             target = np.stack([(code & 1) > 0, (code & 2) > 0]).astype(np.float32)
+            return x, target, np.ones_like(target)
+        if self.target == "merges":  # two touching neurons, as one object or not
+            rows, first = self.sites[i]
+            k = int(self.rng.integers(len(first)))
+            end = first[k + 1] if k + 1 < len(first) else len(rows)
+            site = rows[int(self.rng.integers(first[k], end))]
+            r, code = _merge_crop(raw, labels, site, size, self.rng)
+            r, code = augment(normalize_raw(r), code, self.rng, self.margin, self.aug)
+            keep = 3 if self.rng.random() < 0.5 else int(self.rng.integers(1, 3))
+            x, target = _merge_example(r, code, keep, self.voxel_size)
             return x, target, np.ones_like(target)
         sl = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
         r, lab = augment(normalize_raw(raw[sl]), labels[sl], self.rng, self.margin, self.aug)
@@ -372,7 +450,7 @@ def balanced_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 #: validation scores logged per target (the best threshold's)
 SCORES = {"affinities": ("voi_split", "voi_merge", "voi", "arand", "threshold"),
           "synapses": ("precision", "recall", "f1", "fp_distance", "threshold"),
-          "partners": ("accuracy", "pairs")}
+          "partners": ("accuracy", "pairs"), "merges": ("accuracy", "auc")}
 SYNAPSE_MIN_SIZE = 50  # voxels: smaller detections are dropped when validating
 PARTNER_WINDOW = (8, 96, 96)  # voxels around each pair when validating a partner net
 
@@ -396,6 +474,8 @@ def validate(model: AffinityUNet, spec: VolumeSpec, thresholds) -> dict:
     raw, labels, vol = _load(spec)
     if model.config.target == "partners":
         return _validate_partners(model, spec, raw, labels)
+    if model.config.target == "merges":
+        return _validate_merges(model, raw, labels)
     vs = vol.attrs["voxel_size"]
     vs = (vs[0] * _z_factor(spec), vs[1] * spec.downsample[1], vs[2] * spec.downsample[2])
     pred = _predict(as_volume(raw, voxel_size=vs), model, chunks=raw.shape, device=_device(),
@@ -437,6 +517,39 @@ def _validate_partners(model: AffinityUNet, spec: VolumeSpec, raw, labels) -> di
         right += direction_score(maps, centre, labels[sl], int(pair[6]), int(pair[7]),
                                  model.config.attention) > 0
     return {"accuracy": right / len(pairs), "pairs": float(len(pairs))}
+
+
+MERGE_VALIDATION = 200  # windows (half of them merged objects) when validating
+
+
+def _validate_merges(model: AffinityUNet, raw, labels) -> dict:
+    """Window classification of a merge net on :data:`MERGE_VALIDATION` fixed windows at
+    contacts of the validation labels, half showing one neuron, half two as one object:
+    accuracy at 0.5 and the area under the ROC curve of the window's score
+    (:func:`emdask.errors.merge_scores`)."""
+    from emdask.errors import merge_scores
+
+    rng = np.random.default_rng(0)
+    rows, first = contact_sites(labels)
+    size = [(min(n, w) // f) * f for n, w, f in zip(raw.shape, MERGE_WINDOW, model.factor,
+                                                    strict=True)]
+    raws, masks, truth = [], [], []
+    for j in range(MERGE_VALIDATION):
+        k = int(rng.integers(len(first)))
+        end = first[k + 1] if k + 1 < len(first) else len(rows)
+        r, code = _merge_crop(raw, labels, rows[int(rng.integers(first[k], end))], size, rng)
+        keep = 3 if j % 2 == 0 else int(rng.integers(1, 3))
+        raws.append(r)
+        masks.append((code & keep) > 0)
+        truth.append(keep == 3)
+    score = merge_scores(model, np.stack(raws), np.stack(masks))[0]
+    truth = np.asarray(truth)
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)
+    n_pos, n_neg = truth.sum(), (~truth).sum()
+    auc = (ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return {"accuracy": float(((score >= 0.5) == truth).mean()), "auc": float(auc)}
 
 
 def _device() -> str:

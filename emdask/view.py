@@ -5,7 +5,8 @@ the store that sends CORS headers (a browser page may read it from another origi
 hosted neuroglancer must), and the ``neuroglancer`` Python package's viewer server (its
 web client ships inside the package).  The viewer gets a layer for each image (raw,
 affinities as RGB, synapse probabilities), each label image as a segmentation, and the
-synapses as annotation points carrying their partner segments, all in nm.
+synapses as annotation points carrying their partner segments, and the errors stage's
+split and merge candidates as points carrying their segments and scores, all in nm.
 """
 
 from __future__ import annotations
@@ -151,21 +152,38 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
                     str(store), f"{LABELS}/{name}", 8)
         table = store / "synapses.parquet"
         if table.exists():
-            synapses = pd.read_parquet(table)
-            layer = neuroglancer.LocalAnnotationLayer(
-                dimensions=neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm",
-                                                        scales=[1, 1, 1]),
-                linked_segmentation_layer={"segments": shown} if shown else None)
-            for row in synapses.itertuples():
+            rows = []
+            for row in pd.read_parquet(table).itertuples():
                 # pre and post where the direction is known, else the two ranked partners
                 pair = ((row.pre, row.post) if getattr(row, "pre", 0) else
                         (getattr(row, "partner_1", 0), getattr(row, "partner_2", 0)))
-                partners = [int(s) for s in pair if s]
-                layer.annotations.append(neuroglancer.PointAnnotation(
-                    id=str(row.id), point=[row.z_nm, row.y_nm, row.x_nm],
-                    segments=[partners] if partners else None))
-            state.layers["synapses"] = layer
+                rows.append((str(row.id), (row.z_nm, row.y_nm, row.x_nm),
+                             [int(s) for s in pair if s], None))
+            state.layers["synapses"] = _points(neuroglancer, rows, shown)
+        table = store / "errors.parquet"
+        if table.exists():  # the errors stage's candidates, ranked for proofreading
+            errors = pd.read_parquet(table)
+            for kind in ("split", "merge"):
+                rows = [(f"{kind}{i}", (r.z_nm, r.y_nm, r.x_nm), [int(s) for s in r.segments],
+                         f"{kind} {r.score:.2f}{' (auto)' if r.auto else ''}")
+                        for i, r in enumerate(errors[errors.kind == kind].itertuples())]
+                if rows:
+                    state.layers[f"{kind} candidates"] = _points(neuroglancer, rows, shown)
     return Viewing(viewer, str(viewer), store_url, server)
+
+
+def _points(neuroglancer, rows: list, segmentation: str | None):
+    """An annotation layer of points (id, (z, y, x) nm, segments, description), linked to
+    the segmentation layer shown so that selecting a point selects its segments."""
+    layer = neuroglancer.LocalAnnotationLayer(
+        dimensions=neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm",
+                                                scales=[1, 1, 1]),
+        linked_segmentation_layer={"segments": segmentation} if segmentation else None)
+    for name, point, segments, description in rows:
+        layer.annotations.append(neuroglancer.PointAnnotation(
+            id=name, point=list(point), segments=[segments] if segments else None,
+            description=description))
+    return layer
 
 
 def screenshot(viewing: Viewing, path: str | Path, size: tuple[int, int] = (1200, 700),

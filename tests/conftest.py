@@ -41,3 +41,37 @@ def tiny_model(tmp_path_factory) -> str:
     save_model(AffinityUNet(ModelConfig(width=4, downsample=[[1, 2, 2]],
                                         voxel_size=[10.0, 10.0, 10.0])), path)
     return str(path)
+
+
+def neurons_config(folder) -> dict:
+    """The run config of :func:`neurons` (in ``folder``): the bundled sample's ground-truth
+    affinities segmented, in 16 x 64 x 64 blocks."""
+    from emdask.data import sample_path
+
+    return {"input": {"url": str(sample_path()), "dataset": "raw",
+                      "roi": [[0, 0, 0], [40, 160, 160]]},
+            "affinities": {"url": str(Path(folder) / "affs.zarr"), "dataset": "affinities"},
+            "output": {"path": str(Path(folder) / "run.zarr"), "chunks": [16, 64, 64]},
+            "segment": {"thresholds": [0.5]},
+            "cluster": {"processes": False, "n_workers": 2}}
+
+
+@pytest.fixture(scope="session")
+def neurons(tmp_path_factory) -> str:
+    """A store segmented from ground-truth affinities (every stage but errors and report):
+    real neurons to look at."""
+    import numpy as np
+
+    from emdask import affinities_from_labels, open_volume, save_volume
+    from emdask.data import sample_path
+    from emdask.pipeline import run
+
+    folder = tmp_path_factory.mktemp("neurons")
+    truth = open_volume(str(sample_path()), "neuron_ids")
+    affs, _ = affinities_from_labels(truth.values)
+    save_volume(affs.astype(np.float32), folder / "affs.zarr", "affinities",
+                voxel_size=truth.attrs["voxel_size"], offset=truth.attrs["offset"])
+    config = neurons_config(folder)
+    run(config)
+    return config["output"]["path"]
+

@@ -1,5 +1,7 @@
 """Errors of a segmentation: the true ones, split candidates, the split model, correction."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -100,3 +102,187 @@ def test_empty_inputs_give_empty_tables():
     assert len(contacts(seg, np.ones((3, 4, 5, 6), np.float32))) == 0
     assert len(error_table(seg, np.zeros_like(seg))) == 0  # no ground truth
     assert split_labels(np.array([[1, 2]]), seg, np.zeros_like(seg)).tolist() == [False]
+
+
+@pytest.fixture(scope="module")
+def tiny_merge_net(tmp_path_factory) -> str:
+    """An untrained merge net: the tests that use it check the machinery."""
+    import torch
+
+    from emdask.models import AffinityUNet, ModelConfig, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("merges") / "merges.pt"
+    save_model(AffinityUNet(ModelConfig(width=4, downsample=[[2, 2, 2]], in_channels=2,
+                                        conv3d_from_level=0, target="merges")), path,
+               card={"threshold": 0.9})
+    return str(path)
+
+
+def test_merge_candidates_are_branch_points_and_one_point_per_cube():
+    from osteoid import Skeleton
+
+    from emdask.errors import merge_candidates
+
+    # a T: a 1 um branch along x, one along y from its middle (vertices x-y-z nm)
+    arm = [[x, 500.0, 0.0] for x in range(0, 1001, 50)]
+    stem = [[500.0, y, 0.0] for y in range(550, 1001, 50)]
+    vertices = np.array(arm + stem, np.float32)
+    edges = [[i, i + 1] for i in range(len(arm) - 1)] + [[10, len(arm)]] + [
+        [len(arm) + i, len(arm) + i + 1] for i in range(len(stem) - 1)]
+    points = merge_candidates(Skeleton(vertices, np.array(edges)), 240.0)
+    assert [0.0, 500.0, 500.0] in points.tolist()  # the branch point (z-y-x)
+    cells = np.floor(points / 240.0)
+    assert len(np.unique(cells, axis=0)) == len(points)  # one per cube...
+    assert len(points) == len(np.unique(np.floor(vertices[:, ::-1] / 240.0), axis=0))
+
+
+def test_merge_training_examples_mark_the_junction_only_in_merged_objects():
+    from emdask.training import MERGE_RADIUS_NM, _merge_example, contact_sites
+
+    labels = np.zeros((8, 10, 12), np.uint64)
+    labels[:, :, :6], labels[:, :, 6:] = 3, 7
+    labels[:, 8:] = 0  # unlabelled
+    rows, first = contact_sites(labels, step=1)
+    assert len(first) == 1 and (rows[:, 3:] == [3, 7]).all() and len(rows) == 8 * 8
+    code = np.where(labels == 3, 1, np.where(labels == 7, 2, 0)).astype(np.uint64)
+    x, target = _merge_example(np.zeros(labels.shape, np.float32), code, 3, (10, 10, 10))
+    assert (x[1] == (labels > 0)).all()
+    near = np.abs(np.arange(12) + 0.5 - 6) <= MERGE_RADIUS_NM / 10  # within 50 nm of x=6
+    assert (target[0][:, :8] == near[None, None, :]).all() and not target[0][:, 8:].any()
+    for keep in (1, 2):  # one neuron alone: no junction
+        x, target = _merge_example(np.zeros(labels.shape, np.float32), code, keep,
+                                   (10, 10, 10))
+        assert not target.any() and (x[1] == (code == keep)).all()
+
+
+def test_contacts_are_the_same_blockwise():
+    import dask.array as da
+
+    from emdask.errors import _contacts_and_sizes
+
+    rng = np.random.default_rng(0)
+    seg = rng.integers(0, 30, (20, 33, 41)).astype(np.uint64)
+    affs = rng.random((3, *seg.shape)).astype(np.float32)
+    whole, sizes = _contacts_and_sizes(seg, affs)
+    assert sizes == dict(zip(*(x.tolist() for x in np.unique(seg, return_counts=True)),
+                             strict=True))
+    for chunks in [(7, 11, 13), (5, 16, 40)]:
+        blocks, blocks_sizes = _contacts_and_sizes(
+            da.from_array(seg, chunks=chunks), da.from_array(affs, chunks=(3, *chunks)))
+        assert blocks_sizes == sizes
+        pd.testing.assert_frame_equal(blocks, whole, rtol=1e-12)
+
+
+def test_the_errors_stage_equals_the_functions_and_is_shown(neurons, tiny_merge_net,
+                                                           tmp_path, capsys):
+    import shutil
+
+    from conftest import neurons_config
+
+    from emdask import open_volume
+    from emdask.errors import detect_merges, detect_splits
+    from emdask.pipeline import _stored_skeletons, run
+    from emdask.view import view
+
+    folder = tmp_path / "copy"
+    shutil.copytree(neurons, folder / "run.zarr")
+    # a split model that keeps most touching pairs (ground-truth affinities leave none)
+    weights = [1.0 if f == "log_contact" else 0.0 for f in FEATURES]
+    SplitModel(weights, 2.0, [0.0] * len(FEATURES), [1.0] * len(FEATURES), 0.99).save(
+        tmp_path / "splits.json")
+    config = neurons_config(Path(neurons).parent) | {"errors": {
+        "merge_model": tiny_merge_net, "split_model": str(tmp_path / "splits.json"),
+        "min_size": 2000}}
+    config["output"]["path"] = str(folder / "run.zarr")
+    run(config, stages=["errors"])
+    store = str(folder / "run.zarr")
+    table = pd.read_parquet(folder / "run.zarr" / "errors.parquet")
+    assert set(table.kind) == {"split", "merge"} and table.score.is_monotonic_decreasing
+
+    seg = open_volume(store, "segmentation_0.5").compute()
+    raw = open_volume(store, "raw").values
+    affs = open_volume(str(Path(neurons).parent / "affs.zarr"), "affinities").values[
+        :3, :40, :160, :160]  # the run's roi
+    ids, counts = np.unique(seg.values, return_counts=True)
+    big = [int(s) for s, n in zip(ids, counts, strict=True) if s and n >= 2000]
+    skeletons = _stored_skeletons(store, "raw/labels/segmentation_0.5",
+                                  [s for s in big if (folder / "run.zarr" / "raw" / "labels"
+                                                      / "segmentation_0.5" / "skeletons"
+                                                      / str(s)).exists()])
+    assert len(skeletons) >= 5
+    # the stage (contacts blockwise, windows per block) = the functions on whole arrays
+    splits = detect_splits(seg.values, affs, tmp_path / "splits.json",
+                           voxel_size=seg.attrs["voxel_size"], min_size=2000,
+                           skeletons=skeletons)
+    splits = splits[splits.score >= 0.5]
+    got = table[table.kind == "split"]
+    assert len(got) >= 10
+    assert sorted(map(tuple, got.segments)) == sorted(zip(splits.a, splits.b))
+    np.testing.assert_allclose(np.sort(got.score), np.sort(splits.score))
+    assert (got.auto == (got.score >= 0.99)).all()  # the model's threshold
+    merges = detect_merges(raw, seg, tiny_merge_net, skeletons=skeletons)
+    got = table[table.kind == "merge"]
+    assert [s[0] for s in got.segments] == merges.segment.tolist()
+    np.testing.assert_allclose(got.score, merges.score, rtol=1e-5)
+    np.testing.assert_allclose(got[["z_nm", "y_nm", "x_nm"]], merges[["z_nm", "y_nm",
+                                                                       "x_nm"]])
+    assert (got.auto == (got.score >= 0.9)).all()  # the net's card threshold
+
+    capsys.readouterr()
+    run(config, stages=["errors"])  # resumes: the merge windows are not scored again
+    assert "blocks already done" in capsys.readouterr().err
+
+    viewing = view(store)
+    try:
+        layers = viewing.viewer.state.layers
+        points = layers["merge candidates"].annotations
+        assert len(points) == len(merges)
+        assert [int(p.segments[0][0]) for p in points] == merges.segment.tolist()
+        assert len(layers["split candidates"].annotations) == len(splits)
+    finally:
+        viewing.close()
+
+
+def test_the_correct_stage_applies_the_edits_and_redoes_what_changed(neurons, tmp_path,
+                                                                     capsys):
+    import shutil
+
+    from conftest import neurons_config
+
+    from emdask import open_volume
+    from emdask.pipeline import run
+
+    folder = tmp_path / "copy"
+    shutil.copytree(neurons, folder / "run.zarr")
+    store = folder / "run.zarr"
+    config = neurons_config(Path(neurons).parent) | {"errors": {"merge_model": None}}
+    config["output"]["path"] = str(store)
+    seg = open_volume(str(store), "segmentation_0.5").values
+    a, b, c = (int(x) for x in np.unique(seg)[1:4])
+    pd.DataFrame({"kind": ["split", "split", "merge"], "segments": [[a, b], [b, c], [a]],
+                  "score": [0.99, 0.95, 0.97], "z_nm": 0.0, "y_nm": 0.0, "x_nm": 0.0,
+                  "auto": [True, False, True]}).to_parquet(store / "errors.parquet")
+    run(config, stages=["correct"])
+    edits = pd.read_parquet(store / "edits.parquet")
+    assert edits.kind.tolist() == ["split", "merge"] and edits["apply"].all()  # the auto ones
+    fixed = open_volume(str(store), "segmentation_0.5_corrected").values
+    expected = seg.copy()
+    expected[seg == b] = a  # joined: the lower id
+    np.testing.assert_array_equal(fixed, expected)
+
+    # a person undoes the join and joins b and c instead: the stage redoes every block
+    edits.loc[0, "apply"] = False
+    edits = pd.concat([edits, pd.DataFrame({"kind": ["split"], "segments": [[c, b]],
+                                            "apply": [True], "by": ["person"]})])
+    edits.to_parquet(store / "edits.parquet")
+    capsys.readouterr()
+    run(config, stages=["correct"])
+    assert "already done" not in capsys.readouterr().err
+    expected = seg.copy()
+    expected[seg == c] = min(b, c)
+    expected[seg == b] = min(b, c)
+    np.testing.assert_array_equal(open_volume(str(store), "segmentation_0.5_corrected").values,
+                                  expected)
+    run(config, stages=["correct"])  # nothing changed: nothing redone
+    assert "27 of 27 blocks already done" in capsys.readouterr().err

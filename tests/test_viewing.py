@@ -170,26 +170,6 @@ def _browser() -> bool:
                 and importlib.util.find_spec("selenium"))
 
 
-@pytest.fixture(scope="module")
-def neurons(tmp_path_factory) -> str:
-    """A store segmented from ground-truth affinities: real neurons to look at."""
-    from emdask import affinities_from_labels, save_volume
-
-    folder = tmp_path_factory.mktemp("neurons")
-    truth = open_volume(str(sample_path()), "neuron_ids")
-    affs, _ = affinities_from_labels(truth.values)
-    save_volume(affs.astype(np.float32), folder / "affs.zarr", "affinities",
-                voxel_size=truth.attrs["voxel_size"], offset=truth.attrs["offset"])
-    out = folder / "run.zarr"
-    run({"input": {"url": str(sample_path()), "dataset": "raw",
-                   "roi": [[0, 0, 0], [40, 160, 160]]},
-         "affinities": {"url": str(folder / "affs.zarr"), "dataset": "affinities"},
-         "output": {"path": str(out), "chunks": [16, 64, 64]},
-         "segment": {"thresholds": [0.5]},
-         "cluster": {"processes": False, "n_workers": 2}})
-    return str(out)
-
-
 @pytest.mark.skipif(not _browser(), reason="needs chromium, chromium-driver and selenium")
 def test_a_headless_browser_shows_segments_and_meshes(neurons, tmp_path):
     from PIL import Image
