@@ -30,13 +30,17 @@ from emdask.metrics import _as_array, contingency_table
 
 __all__ = [
     "SplitModel",
+    "apply_cuts",
     "best_windows",
     "candidate_table",
     "contacts",
+    "correct_merges",
     "correct_splits",
+    "cut_seeds",
     "detect_merges",
     "detect_splits",
     "error_table",
+    "fragment_graphs",
     "join_lut",
     "load_merge_model",
     "load_split_model",
@@ -44,8 +48,10 @@ __all__ = [
     "merge_jobs",
     "merge_scores",
     "merge_window",
+    "plan_cuts",
     "relabel",
     "score_windows",
+    "seeded_cut",
     "split_features",
     "split_labels",
     "train_split_model",
@@ -111,26 +117,32 @@ def split_labels(pairs: np.ndarray, segmentation: Any, ground_truth: Any,
 
 
 # ---------------------------------------------------------------- merge errors
-def merge_scores(model: Any, raws: np.ndarray, masks: np.ndarray, batch: int = 8
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """A merge net's verdict on windows: for each (``raws``, ``masks``: n, z, y, x; sizes
-    multiples of the net's factor), its highest output on the object's voxels (the
-    probability that the object joins two neurons there) and that voxel (z, y, x in the
-    window)."""
+def _merge_maps(model: Any, raws: np.ndarray, masks: np.ndarray, batch: int = 8
+                ) -> np.ndarray:
+    """A merge net's output (n, z, y, x) on windows ``raws`` with the object ``masks``."""
     import torch
 
     from emdask.predict import normalize_raw
 
-    masks = np.asarray(masks, bool)
     device = next(model.parameters()).device
-    out = np.empty(masks.shape, np.float32)
+    out = np.empty(np.shape(masks), np.float32)
     for i in range(0, len(raws), batch):
         x = np.stack([np.stack([normalize_raw(r), m]) for r, m in
                       zip(raws[i:i + batch], masks[i:i + batch], strict=True)])
         with torch.no_grad():
             y = model(torch.from_numpy(x.astype(np.float32)).to(device))
         out[i:i + batch] = torch.sigmoid(y[:, 0]).float().cpu().numpy()
-    flat = np.where(masks, out, 0).reshape(len(masks), -1)
+    return out
+
+
+def merge_scores(model: Any, raws: np.ndarray, masks: np.ndarray, batch: int = 8
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A merge net's verdict on windows: for each (``raws``, ``masks``: n, z, y, x; sizes
+    multiples of the net's factor), its highest output on the object's voxels (the
+    probability that the object joins two neurons there) and that voxel (z, y, x in the
+    window)."""
+    masks = np.asarray(masks, bool)
+    flat = np.where(masks, _merge_maps(model, raws, masks, batch), 0).reshape(len(masks), -1)
     at = flat.argmax(1)
     where = np.stack(np.unravel_index(at, masks.shape[1:]), axis=1)
     return flat[np.arange(len(flat)), at], where
@@ -601,6 +613,188 @@ def correct_splits(segmentation: np.ndarray, candidates: pd.DataFrame, threshold
     edits = chosen[["a", "b", "score"]].copy()
     edits["kept"] = lut[1][np.searchsorted(lut[0], edits.a)] if len(edits) else []
     return relabel(seg, lut), edits.reset_index(drop=True)
+
+
+def _fragment_sums(frag, seg, affs, origin=(0, 0, 0), box=None, segments=()):
+    """:func:`_contact_sums` of the fragments of ``segments`` with each other, within one
+    segment (the pairs a cut may separate), and each such fragment's segment."""
+    frag, seg = np.asarray(frag), np.asarray(seg)
+    inside = np.isin(seg, np.asarray(segments, seg.dtype))
+    frag = np.where(inside, frag, 0)
+    owner = np.unique(np.stack([frag[inside], seg[inside]]), axis=1)
+    pairs, _ = _contact_sums(frag, affs, origin, box)
+    lookup = dict(zip(owner[0].tolist(), owner[1].tolist(), strict=True))
+    same = np.array([lookup[a] == lookup[b] for a, b in zip(pairs[0].tolist(),
+                                                             pairs[1].tolist(), strict=True)],
+                    bool).reshape(-1)
+    return tuple(x[same] for x in pairs), owner
+
+
+def _merge_fragment_sums(*parts):
+    pairs = _sum_contacts(*(np.concatenate([p[0][k] for p in parts]) for k in range(6)))
+    return pairs, np.unique(np.concatenate([p[1] for p in parts], axis=1), axis=1)
+
+
+def fragment_graphs(fragments: Any, segmentation: Any, affinities: Any, segments
+                    ) -> tuple[pd.DataFrame, dict[int, int]]:
+    """The graph of each of ``segments`` over its fragments: touching fragment pairs of one
+    segment (``a``, ``b``, ``contact``, ``mean`` affinity) and each fragment's segment, in
+    one blockwise pass when an input is a Dask array."""
+    from emdask.blockgraph import map_reduce
+    from emdask.watershed import Q
+
+    frag, seg, affs = (_as_array(x) for x in (fragments, segmentation, affinities))
+    segments = np.unique(np.asarray(segments, np.uint64))
+    if any(isinstance(x, da.Array) for x in (frag, seg, affs)):
+        seg = seg if isinstance(seg, da.Array) else da.from_array(seg, chunks=64)
+        frag = da.asarray(frag).rechunk(seg.chunks)
+        affs = da.asarray(affs)[:3].rechunk((3, *seg.chunks))
+        pairs, owner = map_reduce(_fragment_sums, _merge_fragment_sums, [frag, seg, affs],
+                                  depth=1, segments=segments).compute()
+    else:
+        pairs, owner = _fragment_sums(frag, seg, affs, segments=segments)
+    lo, hi, n, total = pairs[:4]
+    graph = pd.DataFrame({"a": lo, "b": hi, "contact": n,
+                          "mean": total / np.maximum(n, 1) / float(Q)})
+    return graph, dict(zip(owner[0].tolist(), owner[1].tolist(), strict=True))
+
+
+def cut_seeds(model: Any, raw: np.ndarray, segmentation: np.ndarray, fragments: np.ndarray,
+              segment: int, min_voxels: int = 50) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where a merge net says a segment joins two neurons in a window: the segment's voxels
+    away from the junction (output below 0.5) fall in pieces; the fragments of the two
+    largest pieces (each fragment to the piece holding most of its voxels) seed the cut.
+    None when the window does not fall in two pieces of ``min_voxels``."""
+    import cc3d
+
+    mask = np.asarray(segmentation) == segment
+    maps = _merge_maps(model, raw[None], mask[None])[0]
+    pieces = cc3d.connected_components(np.ascontiguousarray(mask & (maps < 0.5)),
+                                       connectivity=6)
+    ids, counts = np.unique(pieces[pieces > 0], return_counts=True)
+    if (counts >= min_voxels).sum() < 2:
+        return None
+    two = ids[np.argsort(-counts, kind="stable")[:2]]
+    frag = np.asarray(fragments)[mask]
+    piece = pieces[mask]
+    keys, inverse = np.unique(frag, return_inverse=True)
+    votes = np.stack([np.bincount(inverse, piece == p, minlength=keys.size) for p in two])
+    side = np.where(votes.max(0) > 0, votes.argmax(0), -1)
+    seeds = keys[side == 0], keys[side == 1]
+    return seeds if all(x.size for x in seeds) else None
+
+
+def seeded_cut(graph: pd.DataFrame, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The fragments of one segment on the side of ``second``: its fragment graph
+    (``a``, ``b``, ``mean``) grown from the two seed sets along the strongest edges first
+    (maximin paths; an edge between the two sides is never taken).  Fragments reached
+    from neither stay with ``first``."""
+    ids = np.unique(np.r_[graph.a.to_numpy(), graph.b.to_numpy(), first, second]).astype(
+        np.uint64)
+    parent = np.arange(ids.size)
+    side = np.zeros(ids.size, np.int8)
+    side[np.searchsorted(ids, np.asarray(first, np.uint64))] = 1
+    side[np.searchsorted(ids, np.asarray(second, np.uint64))] = 2
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for s in (first, second):  # each seed set is one component to start with
+        at = np.searchsorted(ids, np.asarray(s, np.uint64))
+        for i in at[1:]:
+            parent[find(i)] = find(at[0])
+    order = np.argsort(-graph["mean"].to_numpy(), kind="stable")
+    a = np.searchsorted(ids, graph.a.to_numpy(np.uint64)[order])
+    b = np.searchsorted(ids, graph.b.to_numpy(np.uint64)[order])
+    for i, j in zip(a.tolist(), b.tolist(), strict=True):
+        ri, rj = find(i), find(j)
+        if ri == rj or (side[ri] and side[rj]):
+            continue
+        parent[rj] = ri
+        side[ri] = side[ri] or side[rj]
+    roots = np.array([find(i) for i in range(ids.size)], np.int64)
+    return ids[side[roots] == 2]
+
+
+def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
+              candidates: pd.DataFrame, model: Any = "merges", first_id: int | None = None,
+              voxel_size=None, offset=None) -> tuple[tuple[np.ndarray, np.ndarray],
+                                                     pd.DataFrame]:
+    """How to cut the merge ``candidates`` (rows with ``segment`` and a location in nm):
+    per segment, seeds from the merge net's window at the location (:func:`cut_seeds`),
+    then its fragments split along its graph (:func:`seeded_cut`); the fragments cut off
+    get a new id from ``first_id`` on (default: one above the largest id).  Inputs may be
+    lazy: one blockwise pass for the fragment graphs, one window per cut.
+
+    Returns the lookup table (fragment ids, sorted -> new segment ids) and a row per
+    candidate: ``segment``, ``new_id`` (0: not cut: the window did not fall in two
+    pieces), ``fragments`` moved."""
+    model = load_merge_model(model)
+    seg_arr, frag_arr, raw_arr = (_as_array(x) for x in (segmentation, fragments, raw))
+    attrs = getattr(segmentation, "attrs", {})
+    vs = np.asarray(voxel_size if voxel_size is not None else attrs["voxel_size"], float)
+    offset = np.asarray(offset if offset is not None else attrs.get("offset", (0, 0, 0)),
+                        float)
+    if first_id is None:
+        first_id = int(da.asarray(seg_arr).max().compute()) + 1
+    segments = candidates.segment.to_numpy(np.uint64)
+    graph, owner = fragment_graphs(frag_arr, seg_arr, affinities, segments)
+    shape = np.asarray(seg_arr.shape)
+    size = merge_window(model, shape)
+    cut_from, cut_to, rows = [], [], []
+    for row in candidates.itertuples():
+        centre = np.round((np.array([row.z_nm, row.y_nm, row.x_nm]) - offset) / vs
+                          - 0.5).astype(int)
+        start = np.clip(centre - size // 2, 0, shape - size)
+        sl = tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))
+        seeds = cut_seeds(model, np.asarray(raw_arr[sl]), np.asarray(seg_arr[sl]),
+                          np.asarray(frag_arr[sl]), int(row.segment))
+        moved = np.zeros(0, np.uint64)
+        if seeds is not None:
+            mine = [f for f, s in owner.items() if s == int(row.segment)]
+            edges = graph[np.isin(graph.a, mine)]
+            moved = seeded_cut(edges, *seeds)
+        new_id = first_id + len(rows) if moved.size else 0
+        cut_from.append(moved)
+        cut_to.append(np.full(moved.size, new_id, np.uint64))
+        rows.append((int(row.segment), new_id, int(moved.size)))
+    frags = np.concatenate(cut_from or [np.zeros(0, np.uint64)]).astype(np.uint64)
+    order = np.argsort(frags, kind="stable")
+    lut = frags[order], np.concatenate(cut_to or [np.zeros(0, np.uint64)])[order]
+    return lut, pd.DataFrame(rows, columns=["segment", "new_id", "fragments"])
+
+
+def apply_cuts(segmentation: np.ndarray, fragments: np.ndarray,
+               lut: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``segmentation`` with the voxels of the fragments in ``lut[0]`` given ``lut[1]``."""
+    out = np.array(segmentation, copy=True)
+    frag = np.asarray(fragments)
+    if lut[0].size:
+        hit = np.isin(frag, lut[0])
+        out[hit] = lut[1][np.searchsorted(lut[0], frag[hit])]
+    return out
+
+
+def correct_merges(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
+                   candidates: pd.DataFrame, threshold: float | None = None,
+                   model: Any = "merges") -> tuple[np.ndarray, pd.DataFrame]:
+    """Cut the merge candidates (:func:`detect_merges`) scored at least ``threshold``
+    (default: the merge net's card threshold) into two segments each (:func:`plan_cuts`).
+
+    ``fragments``: the watershed fragments the segmentation was agglomerated from
+    (``segment(..., return_fragments=True)``; the store's ``fragments``).  Returns the
+    corrected segmentation and the edits (``segment``, ``new_id``, ``fragments`` moved,
+    ``score``), so that every edit can be reviewed and undone."""
+    model = load_merge_model(model)
+    threshold = float(model.card.get("threshold", 1.0)) if threshold is None else threshold
+    chosen = candidates[candidates.score >= threshold].reset_index(drop=True)
+    lut, edits = plan_cuts(raw, segmentation, fragments, affinities, chosen, model)
+    out = apply_cuts(np.asarray(_as_array(segmentation)), np.asarray(_as_array(fragments)),
+                     lut)
+    return out, edits.assign(score=chosen.score.to_numpy())
 
 
 # ---------------------------------------------------------------- for proofreading

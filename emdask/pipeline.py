@@ -1197,27 +1197,33 @@ EDITS = "edits.parquet"
 
 
 def _correct_task(ctx: _Context, block: int, dataset: str) -> None:
-    from emdask.errors import relabel
+    """Cuts (fragments given new ids), then joins (segment ids mapped), on one block."""
+    from emdask.errors import apply_cuts, relabel
 
     lut = load_arrays(ctx.store, "_emdask/correct/lut.npz")
     box = _slices(*ctx.grid.box(block))
     labels = np.asarray(_array(ctx, f"{dataset}/s0")[box])
+    if lut["cut_from"].size:
+        labels = apply_cuts(labels, np.asarray(_array(ctx, f"{LABELS}/fragments/s0")[box]),
+                            (lut["cut_from"], lut["cut_to"]))
     _array(ctx, f"{dataset}{CORRECTED}/s0")[box] = relabel(labels, (lut["old"], lut["new"]))
     mark_done(ctx.store, "correct", block, ctx.stamp)
 
 
-def _correct(client, ctx: _Context, cfg: RunConfig, root) -> dict:
+def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     """Apply the decisions of edits.parquet to the segmentation with error candidates,
     block by block, into segmentation_{t}_corrected.
 
     The first run writes edits.parquet from errors.parquet: the candidates at or above
     their model's threshold (``auto``), ``apply`` true.  It is the record of every edit:
     set ``apply`` false to undo one, or add rows (kind "split", segments [a, b]: join
-    them) to make one, and run the stage again; what changed is redone.  Merge candidates
-    are listed for people to cut (in a proofreading tool); only joins are applied here."""
+    them; kind "merge", segments [s] and a location in nm: cut s where it joins two
+    neurons) to make one, and run the stage again; what changed is redone.  A cut splits
+    the segment's fragments in two (:func:`emdask.errors.plan_cuts`), the part cut off
+    taking a new id; joins apply after cuts."""
     import pandas as pd
 
-    from emdask.errors import join_lut
+    from emdask.errors import join_lut, load_merge_model, plan_cuts
     from emdask.volumes import create_volume, open_volume
 
     store = cfg.output.path
@@ -1242,7 +1248,17 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root) -> dict:
     if bad:
         raise ValueError(f"{store}/{EDITS}: a split edit joins two segments, got {bad[:3]}")
     old, new = join_lut(np.array([list(s) for s in joins.segments], np.uint64).reshape(-1, 2))
+    cuts = edits[(edits.kind == "merge") & edits["apply"].astype(bool)]
+    cut = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
     digest = hashlib.sha256(data).hexdigest()[:16]
+    cut_rows = []
+    if len(cuts):
+        seg = open_volume(store, f"segmentation_{t:g}")
+        lut, done = plan_cuts(
+            open_volume(store, RAW).data, seg, open_volume(store, "fragments").data, affs,
+            cuts.assign(segment=[int(s[0]) for s in cuts.segments]),
+            load_merge_model(_model(cfg.errors.merge_model or "merges", "cpu")))
+        cut, cut_rows = lut, done.to_dict("records")
     record = _record(store).get("stages", {}).get("correct", {})
     if record.get("edits") not in (None, digest):  # the decisions changed: all redone
         unmark(store, "correct", set(range(len(ctx.grid))), _generation(store, "correct"))
@@ -1250,16 +1266,18 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root) -> dict:
         seg = open_volume(store, f"segmentation_{t:g}")
         create_volume(store, f"{dataset}{CORRECTED}", seg.shape, seg.dtype, ctx.grid.chunks,
                       seg.attrs["voxel_size"], seg.attrs["offset"], overwrite=True)
-    save_arrays(store, "_emdask/correct/lut.npz", {"old": old, "new": new})
+    save_arrays(store, "_emdask/correct/lut.npz", {"old": old, "new": new,
+                                                    "cut_from": cut[0], "cut_to": cut[1]})
     _set_stages(root, dict(root.attrs["emdask"]["stages"]) | {
         "correct": record | {"edits": digest}})
     _run_blocks(client, ctx, "correct", functools.partial(_correct_task, dataset=dataset),
                 cfg.cluster)
-    n_merges = int(((edits.kind == "merge") & edits["apply"].astype(bool)).sum())
+    made = [r for r in cut_rows if r["new_id"]]
     print(f"  correct: {len(joins)} joins applied ({old.size - np.unique(new).size} segments "
-          f"fewer) -> segmentation_{t:g}{CORRECTED}; {n_merges} merge candidates marked for "
-          f"cutting; decisions in {EDITS}", file=sys.stderr)
-    return {"joins": len(joins), "cuts_to_review": n_merges, "edits": digest}
+          f"fewer), {len(made)} of {len(cuts)} cuts made (new ids "
+          f"{[r['new_id'] for r in made][:5]}{' ...' if len(made) > 5 else ''}) -> "
+          f"segmentation_{t:g}{CORRECTED}; decisions in {EDITS}", file=sys.stderr)
+    return {"joins": len(joins), "cuts": cut_rows, "edits": digest}
 
 
 def _label_datasets(seg: SegmentSpec) -> list[str]:
@@ -2818,7 +2836,8 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                 print("  correct: no [errors] section configured; skipped", file=sys.stderr)
                 extra = {"skipped": True}
             else:
-                extra = _correct(client, ctx, cfg, root)
+                extra = _correct(client, ctx, cfg, root, _stored_affinities(
+                    cfg, root, full, vol, roi_begin))
         elif stage == "report":
             extra = {"scores": _report(cfg, full, vol, roi_begin)}
         timings[stage] = time.perf_counter() - t0

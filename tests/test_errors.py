@@ -286,3 +286,138 @@ def test_the_correct_stage_applies_the_edits_and_redoes_what_changed(neurons, tm
                                   expected)
     run(config, stages=["correct"])  # nothing changed: nothing redone
     assert "27 of 27 blocks already done" in capsys.readouterr().err
+
+
+def test_the_correct_stage_cuts_as_the_function_does(neurons, tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import neurons_config
+
+    import emdask.pipeline
+    from emdask import open_volume
+    from emdask.errors import correct_merges
+    from emdask.pipeline import run
+
+    oracle = _Oracle()
+    real = emdask.pipeline._model
+    monkeypatch.setattr(emdask.pipeline, "_model",
+                        lambda name, device: oracle if name == "oracle" else real(name, device))
+    folder = tmp_path / "copy"
+    shutil.copytree(neurons, folder / "run.zarr")
+    store = folder / "run.zarr"
+    config = neurons_config(Path(neurons).parent) | {"errors": {"merge_model": "oracle"}}
+    config["output"]["path"] = str(store)
+    # make a merge: two touching neurons as one segment, the membrane between them black
+    # in the EM (what the oracle sees)
+    import zarr
+
+    from emdask.errors import contacts
+
+    root = zarr.open_group(str(store))
+    labels = root["raw/labels/segmentation_0.5/s0"][:]
+    affs = open_volume(str(Path(neurons).parent / "affs.zarr"), "affinities").values[
+        :3, :40, :160, :160]
+    ids, counts = np.unique(labels, return_counts=True)
+    size = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    touching = contacts(labels, affs)
+    touching = touching[[size[a] > 5000 and size[b] > 5000
+                         for a, b in zip(touching.a, touching.b, strict=True)]]
+    pair = touching.sort_values("contact").iloc[-1]
+    a, b = int(pair.a), int(pair.b)
+    import scipy.ndimage as ndi
+
+    raw = np.clip(root["raw/s0"][:], 60, 255)
+    near_b = ndi.binary_dilation(labels == b) & (labels == a)
+    near_a = ndi.binary_dilation(labels == a) & (labels == b)
+    raw[near_a | near_b] = 0
+    root["raw/s0"][:] = raw
+    root["raw/labels/segmentation_0.5/s0"][:] = np.where(labels == b, a, labels)
+    seg = open_volume(str(store), "segmentation_0.5")
+    at = (np.array([pair.z, pair.y, pair.x]) + 0.5) * 10.0 + seg.attrs["offset"]
+    rows = [{"kind": "merge", "segments": [a], "score": 0.9, "z_nm": at[0], "y_nm": at[1],
+             "x_nm": at[2], "apply": True, "by": "person"}]
+    pd.DataFrame(rows).to_parquet(store / "edits.parquet")
+    pd.DataFrame(rows).drop(columns=["apply", "by"]).assign(auto=False).to_parquet(
+        store / "errors.parquet")
+    result = run(config, stages=["correct"])
+    cuts = result["stages"]["correct"]["cuts"]
+    expected, edits = correct_merges(
+        open_volume(str(store), "raw").values, seg.compute(),
+        open_volume(str(store), "fragments").values, affs,
+        pd.DataFrame(rows).rename(columns={"segments": "s"}).assign(
+            segment=[r["segments"][0] for r in rows]), model=oracle)
+    assert [c["new_id"] for c in cuts] == edits.new_id.tolist() and cuts[0]["new_id"] > 0
+    fixed = open_volume(str(store), "segmentation_0.5_corrected").values
+    np.testing.assert_array_equal(fixed, expected)
+    # the two neurons are apart again, each whole
+    assert len(np.unique(fixed[labels == a])) == 1 and len(np.unique(fixed[labels == b])) == 1
+    assert fixed[labels == a][0] != fixed[labels == b][0]
+    assert ((fixed == labels) | (labels == a) | (labels == b)).all()  # nothing else moved
+
+
+def _merged_pair():
+    """Two neurons (x < 30, x >= 30) merged into segment 5; fragments are slabs of 10
+    voxels in x; affinities low only across x = 30."""
+    shape = (16, 24, 60)
+    seg = np.full(shape, 5, np.uint64)
+    frag = (np.arange(shape[2]) // 10 + 1).astype(np.uint64)[None, None, :].repeat(
+        shape[1], 1).repeat(shape[0], 0)
+    affs = np.full((3, *shape), 0.9, np.float32)
+    affs[2, :, :, 30] = 0.1
+    raw = np.random.default_rng(0).integers(60, 255, shape).astype(np.uint8)
+    raw[:, :, 28:32] = 0  # the membrane between the two
+    return raw, seg, frag, affs
+
+
+class _Oracle:
+    """Stands in for a merge net that sees the membrane (black) inside the object."""
+
+    def __new__(cls):
+        import torch
+
+        from emdask.models import ModelConfig
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.config = ModelConfig(width=4, downsample=[[2, 2, 2]], in_channels=2,
+                                          target="merges")
+                self.factor = (2, 2, 2)
+                self.card = {"threshold": 0.5}
+                self.x0 = torch.nn.Parameter(torch.zeros(()))
+
+            def forward(self, x):
+                return torch.where(x[:, :1] + self.x0 < 0.05, 10.0, -10.0)
+
+        return Net()
+
+
+def test_a_merge_is_cut_along_the_fragment_graph():
+    import dask.array as da
+
+    from emdask.errors import correct_merges, seeded_cut
+
+    raw, seg, frag, affs = _merged_pair()
+    graph = pd.DataFrame({"a": np.arange(1, 6, dtype=np.uint64),
+                          "b": np.arange(2, 7, dtype=np.uint64),
+                          "mean": [0.9, 0.8, 0.1, 0.8, 0.9]})
+    assert seeded_cut(graph, np.array([2], np.uint64), np.array([5], np.uint64)).tolist() \
+        == [4, 5, 6]  # the weakest edge (3-4) is the cut
+    candidates = pd.DataFrame({"segment": [5], "score": [0.9], "z_nm": [80.0],
+                               "y_nm": [120.0], "x_nm": [300.0]})
+    xr_seg = __import__("xarray").DataArray(seg, dims=("z", "y", "x"), attrs={
+        "voxel_size": [10.0, 10.0, 10.0], "offset": [0.0, 0.0, 0.0]})
+    fixed, edits = correct_merges(raw, xr_seg, frag, affs, candidates, model=_Oracle())
+    assert edits.to_dict("records") == [{"segment": 5, "new_id": 6, "fragments": 3,
+                                         "score": 0.9}]
+    np.testing.assert_array_equal(fixed, np.where(frag >= 4, 6, 5))
+    # lazily, in blocks: the same cut
+    lazy = xr_seg.copy(data=da.from_array(seg, chunks=(8, 12, 16)))
+    fixed2, _ = correct_merges(raw, lazy, da.from_array(frag, chunks=(8, 12, 16)),
+                               da.from_array(affs, chunks=(3, 8, 12, 16)), candidates,
+                               model=_Oracle())
+    np.testing.assert_array_equal(fixed2, fixed)
+    # below the threshold: nothing cut
+    fixed3, edits3 = correct_merges(raw, xr_seg, frag, affs, candidates.assign(score=0.3),
+                                    model=_Oracle())
+    assert len(edits3) == 0 and (fixed3 == seg).all()
