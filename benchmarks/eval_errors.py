@@ -16,10 +16,13 @@ and after automated correction.
 Merges: the shipped merge net (emdask/weights/merges.toml: artificial merges of touching
 ground-truth neurons of z 0-199) examines every segment of at least 1000 voxels along its
 skeleton.  A segment is a true merge when it overlaps two true neurons by 100 voxels each.
-The threshold is the one of best F1 on the training region; on the validation region it
-prints the ROC AUC over segments, precision and recall at that threshold, and the share of
-VOI merge held by the true merges among the top 20 candidates (what a proofreader cutting
-them would remove).  --ship writes the split model and its card to
+The threshold (for automated cuts, emdask.errors.plan_cuts) is chosen like the split
+model's: the lowest VOI after cutting on the training region without raising ARAND (1.0:
+none).  On the validation region it prints the ROC AUC over segments, precision and recall
+at that threshold, the share of VOI merge held by the true merges among the top 20
+candidates (what a proofreader cutting them would remove) against the 20 largest segments'
+share (the order a proofreader has without a detector), and VOI and ARAND after cutting
+at each threshold.  --ship writes the split model and its card to
 emdask/weights/splits.json and the merge net's threshold and figures into its card.
 """
 
@@ -30,15 +33,18 @@ import functools
 import json
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
 
 import emdask
 from emdask.errors import (
+    apply_cuts,
     correct_splits,
     detect_merges,
     error_table,
+    plan_cuts,
     split_features,
     split_labels,
     train_split_model,
@@ -66,15 +72,15 @@ def region(name: str):
     affs = emdask.predict_affinities(
         xr.DataArray(raw, dims=("z", "y", "x"), attrs={"voxel_size": list(VOXEL)}), model)
     affs = np.asarray(affs[:3])
-    [seg] = segment(da.from_array(affs, chunks=(3, 64, 128, 128)),
-                    [model.card["threshold"]])
-    return raw, np.asarray(seg), affs, gt
+    fragments, seg = dask.compute(*segment(da.from_array(affs, chunks=(3, 64, 128, 128)),
+                                           [model.card["threshold"]], return_fragments=True))
+    return raw, np.asarray(seg), affs, gt, np.asarray(fragments)
 
 
 def merge_table(name: str) -> tuple:
     """The merge net's verdict per segment of a region, with whether it is a true merge
     and its share of VOI merge (bits)."""
-    raw, seg, _, gt = region(name)
+    raw, seg, _, gt, _ = region(name)
     found = detect_merges(raw, xr.DataArray(seg, dims=("z", "y", "x"), attrs={
         "voxel_size": list(VOXEL), "offset": [0.0, 0.0, 0.0]}), "merges")
     truth = error_table(seg, gt)
@@ -92,30 +98,57 @@ def auc(score: np.ndarray, truth: np.ndarray) -> float:
     return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (~truth).sum()))
 
 
+def cut_sweep(name: str, found) -> dict:
+    """VOI and ARAND after cutting the candidates at or above each threshold (one cut plan
+    for all: cuts of different segments do not interact)."""
+    raw, seg, affs, gt, fragments = region(name)
+    labels = xr.DataArray(seg, dims=("z", "y", "x"), attrs={"voxel_size": list(VOXEL),
+                                                             "offset": [0.0, 0.0, 0.0]})
+    chosen = found[found.score >= min(CUT_THRESHOLDS)].reset_index(drop=True)
+    lut, edits = plan_cuts(raw, labels, fragments, affs, chosen, "merges")
+    rows = {1.0: emdask.evaluate(seg, gt) | {"cuts": 0}}
+    for t in CUT_THRESHOLDS:
+        ids = edits.new_id[(chosen.score >= t) & (edits.new_id > 0)].to_numpy(np.uint64)
+        keep = np.isin(lut[1], ids)
+        fixed = apply_cuts(seg, fragments, (lut[0][keep], lut[1][keep]))
+        rows[t] = emdask.evaluate(fixed, gt) | {"cuts": int(ids.size)}
+    return rows
+
+
+CUT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
 def merges(ship: bool) -> None:
     found, _ = merge_table("train")
-    best = (0.0, 1.0)
-    for t in np.unique(found.score):
-        chosen = found.score >= t
-        tp = (chosen & found.true).sum()
-        f1 = 2 * tp / max(chosen.sum() + found.true.sum(), 1)
-        if f1 > best[0]:
-            best = (float(f1), float(t))
-    threshold = round(best[1], 3)
+    # the correction threshold (the card's): lowest VOI after cutting on the training
+    # region without raising ARAND (1.0: no automated cuts), as for splits
+    sweep = cut_sweep("train", found)
+    base = sweep[1.0]
+    threshold = min((t for t in sweep if sweep[t]["arand"] <= base["arand"]),
+                    key=lambda t: (sweep[t]["voi"], -t))
     print(f"merges, training region: {len(found)} segments examined, "
-          f"{int(found.true.sum())} true merges; threshold {threshold:.3f} (F1 {best[0]:.3f})")
+          f"{int(found.true.sum())} true merges; cut threshold {threshold:.3f} (VOI "
+          f"{base['voi']:.3f} -> {sweep[threshold]['voi']:.3f})")
     found, truth = merge_table("validation")
     chosen = found.score >= threshold
     tp = int((chosen & found.true).sum())
     top = found.head(TOP)
     share = float(top.voi[top.true].sum() / truth.voi.sum()) if len(truth) else 0.0
+    # the baseline a proofreader has without a detector: the largest segments first
+    _, seg, _, _, _ = region("validation")
+    ids, counts = np.unique(seg, return_counts=True)
+    largest = set(ids[np.argsort(-counts, kind="stable")][:TOP].tolist())
+    voi = dict(zip((s[0] for s in truth.segments), truth.voi, strict=True))
+    by_size = sum(voi.get(s, 0.0) for s in largest) / truth.voi.sum() if len(truth) else 0.0
     scores = {"segments": len(found), "true_merges": int(found.true.sum()),
               "true_merges_all": len(truth), "auc": round(auc(found.score.to_numpy(),
                                                               found.true.to_numpy()), 3),
               "detected": int(chosen.sum()), "true_detected": tp,
               "precision": round(tp / max(int(chosen.sum()), 1), 3),
               "recall": round(tp / max(int(found.true.sum()), 1), 3),
-              f"top{TOP}_true": int(top.true.sum()), f"top{TOP}_voi_merge_share": round(share, 3),
+              f"top{TOP}_true": int(top.true.sum()),
+              f"top{TOP}_voi_merge_share": round(share, 3),
+              f"largest{TOP}_voi_merge_share": round(float(by_size), 3),
               "windows": int(found.windows.sum())}
     print(f"merges, validation region: {scores['segments']} segments examined, "
           f"{scores['true_merges']} true merges among them ({scores['true_merges_all']} "
@@ -123,15 +156,29 @@ def merges(ship: bool) -> None:
     print(f"at the threshold {threshold:.3f}: {scores['detected']} detected, precision "
           f"{scores['precision']:.3f}, recall {scores['recall']:.3f}")
     print(f"top {TOP} checked by a proofreader: {scores[f'top{TOP}_true']} true; they hold "
-          f"{share:.0%} of VOI merge ({truth.voi.sum():.3f} bits)")
+          f"{share:.0%} of VOI merge ({truth.voi.sum():.3f} bits); the {TOP} largest "
+          f"segments hold {by_size:.0%}")
+    sweep = cut_sweep("validation", found)
+    after = sweep[threshold] if threshold < 1.0 else sweep[1.0]
+    scores |= {"cuts": after["cuts"],
+               "before": {k: round(sweep[1.0][k], 4) for k in ("voi_split", "voi_merge",
+                                                                "arand")},
+               "after": {k: round(after[k], 4) for k in ("voi_split", "voi_merge", "arand")}}
+    print(f"{'cut at':>8} {'cuts':>5} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} {'ARAND':>7}")
+    for t, r in sorted(sweep.items(), reverse=True):
+        mark = " <- the card's" if t == threshold else ""
+        print(f"{t:8.2f} {r['cuts']:5d} {r['voi_split']:9.3f} {r['voi_merge']:9.3f} "
+              f"{r['voi']:7.3f} {r['arand']:7.3f}{mark}")
     if ship:
         from emdask.models import WEIGHTS, load_model, save_model
 
         path = WEIGHTS / "merges.pt"
         model = load_model(path)
         save_model(model, path, card=model.card | {
-            "threshold": threshold, "validation": "FlyEM medulla z 200-249, the fibsem "
-            "net's segmentation at its card threshold", "validation_scores": scores,
+            "threshold": threshold, "threshold_rule": "lowest VOI after automated cuts on "
+            "the training region (z 0-159), ARAND not raised (1.0: no automated cuts)",
+            "validation": "FlyEM medulla z 200-249, the fibsem net's segmentation at its "
+            "card threshold", "validation_scores": scores,
             "reproduce": "python benchmarks/eval_errors.py --only merges --ship"})
         print(f"wrote the card of {path}")
 
@@ -149,7 +196,7 @@ def main() -> None:
 
 
 def splits(ship: bool) -> None:
-    _, seg, affs, gt = region("train")
+    _, seg, affs, gt, _ = region("train")
     feats = split_features(seg, affs, VOXEL)
     labels = split_labels(feats[["a", "b"]].to_numpy(), seg, gt)
     model = train_split_model(feats, labels)
@@ -166,7 +213,7 @@ def splits(ship: bool) -> None:
     print(f"training region: {len(feats)} candidate pairs, {labels.sum()} true splits; "
           f"threshold {model.threshold:.3f}")
 
-    _, seg, affs, gt = region("validation")
+    _, seg, affs, gt, _ = region("validation")
     before = emdask.evaluate(seg, gt)
     feats = split_features(seg, affs, VOXEL)
     labels = split_labels(feats[["a", "b"]].to_numpy(), seg, gt)

@@ -8,7 +8,13 @@ volumes (:class:`xarray.DataArray` over Dask arrays with nm coordinates).
 from emdask.affinities import affinities_from_labels, mask_affinities
 from emdask.align import align, render
 from emdask.defects import detect_defects
-from emdask.errors import correct_splits, detect_splits, error_table
+from emdask.errors import (
+    correct_merges,
+    correct_splits,
+    detect_merges,
+    detect_splits,
+    error_table,
+)
 from emdask.metrics import adapted_rand, contingency_table, evaluate, voi
 from emdask.pipeline import run
 from emdask.pyramids import downsample
@@ -53,9 +59,11 @@ __all__ = [
     "connectivity_matrix",
     "connectome",
     "contingency_table",
+    "correct_merges",
     "correct_splits",
     "cutout",
     "detect_defects",
+    "detect_merges",
     "detect_splits",
     "downsample",
     "error_table",

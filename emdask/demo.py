@@ -48,6 +48,7 @@ def demo_config(out: Path, model_name: str = "fibsem") -> dict:
         "predict": {"model": model_name},
         "segment": {"thresholds": sorted({*THRESHOLDS, chosen}), **score},
         "meshes": {"segmentation": chosen},  # the card's operating point, for emdask view
+        "errors": {},  # split and merge candidates for proofreading, then auto-corrected
         "evaluate": {"url": str(sample_path()), "dataset": "neuron_ids"},
     }
 

@@ -2209,11 +2209,16 @@ def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
         gt = truth(cfg.evaluate.dataset)
         print(f"  {'threshold':>9} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} "
               f"{'ARAND':>7}", file=sys.stderr)
-        for t, name in zip(cfg.segment.thresholds, names, strict=True):
+        rows = list(zip(cfg.segment.thresholds, names, strict=True))
+        t = cfg.meshes.segmentation
+        t = cfg.segment.thresholds[-1] if t is None else t
+        if _has(_open_root(store), f"{LABELS}/segmentation_{t:g}{CORRECTED}"):
+            rows.append((f"{t:g} corr.", f"segmentation_{t:g}{CORRECTED}"))
+        for t, name in rows:
             seg = open_volume(store, name)
             s = evaluate(seg.data, gt)
             scores[name] = {k: float(v) for k, v in s.items()}
-            print(f"  {t:>9g} {s['voi_split']:9.3f} {s['voi_merge']:9.3f} {s['voi']:7.3f} "
+            print(f"  {t:>9} {s['voi_split']:9.3f} {s['voi_merge']:9.3f} {s['voi']:7.3f} "
                   f"{s['arand']:7.3f}", file=sys.stderr)
     if cfg.synapses is not None and _has(_open_root(store), f"{LABELS}/synapses"):
         synapses = open_volume(store, "synapses").data  # lazy: scored blockwise
@@ -2491,6 +2496,17 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
         if cfg.predict.check_voxel_size:
             _check_voxel_size(vol.attrs["voxel_size"], synapse_model, where)
         check_size(vol.shape, synapse_model, where)
+    if cfg.errors is not None and ({"errors", "correct"} & set(stages)):
+        from emdask.errors import load_merge_model, load_split_model
+
+        try:
+            if cfg.errors.split_model:
+                load_split_model(cfg.errors.split_model)
+            if cfg.errors.merge_model:
+                net = load_merge_model(_model(cfg.errors.merge_model, "cpu"))
+                _check_voxel_size(vol.attrs["voxel_size"], net, where)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"[errors] {err}") from None
     if cfg.evaluate is not None and "report" in stages:
         for dataset in (cfg.evaluate.dataset, cfg.evaluate.synapses, cfg.evaluate.cells):
             if dataset:
