@@ -118,6 +118,14 @@ def cut_sweep(name: str, found) -> dict:
 CUT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
+def print_sweep(sweep: dict, threshold: float) -> None:
+    print(f"{'cut at':>8} {'cuts':>5} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} {'ARAND':>7}")
+    for t, r in sorted(sweep.items(), reverse=True):
+        mark = " <- the card's" if t == threshold else ""
+        print(f"{t:8.2f} {r['cuts']:5d} {r['voi_split']:9.3f} {r['voi_merge']:9.3f} "
+              f"{r['voi']:7.3f} {r['arand']:7.3f}{mark}")
+
+
 def merges(ship: bool) -> None:
     found, _ = merge_table("train")
     # the correction threshold (the card's): lowest VOI after cutting on the training
@@ -129,6 +137,7 @@ def merges(ship: bool) -> None:
     print(f"merges, training region: {len(found)} segments examined, "
           f"{int(found.true.sum())} true merges; cut threshold {threshold:.3f} (VOI "
           f"{base['voi']:.3f} -> {sweep[threshold]['voi']:.3f})")
+    print_sweep(sweep, threshold)
     found, truth = merge_table("validation")
     chosen = found.score >= threshold
     tp = int((chosen & found.true).sum())
@@ -164,11 +173,7 @@ def merges(ship: bool) -> None:
                "before": {k: round(sweep[1.0][k], 4) for k in ("voi_split", "voi_merge",
                                                                 "arand")},
                "after": {k: round(after[k], 4) for k in ("voi_split", "voi_merge", "arand")}}
-    print(f"{'cut at':>8} {'cuts':>5} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} {'ARAND':>7}")
-    for t, r in sorted(sweep.items(), reverse=True):
-        mark = " <- the card's" if t == threshold else ""
-        print(f"{t:8.2f} {r['cuts']:5d} {r['voi_split']:9.3f} {r['voi_merge']:9.3f} "
-              f"{r['voi']:7.3f} {r['arand']:7.3f}{mark}")
+    print_sweep(sweep, threshold)
     if ship:
         from emdask.models import WEIGHTS, load_model, save_model
 

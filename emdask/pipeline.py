@@ -2676,6 +2676,7 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
             what = "TEASAR skeletons (kimimaro) of the same, joined across blocks"
             memory[stage] = 100.0 * block_vox
         elif stage == "errors":
+            memory[stage] = 0.0
             if cfg.errors is None:
                 what = "skipped (no [errors] section)"
             else:
@@ -2688,7 +2689,7 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
             what = ("skipped (no [errors] section)" if cfg.errors is None else
                     f"the decisions of {EDITS} (first: the candidates above the models' "
                     f"thresholds) applied -> segmentation_..{CORRECTED}")
-            memory[stage] = 24.0 * block_vox
+            memory[stage] = 24.0 * block_vox if cfg.errors is not None else 0.0
         elif stage == "meshes":
             t = cfg.meshes.segmentation
             what = (f"marching cubes of segmentation_"
