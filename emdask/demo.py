@@ -48,7 +48,6 @@ def demo_config(out: Path, model_name: str = "fibsem") -> dict:
         "predict": {"model": model_name},
         "segment": {"thresholds": sorted({*THRESHOLDS, chosen}), **score},
         "meshes": {"segmentation": chosen},  # the card's operating point, for emdask view
-        "errors": {},  # split and merge candidates for proofreading, then auto-corrected
         "evaluate": {"url": str(sample_path()), "dataset": "neuron_ids"},
     }
 
@@ -79,11 +78,11 @@ def vnc_config(vnc: str | Path, out: Path, model_name: str = "sstem", roi=VNC_RO
 
 
 def run_vnc_demo(vnc: str | Path, out: str | Path = "emdask_demo_output",
-                 model_name: str = "sstem", roi=VNC_ROI) -> dict:
+                 model_name: str = "sstem", roi=VNC_ROI, stages=None) -> dict:
     """Synapses and the connectome on the larval VNC stack (Gerhard et al. 2013; CC BY-NC-SA
     3.0, so not bundled: pass the path of ``vnc_stack1_synapses_x0-640.h5``).  Writes
     ``vnc.toml``, ``vnc.zarr`` (with ``synapses.parquet`` and ``connectome.parquet``) and
-    ``vnc.png``; returns the report's scores."""
+    ``vnc.png``; returns the report's scores.  ``stages``: all unless given."""
     from emdask.config import to_toml
     from emdask.pipeline import run
 
@@ -92,7 +91,7 @@ def run_vnc_demo(vnc: str | Path, out: str | Path = "emdask_demo_output",
     cfg = vnc_config(vnc, out, model_name, roi)
     (out / "vnc.toml").write_text(to_toml(cfg))
     print(f"\nlarval VNC ssTEM, region {roi} of the validation rows (no net trained on them)")
-    scores = run(cfg)["stages"]["report"]["scores"]
+    scores = run(cfg, stages)["stages"]["report"]["scores"]
     s = scores["synapses"]
     print(f"\nsynapses: {s['n_detected']:.0f} detected, {s['n_true']:.0f} labelled; precision "
           f"{s['precision']:.3f}, recall {s['recall']:.3f}, F1 {s['f1']:.3f}; CREMI distances "

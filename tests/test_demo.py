@@ -26,7 +26,9 @@ def test_vnc_demo_scores_synapses_and_writes_the_connectome(tmp_path, shared_fil
 
     from emdask.demo import run_vnc_demo
 
-    scores = run_vnc_demo(shared_file("vnc"), tmp_path, roi=((0, 768, 0), (20, 1024, 320)))
+    # (the viewing stages are tested in test_viewing)
+    scores = run_vnc_demo(shared_file("vnc"), tmp_path, roi=((0, 768, 0), (20, 1024, 320)),
+                          stages=["align", "predict", "segment", "synapses", "report"])
     s = scores["synapses"]
     assert s["n_true"] >= 3 and s["f1"] > 0.5 and s["partners_of"] >= 1
     edges = pd.read_parquet(tmp_path / "vnc.zarr" / "connectome.parquet")

@@ -256,7 +256,8 @@ def test_the_correct_stage_applies_the_edits_and_redoes_what_changed(neurons, tm
     folder = tmp_path / "copy"
     shutil.copytree(neurons, folder / "run.zarr")
     store = folder / "run.zarr"
-    config = neurons_config(Path(neurons).parent) | {"errors": {"merge_model": None}}
+    config = neurons_config(Path(neurons).parent) | {"errors": {"merge_model": None,
+                                                                "auto": True}}
     config["output"]["path"] = str(store)
     seg = open_volume(str(store), "segmentation_0.5").values
     a, b, c = (int(x) for x in np.unique(seg)[1:4])
