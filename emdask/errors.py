@@ -1,5 +1,6 @@
-"""Errors of a segmentation: the true ones (against ground truth), and split errors found
-without it, ranked for proofreading and corrected where the evidence is strong.
+"""Errors of a segmentation: the true ones (against ground truth), and the split and merge
+errors found without it, ranked for proofreading and corrected where the evidence is
+strong.
 
 A **split** leaves one neuron in two segments.  emdask's splits are mostly between
 segments that touch, where the agglomeration stopped at a contact whose affinities were
@@ -10,8 +11,12 @@ skeleton endpoints for splits).  A small logistic model (:class:`SplitModel`, tr
 ground truth by :func:`train_split_model`) turns those features into the probability that
 the pair is one neuron.
 
-Merge errors (one segment spanning two neurons) are found here only against ground truth
-(:func:`error_table`); detecting them without it needs a net that sees the EM.
+A **merge** joins two neurons in one segment.  A merge net (:func:`detect_merges`; trained
+on artificial merges of touching ground-truth neurons, :mod:`emdask.training`) sees the EM
+and one segment's mask in windows along the segment's skeleton and marks where two neurons
+meet; :func:`correct_merges` cuts a segment there, along its graph of watershed fragments.
+Both work on lazy arrays a window or a block at a time, as the pipeline's ``errors`` and
+``correct`` stages run them.
 """
 
 from __future__ import annotations
@@ -231,7 +236,8 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
                   voxel_size=None, batch: int = 8) -> pd.DataFrame:
     """Candidate merge errors (one segment spanning two neurons), ranked for proofreading.
 
-    Every segment of at least ``min_size`` voxels is examined by a merge net (raw plus the
+    Every segment of at least ``min_size`` voxels (or, with ``skeletons`` given, every
+    segment they name) is examined by a merge net (raw plus the
     segment's mask, :data:`emdask.training.MERGE_WINDOW` voxels) in windows centred on its
     skeleton's :func:`merge_candidates` (spaced half a window apart); a segment's score is
     its highest window's, the location that window's highest voxel.  Windows are read one
