@@ -321,6 +321,10 @@ class PatchSampler:
                       ] if self.target == "partners" else []
         self.sites = [contact_sites(lab) for _, lab in self.data
                       ] if self.target == "merges" else []
+        for spec, (_, first) in zip(volumes, self.sites, strict=False):
+            if not len(first):  # (labels with 0 between cells never touch)
+                raise ValueError(f"{spec.url}: no two labelled neurons touch; a merge net "
+                                 "learns from contacts of dense labels")
         self.voxel_size = np.asarray(model_config.voxel_size, float)
         self.aug = augment_config
         self.margin = augment_config.max_shift if (augment_config.slip
