@@ -2843,19 +2843,13 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
             extra = _meshes(client, ctx, cfg, vol)
         elif stage == "skeletons":
             extra = _skeletons(client, ctx, cfg, vol)
-        elif stage == "errors":
+        elif stage in ("errors", "correct"):
             if cfg.errors is None:
-                print("  errors: no [errors] section configured; skipped", file=sys.stderr)
+                print(f"  {stage}: no [errors] section configured; skipped", file=sys.stderr)
                 extra = {"skipped": True}
             else:
-                extra = _errors(client, ctx, cfg, root, _stored_affinities(
-                    cfg, root, full, vol, roi_begin))
-        elif stage == "correct":
-            if cfg.errors is None:
-                print("  correct: no [errors] section configured; skipped", file=sys.stderr)
-                extra = {"skipped": True}
-            else:
-                extra = _correct(client, ctx, cfg, root, _stored_affinities(
+                step = _errors if stage == "errors" else _correct
+                extra = step(client, ctx, cfg, root, _stored_affinities(
                     cfg, root, full, vol, roi_begin))
         elif stage == "report":
             extra = {"scores": _report(cfg, full, vol, roi_begin)}
