@@ -278,14 +278,9 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
     offset = np.asarray(attrs.get("offset", (0, 0, 0)), float)
     size = merge_window(model, seg_arr.shape)
     if skeletons is None:
-        from emdask.skeletons import skeletons as skeletonize
-
-        seg = np.asarray(seg_arr)
-        ids, counts = np.unique(seg, return_counts=True)
-        keep = ids[(counts >= min_size) & (ids != 0)]
-        big = np.where(np.isin(seg, keep), seg, 0)
-        skeletons = skeletonize(xr.DataArray(big, dims=("z", "y", "x"), attrs={
-            "voxel_size": vs.tolist(), "offset": offset.tolist()})) if keep.size else {}
+        ids, counts = np.unique(np.asarray(seg_arr), return_counts=True)
+        skeletons = _skeletons_of(seg_arr, ids[(counts >= min_size) & (ids != 0)], vs,
+                                  offset)
     windows = score_windows(model, raw_arr, seg_arr, merge_jobs(skeletons, size * vs), vs,
                             offset, batch)
     return best_windows(windows)
@@ -421,6 +416,19 @@ FEATURES = ("mean", "max", "log_contact", "log_small", "log_large", "end_a", "en
             "facing")
 
 
+def _skeletons_of(segmentation: Any, ids: np.ndarray, voxel_size, offset) -> dict:
+    """Skeletons (:func:`emdask.skeletons.skeletons`) of the segments ``ids`` only."""
+    from emdask.skeletons import skeletons
+
+    if not np.size(ids):
+        return {}
+    seg = np.asarray(segmentation)
+    keep = np.where(np.isin(seg, ids), seg, 0)
+    return skeletons(xr.DataArray(keep, dims=("z", "y", "x"), attrs={
+        "voxel_size": np.asarray(voxel_size, float).tolist(),
+        "offset": np.asarray(offset, float).tolist()}))
+
+
 def split_features(segmentation: Any, affinities: Any, voxel_size,
                    min_size: int = 200, skeletons: dict | None = None,
                    touching: tuple | None = None) -> pd.DataFrame:
@@ -433,7 +441,6 @@ def split_features(segmentation: Any, affinities: Any, voxel_size,
     segment id) and ``touching`` (the contacts and sizes, as the pipeline has them) are
     computed when not given.
     """
-    from emdask.skeletons import skeletons as skeletonize
 
     vs = np.asarray(voxel_size, float)
     pairs, size = touching or _contacts_and_sizes(segmentation, affinities)
@@ -441,12 +448,8 @@ def split_features(segmentation: Any, affinities: Any, voxel_size,
                     for a, b in zip(pairs.a, pairs.b, strict=True)], bool)
     pairs = pairs[big].reset_index(drop=True) if len(pairs) else pairs
     if skeletons is None:
-        seg = np.asarray(_as_array(segmentation))
-        wanted = np.unique(np.r_[pairs.a.to_numpy(), pairs.b.to_numpy()])
-        keep = np.where(np.isin(seg, wanted), seg, 0)
-        keep = xr.DataArray(keep, dims=("z", "y", "x"),
-                            attrs={"voxel_size": vs.tolist(), "offset": [0.0, 0.0, 0.0]})
-        skeletons = skeletonize(keep) if wanted.size else {}
+        skeletons = _skeletons_of(_as_array(segmentation), np.unique(
+            np.r_[pairs.a.to_numpy(), pairs.b.to_numpy()]), vs, (0.0, 0.0, 0.0))
     ends = {k: _endpoints(s) for k, s in skeletons.items()}
     rows = []
     for p in pairs.itertuples():

@@ -531,12 +531,11 @@ def _validate_merges(model: AffinityUNet, raw, labels) -> dict:
     contacts of the validation labels, half showing one neuron, half two as one object:
     accuracy at 0.5 and the area under the ROC curve of the window's score
     (:func:`emdask.errors.merge_scores`)."""
-    from emdask.errors import merge_scores
+    from emdask.errors import merge_scores, merge_window
 
     rng = np.random.default_rng(0)
     rows, first = contact_sites(labels)
-    size = [(min(n, w) // f) * f for n, w, f in zip(raw.shape, MERGE_WINDOW, model.factor,
-                                                    strict=True)]
+    size = merge_window(model, raw.shape)
     raws, masks, truth = [], [], []
     for j in range(MERGE_VALIDATION):
         k = int(rng.integers(len(first)))
