@@ -185,12 +185,16 @@ def _torch_dtype(precision: str, device: str, card: dict | None = None) -> torch
         return getattr(torch, precision)
     if (card or {}).get("precision") != "bfloat16":
         return torch.float32
+    return torch.bfloat16 if native_bfloat16(device) else torch.float32
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CPUs with avx512_bf16 or AMX, CUDA
+    GPUs that support it); elsewhere torch emulates it, many times slower than float32."""
     if device.startswith("cuda"):
         with torch.cuda.device(torch.device(device)):
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-    else:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native else torch.float32
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 _NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
