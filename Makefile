@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --nbmake tests notebooks
+	$(BIN)/python -m pytest -q --durations=15 --nbmake tests notebooks
 
 # Where the larval VNC stack lies beside the repository (CC BY-NC-SA, so not bundled), the
 # demo also detects synapses and builds the connectome on it.

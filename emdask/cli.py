@@ -7,6 +7,7 @@ input, 1 for a failure while running); ``--debug`` shows the Python traceback in
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 
 DESCRIPTION = """\
@@ -207,6 +208,8 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # a crash in native code (numba, a codec, torch) prints every thread's Python stack
+    faulthandler.enable()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ INFO = {"@type": "neuroglancer_legacy_mesh"}
 
 def mesh_block(labels: np.ndarray, origin: Sequence[int], voxel_size: Sequence[float],
                offset: Sequence[float] = (0.0, 0.0, 0.0), max_error: float | None = None,
-               ) -> dict[int, Any]:
+               dust: int = 0) -> dict[int, Any]:
     """Meshes of every segment in one block of labels, as ``zmesh.Mesh`` objects.
 
     Parameters
@@ -40,12 +40,23 @@ def mesh_block(labels: np.ndarray, origin: Sequence[int], voxel_size: Sequence[f
         nm per voxel and the volume's offset (z, y, x).
     max_error
         Simplification error allowed, nm (default: the largest voxel size; 0: none).
+    dust
+        Segments with fewer voxels than this in the block get no mesh there (as igneous's
+        ``dust_threshold``): each mesh is a file, and writing thousands of specks costs
+        more than meshing them.
     """
+    import fastremap
     import zmesh
 
+    labels = np.asarray(labels)
+    if dust > 0:
+        ids, counts = fastremap.unique(labels, return_counts=True)
+        small = ids[(counts < dust) & (ids != 0)]
+        if len(small):
+            labels = fastremap.mask(labels, small)  # a copy: the caller's block stays
     vs = np.asarray(voxel_size, float)
     mesher = zmesh.Mesher(tuple(vs[::-1]))  # zmesh works in (x, y, z)
-    mesher.mesh(np.asfortranarray(np.asarray(labels).T), close=False)
+    mesher.mesh(np.asfortranarray(labels.T), close=False)
     shift = (np.asarray(origin, float) + 0.5) * vs + np.asarray(offset, float)
     error = float(vs.max()) if max_error is None else float(max_error)
     out = {}
@@ -105,7 +116,7 @@ def manifest(segment: int, blocks: Sequence[int]) -> bytes:
 
 
 def meshes(segmentation: Any, chunks: Sequence[int] = (64, 256, 256),
-           max_error: float | None = None) -> dict[int, Any]:
+           max_error: float | None = None, dust: int = 0) -> dict[int, Any]:
     """Meshes of every segment of a segmentation, computed block by block and joined
     (one ``zmesh.Mesh`` per segment id; vertices in nm, x-y-z).
 
@@ -118,11 +129,15 @@ def meshes(segmentation: Any, chunks: Sequence[int] = (64, 256, 256),
         order of vertices and the simplification).
     max_error
         Simplification error allowed, nm (default: the largest voxel size; 0: none).
+    dust
+        Segments with fewer voxels than this in a block get no mesh there (default 0:
+        every segment, whatever the blocks).
     """
     import zmesh
 
     pieces = per_block(segmentation, chunks, functools.partial(mesh_block,
-                                                               max_error=max_error))
+                                                               max_error=max_error,
+                                                               dust=dust))
     return {s: zmesh.Mesh.concatenate(*m) for s, m in sorted(pieces.items())}
 
 

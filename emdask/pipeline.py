@@ -196,6 +196,7 @@ class MeshSpec:
 
     segmentation: float | None = None  # which threshold's segmentation (default: last)
     max_error: float | None = None  # simplification error, nm (default: largest voxel)
+    mesh_dust: int = 100  # segments smaller than this in a block get no mesh there
     skeleton_scale: float = 1.5  # TEASAR: branches kept if they reach beyond
     skeleton_const: float = 300.0  # scale x the distance to the boundary + const (nm)
     skeleton_dust: int = 100  # segments smaller than this in a block get no skeleton there
@@ -984,7 +985,7 @@ def _meshed(store: str, root, what: str = "meshes") -> list[str]:
     return [n for n in names if what in _list(store, f"{LABELS}/{n}")]
 
 
-def _mesh_task(ctx: _Context, block: int, dataset: str, max_error: float | None,
+def _mesh_task(ctx: _Context, block: int, dataset: str, spec: MeshSpec,
                voxel_size: tuple, offset: tuple) -> None:
     """Meshes of one block (plus one voxel on its high sides) of a segmentation: a
     fragment per segment, and the list of the segments meshed."""
@@ -993,7 +994,7 @@ def _mesh_task(ctx: _Context, block: int, dataset: str, max_error: float | None,
     begin, end = ctx.grid.box(block)
     high = [min(e + 1, n) for e, n in zip(end, ctx.grid.shape, strict=True)]
     labels = np.asarray(_array(ctx, f"{dataset}/s0")[_slices(begin, high)])
-    pieces = mesh_block(labels, begin, voxel_size, offset, max_error)
+    pieces = mesh_block(labels, begin, voxel_size, offset, spec.max_error, spec.mesh_dust)
     for segment, mesh in pieces.items():
         put_bytes(ctx.store, f"{dataset}/meshes/{segment}:0:{block}", mesh.to_precomputed())
     save_arrays(ctx.store, f"_emdask/meshes/{block}.npz",
@@ -1008,7 +1009,7 @@ def _meshes(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     t = cfg.meshes.segmentation
     t = cfg.segment.thresholds[-1] if t is None else t
     dataset = f"{LABELS}/segmentation_{t:g}"
-    task = functools.partial(_mesh_task, dataset=dataset, max_error=cfg.meshes.max_error,
+    task = functools.partial(_mesh_task, dataset=dataset, spec=cfg.meshes,
                              voxel_size=tuple(vol.attrs["voxel_size"]),
                              offset=tuple(vol.attrs["offset"]))
     _run_blocks(client, ctx, "meshes", task, cfg.cluster)

@@ -195,7 +195,8 @@ def test_sigkill_mid_stage_then_resume(tmp_path, tiny_model, reference):
     store = cfg["output"]["path"]
     toml = tmp_path / "run.toml"
     toml.write_text(to_toml(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "emdask.cli", "run", str(toml)],
+    proc = subprocess.Popen([sys.executable, "-m", "emdask.cli", "run", str(toml), "--stage",
+                             "predict", "--stage", "segment"],
                             start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while len(done_blocks(store, "predict")) < 8:
@@ -211,7 +212,7 @@ def test_sigkill_mid_stage_then_resume(tmp_path, tiny_model, reference):
                 for b in done_blocks(store, "predict")}
     before = {p: t for p, t in _chunk_mtimes(store, "affinities").items() if p in finished}
     assert len(before) == len(finished) >= 8
-    run({**cfg, "cluster": THREADS})
+    run({**cfg, "cluster": THREADS}, stages=["predict", "segment"])
     after = _chunk_mtimes(store, "affinities")
     assert all(after[p] == t for p, t in before.items())  # finished chunks not redone
     resumed = _outputs(store)
@@ -233,7 +234,7 @@ def test_killed_worker_loses_nothing(tmp_path, tiny_model, reference):
 
         killer = threading.Thread(target=kill_one)
         killer.start()
-        run(cfg, client=client)
+        run(cfg, stages=["predict", "segment"], client=client)
         killer.join()
         assert len(set(client.run(os.getpid).values()) - set(pids)) >= 1  # restarted
     lost = _outputs(store)
@@ -499,7 +500,7 @@ def test_align_and_evaluate_score_in_one_frame(tmp_path, tiny_model):
     cfg["input"] = {"url": src, "dataset": "raw"}
     cfg["align"] = {}
     cfg["evaluate"] = {"url": src, "dataset": "labels"}
-    scores = run(cfg)["stages"]["report"]["scores"]
+    scores = run(cfg, ["align", "predict", "segment", "report"])["stages"]["report"]["scores"]
     store = cfg["output"]["path"]
     import zarr
 
@@ -517,5 +518,5 @@ def test_align_and_evaluate_score_in_one_frame(tmp_path, tiny_model):
             evaluate(seg, moved)["voi"])  # what scoring the unaligned truth gave
     # redoing predict keeps the aligned stack (the align stage's, not predict's)
     aligned = open_volume(store, "raw").values
-    run({**cfg, "predict": {**cfg["predict"], "dtype": "float32"}}, overwrite=True)
+    run({**cfg, "predict": {**cfg["predict"], "dtype": "float32"}}, ["predict"], overwrite=True)
     np.testing.assert_array_equal(open_volume(store, "raw").values, aligned)

@@ -67,8 +67,9 @@ def test_a_second_run_on_a_store_is_refused_while_the_first_runs(tmp_path, tiny_
     store = cfg["output"]["path"]
     toml = tmp_path / "run.toml"
     toml.write_text(to_toml(cfg))
-    first = subprocess.Popen([sys.executable, "-m", "emdask.cli", "run", str(toml)],
-                             stderr=subprocess.PIPE)
+    # the segmentation stages only: long enough to hold the lease while the others try
+    first = subprocess.Popen([sys.executable, "-m", "emdask.cli", "run", str(toml), "--stage",
+                              "predict", "--stage", "segment"], stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not Path(store, LEASE).exists():
         assert first.poll() is None and time.time() < deadline, first.stderr.read().decode()

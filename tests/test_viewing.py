@@ -133,9 +133,18 @@ def test_meshes_are_written_per_segment_and_lie_on_their_segments(store):
     labels = seg.values
     folder = Path(store, "raw", "labels", "segmentation_0.5", "meshes")
     assert json.loads((folder / "info").read_text()) == {"@type": "neuroglancer_legacy_mesh"}
-    ids = [int(i) for i in np.unique(labels) if i]
+    # meshed: every segment with at least mesh_dust (100) voxels in a block (the store's
+    # 16 x 64 x 64 blocks, each with one voxel more on its high sides), and only those
+    chunks, expected = (16, 64, 64), set()
+    for idx in np.ndindex(*[-(-n // c) for n, c in zip(labels.shape, chunks, strict=True)]):
+        box = tuple(slice(i * c, min((i + 1) * c + 1, n))
+                    for i, c, n in zip(idx, chunks, labels.shape, strict=True))
+        ids, counts = np.unique(labels[box], return_counts=True)
+        expected |= {int(i) for i, k in zip(ids, counts, strict=True) if i and k >= 100}
+    meshed = {int(p.name[:-2]) for p in folder.glob("*:0") if p.name.count(":") == 1}
+    assert meshed == expected and len(expected) < len(np.unique(labels)) - 1
     vs, offset = np.asarray(seg.attrs["voxel_size"]), np.asarray(seg.attrs["offset"])
-    for segment in ids:  # every segment has a mesh
+    for segment in sorted(meshed):
         fragments = json.loads((folder / f"{segment}:0").read_text())["fragments"]
         assert fragments
         vertices = np.concatenate([_fragment((folder / f).read_bytes())[0] for f in fragments])
