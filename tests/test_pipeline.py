@@ -299,7 +299,7 @@ def test_local_workers_start_without_malloc_trim():
 def test_attaches_to_a_running_scheduler(tmp_path, tiny_model, reference, capsys):
     cfg = _config(tmp_path, tiny_model, name="attached", **SMALL)
     with LocalCluster(n_workers=2, processes=False, dashboard_address=":0") as cluster:
-        run(cfg, scheduler=cluster.scheduler_address)
+        run(cfg, stages=["predict", "segment"], scheduler=cluster.scheduler_address)
     assert f"attached to {cluster.scheduler_address}" in capsys.readouterr().err
     out = _outputs(cfg["output"]["path"])
     for name in reference:

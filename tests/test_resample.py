@@ -47,7 +47,8 @@ def test_a_finer_input_runs_at_the_nets_resolution(tmp_path, shared_file, capsys
         cfg = {"input": {"url": path, "dataset": f"{name}/raw"},
                "output": {"path": str(tmp_path / f"{name}.zarr")},
                "predict": {"model": "fibsem"}, "segment": {"thresholds": [0.5]},
-               "evaluate": {"url": path, "dataset": f"{name}/gt"}}
+               "evaluate": {"url": path, "dataset": f"{name}/gt"},
+               "cluster": {"processes": False, "n_workers": 1}}
         reports[name] = run(cfg, stages=["predict", "segment", "report"])
     assert "read at the net's resolution: [10.0, 10.0, 10.0] nm" in capsys.readouterr().err
     coarse, fine = (open_volume(str(tmp_path / f"{n}.zarr"), "segmentation_0.5")
