@@ -7,6 +7,7 @@ input, 1 for a failure while running); ``--debug`` shows the Python traceback in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import sys
 
@@ -209,7 +210,8 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # a crash in native code (numba, a codec, torch) prints every thread's Python stack
-    faulthandler.enable()
+    with contextlib.suppress(AttributeError, ValueError):  # stderr not a file (captured)
+        faulthandler.enable()
     try:
         return args.func(args)
     except KeyboardInterrupt:
