@@ -655,8 +655,9 @@ def train(config: TrainConfig, max_seconds: float | None = None) -> AffinityUNet
                       "training in float32", stacklevel=2)
         config = replace(config, precision="float32")
     if config.batch_size == 1 and device == "cpu":
-        warnings.warn("batch_size = 1 on CPU runs torch's slow reference 3-D convolution; "
-                      "batch_size = 2 takes about as long per iteration", stacklevel=2)
+        warnings.warn("batch_size = 1 on CPU sends small layers through torch's slow "
+                      "reference 3-D convolution; batch_size = 2 takes about as long per "
+                      "iteration", stacklevel=2)
     if config.precision == "bfloat16" and device == "cpu" and not _bfloat16_works(config):
         warnings.warn("bfloat16 training fails on this CPU for this net and patch (oneDNN); "
                       "training in float32", stacklevel=2)
