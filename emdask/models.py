@@ -500,13 +500,11 @@ class ValidUNet(nn.Module):
 def _slab(device: torch.device, dtype: torch.dtype) -> int:
     """Sections per slab of a planar first level (see :meth:`ValidUNet._encode0`).
 
-    One section where the maps are bfloat16 on a CPU: a slab's maps then stay in cache
-    and are reused by the allocator (a 64x512x512 sstem box in 8.7 s on one core, 10.7 s
-    in slabs of 8).  Eight elsewhere: torch runs a float32 convolution on oneDNN only
-    when batch x channels x depth x height > 20480 and takes its reference kernel below
-    that (a float32 fibsem pass in 1-section slabs: 20.1 s against 8.5 s); a GPU wants
-    large launches."""
-    return 1 if device.type == "cpu" and dtype == torch.bfloat16 else 8
+    One section on a CPU: a slab's maps then stay in cache and are reused by the
+    allocator (a 64x512x512 sstem box in bfloat16 in 8.7 s on one core, 10.7 s in slabs
+    of 8; float32 too since its convolutions always run on oneDNN, see
+    :class:`_OneDNNConv3d`).  Eight on a GPU, which wants large launches."""
+    return 1 if device.type == "cpu" else 8
 
 
 _SIZES_LOCK = threading.Lock()  # flops(): one meta pass with recording hooks at a time
