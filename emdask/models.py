@@ -250,9 +250,9 @@ def _fold(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> nn.Conv3d:
 class _OneDNNConv3d(nn.Conv3d):
     """A convolution that always runs oneDNN's kernel on CPU in float32.  torch (2.13)
     picks its slow reference kernel for a one-item batch wherever N*C*D*H <= 20480 (a
-    heuristic made for 2-D images), which a U-Net's deeper levels almost always are: three
-    passes of the fibsem net over a 64 x 192 x 192 box took 20.3 s with it and 11.3 s
-    without (whole process, 2 cores)."""
+    heuristic made for 2-D images), which a U-Net's deeper levels almost always are: a
+    float32 fibsem pass over 64 x 192 x 192 on one core took 4.7 s with it, 1.7 s without
+    (``benchmarks/bench_conv.py``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or self.padding_mode != "zeros":
