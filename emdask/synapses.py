@@ -370,6 +370,13 @@ def _match_table(gt_ids: np.ndarray, det_ids: np.ndarray, counts: np.ndarray
     return matches
 
 
+def _read_local(*arrays: Any) -> tuple:
+    """Small (lazy) reads, one per synapse, computed with threads in this process: through
+    a cluster of worker processes each is a round trip (partner_accuracy on the demo's VNC
+    rows: 28.1 s there, 5.8 s here; predict_direction 7 ms a patch)."""
+    return dask.compute(*arrays, scheduler="threads")
+
+
 def _match(detected: Any, truth: Any) -> dict[int, int]:
     """:func:`_match_table` of two label volumes."""
     from emdask.metrics import contingency_table
@@ -414,7 +421,7 @@ def partner_accuracy(detected: Any, truth: Any, cells: Any, segmentation: Any,
     section = dict(zip(ids[order][first].tolist(), zs[order][first].tolist(), strict=True))
     for d, g in matches.items():
         sl = slice(section[g], section[g] + 1)
-        g_s, d_s, cells_s, seg_s = (np.asarray(x[sl]) for x in (gt, det, cells, seg))
+        g_s, d_s, cells_s, seg_s = _read_local(*(x[sl] for x in (gt, det, cells, seg)))
         _, true = _partner_contacts(np.where(g_s == g, g, 0), cells_s,
                                     radius if cells_radius is None else cells_radius, None)
         found = assign_partners(np.where(d_s == d, d, 0), seg_s,
@@ -848,9 +855,7 @@ def predict_direction(raw: Any, segmentation: Any, table: pd.DataFrame, model,
                          zip(start, size, raw.shape, strict=True)])
             centres.append([c - s0 for c, s0 in zip(centre, start, strict=True)])
         keep = [k for k, row in enumerate(batch) if row.partner_1 and row.partner_2]
-        # small reads: local threads (shipping each patch through a cluster took 7 ms each)
-        loaded = dask.compute(*[(raw[boxes[k]], seg[boxes[k]]) for k in keep],
-                              scheduler="threads")
+        loaded = _read_local(*[(raw[boxes[k]], seg[boxes[k]]) for k in keep])
         patches = {k: (np.pad(np.asarray(r), pads[k]), np.pad(np.asarray(g), pads[k]))
                    for k, (r, g) in zip(keep, loaded, strict=True)}
         maps = {}
