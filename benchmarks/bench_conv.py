@@ -64,7 +64,7 @@ def main() -> None:
         net = inference_net(pretrained(name), "cpu", "float32")
         rows.append(("oneDNN forced (default)", seconds(net, x, args.repeat)))
         slab = models._slab
-        models._slab = lambda device, dtype: 8
+        models._slab = lambda device: 8
         if net.planar0:
             rows.append(("oneDNN forced, slabs of 8 sections", seconds(net, x, args.repeat)))
         torch_choice(net)  # as before: slabs of 8 kept most of the first level above it

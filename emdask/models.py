@@ -394,7 +394,7 @@ class ValidUNet(nn.Module):
         sections; of the full-resolution maps only ``read`` (offset, size) is kept."""
         offset, size = read
         pooled = skip = None
-        slab = _slab(x.device, self.dtype)
+        slab = _slab(x.device)
         for a in range(0, x.shape[2], slab):
             b = min(a + slab, x.shape[2])
             y = self.down[0](self.inp(x[:, :, a:b].to(self.dtype).contiguous(
@@ -415,7 +415,7 @@ class ValidUNet(nn.Module):
                  probabilities: torch.dtype | None) -> torch.Tensor:
         """The last upsampling, block and output layer, slab by slab of sections."""
         out = None
-        slab = _slab(x.device, self.dtype)
+        slab = _slab(x.device)
         for a in range(0, x.shape[2], slab):
             b = min(a + slab, x.shape[2])
             u = self.up[0](x[:, :, a:b])
@@ -497,7 +497,7 @@ class ValidUNet(nn.Module):
         return tuple(int(v) for v in lo), tuple(int(v) for v in hi)
 
 
-def _slab(device: torch.device, dtype: torch.dtype) -> int:
+def _slab(device: torch.device) -> int:
     """Sections per slab of a planar first level (see :meth:`ValidUNet._encode0`).
 
     One section on a CPU: a slab's maps then stay in cache and are reused by the
