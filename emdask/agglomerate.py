@@ -53,34 +53,58 @@ def _merge_small_kernel(eu, ev, emax, order, parent, sizes, size_threshold, merg
 
     In the hierarchical solve some regions' sizes and edges are not all known yet
     (``uncertain`` at their roots, their sizes lower bounds; ``partial`` edges, whose
-    statistics are incomplete): an edge of such a region that could merge is left for the
-    level above, and the region it joins becomes uncertain too, since its merges from then
-    on depend on that edge.  (Sizes only grow, so an edge between two regions of at least
-    ``size_threshold`` voxels never merges, wherever it falls in the order.)  Returns the
-    roots, each region's uncertainty, and which edges were left."""
+    statistics are incomplete, may fall anywhere in the order).  An edge merges two
+    regions if either is smaller than ``size_threshold`` when it is visited, so it is
+    decided wherever one side is *certainly* small (a certain region's size and history
+    are exact) and, as sizes only grow, wherever both are already large.  Any other edge
+    that could merge is left for the level above, and both its regions become uncertain:
+    what they are depends on it.  A large region stays large, so its own decisions stay
+    known; uncertainty spreads only through small regions.
+
+    A merge into a region whose size the level above needs at an earlier time (a left
+    edge or an unknown one touched it while it was small: it is *sensitive*) must be
+    replayed there in order: it is ``replay``-flagged.  Every other merge can be applied
+    in advance (``contracted``, a partition that the level above starts from).
+
+    Returns the roots, each region's uncertainty, which edges were left, which merges
+    must be replayed, and the contracted roots."""
     parent, size, uncertain = parent.copy(), sizes.copy(), uncertain.copy()
+    contracted = parent.copy()
+    sensitive = uncertain & (sizes < size_threshold)
     left = np.zeros(eu.size, np.bool_)
+    replay = np.zeros(eu.size, np.bool_)
     for e in order:
         a, b = _find(parent, eu[e]), _find(parent, ev[e])
         if a == b:
             continue
         if size[a] >= size_threshold and size[b] >= size_threshold:
             continue  # never merges
-        if partial[e] or ((uncertain[a] or uncertain[b]) and emax[e] >= merge_q):
+        if not partial[e] and emax[e] < merge_q:
+            continue
+        small_a = size[a] < size_threshold and not uncertain[a]
+        small_b = size[b] < size_threshold and not uncertain[b]
+        if partial[e] or not (small_a or small_b):
+            # needs a size (or a place in the order) not known yet
             left[e] = True
             uncertain[a] = True
             uncertain[b] = True
+            sensitive[a] |= size[a] < size_threshold
+            sensitive[b] |= size[b] < size_threshold
             continue
-        if emax[e] < merge_q:
-            continue
-        if size[a] < size_threshold or size[b] < size_threshold:
-            keep, gone = min(a, b), max(a, b)
-            parent[gone] = keep
-            size[keep] += size[gone]
-            uncertain[keep] = uncertain[keep] or uncertain[gone]
+        keep, gone = min(a, b), max(a, b)
+        if sensitive[a] or sensitive[b]:
+            replay[e] = True
+        else:
+            ca, cb = _find(contracted, eu[e]), _find(contracted, ev[e])
+            contracted[max(ca, cb)] = min(ca, cb)
+        parent[gone] = keep
+        size[keep] += size[gone]
+        uncertain[keep] = uncertain[keep] or uncertain[gone]
+        sensitive[keep] = sensitive[keep] or sensitive[gone]
     for i in range(parent.size):
         parent[i] = _find(parent, i)
-    return parent, uncertain[parent], left
+        contracted[i] = _find(contracted, i)
+    return parent, uncertain[parent], left, replay, contracted
 
 
 def merge_small_regions(
@@ -91,8 +115,10 @@ def merge_small_regions(
 ) -> np.ndarray:
     """Size-dependent single linkage (Zlateski and Seung 2015).
 
-    Edges are visited from the strongest (maximum affinity) down to ``merge_threshold``;
-    an edge merges its two regions if either is smaller than ``size_threshold`` voxels.
+    Edges are visited from the strongest (maximum affinity) down to ``merge_threshold``,
+    ties by where their maximum first occurs (:meth:`RegionGraph.order`, the same for any
+    chunking and numbering); an edge merges its two regions if either is smaller than
+    ``size_threshold`` voxels.
 
     Returns
     -------
@@ -109,8 +135,9 @@ def _merge_small(graph: RegionGraph, parent, sizes, size_threshold: int,
                  merge_threshold: float, uncertain, partial):
     """:func:`_merge_small_kernel` with the edges in their order."""
     merge_q = int(np.ceil(merge_threshold * Q - 1e-9))
-    # strongest edges first; a stable sort keeps canonical edge order among ties
-    order = np.argsort(-graph.max, kind="stable")
+    # strongest edges first, ties by where their maximum occurs (not by ids, which the
+    # hierarchical solve does not know for good until the end)
+    order = graph.order()
     return _merge_small_kernel(graph.u, graph.v, graph.max, order, np.asarray(parent, np.int64),
                                np.asarray(sizes, np.int64), int(size_threshold), merge_q,
                                uncertain, partial)

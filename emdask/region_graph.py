@@ -1,7 +1,9 @@
 """Region adjacency graph: affinity statistics on the boundary of every pair of regions.
 
 For every pair of touching regions the graph holds the count, the sum and the maximum of the
-(16-bit quantized) affinities of the voxel edges between them, optionally a histogram
+(16-bit quantized) affinities of the voxel edges between them, where the maximum first
+occurs (the lowest global index of a voxel edge attaining it: a tie-break between edges of
+equal maximum that does not depend on how regions are numbered), optionally a histogram
 of those affinities so that quantile scores (median, 75th percentile) can be used, and
 optionally the sum of raw EM over the boundary (for learned scores).  Every statistic is
 additive (counts, sums and histograms add, maxima take the maximum), so
@@ -16,7 +18,7 @@ import numpy as np
 
 from emdask.watershed import Q, quantize_affinities
 
-__all__ = ["RegionGraph", "region_graph"]
+__all__ = ["RegionGraph", "edge_index", "region_graph"]
 
 
 @dataclass
@@ -26,7 +28,8 @@ class RegionGraph:
     ``total`` is the sum of quantized affinities (1.0 = 65535); ``hist`` has shape
     (n_edges, bins) with bins of equal width over [0, 1] (bins may be 0); ``raw`` has shape
     (n_edges, 1), the sum over the boundary's voxel edges of the raw values of both voxels,
-    or (n_edges, 0) without raw.
+    or (n_edges, 0) without raw.  ``at`` is the lowest global index (:func:`edge_index`) of
+    a voxel edge whose affinity is ``max`` (0 where no positions were given).
     """
 
     u: np.ndarray
@@ -36,10 +39,13 @@ class RegionGraph:
     max: np.ndarray
     hist: np.ndarray
     raw: np.ndarray | None = None
+    at: np.ndarray | None = None
 
     def __post_init__(self):
         if self.raw is None:
             self.raw = np.zeros((self.u.size, 0), np.int64)
+        if self.at is None:
+            self.at = np.zeros(self.u.size, np.int64)
 
     def __len__(self) -> int:
         return int(self.u.size)
@@ -51,7 +57,17 @@ class RegionGraph:
     def shifted(self, du: int, dv: int) -> RegionGraph:
         """The same edges with region ids moved by ``du`` (u) and ``dv`` (v)."""
         return RegionGraph(self.u + du, self.v + dv, self.count, self.total, self.max,
-                           self.hist, self.raw)
+                           self.hist, self.raw, self.at)
+
+    def relabeled(self, u: np.ndarray, v: np.ndarray) -> RegionGraph:
+        """The same edges' statistics between regions ``u`` and ``v`` (not re-summed)."""
+        return RegionGraph(u, v, self.count, self.total, self.max, self.hist, self.raw,
+                           self.at)
+
+    def order(self) -> np.ndarray:
+        """The edges from the strongest maximum down, ties by where the maximum first
+        occurs: an order that is the same for any chunking and any region numbering."""
+        return np.lexsort((self.at, -self.max))
 
     @property
     def mean(self) -> np.ndarray:
@@ -66,11 +82,25 @@ class RegionGraph:
     def empty(cls, bins: int = 0, raw: bool = False) -> RegionGraph:
         z = np.zeros(0, np.int64)
         return cls(z, z.copy(), z.copy(), z.copy(), z.copy(), np.zeros((0, bins), np.int64),
-                   np.zeros((0, int(raw)), np.int64))
+                   np.zeros((0, int(raw)), np.int64), z.copy())
 
 
 #: The arrays of a :class:`RegionGraph`, in order.
-FIELDS = ("u", "v", "count", "total", "max", "hist", "raw")
+FIELDS = ("u", "v", "count", "total", "max", "hist", "raw", "at")
+
+#: Bits of a voxel edge's index in :func:`_max_key` (3 edges a voxel: 2**47 / 3, about
+#: 4.7e13 voxels, bounds a volume).
+_AT_BITS = 47
+
+
+def _max_key(w: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """One int64 whose maximum is the highest ``w`` and, among equal ones, the lowest
+    ``at``: so a single ``maximum`` reduction keeps a maximum and where it first occurs."""
+    return (w << _AT_BITS) | ((1 << _AT_BITS) - 1 - at)
+
+
+def _from_key(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return key >> _AT_BITS, (1 << _AT_BITS) - 1 - (key & ((1 << _AT_BITS) - 1))
 
 
 def _sort_pairs(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,32 +145,38 @@ def _reduce(cat: list) -> RegionGraph:
     del is_start
     lo, hi = lo[order][start], hi[order][start]
     sums = []
+    cat[4] = _max_key(cat[4], cat.pop(7))  # the maximum and where it first occurs
     for i, op in ((2, np.add), (3, np.add), (4, np.maximum)):
         a = cat[i] if every else cat[i][keep]
         cat[i] = None
         sums.append(op.reduceat(a[order], start))
         del a
+    top, at = _from_key(sums.pop())
     columns = []
     for i in (5, 6):
         a = cat[i] if every else cat[i][keep]
         cat[i] = None
         columns.append(_columns(a, order, start))
-    return RegionGraph(lo, hi, *sums, *columns)
+    return RegionGraph(lo, hi, *sums, top, *columns, at)
 
 
 def from_observations(u: np.ndarray, v: np.ndarray, w: np.ndarray, bins: int = 0,
-                      raw: np.ndarray | None = None) -> RegionGraph:
+                      raw: np.ndarray | None = None, at: np.ndarray | None = None
+                      ) -> RegionGraph:
     """Graph of single voxel-edge observations: region ``u[i]`` meets ``v[i]`` with weight
-    ``w[i]`` (quantized), and optionally raw values ``raw[i]`` (of both voxels, summed)."""
+    ``w[i]`` (quantized), and optionally raw values ``raw[i]`` (of both voxels, summed)
+    and the voxel edge's global index ``at[i]`` (:func:`edge_index`)."""
     u, v, w = (np.asarray(a, np.int64).ravel() for a in (u, v, w))
     r = np.zeros((u.size, 0), np.int64) if raw is None else np.asarray(
         raw, np.int64).reshape(-1, 1)
+    at = np.zeros(u.size, np.int64) if at is None else np.asarray(at, np.int64).ravel()
     keep = u != v
     lo, hi, w, r = np.minimum(u, v)[keep], np.maximum(u, v)[keep], w[keep], r[keep]
+    at = at[keep]
     if lo.size == 0:
         return RegionGraph.empty(bins, raw is not None)
     order, is_start = _sort_pairs(lo, hi)
-    lo, hi, w = lo[order], hi[order], w[order]
+    lo, hi, w, at = lo[order], hi[order], w[order], at[order]
     start = np.flatnonzero(is_start)
     n = start.size
     edge = np.cumsum(is_start) - 1
@@ -148,9 +184,9 @@ def from_observations(u: np.ndarray, v: np.ndarray, w: np.ndarray, bins: int = 0
     if bins:
         hist = np.bincount(edge * bins + w * bins // (Q + 1), minlength=n * bins)
         hist = hist.reshape(n, bins).astype(np.int64)
+    top, first = _from_key(np.maximum.reduceat(_max_key(w, at), start))
     return RegionGraph(lo[start], hi[start], np.bincount(edge, minlength=n).astype(np.int64),
-                       np.add.reduceat(w, start), np.maximum.reduceat(w, start), hist,
-                       _columns(r, order, start))
+                       np.add.reduceat(w, start), top, hist, _columns(r, order, start), first)
 
 
 def combine(graphs: list[RegionGraph], relabel: np.ndarray | None = None,
@@ -172,15 +208,26 @@ def combine(graphs: list[RegionGraph], relabel: np.ndarray | None = None,
     return _reduce(cat)
 
 
-def observations(labels: np.ndarray, quantized: np.ndarray, positions: bool = False
-                 ) -> tuple[np.ndarray, ...]:
+def edge_index(d: int, begin, end, shape) -> np.ndarray:
+    """Global indices of the voxel edges along axis ``d`` at the voxels ``begin:end`` of a
+    volume of ``shape`` (each voxel's edge to the voxel before it on that axis):
+    ``3 * (C-order voxel index) + d``, unique for every voxel edge of the volume."""
+    grids = np.meshgrid(*(np.arange(b, e, dtype=np.int64) for b, e in zip(begin, end,
+                                                                          strict=True)),
+                        indexing="ij", sparse=True)
+    return 3 * np.ravel_multi_index(grids, tuple(shape)) + d
+
+
+def observations(labels: np.ndarray, quantized: np.ndarray, positions: bool = False,
+                 origin=None, shape=None) -> tuple[np.ndarray, ...]:
     """Voxel edges inside ``labels`` that join two different non-background regions.
 
     ``quantized`` holds the block's uint16 affinities (3, z, y, x) aligned with ``labels``.
     With ``positions``, also where each edge lies: the centre of the face between its two
-    voxels (z, y, x, in voxels).
+    voxels (z, y, x, in voxels).  With ``origin`` (of ``labels`` in a volume of ``shape``),
+    also each edge's global index (:func:`edge_index`).
     """
-    us, vs, ws, at = [], [], [], []
+    us, vs, ws, at, where = [], [], [], [], []
     for d in range(3):
         hi = [slice(None)] * 3
         lo = [slice(None)] * 3
@@ -194,8 +241,14 @@ def observations(labels: np.ndarray, quantized: np.ndarray, positions: bool = Fa
             face = np.stack(np.nonzero(mask), axis=1).astype(np.float64)
             face[:, d] += 0.5
             at.append(face)
+        if origin is not None:
+            begin = np.add(origin, [int(i == d) for i in range(3)])
+            index = edge_index(d, begin, np.add(origin, labels.shape), shape)
+            where.append(np.broadcast_to(index, mask.shape)[mask])
     out = np.concatenate(us), np.concatenate(vs), np.concatenate(ws).astype(np.int64)
-    return (*out, np.concatenate(at)) if positions else out
+    if positions:
+        out = (*out, np.concatenate(at))
+    return (*out, np.concatenate(where)) if origin is not None else out
 
 
 def raw_pairs(raw: np.ndarray) -> np.ndarray:
@@ -248,6 +301,7 @@ def region_graph(labels: np.ndarray, affinities: np.ndarray, bins: int = 0,
             f"and (3, z, y, x)"
         )
     labels = labels.astype(np.int64)
-    u, v, w = observations(labels, quantize_affinities(affinities))
+    u, v, w, at = observations(labels, quantize_affinities(affinities), origin=(0, 0, 0),
+                               shape=labels.shape)
     r = None if raw is None else observations(labels, raw_pairs(raw))[2]
-    return from_observations(u, v, w, bins, r)
+    return from_observations(u, v, w, bins, r, at)

@@ -52,7 +52,14 @@ from emdask.agglomerate import (
     parse_score,
 )
 from emdask.blockgraph import BlockGraph
-from emdask.region_graph import RegionGraph, combine, from_observations, observations, raw_pairs
+from emdask.region_graph import (
+    RegionGraph,
+    combine,
+    edge_index,
+    from_observations,
+    observations,
+    raw_pairs,
+)
 from emdask.solve_tree import (
     block_lut,
     counts,
@@ -145,7 +152,7 @@ def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bi
     aq = quantize_affinities(padded[:3], check=False)
     labels, direction, first = basins(aq, origin, shape, params)
     inner = aq[(slice(None), *inside)]
-    u, v, w = observations(labels, inner)
+    u, v, w, at = observations(labels, inner, origin=origin, shape=shape)
     sizes = np.bincount(labels.ravel(), minlength=first.size + 1)[1:]
     raw_sums, r, pairs = np.zeros(0, np.int64), None, None
     if padded.shape[0] == 4:
@@ -155,11 +162,16 @@ def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bi
         raw_sums = np.bincount(labels.ravel(), raw, first.size + 1)[1:].astype(np.int64)
     basin_info = (first, sizes, raw_sums, _last_voxels(labels, first.size,
                                                           tuple(origin), tuple(shape)))
-    graph = from_observations(u - 1, v - 1, w, bins, r)
+    graph = from_observations(u - 1, v - 1, w, bins, r, at)
     faces = {}
     for d in range(3):
+        # the voxel edges between this block's lower face and the block below
+        face_end = np.add(origin, labels.shape)
+        face_end[d] = origin[d] + 1
         faces[("lower", d)] = (labels.take(0, d), direction.take(0, d) == d,
-                               inner[d].take(0, d)) + (
+                               inner[d].take(0, d),
+                               edge_index(d, origin, face_end, shape).reshape(
+                                   labels.take(0, d).shape)) + (
                                    () if pairs is None else (pairs[d].take(0, d),))
         faces[("upper", d)] = (labels.take(-1, d), direction.take(-1, d) == d + 3)
     return labels, basin_info, graph, faces
@@ -168,12 +180,12 @@ def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bi
 def _face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
     """Joins and region-graph edges across the face between block A (below) and B."""
     la, up = upper_faces[("upper", d)]
-    lb, down, w, *raw = lower_faces[("lower", d)]  # raw: the voxel edges' raw sums
+    lb, down, w, at, *raw = lower_faces[("lower", d)]  # raw: the voxel edges' raw sums
     both = (la > 0) & (lb > 0)
     join = both & (up | down | (w.astype(np.int64) >= high_q))
     pairs = np.unique(np.stack([la[join] - 1, lb[join] - 1]), axis=1)
     graph = from_observations(la[both] - 1, lb[both] - 1 + _B_OFFSET, w[both], bins,
-                              raw[0][both] if raw else None)
+                              raw[0][both] if raw else None, at[both])
     return pairs, graph
 
 
