@@ -166,9 +166,10 @@ class SegmentSpec:
     bins: int | None = None
     # score = "learned": the edge classifier, a shipped name ("fibsem") or a .json file
     classifier: str | None = None
-    # the global step: "global" (one task) or "tree" (boxes of blocks; identical results,
-    # see emdask.segment)
-    solve: str = "global"
+    # the global step: "tree" (boxes of blocks, memory bounded by their faces), "global"
+    # (one task; any score) or "auto" (the tree where the score allows it); identical
+    # results, see emdask.segment
+    solve: str = "auto"
 
 
 @dataclass

@@ -319,13 +319,14 @@ TREE_SCORES = ("mean", "max")
 
 
 def use_tree(solve: str, score: str) -> bool:
-    """Whether the global step runs as a tree of boxes (``solve``: "global" or "tree")."""
-    if solve not in ("global", "tree"):
-        raise ValueError(f"solve = {solve!r}: use 'global' or 'tree'")
+    """Whether the global step runs as a tree of boxes (``solve``: "auto", "global" or
+    "tree"; "auto" is the tree wherever the score allows it)."""
+    if solve not in ("auto", "global", "tree"):
+        raise ValueError(f"solve = {solve!r}: use 'auto', 'global' or 'tree'")
     if solve == "tree" and score not in TREE_SCORES:
         raise ValueError(f"solve = 'tree' works for the scores {list(TREE_SCORES)}, not "
                          f"{score!r} (which needs its edges' whole history in one task)")
-    return solve == "tree"
+    return solve == "tree" or (solve == "auto" and score in TREE_SCORES)
 
 
 def _info(parts, n_blocks: int) -> SegmentationInfo:
@@ -520,7 +521,7 @@ def segment(
     mask: Any = None,
     classifier: Any = None,
     raw: Any = None,
-    solve: str = "global",
+    solve: str = "auto",
 ):
     """Segment affinities into neurons, blockwise, identically for any chunking.
 
@@ -565,12 +566,11 @@ def segment(
         two passes like an in-memory one (memory: the 4-channel volume).
     solve
         How the global step (joining the blocks' graphs and agglomerating) runs:
-        ``"global"`` (default), in one task that holds the whole graph, or ``"tree"``, in
-        a tree of boxes of blocks that each pass up only what touches their open faces
-        (:mod:`emdask.solve_tree`; mean and max scores).  The results are identical; on
-        noisy affinities (a basin per ~25 voxels) the tree still passes up most of the
-        graph, since regions of neurons that cross a box's faces stay open, and costs
-        several times the CPU, so it is not the default (see the README's Scaling).
+        ``"tree"``, in a tree of boxes of blocks that each pass up only what touches their
+        open faces (:mod:`emdask.solve_tree`; mean and max scores), or ``"global"``, in
+        one task that holds the whole graph (any score).  The results are identical, ids
+        included; the tree's memory per task follows a box's faces, not the volume (see
+        the README's Scaling).  ``"auto"`` (default): the tree where the score allows it.
 
     Returns
     -------

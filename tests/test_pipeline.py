@@ -158,8 +158,10 @@ SMALL = {"chunks": (8, 32, 32), "roi": ((0, 0, 0), (40, 96, 96))}  # 45 small bl
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model) -> dict:
-    """Outputs of an undisturbed run, to compare interrupted runs with."""
-    cfg = _config(tmp_path_factory.mktemp("ref"), tiny_model, name="ref", **SMALL)
+    """Outputs of an undisturbed run, to compare interrupted runs with: its global step is
+    one task, theirs the default tree of boxes (equal, ids included)."""
+    cfg = _config(tmp_path_factory.mktemp("ref"), tiny_model, name="ref", **SMALL,
+                  solve="global")
     run(cfg, stages=["predict", "segment"])
     return _outputs(cfg["output"]["path"])
 
@@ -170,7 +172,7 @@ def test_the_tree_solve_equals_the_global_one_and_resumes_per_box(tmp_path, tiny
     run(cfg, stages=["predict", "segment"])
     store = cfg["output"]["path"]
     tree = _outputs(store)
-    for name in reference:  # the reference: one global task (the default)
+    for name in reference:  # the reference: one global task
         np.testing.assert_array_equal(tree[name], reference[name], err_msg=name)
     # a crash in the upper half of the tree: its boxes' markers, the stage's and the
     # relabel's lost, and a segmentation with them

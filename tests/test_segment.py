@@ -222,7 +222,7 @@ def test_the_global_step_runs_as_asked():
     assert use_tree("tree", "max") and not use_tree("global", "mean")
     with pytest.raises(ValueError, match="solve = 'tree' works for the scores"):
         use_tree("tree", "quantile-75")
-    with pytest.raises(ValueError, match="solve = 'trees': use 'global' or 'tree'"):
+    with pytest.raises(ValueError, match="solve = 'trees': use 'auto', 'global' or 'tree'"):
         segment(np.ones((3, 4, 4, 4), np.float32), [0.5], solve="trees")
 
 
