@@ -128,6 +128,7 @@ class AlignSpec:
     min_score: float = 0.2  # matches with a lower correlation are rejected
     window: int = 15  # defects: flat squares of this side are missing data
     missing_fraction: float = 0.95  # defects: a section this much missing is missing
+    solve_window: int = 256  # the global solve holds at most this many sections at a time
     mask: bool = True  # affinities touching missing data are set to 0
 
 
@@ -296,6 +297,10 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
         "cluster.maximum_jobs": (0 <= c.minimum_jobs <= c.maximum_jobs,
                                  ">= cluster.minimum_jobs >= 0"),
     }
+    if cfg.align is not None:  # (align() checks it too, but only after the defects)
+        a = cfg.align
+        limits["align.solve_window"] = (a.solve_window >= 2 * a.neighbours,
+                                        f">= 2 * align.neighbours = {2 * a.neighbours}")
     if cfg.synapses is not None:
         s = cfg.synapses
         limits["synapses.threshold"] = (s.threshold is None or 0 < s.threshold <= 1,
@@ -740,7 +745,7 @@ def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
                                  missing_fraction=spec.missing_fraction)
         result = align(vol, spacing=spec.spacing, neighbours=spec.neighbours,
                        stiffness=spec.stiffness, prior=spec.prior, min_score=spec.min_score,
-                       defects=defects)
+                       defects=defects, window=spec.solve_window)
         table = defects.table.merge(result.table.drop(columns="missing"), on="z")
         put_bytes(store, "sections.parquet", _parquet(table))
         # one chunk per section (a block task reads only its sections); the "complete"

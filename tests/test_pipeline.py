@@ -80,6 +80,8 @@ def test_config_errors_name_the_key(tmp_path, tiny_model):
         load_run_config({**good, "synapses": {"model": "synapses", "dtype": "float16"}})
     with pytest.raises(ValueError, match=r"synapses.radius must be 3 voxel counts"):
         load_run_config({**good, "synapses": {"model": "synapses", "radius": [1, 0, 0]}})
+    with pytest.raises(ValueError, match=r"align.solve_window must be >= 2 \* align.neighbours"):
+        load_run_config({**good, "align": {"neighbours": 3, "solve_window": 5}})
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("input: {url: a.zarr}\noutput: {path: b.zarr}\n"
                          "cluster: {kind: slurm, jobqueue: {cores: 4, memory: 8GB}}\n")
