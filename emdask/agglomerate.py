@@ -13,7 +13,11 @@ order, so the same graph always gives the same merges, however the volume was ch
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numba import njit, types
@@ -22,7 +26,8 @@ from numba.typed import Dict, List
 from emdask.region_graph import RegionGraph
 from emdask.watershed import Q, _find
 
-__all__ = ["agglomerate", "merge_small_regions", "parse_score"]
+__all__ = ["EdgeClassifier", "agglomerate", "load_classifier", "merge_small_regions",
+           "parse_score"]
 
 _SCORES = {"mean": 0, "max": 1, "quantile": 2, "learned": 3}
 
@@ -498,3 +503,135 @@ def agglomerate(
         For each threshold, the representative region of every region.
     """
     return _run(graph, n_regions, thresholds, score, sizes, classifier, None, raw, rank)[0]
+
+
+# ------------------------------------------------------ the learned score's classifier
+#: Shipped classifiers live beside the nets' weights as ``{name}_agglomeration.json``.
+_WEIGHTS = Path(__file__).with_name("weights")
+
+
+@njit(cache=True)
+def _predict_rows(x, forest):
+    out = np.empty(x.shape[0])
+    for i in range(x.shape[0]):
+        out[i] = _forest(x[i], forest)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class EdgeClassifier:
+    """A gradient-boosted tree ensemble over edge features, as plain arrays.
+
+    Tree ``t`` has nodes ``0..``; node ``k`` is a leaf where ``left[t, k] < 0``, else it
+    sends ``x[feature[t, k]] <= threshold[t, k]`` left.  The log-odds of a right merge are
+    ``base`` plus the sum of the leaves' ``value`` (learning rate included).
+    """
+
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    value: np.ndarray
+    base: float
+    bins: int = LEARNED_BINS
+    card: dict = field(default_factory=dict)
+
+    @property
+    def raw(self) -> bool:
+        """Whether it was trained with raw EM features (and needs raw to score)."""
+        return bool(self.card.get("raw", False))
+
+    @property
+    def forest(self) -> tuple:
+        """The arrays in the order the Numba kernels take them."""
+        return (self.feature, self.threshold, self.left, self.right, self.value,
+                float(self.base))
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Probability of a right merge for each row of ``features`` (n, len(FEATURES))."""
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[1] != len(FEATURES):
+            raise ValueError(f"features must have shape (n, {len(FEATURES)}), got {x.shape}")
+        return _predict_rows(x, self.forest)
+
+    def save(self, path: str | Path) -> None:
+        """Write the classifier and its card as JSON."""
+        trees = {k: getattr(self, k).tolist()
+                 for k in ("feature", "threshold", "left", "right", "value")}
+        doc = {"format": "emdask-edge-classifier/1", "features": list(FEATURES),
+               "quantiles": list(_QUANTILES), "bins": self.bins, "base": self.base,
+               "trees": trees, "card": self.card}
+        Path(path).write_text(json.dumps(doc))
+
+    @classmethod
+    def from_sklearn(cls, model: Any, bins: int = LEARNED_BINS, card: dict | None = None
+                     ) -> EdgeClassifier:
+        """From a fitted binary ``sklearn.ensemble.HistGradientBoostingClassifier``."""
+        # its trees as scikit-learn predicts with them (TreePredictor.nodes: a leaf's value
+        # includes the learning rate; x <= num_threshold goes left)
+        trees = [p[0].nodes for p in model._predictors]
+        n = max(t.size for t in trees)
+
+        def pad(field, fill, dtype):
+            out = np.full((len(trees), n), fill, dtype)
+            for i, t in enumerate(trees):
+                out[i, :t.size] = t[field]
+            return out
+
+        leaf = pad("is_leaf", True, bool)
+        left = np.where(leaf, -1, pad("left", -1, np.int64))
+        return cls(pad("feature_idx", 0, np.int64), pad("num_threshold", 0.0, np.float64),
+                   left, np.where(leaf, -1, pad("right", -1, np.int64)),
+                   pad("value", 0.0, np.float64),
+                   float(np.ravel(model._baseline_prediction)[0]), int(bins), dict(card or {}))
+
+
+def _check_trees(clf: EdgeClassifier) -> None:
+    """Numba reads the trees unchecked: refuse what would read out of bounds or loop."""
+    shape = clf.feature.shape
+    if len(shape) != 2 or any(getattr(clf, k).shape != shape for k in
+                              ("threshold", "left", "right", "value")):
+        raise ValueError("tree arrays of different shapes")
+    node = np.arange(shape[1])
+    inner = clf.left >= 0
+    if ((clf.feature < 0) | (clf.feature >= len(FEATURES)))[inner].any():
+        raise ValueError(f"a feature index outside 0..{len(FEATURES) - 1}")
+    # children come after their parent (as scikit-learn numbers them): no cycles
+    for child in (clf.left, clf.right):
+        if (inner & ((child <= node) | (child >= shape[1]))).any():
+            raise ValueError("a tree's children must follow their parent inside the tree")
+    if clf.bins < 2:
+        raise ValueError(f"bins must be >= 2, got {clf.bins}")
+
+
+def load_classifier(name: str | Path | EdgeClassifier) -> EdgeClassifier:
+    """A shipped classifier by the name of its boundary net (``"fibsem"``), or a file
+    written by :meth:`EdgeClassifier.save`."""
+    if isinstance(name, EdgeClassifier):
+        return name
+    path = Path(name)
+    shipped = _WEIGHTS / f"{name}_agglomeration.json"
+    if path.suffix != ".json" and shipped.exists():
+        path = shipped
+    if not path.exists():
+        names = sorted(p.name.removesuffix("_agglomeration.json")
+                       for p in _WEIGHTS.glob("*_agglomeration.json"))
+        raise FileNotFoundError(f"{name}: no such classifier file, and not a shipped one "
+                                f"({', '.join(names) or 'none shipped'})")
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or doc.get("format") != "emdask-edge-classifier/1":
+            raise ValueError("not an emdask edge classifier")
+        if doc["features"] != list(FEATURES):
+            raise ValueError(f"trained on features {doc['features']}, this emdask computes "
+                             f"{list(FEATURES)}")
+        t = doc["trees"]
+        clf = EdgeClassifier(np.asarray(t["feature"], np.int64),
+                             np.asarray(t["threshold"], np.float64),
+                             np.asarray(t["left"], np.int64), np.asarray(t["right"], np.int64),
+                             np.asarray(t["value"], np.float64), float(doc["base"]),
+                             int(doc["bins"]), doc.get("card", {}))
+        _check_trees(clf)
+        return clf
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: cannot read an edge classifier ({err})") from None

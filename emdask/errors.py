@@ -170,11 +170,13 @@ def merge_candidates(skeleton: Any, spacing_nm: float) -> np.ndarray:
     return verts[order][np.sort(first)]
 
 
-def merge_window(model: Any, shape) -> np.ndarray:
-    """The window (voxels) a merge net examines: :data:`emdask.training.MERGE_WINDOW`,
-    cut to the volume ``shape`` and to multiples of the net's factor."""
-    from emdask.training import MERGE_WINDOW
+#: The window (voxels) a merge net sees around a candidate point.
+MERGE_WINDOW = (48, 48, 48)
 
+
+def merge_window(model: Any, shape) -> np.ndarray:
+    """The window (voxels) a merge net examines: :data:`MERGE_WINDOW`,
+    cut to the volume ``shape`` and to multiples of the net's factor."""
     size = np.array([(min(n, w) // f) * f for n, w, f in zip(shape, MERGE_WINDOW,
                                                              model.factor, strict=True)])
     if np.any(size == 0):
@@ -238,7 +240,7 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
 
     Every segment of at least ``min_size`` voxels (or, with ``skeletons`` given, every
     segment they name) is examined by a merge net (raw plus the
-    segment's mask, :data:`emdask.training.MERGE_WINDOW` voxels) in windows centred on its
+    segment's mask, :data:`MERGE_WINDOW` voxels) in windows centred on its
     skeleton's :func:`merge_candidates` (spaced half a window apart); a segment's score is
     its highest window's, the location that window's highest voxel.  Windows are read one
     at a time, so lazy (Dask, zarr) inputs are never loaded whole.

@@ -884,12 +884,12 @@ def _bins(seg: SegmentSpec) -> int:
 
 
 def _face_task(ctx: _Context, block: int, axis: int):
-    from emdask.segmentation import _face_links
+    from emdask.region_graph import face_links
 
     below = ctx.grid.neighbour(block, axis)
     upper = _unpack_faces(load_arrays(ctx.store, f"_emdask/faces/{block}.npz"))
     lower = _unpack_faces(load_arrays(ctx.store, f"_emdask/faces/{below}.npz"))
-    return _face_links(upper, lower, axis, _params(ctx.segment).quantized()[1],
+    return face_links(upper, lower, axis, _params(ctx.segment).quantized()[1],
                        _bins(ctx.segment))
 
 

@@ -18,6 +18,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from emdask.volumes import as_volume, downsample_block
+
 __all__ = ["downsample", "downsample_block", "pyramid_factors"]
 
 
@@ -42,46 +44,6 @@ def pyramid_factors(shape: Sequence[int], voxel_size: Sequence[float],
     return levels
 
 
-def _is_labels(dtype, method: str) -> bool:
-    if method not in ("auto", "mean", "mode"):
-        raise ValueError(f"method must be 'auto', 'mean' or 'mode', got {method!r}")
-    if method == "auto":  # ids are unsigned 32/64-bit integers; intensities are not
-        return np.dtype(dtype) in (np.uint32, np.uint64, np.int64)
-    return method == "mode"
-
-
-def downsample_block(data: np.ndarray, factors: Sequence[int], method: str = "auto"
-                     ) -> np.ndarray:
-    """Downsample the last three axes of an in-memory block by integer ``factors``.
-
-    ``"mean"`` averages each group of voxels (rounded for integer dtypes); ``"mode"``
-    takes the most frequent non-zero value of each group (0 only where all are 0; ties go
-    to the first in C order); ``"auto"``: the mode for uint32/uint64/int64 (label ids),
-    else the mean.  Edges that do not fill a whole group repeat their last voxel.
-    """
-    f = [int(k) for k in factors]
-    lead = data.shape[:-3]
-    pad = [(0, 0)] * len(lead) + [(0, -n % k) for n, k in zip(data.shape[-3:], f,
-                                                                strict=True)]
-    if any(p != (0, 0) for p in pad):
-        data = np.pad(data, pad, mode="edge")
-    out_shape = [n // k for n, k in zip(data.shape[-3:], f, strict=True)]
-    # (lead..., z, fz, y, fy, x, fx) -> (lead..., z, y, x, fz * fy * fx)
-    groups = data.reshape(*lead, out_shape[0], f[0], out_shape[1], f[1], out_shape[2], f[2])
-    n = len(lead)
-    groups = groups.transpose(*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5).reshape(
-        *lead, *out_shape, -1)
-    if not _is_labels(data.dtype, method):
-        mean = groups.mean(axis=-1, dtype=np.float64)
-        return (np.rint(mean) if np.issubdtype(data.dtype, np.integer) else mean).astype(
-            data.dtype)
-    # how often each voxel's value occurs in its group; zeros count only where all are 0
-    counts = (groups[..., :, None] == groups[..., None, :]).sum(axis=-1)
-    counts = np.where(groups == 0, 0, counts)
-    pick = np.argmax(counts, axis=-1)
-    return np.take_along_axis(groups, pick[..., None], axis=-1)[..., 0]
-
-
 def downsample(volume: Any, factors: Sequence[int] = (1, 2, 2), method: str = "auto"
                ) -> xr.DataArray:
     """Downsample a volume lazily, blockwise, by integer ``factors`` (z, y, x).
@@ -103,8 +65,6 @@ def downsample(volume: Any, factors: Sequence[int] = (1, 2, 2), method: str = "a
         The downsampled volume, its ``voxel_size`` multiplied by the factors and its
         ``offset`` moved to the centre of each group of voxels.
     """
-    from emdask.volumes import as_volume
-
     vol = volume if isinstance(volume, xr.DataArray) else as_volume(volume, (1.0, 1.0, 1.0))
     f = [int(k) for k in factors]
     if len(f) != 3 or min(f) < 1:

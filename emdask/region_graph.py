@@ -18,7 +18,7 @@ import numpy as np
 
 from emdask.watershed import Q, quantize_affinities
 
-__all__ = ["RegionGraph", "edge_index", "region_graph"]
+__all__ = ["B_OFFSET", "RegionGraph", "edge_index", "face_links", "region_graph"]
 
 
 @dataclass
@@ -305,3 +305,25 @@ def region_graph(labels: np.ndarray, affinities: np.ndarray, bins: int = 0,
                                shape=labels.shape)
     r = None if raw is None else observations(labels, raw_pairs(raw))[2]
     return from_observations(u, v, w, bins, r, at)
+
+
+#: Face graphs (:func:`face_links`) keep the upper block's ids above this.
+B_OFFSET = np.int64(1) << 40
+
+
+def face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
+    """Joins and region-graph edges across the face between block A (below) and B.
+
+    ``lower_faces`` and ``upper_faces`` are the faces of A and B (as
+    :func:`emdask.segmentation._block_basins` gives them); basins join where a watershed
+    pointer crosses the face or its edge is at least ``high_q``.  Returns (2, n) joined
+    block-local basin ids (A's, B's) and the graph of the edges across, with B's ids moved
+    up by :data:`B_OFFSET`."""
+    la, up = upper_faces[("upper", d)]
+    lb, down, w, at, *raw = lower_faces[("lower", d)]  # raw: the voxel edges' raw sums
+    both = (la > 0) & (lb > 0)
+    join = both & (up | down | (w.astype(np.int64) >= high_q))
+    pairs = np.unique(np.stack([la[join] - 1, lb[join] - 1]), axis=1)
+    graph = from_observations(la[both] - 1, lb[both] - 1 + B_OFFSET, w[both], bins,
+                              raw[0][both] if raw else None, at[both])
+    return pairs, graph

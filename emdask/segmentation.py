@@ -48,14 +48,17 @@ from emdask.agglomerate import (
     LEARNED_BINS,
     _check_thresholds,
     agglomerate,
+    load_classifier,
     merge_small_regions,
     parse_score,
 )
 from emdask.blockgraph import BlockGraph
 from emdask.region_graph import (
+    B_OFFSET,
     RegionGraph,
     combine,
     edge_index,
+    face_links,
     from_observations,
     observations,
     raw_pairs,
@@ -82,9 +85,6 @@ from emdask.watershed import (
 )
 
 __all__ = ["SegmentationInfo", "segment"]
-
-_B_OFFSET = np.int64(1) << 40  # face graphs keep the upper block's ids above this
-
 
 @dataclass
 class SegmentationInfo:
@@ -177,18 +177,6 @@ def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bi
     return labels, basin_info, graph, faces
 
 
-def _face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
-    """Joins and region-graph edges across the face between block A (below) and B."""
-    la, up = upper_faces[("upper", d)]
-    lb, down, w, at, *raw = lower_faces[("lower", d)]  # raw: the voxel edges' raw sums
-    both = (la > 0) & (lb > 0)
-    join = both & (up | down | (w.astype(np.int64) >= high_q))
-    pairs = np.unique(np.stack([la[join] - 1, lb[join] - 1]), axis=1)
-    graph = from_observations(la[both] - 1, lb[both] - 1 + _B_OFFSET, w[both], bins,
-                              raw[0][both] if raw else None, at[both])
-    return pairs, graph
-
-
 def _consecutive(ids: np.ndarray) -> np.ndarray:
     """Renumber ids to 1..k in order, keeping 0 as 0."""
     return np.unique(np.r_[0, ids], return_inverse=True)[1][1:]
@@ -229,7 +217,7 @@ def _global_graph(block_graphs, face_graphs, pairs, supervoxels) -> RegionGraph:
     """Every block's and face's graph in supervoxel ids, summed: the global graph."""
     bases, sv = supervoxels[:2]
     offsets = [(bases[b], bases[b]) for b in range(len(block_graphs))]
-    offsets += [(bases[a], bases[b] - _B_OFFSET) for a, b in pairs]
+    offsets += [(bases[a], bases[b] - B_OFFSET) for a, b in pairs]
     return combine([*block_graphs, *face_graphs], relabel=sv, offsets=offsets)
 
 
@@ -612,8 +600,6 @@ def segment(
         if classifier is None:
             raise ValueError("score='learned' needs a classifier: a shipped name "
                              "('fibsem') or a file from train_agglomeration")
-        from emdask.learn_agglomeration import load_classifier
-
         classifier = load_classifier(classifier)
         if classifier.raw:
             if raw is None:
@@ -658,7 +644,7 @@ def segment(
         solutions, info = _tree_tasks(g, inputs, shape, params, bins, thr, score)
     else:  # one global task (see emdask.solve_tree for why these scores need it)
         solution = g.solve(
-            inputs, _block_summary, _face_links, _solve,
+            inputs, _block_summary, face_links, _solve,
             summary_args={"shape": shape, "params": params, "bins": bins},
             link_args={"high_q": params.quantized()[1], "bins": bins},
             solve_args={"params": params, "thresholds": thr, "score": score,

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emdask.agglomerate import _merge_small, _run
-from emdask.region_graph import RegionGraph, combine
+from emdask.region_graph import B_OFFSET, FIELDS, RegionGraph, combine, face_links
 from emdask.watershed import _union_all
 
 __all__ = ["Box", "Carried", "Resolution", "merge_boxes", "solve", "tree"]
@@ -135,8 +135,6 @@ def _relabel(graph: RegionGraph, old: np.ndarray, new: np.ndarray) -> RegionGrap
 
 def _concat(graphs: list[RegionGraph]) -> RegionGraph:
     """The edges of ``graphs`` one after the other (no summing)."""
-    from emdask.region_graph import FIELDS
-
     return RegionGraph(*(np.concatenate([getattr(g, f) for g in graphs]) for f in FIELDS))
 
 
@@ -455,8 +453,6 @@ def to_arrays(state: Carried | Resolution) -> dict[str, np.ndarray]:
     """A box's state or resolution as named plain arrays (for an ``.npz``)."""
     from dataclasses import fields
 
-    from emdask.region_graph import FIELDS
-
     out = {}
     for f in fields(state):
         value = getattr(state, f.name)
@@ -476,8 +472,6 @@ def to_arrays(state: Carried | Resolution) -> dict[str, np.ndarray]:
 def from_arrays(cls, arrays: dict[str, np.ndarray]):
     """The inverse of :func:`to_arrays`."""
     from dataclasses import fields
-
-    from emdask.region_graph import FIELDS
 
     def one(name):
         if f"{name}.u" in arrays:
@@ -507,14 +501,12 @@ def plane_faces(box: Box, grid: tuple) -> list[tuple[int, int, int]]:
 
 def face_keys(upper_faces: dict, lower_faces: dict, upper_first: np.ndarray,
               lower_first: np.ndarray, d: int, high_q: int, bins: int):
-    """:func:`emdask.segmentation._face_links` between a block and the one below it, in
+    """:func:`emdask.region_graph.face_links` between a block and the one below it, in
     basin keys: (2, n) joined pairs and the graph across the face."""
-    from emdask.segmentation import _B_OFFSET, _face_links
-
-    joined, g = _face_links(upper_faces, lower_faces, d, high_q, bins)
+    joined, g = face_links(upper_faces, lower_faces, d, high_q, bins)
     lower_first, upper_first = np.asarray(lower_first), np.asarray(upper_first)
     return (np.stack([lower_first[joined[0]], upper_first[joined[1]]]),
-            g.relabeled(lower_first[g.u], upper_first[g.v - _B_OFFSET]))
+            g.relabeled(lower_first[g.u], upper_first[g.v - B_OFFSET]))
 
 
 def leaf_box(basin_info, graph: RegionGraph, faces: dict, box: Box, params, thresholds,

@@ -230,9 +230,8 @@ def _partner_example(raw, labels, pair, start, size, attention):
 
 
 #: Merge nets: voxels of a merged object within this distance (nm) of the junction of its
-#: two neurons are the target; the window (voxels) they see around a candidate point.
+#: two neurons are the target (the window they see: :data:`emdask.errors.MERGE_WINDOW`).
 MERGE_RADIUS_NM = 50.0
-MERGE_WINDOW = (48, 48, 48)
 
 
 def contact_sites(labels: np.ndarray, step: int = 4) -> tuple[np.ndarray, np.ndarray]:

@@ -34,8 +34,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-__all__ = ["SUPPORTED_DTYPES", "VolumeError", "create_volume", "cutout", "open_volume",
-           "read_box", "save_volume", "stored_source"]
+__all__ = ["SUPPORTED_DTYPES", "VolumeError", "create_volume", "cutout", "downsample_block",
+           "open_volume", "read_box", "save_volume", "stored_source"]
 
 #: dtypes a volume may have (EM intensities, labels, affinities, masks).
 SUPPORTED_DTYPES = tuple(
@@ -292,6 +292,46 @@ def open_volume(
     return vol
 
 
+def _is_labels(dtype, method: str) -> bool:
+    if method not in ("auto", "mean", "mode"):
+        raise ValueError(f"method must be 'auto', 'mean' or 'mode', got {method!r}")
+    if method == "auto":  # ids are unsigned 32/64-bit integers; intensities are not
+        return np.dtype(dtype) in (np.uint32, np.uint64, np.int64)
+    return method == "mode"
+
+
+def downsample_block(data: np.ndarray, factors: Sequence[int], method: str = "auto"
+                     ) -> np.ndarray:
+    """Downsample the last three axes of an in-memory block by integer ``factors``.
+
+    ``"mean"`` averages each group of voxels (rounded for integer dtypes); ``"mode"``
+    takes the most frequent non-zero value of each group (0 only where all are 0; ties go
+    to the first in C order); ``"auto"``: the mode for uint32/uint64/int64 (label ids),
+    else the mean.  Edges that do not fill a whole group repeat their last voxel.
+    """
+    f = [int(k) for k in factors]
+    lead = data.shape[:-3]
+    pad = [(0, 0)] * len(lead) + [(0, -n % k) for n, k in zip(data.shape[-3:], f,
+                                                                strict=True)]
+    if any(p != (0, 0) for p in pad):
+        data = np.pad(data, pad, mode="edge")
+    out_shape = [n // k for n, k in zip(data.shape[-3:], f, strict=True)]
+    # (lead..., z, fz, y, fy, x, fx) -> (lead..., z, y, x, fz * fy * fx)
+    groups = data.reshape(*lead, out_shape[0], f[0], out_shape[1], f[1], out_shape[2], f[2])
+    n = len(lead)
+    groups = groups.transpose(*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5).reshape(
+        *lead, *out_shape, -1)
+    if not _is_labels(data.dtype, method):
+        mean = groups.mean(axis=-1, dtype=np.float64)
+        return (np.rint(mean) if np.issubdtype(data.dtype, np.integer) else mean).astype(
+            data.dtype)
+    # how often each voxel's value occurs in its group; zeros count only where all are 0
+    counts = (groups[..., :, None] == groups[..., None, :]).sum(axis=-1)
+    counts = np.where(groups == 0, 0, counts)
+    pick = np.argmax(counts, axis=-1)
+    return np.take_along_axis(groups, pick[..., None], axis=-1)[..., 0]
+
+
 class Resampled:
     """A picklable array-like view of ``source`` (..., z, y, x) with voxels ``factors``
     times larger: each the mean of its group of voxels (``"mean"``, for EM; integers
@@ -334,8 +374,6 @@ class Resampled:
         if self.method == "nearest":
             out = data[(..., *(slice(f // 2, None, f) for f in self.factors))]
         else:
-            from emdask.pyramids import downsample_block
-
             out = downsample_block(data, self.factors, "mean")
         return out.squeeze(axis=tuple(out.ndim - 3 + i for i in squeeze)) if squeeze else out
 

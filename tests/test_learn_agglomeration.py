@@ -9,9 +9,8 @@ import pytest
 from test_segment import _check_invariance, assert_same_partition
 
 from emdask import evaluate, open_volume
-from emdask.agglomerate import FEATURES, _run, agglomerate
+from emdask.agglomerate import _WEIGHTS, FEATURES, _run, agglomerate
 from emdask.learn_agglomeration import (
-    _WEIGHTS,
     EdgeClassifier,
     load_classifier,
     merge_examples,

@@ -6,8 +6,8 @@ from scipy import ndimage as ndi
 
 from emdask import solve_tree
 from emdask.agglomerate import _run
-from emdask.region_graph import RegionGraph
-from emdask.segmentation import _block_basins, _face_links, _solve
+from emdask.region_graph import RegionGraph, face_links
+from emdask.segmentation import _block_basins, _solve
 from emdask.watershed import HALO, WatershedParams
 
 
@@ -32,7 +32,7 @@ def summaries(affs, chunks, params, bins=0):
                 below[d] -= 1
                 a, b = int(ids[tuple(below)]), int(ids[idx])
                 pairs.append((a, b))
-                links.append(_face_links(out[b][3], out[a][3], d, params.quantized()[1], bins))
+                links.append(face_links(out[b][3], out[a][3], d, params.quantized()[1], bins))
     return out, pairs, links, grid
 
 
