@@ -9,10 +9,10 @@ tree solve, relabel), the tasks, the peak memory of all processes together and o
 largest single process, and the largest state one box of the tree held.
 
     python benchmarks/bench_pipeline.py [--sizes 1 8 64 512] [--workers 2] [--block 128]
-                                        [--solve global|tree]
+                                        [--solve auto|global|tree]
 
-``--solve`` picks how the global step runs: one task (``global``, what a run does by
-default) or a tree of boxes of blocks (``tree``).
+``--solve`` picks how the global step runs: a tree of boxes of blocks (``tree``; what a run
+does by default, ``auto``, with these mean-affinity thresholds) or one task (``global``).
 
 Aim (issue 23): cost per voxel flat within 1.3x and the largest process's peak within 1.5x
 from 8x to 512x.
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--block", type=int, default=128, help="block side (voxels)")
     parser.add_argument("--tmp", help="folder for the stores (default: a temporary one)")
-    parser.add_argument("--solve", default="global", choices=["global", "tree"])
+    parser.add_argument("--solve", default="auto", choices=["auto", "global", "tree"])
     args = parser.parse_args()
     if not MEDULLA.exists():
         sys.exit(f"needs {MEDULLA}")
