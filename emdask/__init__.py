@@ -29,7 +29,7 @@ from emdask.synapses import (
 )
 from emdask.volumes import VolumeError, cutout, open_volume, save_volume
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # The nets' functions are imported when first used: ``import emdask`` does not load torch
 # (a second of start-up and ~300 MB, wasted on workers that only segment or score).

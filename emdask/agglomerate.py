@@ -6,8 +6,9 @@ touch voxels, so their cost is set by the size of the graph, not of the volume.
 
 Determinism: the kernels are pure functions of the graph.  Regions and edges are ordered
 canonically by the caller (:mod:`emdask.segmentation` orders regions by their lowest global
-voxel index), edge scores are computed from exact integer sums, and ties are broken by edge
-order, so the same graph always gives the same merges, however the volume was chunked.
+voxel index), edge scores are computed from exact integer sums, and ties are broken by where
+an edge's maximum occurs (small-region merging) or by the regions' ranks (agglomeration),
+so the same graph always gives the same merges, however the volume was chunked.
 """
 
 from __future__ import annotations

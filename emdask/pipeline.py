@@ -168,8 +168,8 @@ class SegmentSpec:
     # score = "learned": the edge classifier, a shipped name ("fibsem") or a .json file
     classifier: str | None = None
     # the global step: "tree" (boxes of blocks, memory bounded by their faces), "global"
-    # (one task; any score) or "auto" (the tree where the score allows it); identical
-    # results, see emdask.segment
+    # (one task; any score) or "auto" (the tree where the score allows it, beyond 64
+    # blocks); identical results, see emdask.segment
     solve: str = "auto"
 
 
@@ -2066,7 +2066,7 @@ def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     if marked(ctx.store, "agglomerate", ctx.stamp):
         print("  agglomerate: already done", file=sys.stderr)
         return {}
-    if use_tree(ctx.segment.solve, ctx.segment.score):
+    if use_tree(ctx.segment.solve, ctx.segment.score, len(ctx.grid)):
         info = _tree_solve(client, ctx, cfg)
         print(f"  tree: {info['n_supervoxels']} supervoxels, {info['n_edges']} edges; the "
               f"largest box held {info['graph_nbytes'] / 1e6:.1f} MB", file=sys.stderr)

@@ -12,6 +12,7 @@ graphs of blocks combine exactly into the graph of the whole volume.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,7 @@ _AT_BITS = 47
 def _max_key(w: np.ndarray, at: np.ndarray) -> np.ndarray:
     """One int64 whose maximum is the highest ``w`` and, among equal ones, the lowest
     ``at``: so a single ``maximum`` reduction keeps a maximum and where it first occurs."""
-    return (w << _AT_BITS) | ((1 << _AT_BITS) - 1 - at)
+    return (np.asarray(w, np.int64) << _AT_BITS) | ((1 << _AT_BITS) - 1 - np.asarray(at, np.int64))
 
 
 def _from_key(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,10 +213,15 @@ def edge_index(d: int, begin, end, shape) -> np.ndarray:
     """Global indices of the voxel edges along axis ``d`` at the voxels ``begin:end`` of a
     volume of ``shape`` (each voxel's edge to the voxel before it on that axis):
     ``3 * (C-order voxel index) + d``, unique for every voxel edge of the volume."""
+    if 3 * math.prod(shape) >= 1 << _AT_BITS:
+        raise ValueError(f"a volume of {tuple(shape)} voxels has too many voxel edges to "
+                         f"index (at most {(1 << _AT_BITS) // 3} voxels)")
     grids = np.meshgrid(*(np.arange(b, e, dtype=np.int64) for b, e in zip(begin, end,
                                                                           strict=True)),
                         indexing="ij", sparse=True)
-    return 3 * np.ravel_multi_index(grids, tuple(shape)) + d
+    # clipped: a block padded beyond a thin volume has voxels outside it (background,
+    # whose edges are never kept)
+    return 3 * np.ravel_multi_index(grids, tuple(shape), mode="clip") + d
 
 
 def observations(labels: np.ndarray, quantized: np.ndarray, positions: bool = False,
@@ -314,7 +320,7 @@ B_OFFSET = np.int64(1) << 40
 def face_links(lower_faces, upper_faces, d: int, high_q: int, bins: int):
     """Joins and region-graph edges across the face between block A (below) and B.
 
-    ``lower_faces`` and ``upper_faces`` are the faces of A and B (as
+    ``lower_faces`` and ``upper_faces`` are the faces of B and A (as
     :func:`emdask.segmentation._block_basins` gives them); basins join where a watershed
     pointer crosses the face or its edge is at least ``high_q``.  Returns (2, n) joined
     block-local basin ids (A's, B's) and the graph of the edges across, with B's ids moved

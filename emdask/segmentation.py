@@ -306,15 +306,23 @@ def _apply_luts(labels: np.ndarray, lut: np.ndarray):
 TREE_SCORES = ("mean", "max")
 
 
-def use_tree(solve: str, score: str) -> bool:
+#: With ``solve="auto"``, volumes of at most this many blocks use the single task: its
+#: graph is small (below a GB with 128^3 blocks of noisy affinities), and a tree's many small
+#: tasks cost more there (a test pipeline of 45 blocks: 77 s against 51 s).
+TREE_MIN_BLOCKS = 64
+
+
+def use_tree(solve: str, score: str, n_blocks: int | None = None) -> bool:
     """Whether the global step runs as a tree of boxes (``solve``: "auto", "global" or
-    "tree"; "auto" is the tree wherever the score allows it)."""
+    "tree"; "auto" is the tree wherever the score allows it and the volume has more than
+    :data:`TREE_MIN_BLOCKS` blocks).  Without ``n_blocks``, only checks the words."""
     if solve not in ("auto", "global", "tree"):
         raise ValueError(f"solve = {solve!r}: use 'auto', 'global' or 'tree'")
     if solve == "tree" and score not in TREE_SCORES:
         raise ValueError(f"solve = 'tree' works for the scores {list(TREE_SCORES)}, not "
                          f"{score!r} (which needs its edges' whole history in one task)")
-    return solve == "tree" or (solve == "auto" and score in TREE_SCORES)
+    return solve == "tree" or (solve == "auto" and score in TREE_SCORES
+                               and (n_blocks or 0) > TREE_MIN_BLOCKS)
 
 
 def _info(parts, n_blocks: int) -> SegmentationInfo:
@@ -558,7 +566,8 @@ def segment(
         open faces (:mod:`emdask.solve_tree`; mean and max scores), or ``"global"``, in
         one task that holds the whole graph (any score).  The results are identical, ids
         included; the tree's memory per task follows a box's faces, not the volume (see
-        the README's Scaling).  ``"auto"`` (default): the tree where the score allows it.
+        the README's Scaling).  ``"auto"`` (default): the tree where the score allows it
+        and the volume has more than :data:`TREE_MIN_BLOCKS` blocks.
 
     Returns
     -------
@@ -639,7 +648,7 @@ def segment(
         keys[...] = padded.__dask_keys__()
         inputs = {idx: keys[(0, *idx)] for idx in np.ndindex(*g.grid)}
 
-    tree_solve = use_tree(solve, score)
+    tree_solve = use_tree(solve, score, int(np.prod(g.grid)))
     if tree_solve:
         solutions, info = _tree_tasks(g, inputs, shape, params, bins, thr, score)
     else:  # one global task (see emdask.solve_tree for why these scores need it)

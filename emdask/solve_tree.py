@@ -71,9 +71,10 @@ class Carried:
     sv_key: np.ndarray  # supervoxels in play, sorted
     sv_size: np.ndarray
     sv_rank: np.ndarray  # highest voxel index (breaks ties in agglomeration)
-    sv_comp: np.ndarray  # its uncertain region's key, or -1: in a final fragment
+    sv_comp: np.ndarray  # the row's own key (a group of an uncertain region), or -1: in a
+    # final fragment (carried for the agglomeration only)
     sv_region: np.ndarray  # (thresholds, n): a final one's region, -1 where finished
-    undecided: RegionGraph  # edges of uncertain regions left for small-region merging
+    undecided: RegionGraph  # edges left for small-region merging, and merges to replay
     decided: RegionGraph  # their other edges (complete)
     region_key: list = field(default_factory=list)  # per threshold: blocked regions
     region_rank: list = field(default_factory=list)
@@ -92,7 +93,7 @@ class Carried:
 class Resolution:
     """What a box decided, for the relabel of its blocks (key arrays sorted)."""
 
-    sv_from: np.ndarray  # supervoxels joined here: old key -> new key
+    sv_from: np.ndarray  # supervoxels joined or collapsed into a row here: old -> new key
     sv_to: np.ndarray
     frag_sv: np.ndarray  # supervoxels whose fragment was decided here -> fragment (-1 dust)
     frag_key: np.ndarray
@@ -100,7 +101,9 @@ class Resolution:
     reg_to: list
     done: list  # per threshold: keys of segments finished here
     n_basins: int = 0  # basins of the block (a block's own box)
-    n_edges: int = 0  # supervoxel edges that end here (decided, not passed up)
+    n_joined: int = 0  # supervoxels joined into others here (across the faces)
+    n_edges: int = 0  # edges that end here (decided, not passed up; parallel edges between
+    # carried rows count once, so the sum is close to, not exactly, the global graph's)
     nbytes: int = 0  # the state this box held: what its children passed up, and its own
 
     @property
@@ -218,22 +221,21 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
         b = np.searchsorted(sv_key, _lookup(face_key, face_sv, joins[1]))
         parent = _union_all(n, a, b)  # roots: lowest index, i.e. lowest key
     renamed = parent != np.arange(n)
+    n_joined = int(np.count_nonzero(renamed))
     sv_from, sv_to = sv_key[renamed], sv_key[parent[renamed]]
     roots = np.flatnonzero(~renamed)
     sv_size = np.bincount(parent, sv_size, n).astype(np.int64)[roots]
     rank = np.full(n, np.iinfo(np.int64).min)
     np.maximum.at(rank, parent, sv_rank)
-    # the children's groups (contracted merges), joined where their supervoxels are: a
-    # joined supervoxel was open, so in play (sv_comp >= 0) with no final region
-    grouped = sv_comp != _NONE
-    group_of = np.searchsorted(sv_key[roots], _lookup(sv_from, sv_to, sv_comp[grouped]))
+    # every row is a group of its own (rows in play: sv_comp >= 0); a joined supervoxel was
+    # open, so in play, with no final region
+    in_comp = np.zeros(n, bool)
+    in_comp[parent[sv_comp != _NONE]] = True
+    in_comp = in_comp[roots]
     sv_rank, sv_region = rank[roots], sv_region[:, roots]
     sv_key = sv_key[roots]
     n = sv_key.size
-    member = np.searchsorted(roots, parent[grouped])
-    comp = _union_all(n, member, group_of)
-    in_comp = np.zeros(n, bool)
-    in_comp[member] = True
+    comp = np.arange(n)
     face_sv = _lookup(sv_from, sv_to, face_sv)
     open_sv = _in(np.unique(face_sv[face_side > 0]), sv_key)
 
@@ -252,17 +254,11 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     partial = open_sv[ui] & open_sv[vi]
 
     # -- small-region merging over the uncertain regions of the children
-    sizes = np.bincount(comp, sv_size, n).astype(np.int64)
-    uncertain = np.zeros(n, bool)
-    uncertain[comp[open_sv]] = True
-    # a partial edge may fall anywhere in the order: its regions are uncertain from the
-    # start, unless both are already too large for it to merge them
-    small = sizes[comp] < params.size_threshold
-    could = partial & (small[ui] | small[vi])
-    uncertain[comp[ui[could]]] = True
-    uncertain[comp[vi[could]]] = True
+    # (a partial edge, which may fall anywhere in the order, joins two open supervoxels:
+    # uncertain from the start)
+    uncertain = open_sv.copy()
     root, uncertain, left, replay, contracted = _merge_small(
-        undecided.relabeled(ui, vi), comp, sizes, params.size_threshold,
+        undecided.relabeled(ui, vi), comp, sv_size, params.size_threshold,
         params.merge_threshold, uncertain, partial)
     final = in_comp & ~uncertain
     frag_size = np.bincount(root, sv_size, n).astype(np.int64)
@@ -367,6 +363,7 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
         region_key, region_rank, region_graph)
     held = sum(p.nbytes for p in parts) + cross.nbytes + up.nbytes
     return up, Resolution(sv_from, sv_to, frag_sv, frag_key, reg_from, reg_to, done,
+                          n_joined=n_joined,
                           n_edges=int(len(edges) - np.count_nonzero(carried)), nbytes=held)
 
 
@@ -546,8 +543,8 @@ def numbering(keys: list) -> tuple[np.ndarray, list[np.ndarray]]:
 def counts(res: Resolution) -> np.ndarray:
     """A box's share of the problem's sizes: basins, supervoxels, fragments, edges, and
     the bytes it held (:func:`totals` adds them up)."""
-    return np.array([res.n_basins, res.frag_sv.size, res.n_fragments, res.n_edges,
-                     res.nbytes], np.int64)
+    return np.array([res.n_basins, res.n_basins - res.n_joined, res.n_fragments,
+                     res.n_edges, res.nbytes], np.int64)
 
 
 def totals(parts: list) -> tuple:

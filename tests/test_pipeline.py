@@ -160,8 +160,8 @@ SMALL = {"chunks": (8, 32, 32), "roi": ((0, 0, 0), (40, 96, 96))}  # 45 small bl
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model) -> dict:
-    """Outputs of an undisturbed run, to compare interrupted runs with: its global step is
-    one task, theirs the default tree of boxes (equal, ids included)."""
+    """Outputs of an undisturbed run, to compare interrupted runs with (its global step is
+    one task, as the default's for so few blocks; the tree's test compares with it too)."""
     cfg = _config(tmp_path_factory.mktemp("ref"), tiny_model, name="ref", **SMALL,
                   solve="global")
     run(cfg, stages=["predict", "segment"])

@@ -217,9 +217,13 @@ def test_graph_is_built_in_linear_time(solve):
 
 
 def test_the_global_step_runs_as_asked():
-    from emdask.segmentation import use_tree
+    from emdask.segmentation import TREE_MIN_BLOCKS, use_tree
 
     assert use_tree("tree", "max") and not use_tree("global", "mean")
+    # auto: the tree for a large volume with a score that allows it
+    assert use_tree("auto", "mean", TREE_MIN_BLOCKS + 1)
+    assert not use_tree("auto", "mean", TREE_MIN_BLOCKS)
+    assert not use_tree("auto", "learned", 10 * TREE_MIN_BLOCKS)
     with pytest.raises(ValueError, match="solve = 'tree' works for the scores"):
         use_tree("tree", "quantile-75")
     with pytest.raises(ValueError, match="solve = 'trees': use 'auto', 'global' or 'tree'"):
@@ -270,3 +274,12 @@ def test_a_sweep_computed_one_threshold_at_a_time_costs_one_pass(monkeypatch):
     gc.collect()
     assert name not in segmentation._SWEEP_CACHE.live  # blocks dropped with the arrays
     assert not any(k[0] == name for k in segmentation._SWEEP_CACHE.data)
+
+
+def test_volumes_thinner_than_the_halo():
+    """A block padded beyond a volume of 1-2 sections (its edges' positions clipped)."""
+    for shape in [(2, 9, 10), (1, 12, 12)]:
+        affs = np.random.default_rng(0).random((3, *shape)).astype(np.float32)
+        whole = _run(affs, shape)
+        for chunks in [(shape[0], 5, 4), (1, 6, 6)]:
+            np.testing.assert_array_equal(_run(affs, chunks), whole)
