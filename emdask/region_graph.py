@@ -57,8 +57,7 @@ class RegionGraph:
 
     def shifted(self, du: int, dv: int) -> RegionGraph:
         """The same edges with region ids moved by ``du`` (u) and ``dv`` (v)."""
-        return RegionGraph(self.u + du, self.v + dv, self.count, self.total, self.max,
-                           self.hist, self.raw, self.at)
+        return self.relabeled(self.u + du, self.v + dv)
 
     def relabeled(self, u: np.ndarray, v: np.ndarray) -> RegionGraph:
         """The same edges' statistics between regions ``u`` and ``v`` (not re-summed)."""
