@@ -231,17 +231,35 @@ def mask_affinities(affinities, mask):
     """
     import dask.array as da
 
+    from emdask.blockwise import apply
+
     mask = mask.data if hasattr(mask, "dims") else mask
     if tuple(mask.shape) != tuple(affinities.shape[1:]):
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match the affinities' "
                          f"volume shape {tuple(affinities.shape[1:])}")
     if not isinstance(affinities, da.Array) and not isinstance(mask, da.Array):
         return _mask_block(np.asarray(affinities), np.asarray(mask, bool))
-    affinities = da.asarray(affinities).rechunk({0: -1})  # a block needs all 3 channels
-    mask = da.asarray(mask).astype(bool).rechunk(affinities.chunks[1:])
-    # A block's edges reach one voxel below it along every axis: a halo of 1.
-    return da.map_overlap(_mask_block, affinities, mask[None], depth=(0, 1, 1, 1),
-                          boundary="none", dtype=affinities.dtype)
+    affinities, mask = da.asarray(affinities), da.asarray(mask)
+    return apply(mask_step(affinities.shape[0], affinities.dtype), affinities, mask,
+                 chunks=affinities.chunks[1:])
+
+
+def mask_step(channels: int, dtype):
+    """The blockwise step of :func:`mask_affinities`: (affinities, mask) -> affinities."""
+    from emdask.blockwise import Step
+
+    # A block's edges reach one voxel below it along every axis: the mask's halo is 1.
+    return Step("masked", _masked_kernel, np.dtype(dtype), halo=((0, 0, 0), (1, 1, 1)),
+                channels=int(channels))
+
+
+def _masked_kernel(affs: np.ndarray, mask: np.ndarray, where=None) -> np.ndarray:
+    """Nearest-neighbour affinities of a block with edges touching ``mask`` (the block
+    plus a halo of 1) set to 0; further channels kept."""
+    out = affs.copy()
+    padded = np.pad(affs[:3], [(0, 0)] + [(1, 1)] * 3)
+    out[:3] = _mask_block(padded, mask.astype(bool))[:, 1:-1, 1:-1, 1:-1]
+    return out
 
 
 def _mask_block(affs: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -78,7 +78,9 @@ import scipy.sparse.linalg as spla
 import xarray as xr
 from scipy.sparse import csgraph
 
-from emdask.defects import as_stack, detect_defects
+from emdask.blockwise import Step, apply
+from emdask.defects import as_stack, detect_defects, missing_mask
+from emdask.geometry import Box
 
 __all__ = ["Alignment", "Level", "align", "block_match", "displacement_error", "distort",
            "invert_fields", "render", "source_box", "warp_section"]
@@ -1260,6 +1262,50 @@ def _render_block(source: np.ndarray, field: np.ndarray, spacing: int, origin, s
     return out
 
 
+@dataclass(frozen=True)
+class StackFields:
+    """Deformation fields (z, 2, grid y, grid x) of a stack, read a few sections at a time
+    (an in-memory array for the library, the store's zarr array in a pipeline task)."""
+
+    source: Any
+    spacing: int
+
+    def sections(self, z0: int, z1: int) -> np.ndarray:
+        return np.asarray(self.source[z0:z1], np.float64)
+
+
+def _render_reads(box: Box, shape: tuple, fields: StackFields, **_) -> Box:
+    got = source_box(fields.sections(box.begin[0], box.end[0]), fields.spacing, box.begin,
+                     box.end, shape)
+    return Box(*got) if got is not None else Box(box.begin, box.begin)
+
+
+def _render_kernel(raw: np.ndarray, *, where, fields: StackFields, fill: float, order: int,
+                   window: int | None) -> np.ndarray:
+    box, read = where.box, where.read[0]
+    dtype = np.uint8 if window else raw.dtype
+    if read.empty:  # nothing of the input maps here
+        return np.full(box.shape, fill, dtype)
+    if window:  # the input's missing-data mask (a local test: halo), rendered
+        raw = missing_mask(raw, window)[read.slices(where.origin[0])].astype(np.uint8)
+    return _render_block(raw, fields.sections(box.begin[0], box.end[0]), fields.spacing,
+                         box.begin[1:], box.shape[1:], read.begin[1:], fill, order)
+
+
+def render_step(fields: StackFields, dtype: Any, fill: float = 0, order: int = 1,
+                window: int | None = None) -> Step:
+    """The blockwise step of :func:`render` (and of the pipeline's align stage): each
+    output block reads the part of the input its pixels map to.  With ``window``, what is
+    rendered is the input's missing-data mask (:func:`emdask.defects.missing_mask`, uint8;
+    give ``fill=1, order=0``)."""
+    halo = (0, window - 1, window - 1) if window else (0, 0, 0)
+    # the mask as detect_defects makes it: filters that extend the input's edge
+    return Step("render", _render_kernel, np.dtype(np.uint8 if window else dtype),
+                halo=halo, clip=bool(window), reads=_render_reads,
+                params={"fields": fields, "fill": fill, "order": int(order),
+                        "window": window})
+
+
 def render(stack: Any, fields: xr.DataArray, chunks: Sequence[int] | None = None,
            fill: float = 0, order: int = 1) -> xr.DataArray:
     """Apply deformation fields to a stack, lazily and blockwise.
@@ -1287,24 +1333,11 @@ def render(stack: Any, fields: xr.DataArray, chunks: Sequence[int] | None = None
     if tuple(fields.shape[2:]) != _grid_shape(vol.shape[1:], spacing):
         raise ValueError(f"fields grid {tuple(fields.shape[2:])} does not fit sections of "
                          f"{tuple(vol.shape[1:])} pixels at spacing {spacing}")
-    f = np.asarray(fields.values, np.float64)
-    data = vol.data
-    chunks = data.chunks if chunks is None else da.core.normalize_chunks(chunks, vol.shape)
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in chunks]
-    blocks = np.empty(tuple(len(c) for c in chunks), object)
-    for idx in np.ndindex(*blocks.shape):
-        begin = [int(starts[d][idx[d]]) for d in range(3)]
-        end = [b + int(chunks[d][idx[d]]) for d, b in enumerate(begin)]
-        shape = [e - b for b, e in zip(begin, end, strict=True)]
-        box = source_box(f[begin[0]:end[0]], spacing, begin, end, vol.shape)
-        if box is None:  # the block maps entirely outside the input
-            blocks[idx] = da.full(shape, fill, dtype=vol.dtype)
-            continue
-        piece = data[tuple(slice(a, b) for a, b in zip(*box, strict=True))]
-        task = dask.delayed(_render_block, pure=True)(
-            piece, f[begin[0]:end[0]], spacing, begin[1:], shape[1:], box[0][1:], fill, order)
-        blocks[idx] = da.from_delayed(task, shape, dtype=vol.dtype)
-    out = da.block(blocks.tolist())
+    data = vol.data if isinstance(vol.data, da.Array) else da.from_array(vol.data)
+    step = render_step(StackFields(np.asarray(fields.values, np.float64), spacing),
+                       vol.dtype, fill, order)
+    out = apply(step, data, chunks=data.chunks if chunks is None else
+                da.core.normalize_chunks(chunks, vol.shape))
     return xr.DataArray(out, dims=vol.dims, coords=vol.coords, attrs=dict(vol.attrs),
                         name=vol.name)
 

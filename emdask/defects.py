@@ -3,8 +3,9 @@
 A pixel is *missing* when it lies in a ``window`` x ``window`` square of its section whose
 intensities are all equal (to within ``tolerance``).  Real EM always carries noise, so only
 blacked-out, saturated, padded or lost regions are flat over a whole square; the test is
-local (a halo of ``window - 1`` pixels), so the mask is computed blockwise with
-``map_overlap`` and is the same for any chunking.
+local (a halo of ``window - 1`` pixels), so the mask is computed blockwise
+(:func:`missing_step`, the step the pipeline's align stage renders too) and is the same
+for any chunking.
 
 Per section, from sums over blocks: the missing fraction, the contrast (standard deviation
 of the intensities that are not missing) and the sharpness (variance of the Laplacian of
@@ -31,6 +32,7 @@ import pandas as pd
 import scipy.ndimage as ndi
 import xarray as xr
 
+from emdask.blockwise import Step, apply
 from emdask.volumes import as_volume
 
 __all__ = ["Defects", "as_stack", "detect_defects", "missing_mask"]
@@ -93,6 +95,21 @@ def _laplacian(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
                               mode="nearest")
     lap[near] = np.nan
     return lap
+
+
+def _cropped(*data: np.ndarray, where, kernel, **params) -> np.ndarray:
+    """``kernel`` on a block and the halo around it that lies inside the volume (filters
+    that extend the edge), cropped to the block."""
+    return kernel(*data, **params)[where.box.slices(where.origin[0])]
+
+
+def missing_step(window: int = 15, tolerance: float = 0.0) -> Step:
+    """The blockwise step of :func:`missing_mask` over a stack (as :func:`detect_defects`
+    makes its mask): a halo of ``window - 1`` pixels in-plane, ``window // 2`` to find the
+    flat squares and as much to grow them."""
+    return Step("missing", _cropped, np.dtype(bool), halo=(0, window - 1, window - 1),
+                clip=True, params={"kernel": missing_mask, "window": window,
+                                   "tolerance": tolerance})
 
 
 def as_stack(stack: Any) -> xr.DataArray:
@@ -159,12 +176,9 @@ def detect_defects(
         cy, cx = min(cy, 2048), min(cx, 2048)
     data = data.rechunk({0: min(data.chunksize[0], max(1, 2 ** 23 // max(cy * cx, 1))),
                          1: cy, 2: cx})
-    halo = window - 1  # window // 2 to find flat squares, window // 2 to grow them
-    mask = da.map_overlap(missing_mask, data, depth=(0, halo, halo), boundary="none",
-                          dtype=bool, window=window, tolerance=tolerance)
-    lap = da.map_overlap(_laplacian, data, mask, depth=(0, _LOG_HALO, _LOG_HALO),
-                         boundary="none",
-                         dtype=np.float32)
+    mask = apply(missing_step(window, tolerance), data)
+    lap = apply(Step("sharpness", _cropped, np.float32, halo=(0, _LOG_HALO, _LOG_HALO),
+                     clip=True, params={"kernel": _laplacian}), data, mask)
     values = da.where(mask, np.nan, data.astype(np.float64))
     with warnings.catch_warnings():  # a missing section's statistics are NaN: fine
         warnings.simplefilter("ignore", RuntimeWarning)

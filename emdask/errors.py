@@ -352,7 +352,7 @@ def _contacts_and_sizes(segmentation: Any, affinities: Any
                         ) -> tuple[pd.DataFrame, dict[int, int]]:
     """:func:`contacts` and every segment's voxel count, in one pass (blockwise when either
     input is a Dask array: memory bounded by a block and the tables)."""
-    from emdask.blockgraph import map_reduce
+    from emdask.blockwise import map_reduce
     from emdask.watershed import Q
 
     seg, affs = _as_array(segmentation), _as_array(affinities)
@@ -651,7 +651,7 @@ def fragment_graphs(fragments: Any, segmentation: Any, affinities: Any, segments
     """The graph of each of ``segments`` over its fragments: touching fragment pairs of one
     segment (``a``, ``b``, ``contact``, ``mean`` affinity) and each fragment's segment, in
     one blockwise pass when an input is a Dask array."""
-    from emdask.blockgraph import map_reduce
+    from emdask.blockwise import map_reduce
     from emdask.watershed import Q
 
     frag, seg, affs = (_as_array(x) for x in (fragments, segmentation, affinities))

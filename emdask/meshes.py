@@ -141,21 +141,42 @@ def meshes(segmentation: Any, chunks: Sequence[int] = (64, 256, 256),
     return {s: zmesh.Mesh.concatenate(*m) for s, m in sorted(pieces.items())}
 
 
+def pieces_step(kernel, voxel_size: Sequence[float], offset: Sequence[float]):
+    """The blockwise step of :func:`meshes` and :func:`emdask.skeletons.skeletons` (and of
+    the pipeline's meshes and skeletons stages): ``kernel(labels, origin, voxel_size,
+    offset)`` on a block plus one voxel on its high sides, giving segment id -> piece."""
+    from emdask.blockwise import summary_step
+
+    return summary_step(_block_pieces, depth=1, kernel=kernel,
+                        voxel_size=tuple(float(v) for v in voxel_size),
+                        offset=tuple(float(o) for o in offset))
+
+
+def _block_pieces(labels: np.ndarray, origin, box, kernel, voxel_size, offset) -> dict:
+    # read with one voxel on every side (none beyond the volume): the low side is not ours
+    low = tuple(slice(b - o, None) for b, o in zip(box[0], origin, strict=True))
+    return {s: [p] for s, p in kernel(np.ascontiguousarray(labels[low]), box[0], voxel_size,
+                                      offset).items()}
+
+
+def _joined_pieces(*parts: dict) -> dict:
+    out: dict = {}
+    for part in parts:  # in block order
+        for segment, pieces in part.items():
+            out.setdefault(segment, []).extend(pieces)
+    return out
+
+
 def per_block(segmentation: Any, chunks: Sequence[int], kernel) -> dict[int, list]:
     """``kernel(labels, origin, voxel_size, offset)`` on every block plus one voxel on its
     high sides (how both meshes and skeletons are computed), its per-segment results
     collected: segment id -> the pieces of its blocks, in block order."""
-    from emdask.volumes import read_box
+    import dask.array as da
+
+    from emdask.blockwise import map_reduce
 
     attrs = getattr(segmentation, "attrs", {})
-    vs = attrs.get("voxel_size", (1.0, 1.0, 1.0))
-    offset = attrs.get("offset", (0.0, 0.0, 0.0))
-    data = _as_labels(segmentation)
-    pieces: dict[int, list] = {}
-    for idx in np.ndindex(*[-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]):
-        begin = [i * c for i, c in zip(idx, chunks, strict=True)]
-        end = [min(b + c + 1, n) for b, c, n in zip(begin, chunks, data.shape, strict=True)]
-        for segment, piece in kernel(np.asarray(read_box(data, begin, end)), begin, vs,
-                                     offset).items():
-            pieces.setdefault(segment, []).append(piece)
-    return pieces
+    step = pieces_step(kernel, attrs.get("voxel_size", (1.0, 1.0, 1.0)),
+                       attrs.get("offset", (0.0, 0.0, 0.0)))
+    data = da.asarray(_as_labels(segmentation)).rechunk(tuple(chunks))
+    return map_reduce(step, _joined_pieces, [data]).compute()

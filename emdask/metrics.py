@@ -25,7 +25,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from emdask.blockgraph import map_reduce
+from emdask.blockwise import map_reduce
 
 __all__ = ["adapted_rand", "contingency_table", "evaluate", "voi"]
 

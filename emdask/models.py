@@ -18,6 +18,7 @@ them without network access.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import threading
@@ -652,6 +653,19 @@ def model_from(name: str | Path) -> AffinityUNet:
     """A model file (``.pt``, :func:`load_model`) or a shipped model's name
     (:func:`pretrained`): what configs name."""
     return load_model(_model_path(name))
+
+
+def cached_model(name: str, device: str = "cpu") -> AffinityUNet:
+    """:func:`model_from` on ``device`` in eval mode, loaded once per process (and again
+    when its file changes): what a worker's block tasks share."""
+    path = Path(name)
+    stamp = path.stat().st_mtime_ns if name.endswith(".pt") and path.exists() else 0
+    return _cached_model(name, device, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(name: str, device: str, stamp: int) -> AffinityUNet:
+    return model_from(name).to(device).eval()
 
 
 def model_card(name: str | Path) -> dict:

@@ -55,6 +55,7 @@ import numpy as np
 import xarray as xr
 
 from emdask.config import from_dict, read_file
+from emdask.geometry import Grid
 from emdask.store import (
     Lease,
     Problem,
@@ -497,38 +498,6 @@ def _cached_array(url: str, path: str, generation: int):
 
 # ---------------------------------------------------------------- blocks
 @dataclass(frozen=True)
-class Grid:
-    """The block grid of a ``shape`` volume cut into ``chunks``."""
-
-    shape: tuple
-    chunks: tuple
-
-    @property
-    def counts(self) -> tuple:
-        return tuple(-(-n // c) for n, c in zip(self.shape, self.chunks, strict=True))
-
-    def __len__(self) -> int:
-        return int(np.prod(self.counts))
-
-    def index(self, block: int) -> tuple:
-        return tuple(int(i) for i in np.unravel_index(block, self.counts))
-
-    def box(self, block: int) -> tuple[list, list]:
-        idx = self.index(block)
-        begin = [i * c for i, c in zip(idx, self.chunks, strict=True)]
-        end = [min(b + c, n) for b, c, n in zip(begin, self.chunks, self.shape, strict=True)]
-        return begin, end
-
-    def neighbour(self, block: int, axis: int) -> int | None:
-        """The block below ``block`` along ``axis`` (None at the volume's start)."""
-        idx = list(self.index(block))
-        if idx[axis] == 0:
-            return None
-        idx[axis] -= 1
-        return int(np.ravel_multi_index(idx, self.counts))
-
-
-@dataclass(frozen=True)
 class _Context:
     """What a block task needs (small and picklable)."""
 
@@ -552,17 +521,9 @@ def _slices(begin, end) -> tuple:
 
 
 def _model(name: str, device: str):
-    """The model (cached per process, and reloaded when its file changes)."""
-    stamp = Path(name).stat().st_mtime_ns if name.endswith(".pt") and Path(name).exists() \
-        else 0
-    return _cached_model(name, device, stamp)
+    from emdask.models import cached_model
 
-
-@functools.lru_cache(maxsize=4)
-def _cached_model(name: str, device: str, stamp: int):
-    from emdask.models import model_from
-
-    return model_from(name).to(device).eval()
+    return cached_model(name, device)
 
 
 def _precision(spec: PredictSpec, model: str) -> str:
@@ -637,92 +598,63 @@ def _predict_task(ctx: _Context, blocks: list[int], model_name: str | None = Non
     the synapse detector) into ``dataset``; each block is marked done."""
     import torch
 
-    from emdask.predict import _predict_block
-    from emdask.volumes import box_inside, read_box
+    from emdask.blockwise import write_blocks
+    from emdask.predict import prediction_step
 
     with contextlib.suppress(ValueError):  # outside a worker: leave torch's default
         from distributed import get_worker
 
         torch.set_num_threads(max(1, get_worker().state.nthreads))
-    device = _device(ctx.predict)
-    model = _model(model_name or ctx.predict.model, device)
+    spec = ctx.predict
+    step = prediction_step(model_name or spec.model, _device(spec), spec.patch,
+                           spec.batch_size, spec.dtype, ctx.intensity, spec.precision,
+                           masked=ctx.mask is not None)
     boxes = [ctx.grid.box(b) for b in blocks]
-    begin = np.min([b for b, _ in boxes], axis=0).tolist()
-    end = np.max([e for _, e in boxes], axis=0).tolist()
-    src_begin = [b + r for b, r in zip(begin, ctx.roi_begin, strict=True)]
-    src_end = [e + r for e, r in zip(end, ctx.roi_begin, strict=True)]
     # context beyond the region of interest is real data where the volume has it
-    raw = read_box(ctx.source, src_begin, src_end, model.halo,
-                   cache=(ctx.source_name, ctx.generation))
-    inside = box_inside(ctx.source.shape[-3:], src_begin, src_end, model.halo)
-    # the EM read, kept in the store (the EM segmented, for viewing and proofreading)
-    em = raw[tuple(slice(h, h + e - b) for h, b, e in zip(model.halo, begin, end,
-                                                           strict=True))]
-    affs = _predict_block(raw, model, device, ctx.predict.patch, ctx.predict.batch_size,
-                          np.dtype(ctx.predict.dtype), ctx.intensity, inside,
-                          ctx.predict.precision)
-    if ctx.mask is not None:  # edges reach one voxel below the block: read a halo of 1
-        from emdask.affinities import _mask_block
+    inputs, offsets = [ctx.source], [ctx.roi_begin]
+    if ctx.mask is not None:
+        inputs.append(ctx.mask)
+        offsets.append((0, 0, 0))
 
-        mask = read_box(ctx.mask, begin, end, (1, 1, 1)).astype(bool)
-        padded = np.pad(affs[:3], [(0, 0)] + [(1, 1)] * 3)
-        affs[:3] = _mask_block(padded, mask)[:, 1:-1, 1:-1, 1:-1]
-    out = _array(ctx, f"{dataset}/s0")
-    if out.ndim == 3:
-        affs = affs[0]
+    def done(i: int) -> None:
+        if ctx.copy_raw:  # the EM read (from the cache), kept: what was segmented
+            _copy_raw(ctx, boxes[i])
+        mark_done(ctx.store, stage, blocks[i], ctx.stamp)
+
     # block by block, each marked as soon as written: a task killed midway leaves at
-    # most one block's chunks written but unmarked, and only unfinished blocks are written
-    for block, (b, e) in zip(blocks, boxes, strict=True):
-        local = _slices(np.subtract(b, begin), np.subtract(e, begin))
-        if ctx.copy_raw:
-            _array(ctx, f"{RAW}/s0")[_slices(b, e)] = em[local]
-        out[(slice(None),) * (out.ndim - 3) + _slices(b, e)] = affs[
-            (slice(None),) * (out.ndim - 3) + local]
-        mark_done(ctx.store, stage, block, ctx.stamp)
+    # most one block's chunks written but unmarked
+    write_blocks(step, boxes, inputs, _array(ctx, f"{dataset}/s0"), ctx.grid.shape, offsets,
+                 [(ctx.source_name, ctx.generation), None], done)
+
+
+def _copy_raw(ctx: _Context, box) -> None:
+    """Copy a box of the input's region of interest into raw/s0."""
+    from emdask.blockwise import COPY, write_blocks
+
+    write_blocks(COPY, [box], [ctx.source], _array(ctx, f"{RAW}/s0"), ctx.grid.shape,
+                 [ctx.roi_begin], [(ctx.source_name, ctx.generation)])
 
 
 def _copy_raw_task(ctx: _Context, block: int) -> None:
     """Copy one block of the input's region of interest into raw/s0 (with [affinities],
     where no net reads it)."""
-    from emdask.volumes import read_box
-
-    begin, end = ctx.grid.box(block)
-    _array(ctx, f"{RAW}/s0")[_slices(begin, end)] = read_box(
-        ctx.source, [b + r for b, r in zip(begin, ctx.roi_begin, strict=True)],
-        [e + r for e, r in zip(end, ctx.roi_begin, strict=True)])
+    _copy_raw(ctx, ctx.grid.box(block))
     mark_done(ctx.store, "predict", block, ctx.stamp)
 
 
 def _align_task(ctx: _Context, block: int) -> None:
     """Render one block of the aligned stack and of its missing-data mask."""
-    from emdask.align import _render_block, source_box
-    from emdask.defects import missing_mask
-    from emdask.volumes import read_box
+    from emdask.align import StackFields, render_step
+    from emdask.blockwise import write_blocks
 
-    begin, end = ctx.grid.box(block)
-    fields_arr = _array(ctx, "alignment/fields")  # only this block's sections
-    fields = np.asarray(fields_arr[begin[0]:end[0]], np.float64)
-    spacing = fields_arr.attrs["spacing"]
-    out = _array(ctx, f"{RAW}/s0")
-    mask_out = _array(ctx, f"{LABELS}/defects/s0")
-    shape = [e - b for b, e in zip(begin, end, strict=True)]
-    box = source_box(fields, spacing, begin, end, ctx.grid.shape)
-    if box is None:  # nothing of the input maps here: no data
-        out[_slices(begin, end)] = 0
-        mask_out[_slices(begin, end)] = 1
-    else:
-        lo, hi = box
-        halo = (0, ctx.window - 1, ctx.window - 1)  # the missing-data test is local
-        raw = read_box(ctx.source, [a + r for a, r in zip(lo, ctx.roi_begin, strict=True)],
-                       [b + r for b, r in zip(hi, ctx.roi_begin, strict=True)], halo,
-                       cache=("raw", ctx.generation))
-        mask = missing_mask(raw, ctx.window)[:, halo[1]:raw.shape[1] - halo[1],
-                                             halo[2]:raw.shape[2] - halo[2]]
-        raw = raw[:, halo[1]:raw.shape[1] - halo[1], halo[2]:raw.shape[2] - halo[2]]
-        out[_slices(begin, end)] = _render_block(raw, fields, spacing, begin[1:], shape[1:],
-                                                 lo[1:], 0, 1)
-        mask_out[_slices(begin, end)] = _render_block(mask.astype(np.uint8), fields, spacing,
-                                                      begin[1:], shape[1:], lo[1:], 1, 0)
+    stored = _array(ctx, "alignment/fields")  # a task reads only its block's sections
+    fields = StackFields(stored, int(stored.attrs["spacing"]))
+    box, cache = ctx.grid.box(block), [("raw", ctx.generation)]
+    for out, step in ((f"{RAW}/s0", render_step(fields, ctx.source.dtype, 0, 1)),
+                      (f"{LABELS}/defects/s0", render_step(fields, np.uint8, 1, 0,
+                                                           window=ctx.window))):
+        write_blocks(step, [box], [ctx.source], _array(ctx, out), ctx.grid.shape,
+                     [ctx.roi_begin], cache)
     mark_done(ctx.store, "align", block, ctx.stamp)
 
 
@@ -797,7 +729,8 @@ def _watershed_task(ctx: _Context, block: int) -> None:
     from emdask.volumes import read_box
     from emdask.watershed import HALO
 
-    begin, end = ctx.grid.box(block)
+    box = ctx.grid.box(block)
+    begin, end = box.begin, box.end
     source = _array(ctx, "affinities/s0") if ctx.source is None else _Window(
         ctx.source, ctx.roi_begin, ctx.grid.shape)
     affs = read_box(source, begin, end, (HALO,) * 3,
@@ -917,7 +850,8 @@ def _solve_task(ctx: _Context, faces: list, links: list) -> dict:
 def _relabel_task(ctx: _Context, block: int) -> None:
     from emdask.segmentation import _apply_luts
 
-    begin, end = ctx.grid.box(block)
+    box = ctx.grid.box(block)
+    begin, end = box.begin, box.end
     labels = np.asarray(_array(ctx, "_emdask/basins")[_slices(begin, end)])
     luts = load_arrays(ctx.store, f"_emdask/lut/{block}.npz")["lut"]
     for name, out in zip(_label_datasets(ctx.segment), _apply_luts(labels, luts),
@@ -939,17 +873,15 @@ def _pyramid_job(layout: list, index: int) -> tuple:
 
 def _pyramid_task(ctx: _Context, index: int, layout: list) -> None:
     """One block of one level of one image: the block of the level below, downsampled."""
-    from emdask.pyramids import downsample_block
+    from emdask.blockwise import write_blocks
+    from emdask.pyramids import downsample_step
 
     dataset, level, block, factors = _pyramid_job(layout, index)
     out, below = _array(ctx, f"{dataset}/s{level}"), _array(ctx, f"{dataset}/s{level - 1}")
-    begin, end = Grid(tuple(out.shape[-3:]), tuple(out.chunks[-3:])).box(block)
-    lead = (slice(None),) * (out.ndim - 3)
-    src = tuple(slice(b * f, min(e * f, n)) for b, e, f, n in
-                zip(begin, end, factors, below.shape[-3:], strict=True))
-    out[(*lead, *_slices(begin, end))] = downsample_block(np.asarray(below[(*lead, *src)]),
-                                                          factors)
-    mark_done(ctx.store, "pyramid", index, ctx.stamp)
+    step = downsample_step(factors, below.dtype, channels=below.shape[0]
+                           if below.ndim == 4 else None)
+    write_blocks(step, [Grid.of(out).box(block)], [below], out,
+                 done=lambda _: mark_done(ctx.store, "pyramid", index, ctx.stamp))
 
 
 def _pyramid(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
@@ -995,13 +927,13 @@ def _mesh_task(ctx: _Context, block: int, dataset: str, spec: MeshSpec,
                voxel_size: tuple, offset: tuple) -> None:
     """Meshes of one block (plus one voxel on its high sides) of a segmentation: a
     fragment per segment, and the list of the segments meshed."""
-    from emdask.meshes import mesh_block
+    from emdask.meshes import mesh_block, pieces_step
 
-    begin, end = ctx.grid.box(block)
-    high = [min(e + 1, n) for e, n in zip(end, ctx.grid.shape, strict=True)]
-    labels = np.asarray(_array(ctx, f"{dataset}/s0")[_slices(begin, high)])
-    pieces = mesh_block(labels, begin, voxel_size, offset, spec.max_error, spec.mesh_dust)
-    for segment, mesh in pieces.items():
+    step = pieces_step(functools.partial(mesh_block, max_error=spec.max_error,
+                                         dust=spec.mesh_dust), voxel_size, offset)
+    pieces = step.compute(ctx.grid.box(block), [_array(ctx, f"{dataset}/s0")],
+                          ctx.grid.shape)
+    for segment, (mesh,) in pieces.items():
         put_bytes(ctx.store, f"{dataset}/meshes/{segment}:0:{block}", mesh.to_precomputed())
     save_arrays(ctx.store, f"_emdask/meshes/{block}.npz",
                 {"ids": np.array(sorted(pieces), np.uint64)})
@@ -1035,13 +967,16 @@ def _skeleton_task(ctx: _Context, block: int, dataset: str, spec: MeshSpec,
                    voxel_size: tuple, offset: tuple) -> None:
     """Skeletons of one block (plus one voxel on its high sides) of a segmentation, as
     plain arrays: per segment its vertices (nm) and edges."""
+    from emdask.meshes import pieces_step
     from emdask.skeletons import skeleton_block
 
-    begin, end = ctx.grid.box(block)
-    high = [min(e + 1, n) for e, n in zip(end, ctx.grid.shape, strict=True)]
-    labels = np.asarray(_array(ctx, f"{dataset}/s0")[_slices(begin, high)])
-    pieces = skeleton_block(labels, begin, voxel_size, offset, spec.skeleton_dust,
-                            {"scale": spec.skeleton_scale, "const": spec.skeleton_const})
+    step = pieces_step(functools.partial(
+        skeleton_block, dust=spec.skeleton_dust,
+        teasar={"scale": spec.skeleton_scale, "const": spec.skeleton_const}),
+        voxel_size, offset)
+    pieces = {s: p for s, (p,) in step.compute(ctx.grid.box(block),
+                                                [_array(ctx, f"{dataset}/s0")],
+                                                ctx.grid.shape).items()}
     ids = sorted(pieces)
     save_arrays(ctx.store, f"_emdask/skeletons/{block}.npz", {
         "ids": np.array(ids, np.uint64),
@@ -1210,7 +1145,7 @@ def _correct_task(ctx: _Context, block: int, dataset: str) -> None:
     from emdask.errors import apply_cuts, relabel
 
     lut = load_arrays(ctx.store, "_emdask/correct/lut.npz")
-    box = _slices(*ctx.grid.box(block))
+    box = ctx.grid.box(block).slices()
     labels = np.asarray(_array(ctx, f"{dataset}/s0")[box])
     if lut["cut_from"].size:
         labels = apply_cuts(labels, np.asarray(_array(ctx, f"{LABELS}/fragments/s0")[box]),
@@ -1719,7 +1654,7 @@ def _block_problems(store: str, stage: str, blocks, decode: bool) -> list[Proble
         arr = root[name]
         grid, present = Grid(arr.shape[-3:], arr.chunks[-3:]), chunk_keys(arr)
         for b in sorted(blocks):
-            for c in block_chunks(arr, *grid.box(b)):
+            for c in block_chunks(arr, grid.box(b).begin, grid.box(b).end):
                 why = ("missing (it would read back as zeros)" if c not in present
                        else decode_error(arr, c) if decode else None)
                 if why:

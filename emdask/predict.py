@@ -33,12 +33,14 @@ import numpy as np
 import torch
 import xarray as xr
 
-from emdask.affinities import mask_affinities
-from emdask.models import AffinityUNet, ValidUNet, card_defaults
+from emdask.affinities import _masked_kernel
+from emdask.blockwise import Step, apply
+from emdask.models import AffinityUNet, ValidUNet, cached_model, card_defaults
 from emdask.volumes import as_volume
 
 __all__ = ["data_percentiles", "halo_overhead", "inference_net", "intensity_range",
-           "normalize_raw", "predict_affinities", "predict_synapses", "task_shape"]
+           "normalize_raw", "predict_affinities", "predict_synapses", "prediction_step",
+           "task_shape"]
 
 
 # Intensity: every input is mapped to the net's input scale, [0, 1] as uint8 EM / 255 in
@@ -296,6 +298,41 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
     return y if y.dtype == out_dtype else y.astype(out_dtype)
 
 
+def _prediction_kernel(raw: np.ndarray, mask: np.ndarray | None = None, *, where, model,
+                       device: str, patch, batch_size: int, dtype: str,
+                       intensity: Sequence[float] | None, precision: str) -> np.ndarray:
+    """A block's prediction from the block plus the net's halo of raw (and of the
+    missing-data mask plus 1: edges touching it are cut)."""
+    net = cached_model(model, device) if isinstance(model, str) else model
+    out = _predict_block(raw, net, device, patch, batch_size, np.dtype(dtype), intensity,
+                         where.inside[0], precision)
+    if mask is not None:
+        out = _masked_kernel(out, mask)
+    return out if net.config.target == "affinities" else out[0]
+
+
+def prediction_step(model: AffinityUNet | str, device: str = "cpu", patch=None,
+                    batch_size: int = 1, dtype: str = "float32",
+                    intensity: Sequence[float] | None = None, precision: str = "auto",
+                    masked: bool = False) -> Step:
+    """The blockwise step of :func:`predict_affinities` and :func:`predict_synapses` (and
+    of the pipeline's predict and synapses stages): raw (and, if ``masked``, the
+    missing-data mask) -> the net's output, (c, z, y, x) affinities or (z, y, x) synapse
+    probabilities.  ``model`` is a model or, for tasks on a cluster, the name every
+    worker loads once (:func:`emdask.models.cached_model`); ``intensity`` the data values
+    taken for black and white (None: the dtype's range)."""
+    net = cached_model(model, device) if isinstance(model, str) else model
+    halo = tuple(int(h) for h in net.halo)
+    target = net.config.target
+    return Step(f"predict-{target}", _prediction_kernel, np.dtype(dtype),
+                halo=(halo, (1, 1, 1)) if masked else halo,
+                channels=net.config.n_predicted if target == "affinities" else None,
+                params={"model": model, "device": device, "patch": patch,
+                        "batch_size": int(batch_size), "dtype": str(np.dtype(dtype)),
+                        "intensity": None if intensity is None else tuple(intensity),
+                        "precision": precision})
+
+
 def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
                budget: float | None = None, device: str = "cpu", precision: str = "auto",
                workers: int = 1) -> tuple[int, int, int]:
@@ -427,17 +464,6 @@ def _check_voxel_size(voxel_size, model: AffinityUNet, where: str) -> None:
         )
 
 
-def _aligned_chunks(n: int, chunk: int, factor: int, halo: int) -> tuple[int, ...]:
-    """Chunks of an axis of length ``n`` that all start at multiples of the net's factor
-    (so the pooling grid is anchored as in a whole-volume pass) and are at least the halo
-    long (Dask's overlap would otherwise re-chunk them unaligned)."""
-    chunk = max(-(-chunk // factor) * factor, -(-halo // factor) * factor)
-    sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
-    if len(sizes) > 1 and sizes[-1] < halo:
-        sizes[-2:] = [sizes[-2] + sizes[-1]]
-    return tuple(sizes)
-
-
 def predict_affinities(
     raw: Any,
     model: AffinityUNet,
@@ -500,12 +526,8 @@ def predict_affinities(
     if model.config.target != "affinities":
         raise ValueError(f"this model predicts {model.config.target}, not affinities; use "
                          f"predict_{model.config.target}")
-    affs = _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size,
-                    intensity, precision)
-    if mask is None:
-        return affs
-    nearest = mask_affinities(affs.data[:3], mask)
-    return affs.copy(data=da.concatenate([nearest, affs.data[3:]], axis=0))
+    return _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size,
+                    intensity, precision, mask)
 
 
 def predict_synapses(raw: Any, model: AffinityUNet | None = None, **kwargs) -> xr.DataArray:
@@ -543,11 +565,10 @@ def _as_model(model: Any) -> AffinityUNet:
 
 
 def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
-             batch_size=1, check_voxel_size=True, intensity="auto", precision="auto"
-             ) -> xr.DataArray:
+             batch_size=1, check_voxel_size=True, intensity="auto", precision="auto",
+             mask=None) -> xr.DataArray:
     if dtype not in ("float32", "uint8"):
         raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
-    out_dtype = np.dtype(dtype)
     if not isinstance(raw, xr.DataArray):
         raw = as_volume(raw, voxel_size=model.config.voxel_size, name="raw")
     if raw.ndim != 3:
@@ -560,37 +581,31 @@ def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
     if model.training or next(model.parameters()).device != torch.device(device):
         model = copy.deepcopy(model).to(device).eval()  # the caller's model stays as it was
     _torch_dtype(precision, device)  # a wrong precision is named before any work
-    factor, halo = np.array(model.factor), np.array(model.halo)
     data = raw.data if isinstance(raw.data, da.Array) else da.from_array(raw.data, chunks=-1)
+    inputs = [data]
+    if mask is not None:
+        mask = mask.data if hasattr(mask, "dims") else mask
+        if tuple(mask.shape) != tuple(data.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the raw "
+                             f"volume's shape {tuple(data.shape)}")
+        inputs.append(da.asarray(mask))
     if chunks is None:  # blocks as large as memory allows: little recomputed context
         chunks = task_shape(model, data.shape, np.minimum(data.chunksize, (64, 256, 256)),
                             device=device, precision=precision)
-    # normalized before anything is padded on: beyond the volume is black on the net's
-    # scale, whatever the data's raw zero maps to
-    data = data.map_blocks(normalize_raw, black_white, dtype=np.float32)
-    shape = data.shape
-    thin = [max(0, int(h) - n) for h, n in zip(halo, shape, strict=True)]
-    if any(thin):  # Dask's overlap needs the volume at least as large as the halo
-        data = da.pad(data, [(0, t) for t in thin])
-    data = data.rechunk(tuple(_aligned_chunks(n, c, int(f), int(h)) for n, c, f, h in
-                              zip(data.shape, chunks, factor, halo, strict=True)))
-    padded = da.overlap.overlap(data, depth=dict(enumerate(halo.tolist())),
-                                boundary=0)
-    n_out = model.config.n_predicted
-    affs = padded.map_blocks(
-        _predict_block, model, device, patch, batch_size, out_dtype, (0.0, 1.0), None,
-        precision, new_axis=0, dtype=out_dtype,
-        # Dask merges chunks smaller than the halo, so take the grid from the padded array
-        chunks=((n_out,), *(tuple(c - 2 * int(h) for c in cs)
-                            for cs, h in zip(padded.chunks, halo, strict=True))),
-        meta=np.empty((0, 0, 0, 0), out_dtype),
-    )
-    affs = affs[(slice(None), *(slice(0, n) for n in shape))]
+    # blocks start at multiples of the net's factor: the pooling grid is anchored as in a
+    # whole-volume pass
+    chunks = tuple(-(-int(c) // int(f)) * int(f) for c, f in zip(chunks, model.factor,
+                                                                  strict=True))
+    step = prediction_step(model, device, patch, batch_size, dtype, black_white, precision,
+                           masked=mask is not None)
+    out = apply(step, *inputs, chunks=chunks)
     attrs = {k: v for k, v in raw.attrs.items() if k != "source"}
     attrs["intensity_range"] = list(black_white)
     attrs.update(card_defaults(model))
     if model.config.target == "affinities":
         attrs["offsets"] = [list(o) for o in model.config.offsets]
-    return xr.DataArray(affs, dims=("c", "z", "y", "x"),
+    else:  # predict_synapses wants (1, z, y, x) to name it as affinities' first channel
+        out = out[None]
+    return xr.DataArray(out, dims=("c", "z", "y", "x"),
                         coords={d: raw.coords[d] for d in ("z", "y", "x")},
                         attrs=attrs, name="affinities")

@@ -18,9 +18,24 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from emdask.blockwise import Step, apply
 from emdask.volumes import as_volume, downsample_block
 
-__all__ = ["downsample", "downsample_block", "pyramid_factors"]
+__all__ = ["downsample", "downsample_block", "downsample_step", "pyramid_factors"]
+
+
+def _downsample_kernel(data: np.ndarray, where, factors, method) -> np.ndarray:
+    return downsample_block(data, factors, method)
+
+
+def downsample_step(factors: Sequence[int], dtype: Any, method: str = "auto",
+                    channels: int | None = None) -> Step:
+    """The blockwise step of :func:`downsample` (and of the pipeline's pyramid stage): a
+    block of the coarser level from the voxels of the finer one it covers (``channels``:
+    the length of a leading channel axis, if any)."""
+    f = tuple(int(k) for k in factors)
+    return Step("downsample", _downsample_kernel, np.dtype(dtype), scale=f, clip=True,
+                channels=channels, params={"factors": f, "method": method})
 
 
 def pyramid_factors(shape: Sequence[int], voxel_size: Sequence[float],
@@ -70,14 +85,11 @@ def downsample(volume: Any, factors: Sequence[int] = (1, 2, 2), method: str = "a
     if len(f) != 3 or min(f) < 1:
         raise ValueError(f"factors must be 3 positive integers (z, y, x), got {factors}")
     data = vol.data if isinstance(vol.data, da.Array) else da.from_array(vol.data)
+    if vol.ndim not in (3, 4):
+        raise ValueError(f"volume must be (z, y, x) or (c, z, y, x), got dims {vol.dims}")
     lead = vol.ndim - 3
-    # chunks in whole groups, so that every block downsamples on its own
-    chunks = [data.chunks[i] for i in range(lead)] + [
-        max(k, (c[0] // k) * k) for c, k in zip(data.chunks[lead:], f, strict=True)]
-    data = data.rechunk(chunks)
-    out_chunks = tuple(data.chunks[:lead]) + tuple(
-        tuple(-(-c // k) for c in cs) for cs, k in zip(data.chunks[lead:], f, strict=True))
-    out = data.map_blocks(downsample_block, f, method, chunks=out_chunks, dtype=data.dtype)
+    out = apply(downsample_step(f, data.dtype, method, data.shape[0] if lead else None),
+                data)
     vs = np.asarray(vol.attrs.get("voxel_size", (1.0, 1.0, 1.0)), float)
     offset = np.asarray(vol.attrs.get("offset", (0.0, 0.0, 0.0)), float)
     new_vs = vs * f

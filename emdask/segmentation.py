@@ -52,7 +52,7 @@ from emdask.agglomerate import (
     merge_small_regions,
     parse_score,
 )
-from emdask.blockgraph import BlockGraph
+from emdask.blockwise import BlockGraph, block_data
 from emdask.region_graph import (
     B_OFFSET,
     RegionGraph,
@@ -75,7 +75,7 @@ from emdask.solve_tree import (
     totals,
     tree,
 )
-from emdask.volumes import read_box, stored_source
+from emdask.volumes import stored_source
 from emdask.watershed import (
     HALO,
     WatershedParams,
@@ -105,19 +105,6 @@ class SegmentationInfo:
 
 
 # ---------------------------------------------------------------- per block
-@dataclass(frozen=True)
-class _StoredBlock:
-    """A block plus halo still in its file, read by the task that needs it."""
-
-    source: Any
-    begin: tuple
-    end: tuple
-    token: str  # one per segment() call: names the unchanging input for the chunk cache
-
-    def read(self) -> np.ndarray:
-        return read_box(self.source, self.begin, self.end, (HALO,) * 3, cache=self.token)
-
-
 def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
     """Basin info, region graph and faces of one block (see :func:`_block_basins`)."""
     return _block_basins(padded, origin, shape, params, bins)[1:]
@@ -143,8 +130,7 @@ def _block_basins(padded: np.ndarray, origin, shape, params: WatershedParams, bi
     info (lowest global index, size, sum of raw, highest global index), the region graph
     inside the block, and its faces.  ``padded`` is (3, ...) affinities, or (4, ...) with
     raw EM as channel 3 (for a learned score with raw features)."""
-    if isinstance(padded, _StoredBlock):
-        padded = padded.read()
+    padded = block_data(padded)
     inside = (slice(HALO, -HALO),) * 3
     # check only the block itself: the halo belongs to neighbours, which report their own
     quantize_affinities(padded[(slice(0, 3), *inside)],
@@ -284,8 +270,7 @@ def _block_solution(solution, block: int):
 def _relabel(padded, lut, origin, shape, params, sweep: tuple = ()):
     """A block's output labels from its basins and its lookup tables (one row per
     output, one column per basin)."""
-    if isinstance(padded, _StoredBlock):
-        padded = padded.read()
+    padded = block_data(padded)
     labels, _, _ = basins(quantize_affinities(padded[:3], check=False), origin, shape,
                           params)
     outputs = _apply_luts(labels, lut)
@@ -618,36 +603,16 @@ def segment(
     bins = score_bins(score, bins, classifier)
     shape = tuple(int(s) for s in data.shape[1:])
     # Each block task gets its block plus a halo (zeros beyond the volume: the kernel knows
-    # the volume's shape and ignores edges outside it).
+    # the volume's shape and ignores edges outside it).  Input in a file (zarr, HDF5) is
+    # read block plus halo by each task that needs it, in both passes, with decoded chunks
+    # cached per worker (a halo reaches into 26 neighbouring chunks): nothing is held
+    # between the passes but the block summaries, so memory is bounded by blocks in flight
+    # plus the global graph.  A Dask input's blocks are held until the relabel pass
+    # (bounded by the input's size: it is in memory already).
     stored = stored_source(template) if template is not None and data.shape[0] == 3 else None
-    thin = [0, 0, 0]
-    if stored is not None:
-        # Input in a file (zarr, HDF5): one task per block reads block plus halo straight
-        # from it, in both passes, with decoded chunks cached per worker (a halo reaches
-        # into 26 neighbouring chunks).  Nothing is held between the passes but the block
-        # summaries: memory is bounded by blocks in flight plus the global graph.
-        g = BlockGraph("segment", data.chunks[1:])
-        token = uuid.uuid4().hex
-        inputs = {idx: g.constant("input", idx, _StoredBlock(
-            stored, origin, tuple(o + n for o, n in zip(origin, size, strict=True)), token))
-            for idx, _, origin, size in g.blocks()}
-    else:
-        # Dask's overlap merges chunks smaller than the halo into their neighbours, which
-        # changes nothing in the result; a volume thinner than the halo is padded at its
-        # end and the padding cropped afterwards.
-        thin = [max(0, HALO - n) for n in shape]
-        if any(thin):
-            data = da.pad(data, ((0, 0),) + tuple((0, t) for t in thin))
-        padded = da.overlap.overlap(data, depth={0: 0, 1: HALO, 2: HALO, 3: HALO},
-                                    boundary={0: "none", 1: 0, 2: 0, 3: 0})
-        # The relabel pass shares these keys, so Dask holds the input blocks until the
-        # global solve (bounded by the input's size: it is in memory already).
-        g = BlockGraph("segment", tuple(tuple(c - 2 * HALO for c in cs)
-                                        for cs in padded.chunks[1:]), dependency=padded)
-        keys = np.empty((1, *g.grid), object)
-        keys[...] = padded.__dask_keys__()
-        inputs = {idx: keys[(0, *idx)] for idx in np.ndindex(*g.grid)}
-
+    g = BlockGraph("segment", data.chunks[1:])
+    inputs = g.read("input", data if stored is None else stored, (HALO,) * 3,
+                    cache=uuid.uuid4().hex)
     tree_solve = use_tree(solve, score, int(np.prod(g.grid)))
     if tree_solve:
         solutions, info = _tree_tasks(g, inputs, shape, params, bins, thr, score)
@@ -667,8 +632,6 @@ def segment(
                   for idx, _, origin, _ in g.blocks()}
     results = [g.array(f"labels{i}", relabelled, np.uint64, item=i)
                for i in range(len(thr) + 1)]
-    if any(thin):
-        results = [r[tuple(slice(0, n) for n in shape)] for r in results]
     if not return_fragments:
         results = results[1:]
     _SWEEP_CACHE.track(g.name, {f"{g.name}-labels{i}": i for i in range(len(thr) + 1)},

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from emdask.blockgraph import BlockGraph, map_reduce
+from emdask.blockwise import BlockGraph, map_reduce
 from emdask.segmentation import SWEEP_CACHE_BYTES, _apply_luts, _supervoxels
 from emdask.volumes import stored_source
 
@@ -514,6 +514,23 @@ def _sides(moments, voxel_size, nz: int) -> _Sides:
     return _Sides(ids, ukeys, centre, normals * vs, planar, nz)
 
 
+def _block_moments(synapses: np.ndarray, origin) -> list:
+    return [_moments(synapses, origin)]
+
+
+def _joined(*parts: list) -> list:
+    return [x for part in parts for x in part]
+
+
+def _block_contacts(synapses: np.ndarray, segmentation: np.ndarray, origin, box, radius,
+                    halo, sides: _Sides) -> np.ndarray:
+    return _contacts(synapses, segmentation, radius, halo, origin, sides)
+
+
+def _stacked(*parts: np.ndarray) -> np.ndarray:
+    return np.hstack(parts)
+
+
 def _contacts(synapses: np.ndarray, segmentation: np.ndarray, radius, halo, origin,
               sides: _Sides) -> np.ndarray:
     """(synapse, segment, voxels on the normal's side, voxels on the other side) for
@@ -581,29 +598,12 @@ def _partner_contacts(synapses: Any, segmentation: Any, radius, voxel_size
         raise ValueError(f"radius must be 3 voxel counts (z, y, x), >= 0, with y or x > 0, "
                          f"got {radius}")
     syn = syn if isinstance(syn, da.Array) else da.from_array(np.asarray(syn), chunks=-1)
+    seg = da.asarray(seg)
     # the halo: the radius, or the whole axis where that is shorter
     halo = tuple(min(r, n) for r, n in zip(radius, syn.shape, strict=True))
-    # chunks at least as large as the halo, so the overlap keeps the blocks (and origins)
-    chunks = tuple(da.overlap.ensure_minimum_chunksize(h, c) if h else c
-                   for h, c in zip(halo, syn.chunks, strict=True))
-    syn = syn.rechunk(chunks)
-    seg = da.asarray(seg).rechunk(chunks)
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
-    origins = [tuple(int(starts[d][i]) for d, i in enumerate(idx))
-               for idx in np.ndindex(*syn.numblocks)]
-    moments = dask.compute(*[dask.delayed(_moments)(b, o) for b, o in zip(
-        syn.to_delayed().ravel(), origins, strict=True)])
-    sides = _sides(moments, vs, syn.shape[0])
-    depth = dict(enumerate(halo))
-    halos = [da.overlap.overlap(a, depth=depth, boundary=0, allow_rechunk=False)
-             for a in (syn, seg)]
-    shared = dask.delayed(sides)  # one copy in the graph, not one per block
-    parts = [dask.delayed(_contacts)(a, b, radius, halo,
-                                     tuple(o - h for o, h in zip(origin, halo, strict=True)),
-                                     shared)
-             for a, b, origin in zip(halos[0].to_delayed().ravel(),
-                                     halos[1].to_delayed().ravel(), origins, strict=True)]
-    found = np.hstack(dask.compute(*parts)) if parts else np.zeros((4, 0), np.int64)
+    sides = _sides(map_reduce(_block_moments, _joined, [syn]).compute(), vs, syn.shape[0])
+    found = map_reduce(_block_contacts, _stacked, [syn, seg], depth=halo, pad=True,
+                       radius=radius, halo=halo, sides=sides).compute()
     contacts = (pd.DataFrame({"id": found[0], "segment": found[1], "plus": found[2],
                               "minus": found[3]})
                 .groupby(["id", "segment"], as_index=False)[["plus", "minus"]].sum())

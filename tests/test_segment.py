@@ -132,7 +132,7 @@ def test_error_nan():
 
 
 def test_error_out_of_range():
-    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], found \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], found \[2, 2\]"):
         segment(np.full((3, 4, 4, 4), 2.0, np.float32), [0.5])[0].compute()
 
 
