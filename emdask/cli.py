@@ -57,7 +57,7 @@ examples:
   emdask run my_volume.toml --stage segment --stage report --overwrite
   emdask run my_volume.toml --scheduler tcp://login-node:8786
 
-The config's sections and keys: see emdask.pipeline.RunConfig and the README.
+The config's sections and keys: see emdask.run_config.RunConfig and the README.
 """
 
 #: Exceptions that mean the input (a file, a config, an array) is wrong: exit code 2.
@@ -157,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
                         description="Run the pipeline from a config file: raw EM to "
                         "segmentation, synapses and a report.", epilog=RUN_EXAMPLES,
                         formatter_class=formatter)
-    rn.add_argument("config", help="TOML or YAML run config (see emdask.pipeline.RunConfig)")
+    rn.add_argument("config", help="TOML or YAML run config (see emdask.run_config.RunConfig)")
     rn.add_argument("--stage", action="append", choices=[*STAGES, "segment"],
                     metavar="STAGE", help="run only this stage (repeatable): "
                     + ", ".join(STAGES) + ", or segment")

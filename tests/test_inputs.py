@@ -233,7 +233,7 @@ def test_thresholds_must_be_numbers(tmp_path, tiny_model, capsys):
 
 
 def test_a_config_built_in_python_is_completed_and_checked(tmp_path, tiny_model):
-    from emdask.pipeline import InputSpec, OutputSpec, PredictSpec, RunConfig
+    from emdask.run_config import InputSpec, OutputSpec, PredictSpec, RunConfig
 
     cfg = RunConfig(InputSpec(str(sample_path()), "raw"), OutputSpec(str(tmp_path / "o.zarr")),
                     predict=PredictSpec(model="fibsem"))
