@@ -1986,7 +1986,7 @@ def _box_task(ctx: _Context, index: int, box, after: list = ()) -> None:
             (faces_u, keys_u), (faces_l, keys_l) = faces(upper), faces(lower)
             links.append(face_keys(faces_u, faces_l, keys_u, keys_l, d,
                                    _params(seg).quantized()[1], _bins(seg)))
-        up, res = inner_box(*halves, links, box, **args)
+        up, res = inner_box(halves, links, box, **args)  # (which empties halves)
     save_arrays(ctx.store, f"_emdask/tree/{index}.npz", to_arrays(up))
     save_arrays(ctx.store, f"_emdask/resolution/{index}.npz", to_arrays(res))
     mark_done(ctx.store, TREE_MARKERS, index, ctx.stamp)
