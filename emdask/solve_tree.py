@@ -298,8 +298,12 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
             own = sv_key[root[i]]
             return np.where(in_comp[i], np.where(dust[i], _NONE, own), sv_region[t, i])
 
+        # an edge with an end left out becomes a self-edge of -1, which summing drops (so
+        # the edge list is not copied)
         ku, kv = entity(eu), entity(ev)
-        keep = (ku != _NONE) & (kv != _NONE)
+        out = (ku == _NONE) | (kv == _NONE)
+        ku[out], kv[out] = _NONE, _NONE
+        del out
         children, child_regions[t] = child_regions[t], None
         child_key = np.concatenate([c[0] for c in children])
         child_rank = np.concatenate([c[1] for c in children])
@@ -309,9 +313,8 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
         order = np.argsort(keys)
         keys, ranks = keys[order], ranks[order]
         frozen = _in(frozen_key, keys)
-        graph = _cat([c[2] for c in children]
-                     + [edges.select(keep).relabeled(ku[keep], kv[keep])])
-        del children, ku, kv, keep
+        graph = _cat([c[2] for c in children] + [edges.relabeled(ku, kv)])
+        del children, ku, kv
         local = graph.relabeled(np.searchsorted(keys, graph.u), np.searchsorted(keys, graph.v))
         if not len(graph):
             local = RegionGraph.empty(bins)
