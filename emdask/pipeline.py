@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import datetime
 import functools
 import hashlib
@@ -868,12 +869,44 @@ class TaskTimeout(RuntimeError):
     """A block task ran past ``cluster.task_timeout`` and was abandoned."""
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_heap() -> None:
+    """Hand the free pages of the C heap back to the OS (glibc's ``malloc_trim``).
+
+    glibc keeps the pages a task freed for later allocations (this package's local
+    workers start without a trim threshold, see :func:`local_cluster`), and the holes
+    left between live blocks add up over hundreds of tasks: a worker's resident memory
+    climbed to 0.87 GB through the 256 watershed tasks of a 512-block run, and a box of the
+    tree solve that then needed 0.36 GB more took it to 1.3 GB.  One call after each task
+    keeps a worker near what it holds (about 60 ms on a 0.5 GB heap; at 64 blocks the
+    workers began their tree tasks at 0.55 GB instead of 0.75)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _guarded(fn: Callable, timeout: float, *args):
     """Run ``fn(*args)``; if it has not finished after ``timeout`` seconds, raise
     :class:`TaskTimeout` so that Dask retries the task (Dask has no per-task timeout).
+    Then the heap's free pages go back to the OS (:func:`_release_heap`).
 
     The abandoned call keeps its thread until it returns; its writes are whole chunks of
     the same values, so a late finish is harmless."""
+    try:
+        return _call(fn, timeout, *args)
+    finally:
+        _release_heap()
+
+
+def _call(fn: Callable, timeout: float, *args):
+    """``fn(*args)``, given up after ``timeout`` seconds (see :func:`_guarded`)."""
     if not timeout:
         return fn(*args)
     result: dict = {}
@@ -1566,7 +1599,7 @@ def _box_task(ctx: _Context, index: int, box, after: list = ()) -> None:
             (faces_u, keys_u), (faces_l, keys_l) = faces(upper), faces(lower)
             links.append(face_keys(faces_u, faces_l, keys_u, keys_l, d,
                                    watershed_params(seg).quantized()[1], histogram_bins(seg)))
-        up, res = inner_box(*halves, links, box, **args)
+        up, res = inner_box(halves, links, box, **args)  # (which empties halves)
     save_arrays(ctx.store, f"_emdask/tree/{index}.npz", to_arrays(up))
     save_arrays(ctx.store, f"_emdask/resolution/{index}.npz", to_arrays(res))
     mark_done(ctx.store, TREE_MARKERS, index, ctx.stamp)

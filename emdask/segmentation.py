@@ -338,8 +338,8 @@ def _tree_tasks(g: BlockGraph, inputs: dict, shape, params: WatershedParams, bin
             links = [g.add("face", (lw, u), face_keys, parts[u][2], parts[lw][2], parts[u][3],
                            parts[lw][3], d=d, high_q=params.quantized()[1], bins=bins)
                      for lw, u, d in plane_faces(box, g.grid)]
-            key = g.add("box", (i,), inner_box, carried[box.children[0]][0],
-                        carried[box.children[1]][0], links, box=box, **args)
+            key = g.add("box", (i,), inner_box, [carried[c][0] for c in box.children],
+                        links, box=box, **args)
             members = carried[box.children[0]][1] + carried[box.children[1]][1]
         carried.append((g.item("carried", (i,), key, 0), members))
         resolutions.append(g.item("resolution", (i,), key, 1))

@@ -129,11 +129,17 @@ def _in(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
     return _lookup(keys, np.ones(keys.size, bool), query, False)
 
 
+def _renamed(graph: RegionGraph, old: np.ndarray, new: np.ndarray) -> RegionGraph:
+    """The graph with ids ``old`` (sorted) renamed ``new`` (not re-summed: its statistics
+    are shared, not copied)."""
+    return graph.relabeled(_lookup(old, new, graph.u), _lookup(old, new, graph.v))
+
+
 def _relabel(graph: RegionGraph, old: np.ndarray, new: np.ndarray) -> RegionGraph:
     """The graph with ids ``old`` (sorted) renamed ``new``, parallel edges summed."""
     if not len(graph):
         return graph
-    return combine([graph.relabeled(_lookup(old, new, graph.u), _lookup(old, new, graph.v))])
+    return combine([_renamed(graph, old, new)])
 
 
 def _concat(graphs: list[RegionGraph]) -> RegionGraph:
@@ -187,7 +193,9 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     Parameters
     ----------
     parts
-        The children (for a block: :func:`leaf` of it, alone).
+        The children (for a block: :func:`leaf` of it, alone).  The list is emptied once
+        they are merged, so that their arrays go then where the caller keeps no other
+        reference to them.
     keep_sides
         Per child, the side bits of its faces that are open faces of the parent.
     joins
@@ -201,6 +209,7 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     """
     n_thr = len(thresholds)
     bins = cross.hist.shape[1]
+    held = sum(p.nbytes for p in parts) + cross.nbytes
     # -- supervoxels: union across the faces; a face row stays if its side is still open
     face_key = np.concatenate([p.face_key for p in parts])
     face_sv = np.concatenate([p.face_sv for p in parts])
@@ -239,10 +248,14 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     face_sv = _lookup(sv_from, sv_to, face_sv)
     open_sv = _in(np.unique(face_sv[face_side > 0]), sv_key)
 
-    # -- the supervoxel graph
-    undecided = _cat([_relabel(p.undecided, sv_from, sv_to) for p in parts]
-                     + [_relabel(cross, face_key, face_sv)])
-    decided = _cat([_relabel(p.decided, sv_from, sv_to) for p in parts])
+    # -- the supervoxel graph (renamed, then summed once: sums do not depend on grouping)
+    undecided = _cat([_renamed(p.undecided, sv_from, sv_to) for p in parts]
+                     + [_renamed(cross, face_key, face_sv)])
+    decided = _cat([_renamed(p.decided, sv_from, sv_to) for p in parts])
+    # the children's blocked regions, per threshold; the rest of them is merged by now
+    child_regions = [[(p.region_key[t], p.region_rank[t], p.region_graph[t]) for p in parts]
+                     for t in range(n_thr)]
+    parts.clear()
     if not len(undecided):
         undecided = RegionGraph.empty(bins)
     if not len(decided):
@@ -271,7 +284,9 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     # -- agglomeration, one run per threshold (the children's states differ per threshold)
     # every supervoxel edge as an edge between entities: frozen uncertain regions, new
     # fragments, and the children's blocked regions
-    edges = _concat([undecided, decided])
+    n_und = len(undecided)
+    edges = _concat([undecided, decided])  # (the undecided edges first)
+    del undecided, decided, ui, vi
     eu, ev = np.searchsorted(sv_key, edges.u), np.searchsorted(sv_key, edges.v)
     frozen_key = np.unique(sv_key[root[in_comp & uncertain]])
     new_key = np.unique(sv_key[root[final & ~dust]])
@@ -283,21 +298,27 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
             own = sv_key[root[i]]
             return np.where(in_comp[i], np.where(dust[i], _NONE, own), sv_region[t, i])
 
+        # an edge with an end left out becomes a self-edge of -1, which summing drops (so
+        # the edge list is not copied)
         ku, kv = entity(eu), entity(ev)
-        keep = (ku != _NONE) & (kv != _NONE)
-        child_key = np.concatenate([p.region_key[t] for p in parts])
-        child_rank = np.concatenate([p.region_rank[t] for p in parts])
+        out = (ku == _NONE) | (kv == _NONE)
+        ku[out], kv[out] = _NONE, _NONE
+        del out
+        children, child_regions[t] = child_regions[t], None
+        child_key = np.concatenate([c[0] for c in children])
+        child_rank = np.concatenate([c[1] for c in children])
         keys = np.concatenate([child_key, new_key, frozen_key])
         ranks = np.concatenate([child_rank, frag_rank[np.searchsorted(sv_key, new_key)],
                                 frag_rank[np.searchsorted(sv_key, frozen_key)]])
         order = np.argsort(keys)
         keys, ranks = keys[order], ranks[order]
         frozen = _in(frozen_key, keys)
-        graph = _cat([p.region_graph[t] for p in parts]
-                     + [edges.select(keep).relabeled(ku[keep], kv[keep])])
+        graph = _cat([c[2] for c in children] + [edges.relabeled(ku, kv)])
+        del children, ku, kv
         local = graph.relabeled(np.searchsorted(keys, graph.u), np.searchsorted(keys, graph.v))
         if not len(graph):
             local = RegionGraph.empty(bins)
+        del graph  # (each threshold's graphs go before the next one's are built)
         reps, _, _, blocked = _run(local, keys.size, [thresholds[t]], score, None, None,
                                    None, rank=ranks, frozen=frozen)
         reps, blocked = reps[0], blocked[0]
@@ -317,8 +338,10 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
         region_rank.append(_lookup(keys, g_rank[reps], wait_key))
         between = combine([local.relabeled(group[local.u], group[local.v])]
                           ) if len(local) else RegionGraph.empty(bins)
+        del local
         both = _in(wait_key, between.u) & _in(wait_key, between.v)
         region_graph.append(between.select(both))
+        del between
         # the region at t of every final supervoxel (-1 where finished)
         ent = entity(np.arange(n))
         reg = _lookup(keys, group, ent, _NONE)
@@ -330,7 +353,6 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     waits = (new_region != _NONE).any(axis=0) & ~unc
     internal = (root[eu] == root[ev]) & in_comp[eu] & in_comp[ev]
     carried = ((unc[eu] & (unc[ev] | waits[ev])) | (unc[ev] & waits[eu])) & ~internal
-    n_und = len(undecided)
     left |= partial  # partial edges are summed with their other parts above: undecided
     # (a left edge joins two uncertain regions; a replayed merge lies inside one)
     still = (left & carried[:n_und]) | replay
@@ -359,9 +381,10 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
         _lookup(old, new, face_sv[face_side > 0]), row_key,
         np.bincount(row, sv_size[keep_sv], rows.size).astype(np.int64), row_rank,
         np.where(unc[rows], row_key, _NONE), new_region[:, rows],
-        _relabel(undecided.select(still), old, new), _relabel(edges.select(dec), old, new),
+        _relabel(edges.select(np.flatnonzero(still)), old, new),
+        _relabel(edges.select(dec), old, new),
         region_key, region_rank, region_graph)
-    held = sum(p.nbytes for p in parts) + cross.nbytes + up.nbytes
+    held += up.nbytes
     return up, Resolution(sv_from, sv_to, frag_sv, frag_key, reg_from, reg_to, done,
                           n_joined=n_joined,
                           n_edges=int(len(edges) - np.count_nonzero(carried)), nbytes=held)
@@ -516,12 +539,13 @@ def leaf_box(basin_info, graph: RegionGraph, faces: dict, box: Box, params, thre
     return up, res
 
 
-def inner_box(first: Carried, second: Carried, links: list, box: Box, params, thresholds,
+def inner_box(halves: list[Carried], links: list, box: Box, params, thresholds,
               score: str) -> tuple[Carried, Resolution]:
-    """A box from its two halves and the :func:`face_keys` links of the plane between."""
+    """A box from its two halves (a list that :func:`merge_boxes` empties) and the
+    :func:`face_keys` links of the plane between."""
     keep = [box.open_sides & ~_bit(box.axis, True), box.open_sides & ~_bit(box.axis, False)]
     joins = np.concatenate([lk[0] for lk in links] + [np.zeros((2, 0), np.int64)], axis=1)
-    return merge_boxes([first, second], keep, joins, _cat([lk[1] for lk in links]), params,
+    return merge_boxes(halves, keep, joins, _cat([lk[1] for lk in links]), params,
                        thresholds, score)
 
 
@@ -586,8 +610,8 @@ def solve(basin_info: list, block_graphs: list, faces: list, grid: tuple, params
         else:
             links = [face_keys(faces[u], faces[lw], basin_info[u][0], basin_info[lw][0], d,
                                high_q, bins) for lw, u, d in plane_faces(box, grid)]
-            up, res = inner_box(done[box.children[0]][0], done[box.children[1]][0], links,
-                                box, params, thresholds, score)
+            up, res = inner_box([done[c][0] for c in box.children], links, box, params,
+                                thresholds, score)
             members = done[box.children[0]][1] + done[box.children[1]][1]
         for b in members:
             paths.setdefault(b, []).append(res)
