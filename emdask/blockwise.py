@@ -291,8 +291,8 @@ def apply(step: Step, *inputs: da.Array, shape: Sequence[int] | None = None,
                          lambda block: (name, *lead, *grid.index(block)))
     graph = HighLevelGraph.from_collections(name, layer, dependencies=inputs)
     out_chunks = (((step.channels,),) if step.channels is not None else ()) + grid.sizes
-    meta = np.empty((0,) * len(out_chunks), np.dtype(step.dtype))
-    return da.Array(graph, name, out_chunks, meta=meta)
+    dtype = inputs[0].dtype if step.dtype is None else np.dtype(step.dtype)
+    return da.Array(graph, name, out_chunks, meta=np.empty((0,) * len(out_chunks), dtype))
 
 
 def _summarize(*data: np.ndarray, where: Where, func: Callable, depth: bool) -> Any:

@@ -98,3 +98,12 @@ def test_a_kernel_returning_the_wrong_shape_is_named():
     step = Step("broken", lambda x, where: x[:1], np.float64)
     with pytest.raises(RuntimeError, match="step 'broken'.*shape"):
         apply(step, da.zeros((4, 4, 4), chunks=2)).compute()
+
+
+def test_a_step_without_dtype_keeps_the_input_s():
+    from emdask.blockwise import COPY
+
+    x = da.from_array(np.arange(24, dtype=np.uint16).reshape(2, 3, 4), chunks=2)
+    out = apply(COPY, x, offsets=[(0, 0, 0)])
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out.compute(), x.compute())
