@@ -238,7 +238,7 @@ def mask_affinities(affinities, mask):
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match the affinities' "
                          f"volume shape {tuple(affinities.shape[1:])}")
     if not isinstance(affinities, da.Array) and not isinstance(mask, da.Array):
-        return _mask_block(np.asarray(affinities), np.asarray(mask, bool))
+        return _masked_kernel(np.asarray(affinities), np.pad(np.asarray(mask, bool), 1))
     affinities, mask = da.asarray(affinities), da.asarray(mask)
     return apply(mask_step(affinities.shape[0], affinities.dtype), affinities, mask,
                  chunks=affinities.chunks[1:])
@@ -255,22 +255,16 @@ def mask_step(channels: int, dtype):
 
 def _masked_kernel(affs: np.ndarray, mask: np.ndarray, where=None) -> np.ndarray:
     """Nearest-neighbour affinities of a block with edges touching ``mask`` (the block
-    plus a halo of 1) set to 0; further channels kept."""
-    out = affs.copy()
-    padded = np.pad(affs[:3], [(0, 0)] + [(1, 1)] * 3)
-    out[:3] = _mask_block(padded, mask.astype(bool))[:, 1:-1, 1:-1, 1:-1]
-    return out
+    plus a halo of 1) set to 0; further channels kept.  (A copy: the block read may be a
+    view of the caller's array.)"""
+    return cut_masked(affs.copy(), mask)
 
 
-def _mask_block(affs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    mask = mask.reshape(mask.shape[-3:])
-    out = affs.copy()
-    for d in range(3):
-        touch = mask.copy()
-        below = [slice(None)] * 3
-        below[d] = slice(0, -1)
-        above = [slice(None)] * 3
-        above[d] = slice(1, None)
-        touch[tuple(above)] |= mask[tuple(below)]  # the neighbour at v - e_d is masked
-        out[d][touch] = 0
-    return out
+def cut_masked(affs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """:func:`_masked_kernel` in place: ``affs`` (the block) changed and returned."""
+    mask = mask.astype(bool, copy=False)
+    inner = mask[1:-1, 1:-1, 1:-1]
+    for d in range(3):  # edge d at v joins v and v - e_d: cut where either is masked
+        below = tuple(slice(0, -2) if k == d else slice(1, -1) for k in range(3))
+        affs[d][inner | mask[below]] = 0
+    return affs

@@ -8,7 +8,7 @@ kernel, and write the box.  Two executors run a step:
 
 - :func:`apply`: a lazy Dask array for the library API and notebooks.  Each output block
   is one task that depends only on the input chunks its box plus halo touches (any halo,
-  any chunking: nothing is rechunked or overlapped first).
+  any chunking: nothing is overlapped first, and only channel axes are put in one chunk).
 - :func:`write_blocks`: one task of ``emdask run``, which reads from the store, writes the
   output's chunks and marks each block done (the pipeline's resumable runner submits
   these tasks).
@@ -45,10 +45,10 @@ __all__ = ["COPY", "BlockGraph", "Step", "StoredBlock", "Where", "apply", "block
 @dataclass(frozen=True)
 class Where:
     """Where a kernel's block lies: the output ``box`` and the output volume's spatial
-    ``shape``; per input, in the output's frame (the input's offset taken off), the box
-    that the block needs (``read``, halo excluded) and where the data given begins
-    (``origin``); and the part of the data given that lies inside the input (``inside``,
-    slices; zeros beyond)."""
+    ``shape``; per input, in the input's voxels with its offset taken off (the output's
+    frame unless the step has a ``scale``), the box that the block needs (``read``, halo
+    excluded) and where the data given begins (``origin``); and the part of the data given
+    that lies inside the input (``inside``, slices; zeros beyond)."""
 
     box: Box
     shape: tuple
@@ -233,7 +233,8 @@ def _block_tasks(step: Step, inputs: Sequence[da.Array], grid: Grid, name: str,
         for i, (x, st, ld) in enumerate(zip(inputs, starts, lead, strict=True)):
             _, got, pad = step._reading(i, box, x.shape, grid.shape, (0, 0, 0)
                                         if offsets is None else offsets[i])
-            touched = _touching(st, got.grow(pad))
+            need = got.grow(pad)
+            touched = [] if need.empty else _touching(st, need)
             keys += [(x.name, *ld, *idx) for idx in touched]
             layout.append((x.shape, x.dtype,
                            [tuple(int(st[d][i]) for d, i in enumerate(idx)) for idx in touched]))
@@ -263,7 +264,8 @@ def apply(step: Step, *inputs: da.Array, shape: Sequence[int] | None = None,
         (rounded up).
     chunks
         The output's blocks: a block size (per axis) or Dask-style tuples; default the
-        first input's chunks divided by ``step.scale``.
+        first input's chunks (their largest size divided by ``step.scale`` where it has
+        one).
     offsets
         Per input, its voxel where the output's first lies (default 0).
 
@@ -278,7 +280,9 @@ def apply(step: Step, *inputs: da.Array, shape: Sequence[int] | None = None,
     scale = np.asarray(step.scale)
     if shape is None:
         shape = tuple(-(-np.asarray(first.shape[-3:]) // scale))
-    if chunks is None:
+    if chunks is None and not (scale > 1).any():
+        chunks = first.chunks[-3:]
+    elif chunks is None:
         chunks = tuple(max(1, int(c) // int(k)) for c, k in zip(first.chunksize[-3:], scale,
                                                                 strict=True))
     if isinstance(chunks, int | np.integer):

@@ -59,11 +59,12 @@ class Box:
                    tuple(e + k for e, k in zip(self.end, o, strict=True)))
 
     def intersect(self, other: Box) -> Box:
-        """The common part (an empty box where there is none)."""
-        begin = tuple(max(a, b) for a, b in zip(self.begin, other.begin, strict=True))
-        end = tuple(max(lo, min(a, b)) for lo, a, b in zip(begin, self.end, other.end,
+        """The common part (an empty box where there is none, inside ``other``'s range on
+        every axis)."""
+        end = tuple(min(a, b) for a, b in zip(self.end, other.end, strict=True))
+        begin = tuple(min(max(a, b), e) for a, b, e in zip(self.begin, other.begin, end,
                                                            strict=True))
-        return Box(begin, end)
+        return Box(begin, tuple(max(b, e) for b, e in zip(begin, end, strict=True)))
 
     def hull(self, other: Box) -> Box:
         """The smallest box holding both."""
@@ -116,6 +117,10 @@ class Grid:
                 raise ValueError(f"chunks must be positive, got {self.chunks}")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "chunks", chunks)
+        # where each block begins, per axis with explicit sizes (not part of eq/hash)
+        object.__setattr__(self, "_starts", tuple(
+            tuple(int(v) for v in np.cumsum((0,) + cs[:-1])) if isinstance(cs, tuple) else ()
+            for cs in chunks))
 
     @classmethod
     def of(cls, array) -> Grid:
@@ -157,7 +162,7 @@ class Grid:
                 begin.append(b)
                 end.append(min(b + cs, self.shape[d]))
             else:
-                begin.append(sum(cs[:idx[d]]))
+                begin.append(self._starts[d][idx[d]])
                 end.append(begin[-1] + cs[idx[d]])
         return Box(begin, end)
 

@@ -144,19 +144,23 @@ def meshes(segmentation: Any, chunks: Sequence[int] = (64, 256, 256),
 def pieces_step(kernel, voxel_size: Sequence[float], offset: Sequence[float]):
     """The blockwise step of :func:`meshes` and :func:`emdask.skeletons.skeletons` (and of
     the pipeline's meshes and skeletons stages): ``kernel(labels, origin, voxel_size,
-    offset)`` on a block plus one voxel on its high sides, giving segment id -> piece."""
-    from emdask.blockwise import summary_step
+    offset)`` on a block plus one voxel on its high sides, giving segment id -> [piece]."""
+    from emdask.blockwise import Step
 
-    return summary_step(_block_pieces, depth=1, kernel=kernel,
-                        voxel_size=tuple(float(v) for v in voxel_size),
-                        offset=tuple(float(o) for o in offset))
+    return Step("pieces", _block_pieces, None, clip=True, summary=True, reads=_high_sides,
+                params={"kernel": kernel, "voxel_size": tuple(float(v) for v in voxel_size),
+                        "offset": tuple(float(o) for o in offset)})
 
 
-def _block_pieces(labels: np.ndarray, origin, box, kernel, voxel_size, offset) -> dict:
-    # read with one voxel on every side (none beyond the volume): the low side is not ours
-    low = tuple(slice(b - o, None) for b, o in zip(box[0], origin, strict=True))
-    return {s: [p] for s, p in kernel(np.ascontiguousarray(labels[low]), box[0], voxel_size,
-                                      offset).items()}
+def _high_sides(box, shape, **_):
+    """The block and one voxel beyond its high sides (within the volume)."""
+    from emdask.geometry import Box
+
+    return Box(box.begin, tuple(min(e + 1, n) for e, n in zip(box.end, shape, strict=True)))
+
+
+def _block_pieces(labels: np.ndarray, where, kernel, voxel_size, offset) -> dict:
+    return {s: [p] for s, p in kernel(labels, where.box.begin, voxel_size, offset).items()}
 
 
 def _joined_pieces(*parts: dict) -> dict:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from emdask.affinities import _masked_kernel
+from emdask.affinities import cut_masked
 from emdask.blockwise import Step, apply
 from emdask.models import AffinityUNet, ValidUNet, cached_model, card_defaults
 from emdask.volumes import as_volume
@@ -306,9 +306,15 @@ def _prediction_kernel(raw: np.ndarray, mask: np.ndarray | None = None, *, where
     net = cached_model(model, device) if isinstance(model, str) else model
     out = _predict_block(raw, net, device, patch, batch_size, np.dtype(dtype), intensity,
                          where.inside[0], precision)
-    if mask is not None:
-        out = _masked_kernel(out, mask)
-    return out if net.config.target == "affinities" else out[0]
+    if mask is not None:  # in place: the output is a task's largest array
+        out = cut_masked(out, mask)
+    return out[0] if _single(net) else out
+
+
+def _single(net: AffinityUNet) -> bool:
+    """Whether a net's output is one (z, y, x) volume (synapse probabilities), not
+    channels."""
+    return net.config.target != "affinities" and net.config.n_predicted == 1
 
 
 def prediction_step(model: AffinityUNet | str, device: str = "cpu", patch=None,
@@ -323,10 +329,9 @@ def prediction_step(model: AffinityUNet | str, device: str = "cpu", patch=None,
     taken for black and white (None: the dtype's range)."""
     net = cached_model(model, device) if isinstance(model, str) else model
     halo = tuple(int(h) for h in net.halo)
-    target = net.config.target
-    return Step(f"predict-{target}", _prediction_kernel, np.dtype(dtype),
+    return Step(f"predict-{net.config.target}", _prediction_kernel, np.dtype(dtype),
                 halo=(halo, (1, 1, 1)) if masked else halo,
-                channels=net.config.n_predicted if target == "affinities" else None,
+                channels=None if _single(net) else net.config.n_predicted,
                 params={"model": model, "device": device, "patch": patch,
                         "batch_size": int(batch_size), "dtype": str(np.dtype(dtype)),
                         "intensity": None if intensity is None else tuple(intensity),
