@@ -79,7 +79,7 @@ import xarray as xr
 from scipy.sparse import csgraph
 
 from emdask.blockwise import Step, apply
-from emdask.defects import as_stack, detect_defects, missing_mask
+from emdask.defects import as_stack, detect_defects, missing_mask, missing_step
 from emdask.geometry import Box
 
 __all__ = ["Alignment", "Level", "align", "block_match", "displacement_error", "distort",
@@ -1298,10 +1298,11 @@ def render_step(fields: StackFields, dtype: Any, fill: float = 0, order: int = 1
     output block reads the part of the input its pixels map to.  With ``window``, what is
     rendered is the input's missing-data mask (:func:`emdask.defects.missing_mask`, uint8;
     give ``fill=1, order=0``)."""
-    halo = (0, window - 1, window - 1) if window else (0, 0, 0)
-    # the mask as detect_defects makes it: filters that extend the input's edge
+    # the mask read as detect_defects reads it (missing_step's halo, edge not padded)
+    missing = missing_step(window) if window else None
     return Step("render", _render_kernel, np.dtype(np.uint8 if window else dtype),
-                halo=halo, clip=bool(window), reads=_render_reads,
+                halo=missing.halo if missing else (0, 0, 0),
+                clip=missing.clip if missing else False, reads=_render_reads,
                 params={"fields": fields, "fill": fill, "order": int(order),
                         "window": window})
 

@@ -4,7 +4,7 @@ A pixel is *missing* when it lies in a ``window`` x ``window`` square of its sec
 intensities are all equal (to within ``tolerance``).  Real EM always carries noise, so only
 blacked-out, saturated, padded or lost regions are flat over a whole square; the test is
 local (a halo of ``window - 1`` pixels), so the mask is computed blockwise
-(:func:`missing_step`, the step the pipeline's align stage renders too) and is the same
+(:func:`missing_step`, whose reading the pipeline's align stage shares) and is the same
 for any chunking.
 
 Per section, from sums over blocks: the missing fraction, the contrast (standard deviation
