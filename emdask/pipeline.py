@@ -192,6 +192,7 @@ def _slices(begin, end) -> tuple:
 
 
 def _model(name: str, device: str):
+    # imported here: models imports torch, which `import emdask` must not
     from emdask.models import cached_model
 
     return cached_model(name, device)
@@ -415,7 +416,7 @@ def _watershed_task(ctx: _Context, block: int) -> None:
         affs = np.concatenate([affs, raw[None].astype(affs.dtype)])
     labels, basin_info, graph, faces = _block_basins(
         affs, begin, ctx.grid.shape, watershed_params(seg), histogram_bins(seg))
-    _array(ctx, "_emdask/basins")[_slices(begin, end)] = labels
+    _array(ctx, "_emdask/basins")[box.slices()] = labels
     save_arrays(ctx.store, f"_emdask/graph/{block}.npz", _pack_graph(basin_info, graph))
     save_arrays(ctx.store, f"_emdask/faces/{block}.npz", _pack_faces(faces, basin_info[0]))
     mark_done(ctx.store, "watershed", block, ctx.stamp)
@@ -491,12 +492,11 @@ def _relabel_task(ctx: _Context, block: int) -> None:
     from emdask.segmentation import _apply_luts
 
     box = ctx.grid.box(block)
-    begin, end = box.begin, box.end
-    labels = np.asarray(_array(ctx, "_emdask/basins")[_slices(begin, end)])
+    labels = np.asarray(_array(ctx, "_emdask/basins")[box.slices()])
     luts = load_arrays(ctx.store, f"_emdask/lut/{block}.npz")["lut"]
     for name, out in zip(label_datasets(ctx.segment), _apply_luts(labels, luts),
                          strict=True):
-        _array(ctx, f"{LABELS}/{name}/s0")[_slices(begin, end)] = out
+        _array(ctx, f"{LABELS}/{name}/s0")[box.slices()] = out
     mark_done(ctx.store, "relabel", block, ctx.stamp)
 
 
@@ -543,7 +543,7 @@ def _pyramid(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     for dataset in datasets:
         for level, arr in enumerate(add_levels(cfg.output.path, dataset, factors,
                                                overwrite=fresh), start=1):
-            grid = Grid(tuple(arr.shape[-3:]), tuple(arr.chunks[-3:]))
+            grid = Grid.of(arr)
             layout.append((dataset, level, len(grid), factors[level - 1]))
     task = functools.partial(_pyramid_task, layout=layout)
     starts = np.concatenate([[0], np.cumsum([n for _, _, n, _ in layout])])
@@ -1330,7 +1330,7 @@ def _block_problems(store: str, stage: str, blocks, decode: bool) -> list[Proble
             problems += [Problem(stage, b, name, "array missing") for b in sorted(blocks)]
             continue
         arr = root[name]
-        grid, present = Grid(arr.shape[-3:], arr.chunks[-3:]), chunk_keys(arr)
+        grid, present = Grid.of(arr), chunk_keys(arr)
         for b in sorted(blocks):
             for c in block_chunks(arr, grid.box(b).begin, grid.box(b).end):
                 why = ("missing (it would read back as zeros)" if c not in present
@@ -1357,7 +1357,7 @@ def _n_blocks(root) -> int:
     if not _has(root, "_emdask/basins"):
         return 0
     basins = root["_emdask/basins"]
-    return len(Grid(basins.shape, basins.chunks))
+    return len(Grid.of(basins))
 
 
 def verify(store: str, repair: bool = False) -> list[Problem]:
