@@ -1265,13 +1265,15 @@ def _render_block(source: np.ndarray, field: np.ndarray, spacing: int, origin, s
 @dataclass(frozen=True)
 class StackFields:
     """Deformation fields (z, 2, grid y, grid x) of a stack, read a few sections at a time
-    (an in-memory array for the library, the store's zarr array in a pipeline task)."""
+    (an in-memory array for the library, the store's zarr array in a pipeline task; or
+    only the sections from ``first`` on, read once for a task's steps)."""
 
     source: Any
     spacing: int
+    first: int = 0  # the stack's section that source[0] is
 
     def sections(self, z0: int, z1: int) -> np.ndarray:
-        return np.asarray(self.source[z0:z1], np.float64)
+        return np.asarray(self.source[z0 - self.first:z1 - self.first], np.float64)
 
 
 def _render_reads(box: Box, shape: tuple, fields: StackFields, **_) -> Box:

@@ -400,6 +400,18 @@ def _as_read(data: np.ndarray, where: Where) -> np.ndarray:
     return data
 
 
+def _on_read(*blocks: Any, what: Step, box: Box, shape: tuple) -> Any:
+    """Step ``what`` at ``box`` on blocks that :meth:`BlockGraph.read` gave: the box plus
+    the step's halo of each input, zeros beyond the volume (of ``shape``, the inputs'
+    too)."""
+    data = [block_data(b) for b in blocks]
+    halos = [what.halo_of(i) for i in range(len(data))]
+    return what.run(data, Where(box, shape, (box,) * len(data),
+                                tuple(box.grow(h).begin for h in halos),
+                                tuple(box_inside(shape, box.begin, box.end, h)
+                                      for h in halos)))
+
+
 # Segmentation (emdask.segment) and synapse objects (emdask.find_synapses) have the shape
 # of a solve: a task per block, a task per face between neighbouring blocks, one global
 # task that sees them all, and a task per block that applies its answer.  Built with
@@ -501,20 +513,31 @@ class BlockGraph:
         """A task that picks element ``i`` of the tuple a task returns."""
         return self._put(step, index, (operator.getitem, key, int(i)))
 
-    def solve(self, inputs: dict, summarize: Callable, link: Callable, solve: Callable, *,
-              summary_args: dict, link_args: dict, solve_args: dict) -> tuple:
+    def step(self, name: str, step: Step, inputs: Sequence[dict], shape: Sequence[int]
+             ) -> dict[tuple, tuple]:
+        """Per block (grid index), the key of a task that runs ``step`` on its box: the
+        same as :meth:`Step.compute` there, from blocks already read (``inputs``: per
+        input of the step, the keys :meth:`read` gave for it with the step's halo)."""
+        shape = tuple(int(n) for n in shape)
+        keys = {}
+        for idx, _, origin, size in self.blocks():
+            box = Box(origin, tuple(o + n for o, n in zip(origin, size, strict=True)))
+            keys[idx] = self.add(name, idx, _on_read, *[inp[idx] for inp in inputs],
+                                 what=step, box=box, shape=shape)
+        return keys
+
+    def solve(self, summaries: dict, link: Callable, solve: Callable, *, link_args: dict,
+              solve_args: dict) -> tuple:
         """The blockwise-solve pattern; returns the key of the global task.
 
-        Per block, ``summarize(inputs[idx], origin=..., **summary_args)`` returns
+        Per block, ``summaries[idx]`` is the key of a task (a :meth:`step`) that returns
         ``(part_a, part_b, faces)``; per pair of face neighbours,
         ``link(faces of the upper block, faces of the lower, d=axis, **link_args)``; once,
         ``solve([part_a...], [part_b...], [link...], pairs=[(lower id, upper id)...],
         **solve_args)``, blocks in C order.  Only the faces travel to the face tasks.
         """
-        parts = {}
-        for idx, _, origin, _ in self.blocks():
-            s = self.add("summary", idx, summarize, inputs[idx], origin=origin, **summary_args)
-            parts[idx] = [self.item(f"summary{i}", idx, s, i) for i in range(3)]
+        parts = {idx: [self.item(f"summary{i}", idx, key, i) for i in range(3)]
+                 for idx, key in summaries.items()}
         links, pairs = [], []
         for below, idx, d in self.faces():
             links.append(self.add("face", (*idx, d), link, parts[idx][2], parts[below][2],

@@ -6,8 +6,8 @@ Stages, in order (each can be run alone with ``--stage``)::
                  its missing-data mask raw/labels/defects/s0
     predict      raw -> affinities/s0 (and a copy of the raw read into raw/s0)
     watershed    affinities -> block basins + graphs      one task per block
-    agglomerate  block graphs -> one global graph -> lookup tables (one task per face,
-                 then one global solve)
+    agglomerate  block graphs -> lookup tables: a task per face, then a tree of boxes of
+                 blocks (emdask.solve_tree) or one global solve, then a task per block
     relabel      basins + tables -> raw/labels/fragments, raw/labels/segmentation_<t>
     synapses     (with a [synapses] model) raw -> synapse_probabilities/s0 (one task per
                  block), then objects raw/labels/synapses and the tables synapses.parquet
@@ -15,7 +15,14 @@ Stages, in order (each can be run alone with ``--stage``)::
     pyramid      downsampled levels s1, s2, ... of every image and label (viewers)
     meshes       marching cubes of one segmentation, precomputed meshes beside it
     skeletons    TEASAR skeletons of the same, joined across blocks; skeletons.parquet
-    report       scores against ground truth (if configured), a figure
+    errors       (with an [errors] section) split and merge candidates, errors.parquet
+    correct      the confident ones and people's edits applied: segmentation_<t>_corrected
+    report       scores against ground truth (if configured), a figure (emdask.report)
+
+This module is the orchestration: which stage runs after which, on which blocks, with
+what recorded.  What a block task computes is a step of its stage's module
+(:mod:`emdask.blockwise`: the same definition as the library function's); where tasks run
+is :mod:`emdask.cluster`; the store's layout, markers and lease are :mod:`emdask.store`.
 
 Every stage is a list of block tasks submitted to a ``distributed`` client.  A task reads
 its block plus halo straight from the store (:func:`emdask.volumes.read_box`), so the
@@ -35,8 +42,6 @@ The store is a zarr v3 group of OME-Zarr images with the input's voxel size and 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import ctypes
 import datetime
 import functools
 import hashlib
@@ -44,7 +49,6 @@ import io
 import json
 import os
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -53,11 +57,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xarray as xr
 
-from emdask.geometry import Grid
+from emdask.cluster import (
+    HELD_LEASE,
+    connect,
+    guarded,
+    local_cluster,
+    local_workers,
+    make_cluster,
+    progress,
+    worker_memory,
+)
+from emdask.geometry import Box, Grid
+from emdask.report import check_offsets, ground_truth, report
 from emdask.run_config import (
-    JOBQUEUE,
     ClusterSpec,
     MeshSpec,
     PredictSpec,
@@ -67,24 +80,36 @@ from emdask.run_config import (
     histogram_bins,
     label_datasets,
     load_run_config,
+    open_configured,
     watershed_params,
 )
 from emdask.store import (
+    CORRECTED,
+    EDITS,
+    LABELS,
+    RAW,
     Lease,
     Problem,
     StoreBusy,
     block_chunks,
     chunk_keys,
     decode_error,
+    done_blocks,
     exists,
     get_bytes,
+    has,
     lease,
     load_arrays,
     mark_done,
     marked,
+    meshed,
+    open_root,
     put_bytes,
+    quiet_listing,
     remove,
+    run_record,
     save_arrays,
+    stage_generation,
     unmark,
 )
 from emdask.store import list_keys as _list
@@ -99,63 +124,8 @@ TREE_MARKERS = "agglomerate-tree"
 STAGES = ("align", "predict", "watershed", "agglomerate", "relabel", "synapses", "pyramid",
           "meshes", "skeletons", "errors", "correct", "report")
 
-# The store is an NGFF 0.5 collection: the images raw (the EM the nets read: the input's
-# region of interest, or the aligned stack), affinities and synapse_probabilities, and
-# the label images of raw (defects, fragments, segmentation_<t>, synapses).
-RAW = "raw"
-LABELS = f"{RAW}/labels"
-
-
 
 # ---------------------------------------------------------------- the store
-def _record(url: str) -> dict:
-    """The store's emdask record (its root attributes), read straight from ``zarr.json``
-    (retried: the run may be rewriting it)."""
-    for attempt in range(5):
-        try:
-            return json.loads(get_bytes(url, "zarr.json")).get("attributes", {}).get(
-                "emdask", {})
-        except FileNotFoundError:
-            return {}
-        except json.JSONDecodeError:
-            time.sleep(0.05 * (attempt + 1))
-    return {}
-
-
-def _generation(url: str, stage: str) -> str:
-    """The generation of a stage's record: markers of other generations do not count."""
-    return _record(url).get("stages", {}).get(stage, {}).get("generation", "0")
-
-
-def done_blocks(url: str, stage: str) -> set[int]:
-    """Blocks of a stage whose outputs are completely written (in its current generation)."""
-    return marked(url, stage, _generation(url, stage))
-
-
-@contextlib.contextmanager
-def _quiet_listing():
-    """zarr warns, whenever it lists the store, of the Parquet tables that live beside the
-    images: silence that."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Object at \S+ is not recognized")
-        yield
-
-
-def _has(root, name: str) -> bool:
-    """Whether the store holds ``name``."""
-    with _quiet_listing():
-        return name in root
-
-
-def _open_root(url: str, mode: str = "a"):
-    import zarr
-
-    from emdask.volumes import _zarr_store
-
-    return zarr.open_group(store=_zarr_store(url, "r" if mode == "r" else "w", None),
-                           mode=mode, zarr_format=3)
-
-
 def _array(ctx: _Context, path: str):
     """A zarr array of the output store (cached per worker process and run)."""
     return _cached_array(ctx.store, path, ctx.generation)
@@ -164,7 +134,7 @@ def _array(ctx: _Context, path: str):
 @functools.lru_cache(maxsize=32)
 def _cached_array(url: str, path: str, generation: int):
     # every chunk is stored, zeros too: a missing chunk is then always a loss (verify)
-    return _open_root(url, "r+")[path].with_config({"write_empty_chunks": True})
+    return open_root(url, "r+")[path].with_config({"write_empty_chunks": True})
 
 
 # ---------------------------------------------------------------- blocks
@@ -212,25 +182,6 @@ def _precision(spec: PredictSpec, model: str) -> str:
     return str(_torch_dtype(spec.precision, _device(spec), card)).removeprefix("torch.")
 
 
-def _worker_memory(spec: ClusterSpec) -> float:
-    """Bytes of memory a worker thread may use: its worker's limit over its threads."""
-    import psutil
-    from dask.utils import parse_bytes
-
-    limit = spec.memory_limit if spec.kind == "local" else spec.jobqueue.get("memory", "auto")
-    if isinstance(limit, str) and limit != "auto":
-        limit = parse_bytes(limit)
-    # threads sharing that memory: a LocalCluster worker's, or a batch job's cores
-    threads = (spec.threads_per_worker if spec.kind == "local"
-               else max(1, int(spec.jobqueue.get("cores", 1))))
-    if limit == "auto" or not limit:
-        return psutil.virtual_memory().total / (
-            (os.cpu_count() or 1) if spec.kind == "local" else threads)
-    if 0 < float(limit) <= 1:  # a fraction of the machine's memory, as Dask reads it
-        limit = float(limit) * psutil.virtual_memory().total
-    return float(limit) / threads
-
-
 def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
     """Blocks (per axis) one prediction task computes: as many as its memory allows
     (:func:`emdask.predict.task_shape`), so little of the net's context is computed
@@ -241,13 +192,13 @@ def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
     from emdask.predict import task_shape
 
     spec, cl = cfg.predict, cfg.cluster
-    budget = (0.6 * _worker_memory(cl) if spec.task_memory == "auto"
+    budget = (0.6 * worker_memory(cl) if spec.task_memory == "auto"
               else float(parse_bytes(spec.task_memory)))
     # a process runs one net pass at a time (on all its threads): processes share the work
     if client is not None and client.nthreads():
         processes = len(set(client.run(os.getpid).values()))
     elif cl.kind == "local":
-        processes = _local_workers(cl) if cl.processes else 1
+        processes = local_workers(cl) if cl.processes else 1
     else:  # an adaptive cluster may have no workers yet: as many as it may get
         processes = cl.maximum_jobs * max(1, int(cl.jobqueue.get("processes", 1)))
     task = task_shape(model, grid.shape, grid.chunks, budget, _device(spec), spec.precision,
@@ -319,9 +270,11 @@ def _align_task(ctx: _Context, block: int) -> None:
     from emdask.align import StackFields, render_step
     from emdask.blockwise import write_blocks
 
-    stored = _array(ctx, "alignment/fields")  # a task reads only its block's sections
-    fields = StackFields(stored, int(stored.attrs["spacing"]))
+    stored = _array(ctx, "alignment/fields")
     box, cache = ctx.grid.box(block), [("raw", ctx.generation)]
+    # the block's sections only, read once for both steps (each reads them twice)
+    z0, z1 = box.begin[0], box.end[0]
+    fields = StackFields(np.asarray(stored[z0:z1]), int(stored.attrs["spacing"]), first=z0)
     for out, step in ((f"{RAW}/s0", render_step(fields, ctx.source.dtype, 0, 1)),
                       (f"{LABELS}/defects/s0", render_step(fields, np.uint8, 1, 0,
                                                            window=ctx.window))):
@@ -331,7 +284,7 @@ def _align_task(ctx: _Context, block: int) -> None:
 
 
 def _array_complete(root, path: str) -> bool:
-    return _has(root, path) and bool(root[path].attrs.get("complete"))
+    return has(root, path) and bool(root[path].attrs.get("complete"))
 
 
 def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
@@ -342,7 +295,7 @@ def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     from emdask.volumes import create_volume
 
     spec, store = cfg.align, cfg.output.path
-    root = _open_root(store)
+    root = open_root(store)
     extra = {}
     if not _array_complete(root, "alignment/fields"):
         defects = detect_defects(vol, window=spec.window,
@@ -366,56 +319,32 @@ def _align(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
               f"{extra['unreliable']}; table sections.parquet", file=sys.stderr)
     fresh = _fresh(store, "align")
     for name, dtype in ((RAW, vol.dtype), (f"{LABELS}/defects", np.uint8)):
-        if fresh or not _has(root, name):
+        if fresh or not has(root, name):
             create_volume(store, name, ctx.grid.shape, dtype, ctx.grid.chunks,
                           vol.attrs["voxel_size"], vol.attrs["offset"], overwrite=True)
     _run_blocks(client, replace(ctx, window=spec.window), "align", _align_task, cfg.cluster)
     return extra
 
 
-@dataclass(frozen=True)
-class _Window:
-    """A region of an array-like (leading channel axes whole), itself array-like: reads
-    beyond the region give zeros (read_box), as beyond the edge of a stored volume."""
-
-    source: Any
-    begin: tuple
-    spatial: tuple
-
-    @property
-    def shape(self) -> tuple:
-        return (*self.source.shape[:-3], *self.spatial)
-
-    @property
-    def dtype(self):
-        return self.source.dtype
-
-    def __getitem__(self, key: tuple) -> np.ndarray:
-        lead, box = key[:-3], key[-3:]
-        return np.asarray(self.source[(*lead, *(slice(s.start + b, s.stop + b) for s, b in
-                                                zip(box, self.begin, strict=True)))])
-
-
 def _watershed_task(ctx: _Context, block: int) -> None:
-    from emdask.segmentation import _block_basins
-    from emdask.volumes import read_box
-    from emdask.watershed import HALO
+    from emdask.segmentation import watershed_step
 
-    box = ctx.grid.box(block)
-    begin, end = box.begin, box.end
-    source = _array(ctx, "affinities/s0") if ctx.source is None else _Window(
-        ctx.source, ctx.roi_begin, ctx.grid.shape)
-    affs = read_box(source, begin, end, (HALO,) * 3,
-                    cache=("affinities", ctx.generation) if ctx.source is None else None)[:3]
     seg = ctx.segment
+    step = watershed_step(watershed_params(seg), histogram_bins(seg))
+    if ctx.source is None:  # the predict stage's
+        inputs, offsets, cache = [_array(ctx, "affinities/s0")], [(0, 0, 0)], [
+            ("affinities", ctx.generation)]
+    else:  # the user's ([affinities]), whose region of interest begins at roi_begin
+        inputs, offsets, cache = [ctx.source], [ctx.roi_begin], [None]
     classifier = classifier_of(seg)
-    if classifier is not None and classifier.raw:  # the EM, as the 4th channel
+    if classifier is not None and classifier.raw:  # the EM, for raw features
         # (a cache token of its own: "raw" names the input in the predict tasks' cache)
-        raw = read_box(_array(ctx, f"{RAW}/s0"), begin, end, (HALO,) * 3,
-                       cache=("store raw", ctx.generation))
-        affs = np.concatenate([affs, raw[None].astype(affs.dtype)])
-    labels, basin_info, graph, faces = _block_basins(
-        affs, begin, ctx.grid.shape, watershed_params(seg), histogram_bins(seg))
+        inputs.append(_array(ctx, f"{RAW}/s0"))
+        offsets.append((0, 0, 0))
+        cache.append(("store raw", ctx.generation))
+    box = ctx.grid.box(block)
+    labels, basin_info, graph, faces = step.compute(box, inputs, ctx.grid.shape, offsets,
+                                                    cache)
     _array(ctx, "_emdask/basins")[box.slices()] = labels
     save_arrays(ctx.store, f"_emdask/graph/{block}.npz", _pack_graph(basin_info, graph))
     save_arrays(ctx.store, f"_emdask/faces/{block}.npz", _pack_faces(faces, basin_info[0]))
@@ -530,14 +459,14 @@ def _pyramid(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     from emdask.pyramids import pyramid_factors
     from emdask.volumes import add_levels
 
-    root = _open_root(cfg.output.path)
+    root = open_root(cfg.output.path)
     factors = pyramid_factors(ctx.grid.shape, vol.attrs["voxel_size"])
     if not factors:
         print("  pyramid: the volume is small; s0 alone", file=sys.stderr)
         return {"levels": 0}
-    with _quiet_listing():
-        labels = sorted(root[LABELS].group_keys()) if _has(root, LABELS) else []
-    datasets = [n for n in (RAW, "affinities", "synapse_probabilities") if _has(root, n)]
+    with quiet_listing():
+        labels = sorted(root[LABELS].group_keys()) if has(root, LABELS) else []
+    datasets = [n for n in (RAW, "affinities", "synapse_probabilities") if has(root, n)]
     datasets += [f"{LABELS}/{n}" for n in labels]
     fresh, layout = _fresh(cfg.output.path, "pyramid"), []
     for dataset in datasets:
@@ -554,13 +483,6 @@ def _pyramid(client, ctx: _Context, cfg: RunConfig, vol) -> dict:
     print(f"  pyramid: {len(factors)} levels of {len(datasets)} images, factors "
           f"{[list(f) for f in factors]}", file=sys.stderr)
     return {"levels": len(factors), "factors": [list(f) for f in factors]}
-
-
-def _meshed(store: str, root, what: str = "meshes") -> list[str]:
-    """The label images that have meshes (or skeletons)."""
-    with _quiet_listing():
-        names = list(root[LABELS].group_keys()) if _has(root, LABELS) else []
-    return [n for n in names if what in _list(store, f"{LABELS}/{n}")]
 
 
 def _mesh_task(ctx: _Context, block: int, dataset: str, spec: MeshSpec,
@@ -694,7 +616,7 @@ def _stored_affinities(cfg: RunConfig, root, full, vol, roi_begin):
     ones in the store, or the user's (``[affinities]``)."""
     import dask.array as da
 
-    if _has(root, "affinities"):
+    if has(root, "affinities"):
         return da.from_zarr(root["affinities/s0"])[:3]
     source, begin = _affinities_given(cfg, full, vol, roi_begin)
     shape = tuple(vol.shape)
@@ -774,12 +696,6 @@ def _errors(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     return {"splits": int(counts.get("split", 0)), "merges": int(counts.get("merge", 0))}
 
 
-#: The correct stage's output: ``segmentation_{t}`` + this, with the decisions applied.
-CORRECTED = "_corrected"
-#: The decisions the correct stage applies (a table people may edit; see _correct).
-EDITS = "edits.parquet"
-
-
 def _correct_task(ctx: _Context, block: int, dataset: str) -> None:
     """Cuts (fragments given new ids), then joins (segment ids mapped), on one block."""
     from emdask.errors import apply_cuts, relabel
@@ -843,10 +759,10 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
             cuts.assign(segment=[int(s[0]) for s in cuts.segments]),
             load_merge_model(_model(cfg.errors.merge_model or "merges", "cpu")))
         cut, cut_rows = lut, done.to_dict("records")
-    record = _record(store).get("stages", {}).get("correct", {})
+    record = run_record(store).get("stages", {}).get("correct", {})
     if record.get("edits") not in (None, digest):  # the decisions changed: all redone
-        unmark(store, "correct", set(range(len(ctx.grid))), _generation(store, "correct"))
-    if _fresh(store, "correct") or not _has(root, f"{dataset}{CORRECTED}"):
+        unmark(store, "correct", set(range(len(ctx.grid))), stage_generation(store, "correct"))
+    if _fresh(store, "correct") or not has(root, f"{dataset}{CORRECTED}"):
         seg = open_volume(store, f"segmentation_{t:g}")
         create_volume(store, f"{dataset}{CORRECTED}", seg.shape, seg.dtype, ctx.grid.chunks,
                       seg.attrs["voxel_size"], seg.attrs["offset"], overwrite=True)
@@ -865,118 +781,6 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
 
 
 # ---------------------------------------------------------------- running tasks
-class TaskTimeout(RuntimeError):
-    """A block task ran past ``cluster.task_timeout`` and was abandoned."""
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def _release_heap() -> None:
-    """Hand the free pages of the C heap back to the OS (glibc's ``malloc_trim``).
-
-    glibc keeps the pages a task freed for later allocations (this package's local
-    workers start without a trim threshold, see :func:`local_cluster`), and the holes
-    left between live blocks add up over hundreds of tasks: a worker's resident memory
-    climbed to 0.87 GB through the 256 watershed tasks of a 512-block run, and a box of the
-    tree solve that then needed 0.36 GB more took it to 1.3 GB.  One call after each task
-    keeps a worker near what it holds (about 60 ms on a 0.5 GB heap; at 64 blocks the
-    workers began their tree tasks at 0.55 GB instead of 0.75)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _guarded(fn: Callable, timeout: float, *args):
-    """Run ``fn(*args)``; if it has not finished after ``timeout`` seconds, raise
-    :class:`TaskTimeout` so that Dask retries the task (Dask has no per-task timeout).
-    Then the heap's free pages go back to the OS (:func:`_release_heap`).
-
-    The abandoned call keeps its thread until it returns; its writes are whole chunks of
-    the same values, so a late finish is harmless."""
-    try:
-        return _call(fn, timeout, *args)
-    finally:
-        _release_heap()
-
-
-def _call(fn: Callable, timeout: float, *args):
-    """``fn(*args)``, given up after ``timeout`` seconds (see :func:`_guarded`)."""
-    if not timeout:
-        return fn(*args)
-    result: dict = {}
-
-    def target():
-        try:
-            result["value"] = fn(*args)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the caller below
-            result["error"] = err
-
-    context = contextvars.copy_context()  # get_worker() and friends work in the thread
-    worker = threading.Thread(target=context.run, args=(target,), daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise TaskTimeout(f"{getattr(fn, '__name__', fn)}{args} ran past {timeout} s; "
-                          "abandoned, to be retried")
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
-
-
-#: The lease of the run in progress (its block tasks stop when another run takes it over).
-_HELD: contextvars.ContextVar[Lease | None] = contextvars.ContextVar("emdask_lease",
-                                                                     default=None)
-
-
-def _progress(futures: list, label: str) -> list:
-    """Wait for futures, printing a progress bar; returns their results in order."""
-    from distributed import as_completed
-
-    total, t0, done = len(futures), time.perf_counter(), 0
-    width = 30
-
-    tty = sys.stderr.isatty()
-
-    def show() -> None:
-        bar = "#" * (width * done // max(total, 1))
-        elapsed = time.perf_counter() - t0
-        eta = f", ETA {_duration(elapsed / done * (total - done))}" if 0 < done < total else ""
-        print(("\r" if tty else "") + f"  {label:<12} [{bar:<{width}}] {done}/{total} "
-              f"{_duration(elapsed)} elapsed{eta}   ", end="" if tty else "\n",
-              file=sys.stderr, flush=True)
-
-    step = 1 if tty else max(1, total // 4)  # a log file gets a few lines
-    held = _HELD.get()
-    for future in as_completed(futures):
-        future.result()  # raises the task's error (after Dask's retries)
-        if held is not None and held.lost:  # another run took the store over: stop writing
-            for f in futures:
-                f.cancel()
-            held.check()
-        done += 1
-        if done % step == 0 or done == total:
-            show()
-    if tty:
-        print(file=sys.stderr)
-    return [f.result() for f in futures]
-
-
-def _duration(seconds: float) -> str:
-    """A duration for people: 42.1 s, 3 min 05 s, 2 h 07 min."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes = int(seconds // 60)
-    if minutes < 60:
-        return f"{minutes} min {int(seconds % 60):02d} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
-
-
 def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: ClusterSpec,
                 blocks: Sequence[int] | None = None, label: str | None = None,
                 group: Sequence[int] | None = None) -> int:
@@ -984,7 +788,7 @@ def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: Cluste
     grid's); returns how many tasks ran.  Blocks marked done whose chunks have gone missing are
     recomputed.  With ``group`` (blocks per axis), a task gets the list of unfinished
     blocks of one group of neighbouring blocks instead."""
-    ctx = replace(ctx, stamp=_generation(ctx.store, stage))
+    ctx = replace(ctx, stamp=stage_generation(ctx.store, stage))
     blocks = range(len(ctx.grid)) if blocks is None else blocks
     finished = marked(ctx.store, stage, ctx.stamp) & set(blocks)
     lost = {p.block for p in _block_problems(ctx.store, stage, finished, decode=False)}
@@ -1007,95 +811,13 @@ def _run_blocks(client, ctx: _Context, stage: str, fn: Callable, cluster: Cluste
         print(f"  {label}: tasks of up to {list(group)} blocks "
               f"({(np.minimum(group, counts) * np.array(ctx.grid.chunks)).tolist()} voxels)",
               file=sys.stderr)
-    task = functools.partial(_guarded, functools.partial(fn, ctx), cluster.task_timeout)
+    task = functools.partial(guarded, functools.partial(fn, ctx), cluster.task_timeout)
     first = [t[0] if isinstance(t, list) else t for t in todo]
     futures = client.map(task, todo, key=[f"emdask-{stage}-{b}-{time.time_ns()}"
                                           for b in first],
                          retries=cluster.retries, pure=False)
-    _progress(futures, label)
+    progress(futures, label)
     return len(todo)
-
-
-# ---------------------------------------------------------------- clusters
-def local_cluster(**kwargs):
-    """A ``distributed.LocalCluster`` whose worker processes run emdask's kernels at full
-    speed.
-
-    distributed starts worker processes with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand
-    freed memory back to the OS).  Setting it makes glibc give up its adaptive mmap
-    threshold, so every block-sized numpy allocation is mmapped and page-faulted afresh:
-    the watershed block kernel runs 2x slower (71 ms instead of 34 ms for a 74^3 block,
-    measured).  The workers of this cluster start without it.  Other malloc settings
-    were measured on the predict stage of a 500x1000x1000 fibsem volume (2 workers, 4
-    tasks each) and not kept: transparent huge pages (``glibc.malloc.hugetlb=1``) 2.47
-    Mvoxel/s against 2.74 without (more system time: 132 s against 106 s); keeping freed
-    memory in one never-trimmed heap (``arena_max=1:mmap_max=0``) 2.83-2.95 Mvoxel/s but
-    10.7 GiB per worker against 7.5 GiB (the heap's holes), past Dask's pause threshold.
-    dask-jobqueue workers are started by the batch system: set
-    ``distributed.nanny.pre-spawn-environ`` in their Dask config there."""
-    import dask
-    from distributed import LocalCluster
-
-    # distributed also copies its pre-spawn variables into this process's environment,
-    # where later worker processes inherit them: drop the value it put there
-    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":
-        del os.environ["MALLOC_TRIM_THRESHOLD_"]
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        return LocalCluster(**kwargs)
-
-
-def _local_workers(spec: ClusterSpec) -> int:
-    """Worker processes of a local cluster: as configured, else one per core."""
-    return spec.n_workers or max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
-
-
-def make_cluster(spec: ClusterSpec):
-    """The cluster a config asks for (not for ``scheduler``): a LocalCluster, or a
-    dask-jobqueue cluster scaled adaptively between minimum_jobs and maximum_jobs."""
-    import dask
-
-    with dask.config.set({"distributed.scheduler.allowed-failures": spec.allowed_failures}):
-        if spec.kind == "local":
-            return local_cluster(n_workers=_local_workers(spec), threads_per_worker=spec.threads_per_worker,
-                                 memory_limit=spec.memory_limit, processes=spec.processes,
-                                 dashboard_address=spec.dashboard,
-                                 worker_dashboard_address=spec.dashboard)
-        try:
-            import dask_jobqueue
-        except ImportError:
-            raise ImportError(f"cluster.kind = {spec.kind!r} needs dask-jobqueue: "
-                              "pip install 'emdask[cluster]'") from None
-        cluster = getattr(dask_jobqueue, JOBQUEUE[spec.kind])(**spec.jobqueue)
-        cluster.adapt(minimum_jobs=spec.minimum_jobs, maximum_jobs=spec.maximum_jobs)
-        return cluster
-
-
-@contextlib.contextmanager
-def _client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator:
-    import dask
-    from distributed import Client
-
-    address = scheduler or spec.scheduler
-    with dask.config.set({"distributed.scheduler.allowed-failures": spec.allowed_failures}):
-        if address:
-            with Client(address) as client:
-                print(f"attached to {address}; dashboard: {client.dashboard_link}",
-                      file=sys.stderr)
-                yield client
-            return
-        cluster = make_cluster(spec)
-        try:
-            with Client(cluster) as client:
-                print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
-                yield client
-        finally:
-            # a worker process slow to exit on a loaded machine (its nanny waits about a
-            # second) must not fail a run whose results are written: it ends with us
-            try:
-                cluster.close()
-            except TimeoutError as err:
-                warnings.warn(f"the Dask cluster did not close in time ({err!r}); its "
-                              "processes end with this one", stacklevel=2)
 
 
 # ---------------------------------------------------------------- the run
@@ -1251,8 +973,8 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
 def _outputs(root, stage: str) -> tuple[list[str], list[str], list[str]]:
     """What a stage writes: arrays written block by block (one block = one chunk), files
     per block (``{block}`` in their name), and outputs written whole."""
-    with _quiet_listing():
-        labels = list(root[LABELS].group_keys()) if _has(root, LABELS) else []
+    with quiet_listing():
+        labels = list(root[LABELS].group_keys()) if has(root, LABELS) else []
     segmentations = sorted(f"{LABELS}/{n}/s0" for n in labels
                            if n.startswith("segmentation_") and not n.endswith(CORRECTED))
     corrected = sorted(f"{LABELS}/{n}/s0" for n in labels if n.endswith(CORRECTED))
@@ -1296,7 +1018,7 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
             if "{block}" in name:  # per-block files
                 files = [*files, name]
             # (raw's labels belong to later stages: raw loses its array, not its group)
-            elif _has(root, group := name if name == f"{RAW}/s0" else
+            elif has(root, group := name if name == f"{RAW}/s0" else
                       name.removesuffix("/s0")):
                 del root[group]
         for pattern in files:
@@ -1313,7 +1035,7 @@ def _clear(cfg: RunConfig, root, stage: str, downstream: bool = True) -> None:
                       get_bytes(store, EDITS))
             remove(store, EDITS)
         if s in ("meshes", "skeletons"):  # the files beside the segmentation
-            for name in _meshed(store, root, s):
+            for name in meshed(store, root, s):
                 remove(store, f"{LABELS}/{name}/{s}")
 
 
@@ -1322,11 +1044,11 @@ def _block_problems(store: str, stage: str, blocks, decode: bool) -> list[Proble
     ``decode``, do not decode."""
     if not blocks:
         return []
-    root = _open_root(store, "r")
+    root = open_root(store, "r")
     arrays, files, _ = _outputs(root, stage)
     problems = []
     for name in arrays:
-        if not _has(root, name):
+        if not has(root, name):
             problems += [Problem(stage, b, name, "array missing") for b in sorted(blocks)]
             continue
         arr = root[name]
@@ -1354,7 +1076,7 @@ def _block_problems(store: str, stage: str, blocks, decode: bool) -> list[Proble
 
 def _n_blocks(root) -> int:
     """How many blocks a store's stages are cut into (the block grid of its basins)."""
-    if not _has(root, "_emdask/basins"):
+    if not has(root, "_emdask/basins"):
         return 0
     basins = root["_emdask/basins"]
     return len(Grid.of(basins))
@@ -1369,16 +1091,16 @@ def verify(store: str, repair: bool = False) -> list[Problem]:
     are deleted and their stage reopened), so that the next ``emdask run`` with the same
     config recomputes exactly them.
     """
-    record = _record(store)
+    record = run_record(store)
     if not record.get("stages"):
         raise ValueError(f"{store}: not an emdask output store (no stage record in its "
                          "zarr.json)")
     with lease(store) if repair else contextlib.nullcontext():  # no run writes meanwhile
-        return _verify(store, record if not repair else _record(store), repair)
+        return _verify(store, record if not repair else run_record(store), repair)
 
 
 def _verify(store: str, record: dict, repair: bool) -> list[Problem]:
-    root = _open_root(store, "r+" if repair else "r")
+    root = open_root(store, "r+" if repair else "r")
     problems = []
     for stage, rec in record["stages"].items():
         if rec.get("skipped"):
@@ -1391,7 +1113,7 @@ def _verify(store: str, record: dict, repair: bool) -> list[Problem]:
                           for b in range(_n_blocks(root))
                           if not exists(store, key := name.format(block=b))]
                 continue
-            if not _has(root, name):
+            if not has(root, name):
                 found.append(Problem(stage, None, name, "missing"))
                 continue
             arr = root[name]  # written whole: zero chunks may be left out, so decode only
@@ -1402,7 +1124,7 @@ def _verify(store: str, record: dict, repair: bool) -> list[Problem]:
             unmark(store, stage, {p.block for p in found if p.block is not None}, generation)
             if any(p.block is None for p in found):
                 for name in _outputs(root, stage)[2]:
-                    if "{block}" not in name and _has(root, name):
+                    if "{block}" not in name and has(root, name):
                         del root[name]
                 unmark(store, stage, [0], generation)  # a global stage's one marker
             stages = dict(root.attrs["emdask"]["stages"])
@@ -1414,12 +1136,12 @@ def _verify(store: str, record: dict, repair: bool) -> list[Problem]:
 def _ngff_index(root) -> None:
     """Make the store's root an NGFF 0.5 collection that lists its images (the
     bioformats2raw layout, whose ``OME`` group names them in ``series``)."""
-    images = [n for n in (RAW, "affinities", "synapse_probabilities") if _has(root, n)]
+    images = [n for n in (RAW, "affinities", "synapse_probabilities") if has(root, n)]
     root.attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
     index = root.require_group("OME")
     index.attrs["ome"] = {"version": "0.5", "series": images}
-    if _has(root, LABELS):  # only the label images there are (a cleared stage's are gone)
-        with _quiet_listing():
+    if has(root, LABELS):  # only the label images there are (a cleared stage's are gone)
+        with quiet_listing():
             present = sorted(root[LABELS].group_keys())
         root[LABELS].attrs["ome"] = {"version": "0.5", "labels": present}
 
@@ -1441,26 +1163,13 @@ def _finish_stage(root, stage: str, seconds: float, extra: dict | None = None) -
     _set_stages(root, stages)
 
 
-def _open(url: str, dataset: str | None, voxel_size, section: str):
-    """open_volume, with the config key to set where the file has no voxel size."""
-    from emdask.volumes import VolumeError, open_volume
-
-    try:
-        return open_volume(url, dataset, voxel_size=voxel_size)
-    except VolumeError as err:
-        if "voxel size is missing" not in str(err):
-            raise
-        raise VolumeError(f"{err} (in a run config: [{section}] voxel_size = [z, y, x])"
-                          ) from None
-
-
 def _input(cfg: RunConfig, factors=(1, 1, 1)):
     """The input volume (at the working resolution: ``factors`` times coarser than the
     file, see :func:`_working_factors`), its region of interest, and where that begins
     (voxels)."""
     from emdask.volumes import cutout, resampled
 
-    vol = _open(cfg.input.url, cfg.input.dataset, cfg.input.voxel_size, "input")
+    vol = open_configured(cfg.input.url, cfg.input.dataset, cfg.input.voxel_size, "input")
     if vol.ndim != 3:
         raise ValueError(f"{vol.attrs['source']}: the input must be a 3-D EM volume, got "
                          f"dims {vol.dims}")
@@ -1494,7 +1203,7 @@ def _affinities_given(cfg: RunConfig, full, vol, roi_begin) -> tuple[Any, tuple]
     """The user's affinities (``[affinities]``), checked against the input: the array-like
     and where the region of interest begins in it."""
     spec = cfg.affinities
-    affs = _open(spec.url, spec.dataset, spec.voxel_size, "affinities")
+    affs = open_configured(spec.url, spec.dataset, spec.voxel_size, "affinities")
     where = affs.attrs["source"]
     if affs.ndim != 4 or affs.shape[0] < 3:
         raise ValueError(f"{where}: affinities must be (c, z, y, x) with at least the 3 "
@@ -1526,7 +1235,7 @@ def _raw(cfg: RunConfig, root, full, roi_begin):
     missing-data mask) when the pipeline aligns."""
     if cfg.align is None:
         return full.encoding["source"], roi_begin, None, "raw"
-    if not _has(root, f"{LABELS}/defects"):
+    if not has(root, f"{LABELS}/defects"):
         raise ValueError(f"{cfg.output.path}: the config has an [align] section but the "
                          "align stage has not run; run it first")
     mask = root[f"{LABELS}/defects/s0"] if cfg.align.mask else None
@@ -1649,21 +1358,21 @@ def _tree_solve(client, ctx: _Context, cfg: RunConfig) -> dict:
     if done:
         print(f"  tree: {len(done)} of {len(boxes)} boxes already done", file=sys.stderr)
     retries, timeout = cfg.cluster.retries, cfg.cluster.task_timeout
-    task = functools.partial(_guarded, functools.partial(_box_task, ctx), timeout)
+    task = functools.partial(guarded, functools.partial(_box_task, ctx), timeout)
     futures: dict = {}  # one graph: each box waits only for its own children
     for i, box in enumerate(boxes):  # children come first
         if i not in done:
             futures[i] = client.submit(
                 task, i, box, [futures[c] for c in box.children if c in futures],
                 retries=retries, pure=False, key=f"emdask-box-{i}-{time.time_ns()}")
-    _progress(list(futures.values()), "tree")
-    info = _progress([client.submit(_numbering_task, ctx, len(boxes), retries=retries,
+    progress(list(futures.values()), "tree")
+    info = progress([client.submit(_numbering_task, ctx, len(boxes), retries=retries,
                                     pure=False, key=f"emdask-numbering-{time.time_ns()}")],
                      "numbering")[0]
     chains = paths(boxes)
     blocks = sorted(chains)
-    task = functools.partial(_guarded, functools.partial(_lut_task, ctx), timeout)
-    _progress(client.map(task, blocks, [chains[b] for b in blocks], retries=retries,
+    task = functools.partial(guarded, functools.partial(_lut_task, ctx), timeout)
+    progress(client.map(task, blocks, [chains[b] for b in blocks], retries=retries,
                          pure=False, key=[f"emdask-lut-{b}-{time.time_ns()}" for b in blocks]),
               "lookup tables")
     mark_done(ctx.store, "agglomerate", 0, ctx.stamp)
@@ -1675,7 +1384,7 @@ def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     links (one task per face between two blocks) and one global solve."""
     from emdask.segmentation import use_tree
 
-    ctx = replace(ctx, stamp=_generation(ctx.store, "agglomerate"))
+    ctx = replace(ctx, stamp=stage_generation(ctx.store, "agglomerate"))
     if marked(ctx.store, "agglomerate", ctx.stamp):
         print("  agglomerate: already done", file=sys.stderr)
         return {}
@@ -1690,10 +1399,10 @@ def _agglomerate(client, ctx: _Context, cfg: RunConfig) -> dict:
     retries = cfg.cluster.retries
     links = client.map(lambda f: _face_task(ctx, *f), faces, retries=retries, pure=False,
                        key=[f"emdask-faces-{b}-{a}-{time.time_ns()}" for b, a in faces])
-    _progress(links, "faces")
+    progress(links, "faces")
     solve = client.submit(_solve_task, ctx, faces, links, retries=retries, pure=False,
                           key=f"emdask-solve-{time.time_ns()}")
-    info = _progress([solve], "global graph")[0]
+    info = progress([solve], "global graph")[0]
     print(f"  global graph: {info['n_supervoxels']} supervoxels, {info['n_edges']} edges, "
           f"{info['graph_nbytes'] / 1e6:.1f} MB", file=sys.stderr)
     return {"graph": info}
@@ -1706,8 +1415,8 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
     from emdask.volumes import create_volume, open_volume, save_volume
 
     spec, store = cfg.synapses, cfg.output.path
-    root = _open_root(store)
-    if _fresh(store, "synapses") or not _has(root, "synapse_probabilities"):
+    root = open_root(store)
+    if _fresh(store, "synapses") or not has(root, "synapse_probabilities"):
         create_volume(store, "synapse_probabilities", ctx.grid.shape, spec.dtype,
                       ctx.grid.chunks, vol.attrs["voxel_size"], vol.attrs["offset"],
                       overwrite=True)
@@ -1720,8 +1429,8 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
     _run_blocks(client, pctx, "synapses", functools.partial(
         _predict_task, model_name=spec.model, dataset="synapse_probabilities",
         stage="synapses"), cfg.cluster, group=_task_blocks(cfg, model, ctx.grid, client))
-    record = _record(store).get("stages", {}).get("synapses", {})
-    if record.get("finished") and _has(root, f"{LABELS}/synapses"):
+    record = run_record(store).get("stages", {}).get("synapses", {})
+    if record.get("finished") and has(root, f"{LABELS}/synapses"):
         # (rewriting them would drop their pyramid levels)
         print("  synapses: objects and tables already made", file=sys.stderr)
         return {}
@@ -1758,207 +1467,6 @@ def _parquet(frame) -> bytes:
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     return buf.getvalue()
-
-
-def _ground_truth(cfg: RunConfig, dataset: str, vol, roi_begin):
-    """A ground-truth dataset of ``[evaluate]``, cut to the region of interest."""
-
-    from emdask.volumes import resampled
-
-    full = _open(cfg.evaluate.url, dataset, cfg.evaluate.voxel_size, "evaluate")
-    # ground truth finer than the outputs by integer factors: each output voxel compared
-    # with the true label at its centre (nearest neighbour)
-    ratio = np.asarray(vol.attrs["voxel_size"], float) / np.asarray(full.attrs["voxel_size"])
-    factors = np.rint(ratio).astype(int)
-    if np.all(factors >= 1) and np.any(factors > 1) and np.allclose(ratio, factors,
-                                                                    rtol=1e-6):
-        full = resampled(full, factors, "nearest")
-    end = [b + n for b, n in zip(roi_begin, vol.shape, strict=True)]
-    if any(e > n for e, n in zip(end, full.shape, strict=True)):
-        raise ValueError(f"{full.attrs['source']}: ground truth of shape {full.shape} does "
-                         f"not cover the region of interest [{list(roi_begin)}, {end})")
-    if np.any(np.abs(np.array(full.attrs["voxel_size"]) - vol.attrs["voxel_size"]) > 1e-6):
-        raise ValueError(f"{full.attrs['source']}: ground truth voxel size "
-                         f"{full.attrs['voxel_size']} differs from the input's "
-                         f"{vol.attrs['voxel_size']}")
-    return full.data[_slices(roi_begin, end)]
-
-
-def _check_offsets(cfg: RunConfig, full_input, roi_begin, vol) -> None:
-    """Ground truth is compared voxel by voxel on the input's grid: say so when its offset
-    differs from the input's (two files that may not cover the same place)."""
-    for dataset in (cfg.evaluate.dataset, cfg.evaluate.synapses, cfg.evaluate.cells):
-        if not dataset:
-            continue
-        gt = _open(cfg.evaluate.url, dataset, cfg.evaluate.voxel_size, "evaluate")
-        if np.any(np.abs(np.subtract(gt.attrs["offset"], full_input.attrs["offset"]))
-                  > 0.5 * np.asarray(vol.attrs["voxel_size"])):
-            print(f"  warning: ground truth {gt.attrs['source']} has offset "
-                  f"{list(gt.attrs['offset'])} nm, the input {list(full_input.attrs['offset'])}"
-                  " nm: they are compared voxel by voxel (same grid assumed)", file=sys.stderr)
-
-
-def _report(cfg: RunConfig, full, vol, roi_begin) -> dict:
-    """Scores of each segmentation (and of the synapses) against the ground truth, and a
-    figure."""
-    import dask.array as da
-
-    from emdask.metrics import evaluate
-    from emdask.synapses import partner_accuracy, synapse_scores
-    from emdask.volumes import open_volume
-
-    store = cfg.output.path
-    names = [n for n in label_datasets(cfg.segment)[1:]]
-    scores = {}
-    gt = synapses = true_synapses = None
-    region = vol  # the input's region of interest
-    if cfg.align is not None:  # one frame: the outputs are in the aligned stack's
-        vol = open_volume(store, RAW)
-
-    def truth(dataset: str):
-        """Ground truth in the outputs' frame: with alignment, warped like the raw, by
-        integer gathering (uint64 ids are moved, never interpolated)."""
-        labels = _ground_truth(cfg, dataset, region, roi_begin)
-        if cfg.align is None:
-            return labels
-        from emdask.align import render
-
-        fields = _open_root(store, "r")["alignment/fields"]
-        return render(labels, xr.DataArray(fields[:], attrs=dict(fields.attrs)), order=0,
-                      fill=0).data
-
-    if cfg.evaluate is not None:
-        gt = truth(cfg.evaluate.dataset)
-        print(f"  {'threshold':>9} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} "
-              f"{'ARAND':>7}", file=sys.stderr)
-        rows = list(zip(cfg.segment.thresholds, names, strict=True))
-        t = cfg.meshes.segmentation
-        t = cfg.segment.thresholds[-1] if t is None else t
-        if _has(_open_root(store), f"{LABELS}/segmentation_{t:g}{CORRECTED}"):
-            rows.append((f"{t:g} corr.", f"segmentation_{t:g}{CORRECTED}"))
-        for t, name in rows:
-            seg = open_volume(store, name)
-            s = evaluate(seg.data, gt)
-            scores[name] = {k: float(v) for k, v in s.items()}
-            print(f"  {t:>9} {s['voi_split']:9.3f} {s['voi_merge']:9.3f} {s['voi']:7.3f} "
-                  f"{s['arand']:7.3f}", file=sys.stderr)
-    if cfg.synapses is not None and _has(_open_root(store), f"{LABELS}/synapses"):
-        synapses = open_volume(store, "synapses").data  # lazy: scored blockwise
-    if synapses is not None and cfg.evaluate is not None and cfg.evaluate.synapses:
-        true_synapses = da.asarray(truth(cfg.evaluate.synapses))
-        s = synapse_scores(synapses, true_synapses, vol.attrs["voxel_size"],
-                           min_size=cfg.synapses.min_size)
-        line = (f"  synapses: precision {s['precision']:.3f} recall {s['recall']:.3f} "
-                f"F1 {s['f1']:.3f} ({s['n_matched']} of {s['n_true']} true, "
-                f"{s['n_detected']} detected); FP distance {s['fp_distance']:.1f} nm, "
-                f"FN distance {s['fn_distance']:.1f} nm")
-        if cfg.evaluate.cells:
-            t = cfg.synapses.segmentation
-            t = cfg.segment.thresholds[-1] if t is None else t
-            args = (synapses, true_synapses,
-                    truth(cfg.evaluate.cells), open_volume(store, f"segmentation_{t:g}"),
-                    tuple(cfg.synapses.radius))
-            within = tuple(cfg.evaluate.cells_radius)
-            right, n = partner_accuracy(*args, cells_radius=within)
-            strict, _ = partner_accuracy(*args, second=1.0, cells_radius=within)
-            s |= {"partners_right": right, "partners_right_strict": strict, "partners_of": n}
-            line += (f"; partners right for {right} of {n} matched synapses ({strict} with "
-                     "the second-ranked true cell itself)")
-        scores["synapses"] = {k: float(v) for k, v in s.items()}
-        print(line, file=sys.stderr)
-    local = _local_path(store)
-    if local is not None:
-        segs = [n for n in names if n in scores]
-        best = min(segs, key=lambda n: scores[n]["voi"]) if segs else names[-1]
-        # the section with most synapse voxels if there are any, else the middle one
-        per_section = (None if synapses is None
-                       else (synapses > 0).sum(axis=(1, 2)).compute())
-        z = (int(np.argmax(per_section)) if per_section is not None and per_section.any()
-             else vol.shape[0] // 2)
-        if cfg.affinities is None:
-            affs = np.asarray(open_volume(store, "affinities")[:, z])
-        else:
-            source, begin = _affinities_given(cfg, full, vol, roi_begin)
-            affs = _Window(source, begin, vol.shape)[:, z:z + 1, 0:vol.shape[1],
-                                                     0:vol.shape[2]][:, 0]
-        figure(np.asarray(vol[z]), affs,
-               np.asarray(open_volume(store, best)[z]),
-               None if gt is None else np.asarray(gt[z]),
-               Path(local).with_suffix(".png"),
-               f"emdask, threshold {best.removeprefix('segmentation_')}",
-               None if synapses is None else np.asarray(synapses[z]),
-               None if true_synapses is None else np.asarray(true_synapses[z]),
-               _figure_meshes(cfg))
-        print(f"  figure: {Path(local).with_suffix('.png')}", file=sys.stderr)
-    return scores
-
-
-def _figure_meshes(cfg: RunConfig) -> list | None:
-    """The meshes stage's meshes of the three largest segments (None before that stage)."""
-    from emdask.meshes import largest_segments, load_mesh
-
-    store = cfg.output.path
-    root = _open_root(store, "r")
-    meshed = _meshed(store, root)
-    if not meshed:
-        return None
-    dataset = f"{LABELS}/{meshed[0]}"
-    folder = f"{dataset}/meshes"
-    # (a segment whose surface is all open block or volume faces has no mesh)
-    return [load_mesh(store, folder, s) for s in largest_segments(store, dataset, 3)
-            if exists(store, f"{folder}/{s}:0")] or None
-
-
-def figure(raw: np.ndarray, affs: np.ndarray, seg: np.ndarray, gt: np.ndarray | None,
-           path: str | Path, title: str = "segmentation", synapses: np.ndarray | None = None,
-           true_synapses: np.ndarray | None = None, meshes: list | None = None) -> None:
-    """One section: raw EM, affinities (x-y mean), segmentation overlay, ground truth;
-    detected synapses outlined in red on the segmentation, true ones in yellow on the
-    ground truth; with ``meshes`` ((vertices, triangles) of a few segments), a 3-D view."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rng = np.random.default_rng(0)
-
-    def colours(labels):
-        ids, inv = np.unique(labels, return_inverse=True)
-        lut = rng.random((ids.size, 3))
-        lut[ids == 0] = 0
-        return lut[inv].reshape(*labels.shape, 3)
-
-    affs = affs.astype(np.float32) / (255 if affs.dtype == np.uint8 else 1)
-    panels = [("raw EM", None), ("predicted affinities (x-y mean)", None), (title, seg)]
-    if gt is not None:
-        panels.append(("ground truth", gt))
-    n = len(panels) + bool(meshes)
-    fig = plt.figure(figsize=(4 * n, 4.4))
-    ax = [fig.add_subplot(1, n, i + 1) for i in range(len(panels))]
-    if meshes:
-        a = fig.add_subplot(1, n, n, projection="3d")
-        for (vertices, triangles), colour in zip(meshes, rng.random((len(meshes), 3)),
-                                                 strict=True):
-            a.plot_trisurf(vertices[:, 0], vertices[:, 1], triangles, vertices[:, 2],
-                           color=colour, linewidth=0)
-        a.set_title(f"the {len(meshes)} largest segments (meshes)")
-        a.set_axis_off()
-    for a, (name, labels) in zip(ax, panels, strict=True):
-        if name.startswith("predicted"):
-            a.imshow(affs[1:3].mean(0), cmap="gray", vmin=0, vmax=1)
-        else:
-            a.imshow(raw, cmap="gray")
-        if labels is not None:
-            a.imshow(colours(labels), alpha=0.45)
-        outline = {title: (synapses, "red"), "ground truth": (true_synapses, "yellow")}
-        mask, colour = outline.get(name, (None, None))
-        if mask is not None and mask.any():
-            a.contour(mask > 0, levels=[0.5], colors=colour, linewidths=1.2)
-        a.set_title(name)
-        a.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def _chunks(cfg: RunConfig, factor=(1, 1, 1)) -> tuple:
@@ -2016,14 +1524,14 @@ def run(config: RunConfig | str | Path | dict, stages: Sequence[str] | None = No
         return {"plan": text}
     with _log_to_store(cfg.output.path), lease(cfg.output.path, cfg.output.lease_timeout
                                                 ) as held:
-        token = _HELD.set(held)
+        token = HELD_LEASE.set(held)
         try:
             if client is not None:
                 return _run(cfg, wanted, overwrite, client, checked, held)
-            with _client(cfg.cluster, scheduler) as new_client:
+            with connect(cfg.cluster, scheduler) as new_client:
                 return _run(cfg, wanted, overwrite, new_client, checked, held)
         finally:
-            _HELD.reset(token)
+            HELD_LEASE.reset(token)
 
 
 @dataclass
@@ -2050,7 +1558,7 @@ def _working_factors(cfg: RunConfig, model, existing: dict | None) -> tuple:
         return tuple((existing or {}).get("resample", (1, 1, 1)))
     if cfg.affinities is not None or not cfg.predict.check_voxel_size:
         return (1, 1, 1)
-    vs = _open(cfg.input.url, cfg.input.dataset, cfg.input.voxel_size,
+    vs = open_configured(cfg.input.url, cfg.input.dataset, cfg.input.voxel_size,
                "input").attrs["voxel_size"]
     from emdask.predict import _check_voxel_size
 
@@ -2132,7 +1640,7 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
     if cfg.evaluate is not None and "report" in stages:
         for dataset in (cfg.evaluate.dataset, cfg.evaluate.synapses, cfg.evaluate.cells):
             if dataset:
-                _ground_truth(cfg, dataset, vol, roi_begin)
+                ground_truth(cfg, dataset, vol, roi_begin)
     return _Checked(full, vol, roi_begin, model, factor, synapse_model, existing, factors)
 
 
@@ -2161,7 +1669,7 @@ def _existing_record(store: str) -> dict | None:
         fs, root = fsspec.core.url_to_fs(store)
         if not fs.exists(f"{root}/zarr.json"):
             return None
-    return dict(_open_root(store, "r").attrs.get("emdask", {}))
+    return dict(open_root(store, "r").attrs.get("emdask", {}))
 
 
 class _LogTee(io.TextIOBase):
@@ -2363,7 +1871,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
     shape = tuple(int(n) for n in vol.shape)
     voxel_size, offset = vol.attrs["voxel_size"], vol.attrs["offset"]
     store = cfg.output.path
-    root = _open_root(store)
+    root = open_root(store)
     timings = {}
     factor = checked.factor
     grid = Grid(shape, _chunks(cfg, factor))
@@ -2380,10 +1888,10 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
         print(f"  output.chunks {list(cfg.output.chunks)} rounded up to multiples of the "
               f"net's pooling factor {list(factor)}", file=sys.stderr)
     if cfg.evaluate is not None and "report" in stages:
-        _check_offsets(cfg, full, roi_begin, vol)
+        check_offsets(cfg, full, roi_begin, vol)
     for stage in stages:
         held.check()
-        if stage not in ("align", "predict") and cfg.affinities is None and not _has(
+        if stage not in ("align", "predict") and cfg.affinities is None and not has(
                 root, "affinities"):
             raise ValueError(f"{store}: stage {stage!r} needs the predict stage's output "
                              "(affinities); run it first")
@@ -2400,7 +1908,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                 extra = _align(client, actx, cfg, vol)
         elif stage == "predict":
             fresh = _fresh(store, stage)
-            if cfg.align is None and (fresh or not _has(root, RAW)):
+            if cfg.align is None and (fresh or not has(root, RAW)):
                 # the EM segmented, kept for viewing (float64, which viewers do not read,
                 # as float32)
                 create_volume(store, RAW, shape, np.float32 if vol.dtype == np.float64
@@ -2411,7 +1919,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                 _run_blocks(client, replace(ctx, source=full.encoding["source"]), stage,
                             _copy_raw_task, cfg.cluster)
             else:
-                if fresh or not _has(root, "affinities"):
+                if fresh or not has(root, "affinities"):
                     create_volume(store, "affinities", (len(model.config.offsets), *shape),
                                   cfg.predict.dtype, grid.chunks, voxel_size, offset,
                                   attrs={"offsets": [list(o) for o in model.config.offsets]},
@@ -2430,11 +1938,11 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
         elif stage == "watershed":
             classifier = classifier_of(cfg.segment)
             if classifier is not None and classifier.raw and (
-                    not _has(root, RAW) or root[f"{RAW}/s0"].dtype != np.uint8):
+                    not has(root, RAW) or root[f"{RAW}/s0"].dtype != np.uint8):
                 raise ValueError(f"{store}: [segment] classifier {cfg.segment.classifier!r} "
                                  f"reads the EM (uint8 {RAW}/s0 in the store), but the store "
-                                 f"has {root[f'{RAW}/s0'].dtype if _has(root, RAW) else 'none'}")
-            if _fresh(store, stage) or not _has(root, "_emdask/basins"):
+                                 f"has {root[f'{RAW}/s0'].dtype if has(root, RAW) else 'none'}")
+            if _fresh(store, stage) or not has(root, "_emdask/basins"):
                 root.create_array("_emdask/basins", shape=shape, chunks=grid.chunks,
                                   dtype=np.uint32, fill_value=0, overwrite=True)
             wctx = ctx if cfg.affinities is None else replace(
@@ -2446,7 +1954,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
         elif stage == "relabel":
             fresh = _fresh(store, stage)
             for name in label_datasets(cfg.segment):
-                if fresh or not _has(root, f"{LABELS}/{name}"):
+                if fresh or not has(root, f"{LABELS}/{name}"):
                     create_volume(store, f"{LABELS}/{name}", shape, np.uint64, grid.chunks,
                                   voxel_size, offset, overwrite=True)
             _run_blocks(client, ctx, stage, _relabel_task, cfg.cluster)
@@ -2472,7 +1980,17 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                 extra = step(client, ctx, cfg, root, _stored_affinities(
                     cfg, root, full, vol, roi_begin))
         elif stage == "report":
-            extra = {"scores": _report(cfg, full, vol, roi_begin)}
+            from emdask.volumes import open_volume
+
+            if cfg.affinities is None:
+                affs = open_volume(store, "affinities")
+            else:  # the user's, in the region of interest
+                import dask.array as da
+
+                source, begin = _affinities_given(cfg, full, vol, roi_begin)
+                affs = da.from_array(source)[(slice(None), *Box(begin, np.add(
+                    begin, vol.shape)).slices())]
+            extra = {"scores": report(cfg, vol, roi_begin, affs)}
         timings[stage] = time.perf_counter() - t0
         _ngff_index(root)
         _finish_stage(root, stage, timings[stage], extra)

@@ -407,3 +407,16 @@ def histogram_bins(seg: SegmentSpec) -> int:
 
 def label_datasets(seg: SegmentSpec) -> list[str]:
     return ["fragments"] + [f"segmentation_{t:g}" for t in seg.thresholds]
+
+
+def open_configured(url: str, dataset: str | None, voxel_size, section: str):
+    """open_volume, with the config key to set where the file has no voxel size."""
+    from emdask.volumes import VolumeError, open_volume
+
+    try:
+        return open_volume(url, dataset, voxel_size=voxel_size)
+    except VolumeError as err:
+        if "voxel size is missing" not in str(err):
+            raise
+        raise VolumeError(f"{err} (in a run config: [{section}] voxel_size = [z, y, x])"
+                          ) from None

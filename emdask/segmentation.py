@@ -17,14 +17,14 @@
    on boundaries and inside basins are additive too).
 
 Blocks are then relabelled lazily: each output block recomputes its basins (cheap) and
-looks its labels up in the table.  For volumes opened from a file (zarr, HDF5), every
-block task reads block plus halo straight from it (decoded chunks cached per worker), so
-the graph is one task per block and pass, and memory stays bounded by blocks in flight
-plus the global graph; other Dask inputs go through ``dask.array.overlap`` and are held
-between the two passes.  Because
-every decision is made on the global graph with canonical ids (a region is known by its
-lowest global voxel index, sums are exact integers), the result is identical for every
-chunking, ids included.
+looks its labels up in the table.  The per-block work is one step,
+:func:`watershed_step`, which ``emdask run`` runs on stored blocks too.  For volumes
+opened from a file (zarr, HDF5), every block task reads block plus halo straight from it
+(decoded chunks cached per worker), so memory stays bounded by blocks in flight plus the
+global step's state; a Dask input's blocks are assembled from the chunks they touch (any
+chunking) and held between the two passes.  Because every decision is made with
+canonical ids (a region is known by its lowest global voxel index, sums are exact
+integers), the result is identical for every chunking, ids included.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from emdask.agglomerate import (
     merge_small_regions,
     parse_score,
 )
-from emdask.blockwise import BlockGraph, block_data
+from emdask.blockwise import BlockGraph, Step, Where, block_data
 from emdask.region_graph import (
     B_OFFSET,
     RegionGraph,
@@ -105,9 +105,23 @@ class SegmentationInfo:
 
 
 # ---------------------------------------------------------------- per block
-def _block_summary(padded: np.ndarray, origin, shape, params: WatershedParams, bins: int):
-    """Basin info, region graph and faces of one block (see :func:`_block_basins`)."""
-    return _block_basins(padded, origin, shape, params, bins)[1:]
+def watershed_step(params: WatershedParams, bins: int, labels: bool = True) -> Step:
+    """The watershed stage's step, run by :func:`segment` and ``emdask run`` alike: per
+    block (plus a halo of :data:`~emdask.watershed.HALO` voxels), its block-local basins
+    and what the global step needs of them: ``(labels, basin info, graph, faces)``, see
+    :func:`_block_basins`; without ``labels`` (the library recomputes them in its
+    relabel pass rather than hold them), the other three.  Inputs: affinities (the first
+    three channels), and the uint8 raw EM for a learned score that reads it."""
+    return Step("watershed", _watershed, np.uint32, halo=(HALO,) * 3, summary=True,
+                params={"params": params, "bins": int(bins), "labels": labels})
+
+
+def _watershed(affs: np.ndarray, raw: np.ndarray | None = None, *, where: Where,
+               params: WatershedParams, bins: int, labels: bool) -> tuple:
+    data = affs[:3] if raw is None else np.concatenate([affs[:3],
+                                                        raw[None].astype(affs.dtype)])
+    out = _block_basins(data, where.box.begin, where.shape, params, bins)
+    return out if labels else out[1:]
 
 
 @njit(cache=True)
@@ -314,16 +328,14 @@ def _info(parts, n_blocks: int) -> SegmentationInfo:
     return SegmentationInfo(n_blocks, *totals(list(parts)))
 
 
-def _tree_tasks(g: BlockGraph, inputs: dict, shape, params: WatershedParams, bins: int,
+def _tree_tasks(g: BlockGraph, summaries: dict, params: WatershedParams, bins: int,
                 thresholds, score: str):
-    """Tasks of the tree solve: block summaries, face links, one task per box, the
-    numbering, and each block's lookup tables.  Returns {block index: key of its
-    solution} and the key of the info."""
+    """Tasks of the tree solve over the blocks' summaries (keys of the watershed step,
+    without labels): face links, one task per box, the numbering, and each block's
+    lookup tables.  Returns {block index: key of its solution} and the key of the info."""
     parts, index = {}, {}
-    for idx, block, origin, _ in g.blocks():
-        s = g.add("summary", idx, _block_summary, inputs[idx], origin=origin, shape=shape,
-                  params=params, bins=bins)
-        parts[block] = [g.item(f"summary{i}", idx, s, i) for i in range(3)]
+    for idx, block, _, _ in g.blocks():
+        parts[block] = [g.item(f"summary{i}", idx, summaries[idx], i) for i in range(3)]
         parts[block].append(g.item("first", idx, parts[block][0], 0))  # basin keys
         index[block] = idx
     boxes = tree(g.grid)
@@ -473,17 +485,19 @@ def _as_affinities(affinities: Any) -> tuple[da.Array, xr.DataArray | None]:
     return data.rechunk({0: -1}), template
 
 
-def _with_raw(data: da.Array, raw: Any) -> da.Array:
-    """Affinities with the raw EM as a fourth channel, in the affinities' chunks."""
+def _raw_input(raw: Any, shape: tuple) -> Any:
+    """The raw EM for a learned score's raw features, checked: a volume still in its
+    file is read from there, block by block; anything else as a Dask array."""
+    source = stored_source(raw) if isinstance(raw, xr.DataArray) else None
     raw = raw.data if isinstance(raw, xr.DataArray) else raw
-    raw = raw if isinstance(raw, da.Array) else da.from_array(np.asarray(raw))
-    if raw.shape != data.shape[1:]:
-        raise ValueError(f"raw {raw.shape} and affinities {data.shape[1:]} differ in shape")
+    if tuple(raw.shape) != shape:
+        raise ValueError(f"raw {tuple(raw.shape)} and affinities {shape} differ in shape")
     if raw.dtype != np.uint8:
         raise ValueError(f"raw must be uint8 EM (the classifier's raw features are in its "
                          f"units), got {raw.dtype}")
-    raw = raw.rechunk(data.chunks[1:]).astype(data.dtype)[None]
-    return da.concatenate([data, raw], axis=0).rechunk({0: -1})
+    if source is not None:
+        return source
+    return raw if isinstance(raw, da.Array) else da.from_array(np.asarray(raw))
 
 
 def segment(
@@ -542,9 +556,8 @@ def segment(
         :meth:`~emdask.learn_agglomeration.EdgeClassifier.save`, or the classifier itself.
     raw
         The (z, y, x) uint8 EM the affinities were predicted from, for a classifier that
-        uses raw features (ignored otherwise).  It travels with the affinities as a fourth
-        channel through Dask's overlap, so a file-backed input is then held between the
-        two passes like an in-memory one (memory: the 4-channel volume).
+        uses raw features (ignored otherwise).  Only the watershed pass reads it (from its
+        file, for a volume opened from one).
     solve
         How the global step (joining the blocks' graphs and agglomerating) runs:
         ``"tree"``, in a tree of boxes of blocks that each pass up only what touches their
@@ -595,13 +608,12 @@ def segment(
             raise ValueError("score='learned' needs a classifier: a shipped name "
                              "('fibsem') or a file from train_agglomeration")
         classifier = load_classifier(classifier)
-        if classifier.raw:
-            if raw is None:
-                raise ValueError("this classifier uses raw EM features: pass raw=, the EM "
-                                 "the affinities were predicted from")
-            data = _with_raw(data, raw)
+        if classifier.raw and raw is None:
+            raise ValueError("this classifier uses raw EM features: pass raw=, the EM "
+                             "the affinities were predicted from")
     bins = score_bins(score, bins, classifier)
     shape = tuple(int(s) for s in data.shape[1:])
+    step = watershed_step(params, bins, labels=False)
     # Each block task gets its block plus a halo (zeros beyond the volume: the kernel knows
     # the volume's shape and ignores edges outside it).  Input in a file (zarr, HDF5) is
     # read block plus halo by each task that needs it, in both passes, with decoded chunks
@@ -609,17 +621,21 @@ def segment(
     # between the passes but the block summaries, so memory is bounded by blocks in flight
     # plus the global graph.  A Dask input's blocks are held until the relabel pass
     # (bounded by the input's size: it is in memory already).
-    stored = stored_source(template) if template is not None and data.shape[0] == 3 else None
+    stored = stored_source(template) if template is not None else None
     g = BlockGraph("segment", data.chunks[1:])
-    inputs = g.read("input", data if stored is None else stored, (HALO,) * 3,
+    inputs = g.read("input", data if stored is None else stored, step.halo_of(0),
                     cache=uuid.uuid4().hex)
+    reads = [inputs]
+    if classifier is not None and classifier.raw:  # (read by the watershed pass only)
+        reads.append(g.read("raw", _raw_input(raw, shape), step.halo_of(1),
+                            cache=uuid.uuid4().hex))
+    summaries = g.step("watershed", step, reads, shape)
     tree_solve = use_tree(solve, score, int(np.prod(g.grid)))
     if tree_solve:
-        solutions, info = _tree_tasks(g, inputs, shape, params, bins, thr, score)
+        solutions, info = _tree_tasks(g, summaries, params, bins, thr, score)
     else:  # one global task (see emdask.solve_tree for why these scores need it)
         solution = g.solve(
-            inputs, _block_summary, face_links, _solve,
-            summary_args={"shape": shape, "params": params, "bins": bins},
+            summaries, face_links, _solve,
             link_args={"high_q": params.quantized()[1], "bins": bins},
             solve_args={"params": params, "thresholds": thr, "score": score,
                         "classifier": classifier})

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,17 @@ import numpy as np
 __all__ = ["Lease", "StoreBusy", "lease"]
 
 LEASE = "_emdask/lease.json"
+
+# The store is an NGFF 0.5 collection: the images raw (the EM the nets read: the input's
+# region of interest, or the aligned stack), affinities and synapse_probabilities, and
+# the label images of raw (defects, fragments, segmentation_<t>, synapses).
+RAW = "raw"
+LABELS = f"{RAW}/labels"
+
+#: The correct stage's output: ``segmentation_{t}`` + this, with the decisions applied.
+CORRECTED = "_corrected"
+#: The decisions the correct stage applies (a table people may edit).
+EDITS = "edits.parquet"
 
 
 # ---------------------------------------------------------------- small files
@@ -354,3 +366,59 @@ def decode_error(array, chunk: tuple) -> str | None:
     except Exception as err:  # noqa: BLE001 - any decode failure is a finding
         return f"does not decode ({type(err).__name__}: {err})"
     return None
+
+
+# ---------------------------------------------------------------- the run's record and layout
+def run_record(url: str) -> dict:
+    """The store's emdask record (its root attributes), read straight from ``zarr.json``
+    (retried: the run may be rewriting it)."""
+    for attempt in range(5):
+        try:
+            return json.loads(get_bytes(url, "zarr.json")).get("attributes", {}).get(
+                "emdask", {})
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError:
+            time.sleep(0.05 * (attempt + 1))
+    return {}
+
+
+def stage_generation(url: str, stage: str) -> str:
+    """The generation of a stage's record: markers of other generations do not count."""
+    return run_record(url).get("stages", {}).get(stage, {}).get("generation", "0")
+
+
+def done_blocks(url: str, stage: str) -> set[int]:
+    """Blocks of a stage whose outputs are completely written (in its current generation)."""
+    return marked(url, stage, stage_generation(url, stage))
+
+
+@contextlib.contextmanager
+def quiet_listing():
+    """zarr warns, whenever it lists the store, of the Parquet tables that live beside the
+    images: silence that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Object at \S+ is not recognized")
+        yield
+
+
+def has(root, name: str) -> bool:
+    """Whether the store holds ``name``."""
+    with quiet_listing():
+        return name in root
+
+
+def open_root(url: str, mode: str = "a"):
+    import zarr
+
+    from emdask.volumes import _zarr_store
+
+    return zarr.open_group(store=_zarr_store(url, "r" if mode == "r" else "w", None),
+                           mode=mode, zarr_format=3)
+
+
+def meshed(store: str, root, what: str = "meshes") -> list[str]:
+    """The label images that have meshes (or skeletons)."""
+    with quiet_listing():
+        names = list(root[LABELS].group_keys()) if has(root, LABELS) else []
+    return [n for n in names if what in list_keys(store, f"{LABELS}/{n}")]

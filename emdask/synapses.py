@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from emdask.blockwise import BlockGraph, map_reduce
+from emdask.blockwise import BlockGraph, Step, Where, map_reduce
 from emdask.segmentation import SWEEP_CACHE_BYTES, _apply_luts, _supervoxels
 from emdask.volumes import stored_source
 
@@ -44,9 +44,10 @@ def _components(mask: np.ndarray) -> np.ndarray:
                                      out_dtype=np.uint32)
 
 
-def _block_objects(mask: np.ndarray, origin, shape):
+def _block_objects(mask: np.ndarray, *, where: Where):
     """Block-local components, their lowest global voxel index, size, coordinate sums and
     bounding boxes (global voxels), and the labels on the block's faces."""
+    origin, shape = where.box.begin, where.shape
     labels = _components(mask)
     n = int(labels.max())
     idx = np.flatnonzero(labels)
@@ -65,6 +66,10 @@ def _block_objects(mask: np.ndarray, origin, shape):
     faces = {(side, d): labels.take(0 if side == "lower" else -1, d)
              for d in range(3) for side in ("lower", "upper")}
     return (first, size), (sums, lo, hi + 1), faces
+
+
+#: Per block, its objects (components of the mask) and their statistics.
+OBJECTS = Step("objects", _block_objects, None, summary=True)
 
 
 def _face_joins(upper_faces, lower_faces, d: int) -> np.ndarray:
@@ -185,9 +190,8 @@ def find_synapses(
     keys = np.empty(g.grid, object)
     keys[...] = mask.__dask_keys__()
     inputs = {idx: keys[idx] for idx in np.ndindex(*g.grid)}
-    solution = g.solve(inputs, _block_objects, _face_joins, _objects,
-                       summary_args={"shape": shape}, link_args={},
-                       solve_args={"min_size": int(min_size)})
+    solution = g.solve(g.step("objects", OBJECTS, [inputs], shape), _face_joins, _objects,
+                       link_args={}, solve_args={"min_size": int(min_size)})
     # The global solve is small (one row per object): computed now for the table, it
     # enters the relabel pass as a value, each block given its own part of the table.
     lut, bases, stats = g.delayed(solution).compute()

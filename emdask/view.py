@@ -76,10 +76,10 @@ class Viewing:
 
 
 def _labels(root) -> list[str]:
-    from emdask.pipeline import LABELS, _has, _quiet_listing
+    from emdask.store import LABELS, has, quiet_listing
 
-    with _quiet_listing():
-        return sorted(root[LABELS].group_keys()) if _has(root, LABELS) else []
+    with quiet_listing():
+        return sorted(root[LABELS].group_keys()) if has(root, LABELS) else []
 
 
 def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
@@ -101,7 +101,7 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
     import zarr
 
     from emdask.meshes import largest_segments
-    from emdask.pipeline import LABELS, RAW, _has
+    from emdask.store import LABELS, RAW, has
     from emdask.volumes import open_volume
 
     store = Path(store)
@@ -112,7 +112,7 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
     server, store_url = serve_store(store, bind, store_port)
     neuroglancer.set_server_bind_address(bind, port)
     viewer = neuroglancer.Viewer()
-    raw = open_volume(str(store), RAW) if _has(root, RAW) else None
+    raw = open_volume(str(store), RAW) if has(root, RAW) else None
     with viewer.txn() as state:
         if raw is not None:
             # neuroglancer shows its first two dimensions in the main panel: x, y first
@@ -123,13 +123,13 @@ def view(store: str | Path, bind: str = "127.0.0.1", port: int = 0,
             state.position = centre[::-1]
             state.cross_section_scale = max(raw.shape[1:]) / 450  # fills a 500 px panel
             state.projection_scale = float(max(raw.shape)) * 1.5
-        if _has(root, RAW):
+        if has(root, RAW):
             state.layers["raw"] = neuroglancer.ImageLayer(source=f"zarr://{store_url}/{RAW}/")
-        if _has(root, "affinities"):
+        if has(root, "affinities"):
             state.layers["affinities"] = neuroglancer.ImageLayer(
                 source=f"zarr://{store_url}/affinities/", shader=AFFINITY_SHADER)
             state.layers["affinities"].visible = False
-        if _has(root, "synapse_probabilities"):
+        if has(root, "synapse_probabilities"):
             state.layers["synapse probabilities"] = neuroglancer.ImageLayer(
                 source=f"zarr://{store_url}/synapse_probabilities/")
             state.layers["synapse probabilities"].visible = False

@@ -17,10 +17,11 @@ import xarray as xr
 from emdask import find_synapses, open_volume, predict_affinities, segment, voi
 from emdask.align import warp_section
 from emdask.cli import main
+from emdask.cluster import duration, make_cluster
 from emdask.config import to_toml
 from emdask.data import sample, sample_path
 from emdask.models import WEIGHTS_NC, card_defaults, model_card, pretrained
-from emdask.pipeline import ClusterSpec, _duration, load_run_config, make_cluster, run
+from emdask.pipeline import ClusterSpec, load_run_config, run
 from emdask.predict import intensity_range, normalize_raw, predict_synapses
 from emdask.volumes import as_volume
 from emdask.watershed import WatershedParams, basins
@@ -349,8 +350,8 @@ def test_runs_log_progress_to_the_store_and_keep_the_dashboard_local(tmp_path, t
     run(cfg)
     log = (Path(cfg["output"]["path"]) / "emdask.log").read_text()
     assert "== emdask run" in log and "predict" in log and "elapsed" in log
-    assert _duration(42.14) == "42.1 s" and _duration(185) == "3 min 05 s"
-    assert _duration(7620) == "2 h 07 min"
+    assert duration(42.14) == "42.1 s" and duration(185) == "3 min 05 s"
+    assert duration(7620) == "2 h 07 min"
     assert ClusterSpec().dashboard.startswith("127.0.0.1")
     import psutil
 

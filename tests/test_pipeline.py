@@ -284,10 +284,10 @@ def test_roi_in_nm_selects_the_same_voxels(tmp_path, tiny_model):
 
 
 def test_cluster_tolerates_the_configured_worker_losses():
-    from emdask.pipeline import _client
+    from emdask.cluster import connect
 
     spec = ClusterSpec(n_workers=1, processes=False, allowed_failures=25)
-    with _client(spec) as client:
+    with connect(spec) as client:
         assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 25
 
 

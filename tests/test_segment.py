@@ -251,13 +251,13 @@ def test_a_sweep_computed_one_threshold_at_a_time_costs_one_pass(monkeypatch):
         calls["upstream"] += 1
         return block
 
-    summary = segmentation._block_summary
+    summary = segmentation._block_basins
 
     def counted(*args, **kwargs):
         calls["summary"] += 1
         return summary(*args, **kwargs)
 
-    monkeypatch.setattr(segmentation, "_block_summary", counted)
+    monkeypatch.setattr(segmentation, "_block_basins", counted)
     affs = np.random.default_rng(0).random((3, 32, 64, 64)).astype(np.float32)
     lazy = da.from_array(affs, chunks=(3, 16, 32, 32)).map_blocks(
         upstream, meta=np.zeros((0, 0, 0, 0), np.float32))

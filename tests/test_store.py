@@ -115,20 +115,20 @@ def test_a_stale_lease_is_taken_over(tmp_path):
 def test_a_run_whose_lease_was_taken_over_stops_between_blocks(tmp_path):
     from distributed import Client, LocalCluster
 
-    from emdask.pipeline import _HELD, _progress
+    from emdask.cluster import HELD_LEASE, progress
 
     held = Lease(str(tmp_path / "s.zarr"))
     held.lost = True  # what the heartbeat finds when another run has taken the lease
-    token = _HELD.set(held)
+    token = HELD_LEASE.set(held)
     try:
         with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             futures = client.map(time.sleep, [0.01] + [5.0] * 4, pure=False)
             with pytest.raises(StoreBusy, match="lease was taken over"):
-                _progress(futures, "test")
+                progress(futures, "test")
             assert all(f.cancelled() for f in futures[1:])
     finally:
-        _HELD.reset(token)
+        HELD_LEASE.reset(token)
 
 
 # ------------------------------------------------------------------ verify
