@@ -141,7 +141,7 @@ def report(cfg: RunConfig, vol, roi_begin, affinities) -> dict:
                        else (synapses > 0).sum(axis=(1, 2)).compute())
         z = (int(np.argmax(per_section)) if per_section is not None and per_section.any()
              else vol.shape[0] // 2)
-        affs = np.asarray(affinities[:, z:z + 1, 0:vol.shape[1], 0:vol.shape[2]])[:, 0]
+        affs = np.asarray(affinities[:, z])
         figure(np.asarray(vol[z]), affs,
                np.asarray(open_volume(store, best)[z]),
                None if gt is None else np.asarray(gt[z]),
