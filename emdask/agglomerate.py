@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit, types
-from numba.typed import Dict, List
+from numba import njit
 
 from emdask.region_graph import RegionGraph
 from emdask.watershed import Q, _find
@@ -189,7 +188,8 @@ def _features(e, a, b, count, total, emax, hist, eraw, region, out):
     # neighbour shares most of its surface with it
     out[10] = count[e] / region[s, 0] ** (2.0 / 3.0)
     # raw EM (0 where not given): a membrane is darker than the cells it parts
-    out[11] = eraw[e] / (count[e] * 510.0)  # eraw: both voxels of each voxel edge
+    # eraw: both voxels of each voxel edge (empty without raw)
+    out[11] = (eraw[e] if eraw.size else 0) / (count[e] * 510.0)
     out[12] = region[s, 1] / (region[s, 0] * 255.0)
     out[13] = region[g, 1] / (region[g, 0] * 255.0)
     out[14] = min(out[12], out[13]) - out[11]
@@ -229,6 +229,59 @@ def _pair(rank, a, b):
     return (rank[a], rank[b]) if rank[a] <= rank[b] else (rank[b], rank[a])
 
 
+# The agglomeration kernel's adjacency: which edge joins two regions, and every region's
+# edges.  A typed dict per region cost about 300 bytes a region even when small (120 MB
+# in a box of the tree solve at 512 blocks) and 19 us an edge; flat arrays instead: one
+# open-addressing table of edge ids keyed by their regions (-1 empty, -2 deleted), and
+# per region a linked list of edge ends (end 2e + 0 at eu[e], 2e + 1 at ev[e]).
+_EMPTY, _DELETED = -1, -2
+
+
+@njit(cache=True)
+def _slot(a, b, mask):
+    """Where the probe for the edge between regions ``a`` and ``b`` starts."""
+    lo, hi = np.uint64(min(a, b)), np.uint64(max(a, b))
+    h = lo * np.uint64(0x9E3779B97F4A7C15) ^ hi * np.uint64(0xC2B2AE3D27D4EB4F)
+    h ^= h >> np.uint64(29)
+    return np.int64(h & np.uint64(mask))
+
+
+@njit(cache=True)
+def _lookup_edge(table, eu, ev, a, b):
+    """The slot of ``table`` that holds the edge between regions ``a`` and ``b``, or -1."""
+    mask = table.size - 1
+    i = _slot(a, b, mask)
+    while True:
+        f = table[i]
+        if f == _EMPTY:
+            return -1
+        if f >= 0 and ((eu[f] == a and ev[f] == b) or (eu[f] == b and ev[f] == a)):
+            return i
+        i = (i + 1) & mask
+
+
+@njit(cache=True)
+def _insert_edge(table, eu, ev, f):
+    """Put edge ``f`` (not in the table) in the table; 1 if it took an empty slot."""
+    mask = table.size - 1
+    i = _slot(eu[f], ev[f], mask)
+    while table[i] >= 0:
+        i = (i + 1) & mask
+    taken = table[i] == _EMPTY
+    table[i] = f
+    return 1 if taken else 0
+
+
+@njit(cache=True)
+def _append_end(head, tail, nxt, r, end):
+    nxt[end] = -1
+    if head[r] < 0:
+        head[r] = end
+    else:
+        nxt[tail[r]] = end
+    tail[r] = end
+
+
 @njit(cache=True)
 def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code, q, forest,
                         thresholds, truth, rank, frozen):
@@ -246,9 +299,10 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
     already blocked) blocks both its regions, which then wait for the level above.  Returns
     the representatives and the blocked regions at each threshold."""
     n_edges = eu.size
-    eu, ev = eu.copy(), ev.copy()
+    eu, ev = eu.astype(np.int32), ev.astype(np.int32)
     count, total, emax, hist = count.copy(), total.copy(), emax.copy(), hist.copy()
-    eraw, region = eraw.copy(), region.copy()
+    eraw, region = eraw.copy(), region.copy()  # (eraw: empty without raw)
+    with_raw = eraw.size > 0
     x = np.empty(len(FEATURES))
     # The learned score depends on region sizes too, so a merge changes the cost of every
     # edge of the merged region.  Those are scored again lazily: an edge popped after one of
@@ -259,22 +313,32 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
     # on the medulla); training and use follow the same order.
     resize = code == 3
     version = np.zeros(n, np.int64)
-    scored = np.zeros(n_edges, np.int64)
+    scored = np.zeros(n_edges if resize else 0, np.int64)
     teach = truth.size > 0
     records = np.empty((n_edges if teach else 0, len(FEATURES)))
     labels = np.empty(n_edges if teach else 0, np.bool_)
     n_records = 0
     parent = np.arange(n)
-    adj = List()
-    for _ in range(n):
-        adj.append(Dict.empty(key_type=types.int64, value_type=types.int64))
+    # the adjacency (see _slot): a table at most half full of live edges, rebuilt when
+    # deleted ones leave a quarter of it free
+    size = 8
+    while size < 2 * n_edges:
+        size *= 2
+    table = np.full(size, _EMPTY, np.int32)
+    used = 0  # slots not empty
+    head, tail = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
+    nxt = np.empty(2 * n_edges, np.int32)
+    degree = np.zeros(n, np.int64)  # live edges of a region
     rank = rank.copy()
     blocked = frozen.copy()
     heap = [(0.0, np.int64(0), np.int64(0), np.int64(0), np.int64(0))]
     heap.pop()
     for e in range(n_edges):
-        adj[eu[e]][ev[e]] = e
-        adj[ev[e]][eu[e]] = e
+        used += _insert_edge(table, eu, ev, e)
+        _append_end(head, tail, nxt, eu[e], 2 * e)
+        _append_end(head, tail, nxt, ev[e], 2 * e + 1)
+        degree[eu[e]] += 1
+        degree[ev[e]] += 1
         lo, hi = _pair(rank, eu[e], ev[e])
         heap.append((_cost(e, eu[e], ev[e], count, total, emax, hist, eraw, region, code, q, forest,
                            x), lo, hi, np.int64(e), np.int64(0)))
@@ -332,17 +396,19 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
             blocked[b] = True
             continue
         alive[e] = False
+        table[_lookup_edge(table, eu, ev, a, b)] = _DELETED
+        # (a dead edge's ends stay in the lists until their region merges away: skipped)
         if teach:
             if truth[a] != 0 and truth[b] != 0:
                 _features(e, a, b, count, total, emax, hist, eraw, region, records[n_records])
                 labels[n_records] = truth[a] == truth[b]
                 n_records += 1
             if truth[a] <= 0 or truth[a] != truth[b]:  # the teacher does not merge
-                adj[a].pop(b)
-                adj[b].pop(a)
+                degree[a] -= 1
+                degree[b] -= 1
                 continue
         # the region with more neighbours survives, so fewer edges move
-        if len(adj[a]) >= len(adj[b]):
+        if degree[a] >= degree[b]:
             keep, gone = a, b
         else:
             keep, gone = b, a
@@ -350,34 +416,64 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
         region[keep] += region[gone]
         rank[keep] = max(rank[keep], rank[gone])
         version[keep] += 1
-        adj[keep].pop(gone)
-        for nb, f in adj[gone].items():
-            if nb == keep:
-                continue
-            adj[nb].pop(gone)
-            if nb in adj[keep]:
-                g = adj[keep][nb]
-                count[g] += count[f]
-                total[g] += total[f]
-                eraw[g] += eraw[f]
-                emax[g] = max(emax[g], emax[f])
-                for b2 in range(hist.shape[1]):
-                    hist[g, b2] += hist[f, b2]
-                alive[f] = False
-                stamp[g] += 1
-                scored[g] = version[keep] + version[nb]
-                glo, ghi = _pair(rank, keep, nb)
-                heapq.heappush(heap, (_cost(g, keep, nb, count, total, emax, hist, eraw, region,
-                                            code, q, forest, x), glo, ghi, g, stamp[g]))
-            else:
-                adj[keep][nb] = f
-                adj[nb][keep] = f
-                if eu[f] == gone:
-                    eu[f] = keep
+        degree[keep] -= 1
+        # gone's live edges: summed into keep's edge to the same neighbour, or moved to
+        # keep (their ends relinked into a list appended to keep's)
+        end, first, last = head[gone], -1, -1
+        while end >= 0:
+            following = nxt[end]
+            f = end >> 1
+            if alive[f]:
+                nb = ev[f] if end & 1 == 0 else eu[f]
+                table[_lookup_edge(table, eu, ev, gone, nb)] = _DELETED
+                at = _lookup_edge(table, eu, ev, keep, nb)
+                if at >= 0:
+                    g = np.int64(table[at])
+                    count[g] += count[f]
+                    total[g] += total[f]
+                    if with_raw:
+                        eraw[g] += eraw[f]
+                    emax[g] = max(emax[g], emax[f])
+                    for b2 in range(hist.shape[1]):
+                        hist[g, b2] += hist[f, b2]
+                    alive[f] = False
+                    degree[nb] -= 1
+                    stamp[g] += 1
+                    if resize:
+                        scored[g] = version[keep] + version[nb]
+                    glo, ghi = _pair(rank, keep, nb)
+                    heapq.heappush(heap, (_cost(g, keep, nb, count, total, emax, hist, eraw,
+                                                region, code, q, forest, x), glo, ghi, g,
+                                          stamp[g]))
                 else:
-                    ev[f] = keep
-                scored[f] = -1  # now between other regions: scored anew when popped
-        adj[gone].clear()
+                    if end & 1 == 0:
+                        eu[f] = keep
+                    else:
+                        ev[f] = keep
+                    used += _insert_edge(table, eu, ev, f)
+                    degree[keep] += 1
+                    if resize:
+                        scored[f] = -1  # now between other regions: scored anew when popped
+                    if last < 0:
+                        first = end
+                    else:
+                        nxt[last] = end
+                    last = end
+            end = following
+        if last >= 0:
+            nxt[last] = -1
+            if head[keep] < 0:
+                head[keep] = first
+            else:
+                nxt[tail[keep]] = first
+            tail[keep] = last
+        head[gone], tail[gone], degree[gone] = -1, -1, 0
+        if 4 * used > 3 * table.size:  # too few empty slots: the live edges anew
+            table[:] = _EMPTY
+            used = 0
+            for f in range(n_edges):
+                if alive[f]:
+                    used += _insert_edge(table, eu, ev, f)
     while t < n_thr:
         for i in range(n):
             out[t, i] = _find(parent, i)
@@ -441,7 +537,7 @@ def _run(graph: RegionGraph, n_regions: int, thresholds: Sequence[float], score:
         raise ValueError(f"sizes must have one entry per region ({n_regions}), got shape "
                          f"{sizes.shape}")
     with_raw = raw is not None and graph.raw.shape[1] == 1
-    edge_raw = graph.raw[:, 0] if with_raw else np.zeros(len(graph), np.int64)
+    edge_raw = graph.raw[:, 0] if with_raw else np.zeros(0, np.int64)
     region_raw = np.asarray(raw, np.int64) if with_raw else np.zeros(n_regions, np.int64)
     if region_raw.shape != (n_regions,):
         raise ValueError(f"raw must have one sum per region ({n_regions}), got shape "

@@ -201,7 +201,8 @@ def combine(graphs: list[RegionGraph], relabel: np.ndarray | None = None,
         parts = [getattr(g, f) for g in graphs]
         if offsets is not None and i < 2:
             parts = [p + o[i] for p, o in zip(parts, offsets, strict=True)]
-        cat.append(np.concatenate(parts))
+        # (one graph's arrays are read, not copied: _reduce builds new ones)
+        cat.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
         del parts
         if relabel is not None and i < 2:
             cat[i] = relabel[cat[i]]

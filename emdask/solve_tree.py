@@ -142,6 +142,11 @@ def _relabel(graph: RegionGraph, old: np.ndarray, new: np.ndarray) -> RegionGrap
     return combine([_renamed(graph, old, new)])
 
 
+def _keyed(graph: RegionGraph, keys: np.ndarray) -> RegionGraph:
+    """The graph between indices into ``keys`` as a graph between the keys."""
+    return graph.relabeled(keys[graph.u], keys[graph.v])
+
+
 def _concat(graphs: list[RegionGraph]) -> RegionGraph:
     """The edges of ``graphs`` one after the other (no summing)."""
     return RegionGraph(*(np.concatenate([getattr(g, f) for g in graphs]) for f in FIELDS))
@@ -243,6 +248,7 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     in_comp = in_comp[roots]
     sv_rank, sv_region = rank[roots], sv_region[:, roots]
     sv_key = sv_key[roots]
+    del parent, renamed, roots, rank  # (the children's numbering: held no longer)
     n = sv_key.size
     comp = np.arange(n)
     face_sv = _lookup(sv_from, sv_to, face_sv)
@@ -280,6 +286,7 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     np.maximum.at(frag_rank, root, sv_rank)
     frag_sv = sv_key[final]
     frag_key = np.where(dust, _NONE, sv_key[root])[final]
+    del comp, open_sv, frag_size
 
     # -- agglomeration, one run per threshold (the children's states differ per threshold)
     # every supervoxel edge as an edge between entities: frozen uncertain regions, new
@@ -287,7 +294,11 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
     n_und = len(undecided)
     edges = _concat([undecided, decided])  # (the undecided edges first)
     del undecided, decided, ui, vi
-    eu, ev = np.searchsorted(sv_key, edges.u), np.searchsorted(sv_key, edges.v)
+    # the ends as supervoxel indices (int32), in place of their keys (sv_key[eu]) while
+    # the edges are held
+    eu = np.searchsorted(sv_key, edges.u).astype(np.int32)
+    ev = np.searchsorted(sv_key, edges.v).astype(np.int32)
+    edges = edges.relabeled(eu, ev)
     frozen_key = np.unique(sv_key[root[in_comp & uncertain]])
     new_key = np.unique(sv_key[root[final & ~dust]])
     reg_from, reg_to, done, region_key, region_rank, region_graph = [], [], [], [], [], []
@@ -298,12 +309,12 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
             own = sv_key[root[i]]
             return np.where(in_comp[i], np.where(dust[i], _NONE, own), sv_region[t, i])
 
-        # an edge with an end left out becomes a self-edge of -1, which summing drops (so
-        # the edge list is not copied)
-        ku, kv = entity(eu), entity(ev)
-        out = (ku == _NONE) | (kv == _NONE)
-        ku[out], kv[out] = _NONE, _NONE
-        del out
+        # the edges between two entities (summing drops the others: an end left out, or
+        # both in one entity)
+        ent = entity(np.arange(n))
+        ku, kv = ent[eu], ent[ev]
+        sel = np.flatnonzero((ku != kv) & (ku != _NONE) & (kv != _NONE))
+        ku, kv = ku[sel], kv[sel]
         children, child_regions[t] = child_regions[t], None
         child_key = np.concatenate([c[0] for c in children])
         child_rank = np.concatenate([c[1] for c in children])
@@ -313,8 +324,8 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
         order = np.argsort(keys)
         keys, ranks = keys[order], ranks[order]
         frozen = _in(frozen_key, keys)
-        graph = _cat([c[2] for c in children] + [edges.relabeled(ku, kv)])
-        del children, ku, kv
+        graph = _cat([c[2] for c in children] + [edges.select(sel).relabeled(ku, kv)])
+        del children, ku, kv, sel
         local = graph.relabeled(np.searchsorted(keys, graph.u), np.searchsorted(keys, graph.v))
         if not len(graph):
             local = RegionGraph.empty(bins)
@@ -343,7 +354,6 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
         region_graph.append(between.select(both))
         del between
         # the region at t of every final supervoxel (-1 where finished)
-        ent = entity(np.arange(n))
         reg = _lookup(keys, group, ent, _NONE)
         new_region[t] = np.where(_in(wait_key, reg), reg, _NONE)
 
@@ -381,8 +391,8 @@ def merge_boxes(parts: list[Carried], keep_sides: list[int], joins: np.ndarray,
         _lookup(old, new, face_sv[face_side > 0]), row_key,
         np.bincount(row, sv_size[keep_sv], rows.size).astype(np.int64), row_rank,
         np.where(unc[rows], row_key, _NONE), new_region[:, rows],
-        _relabel(edges.select(np.flatnonzero(still)), old, new),
-        _relabel(edges.select(dec), old, new),
+        _relabel(_keyed(edges.select(np.flatnonzero(still)), sv_key), old, new),
+        _relabel(_keyed(edges.select(dec), sv_key), old, new),
         region_key, region_rank, region_graph)
     held += up.nbytes
     return up, Resolution(sv_from, sv_to, frag_sv, frag_key, reg_from, reg_to, done,

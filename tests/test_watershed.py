@@ -5,7 +5,7 @@ import pytest
 
 from emdask.affinities import affinities_from_labels
 from emdask.agglomerate import agglomerate, merge_small_regions
-from emdask.region_graph import RegionGraph, combine, region_graph
+from emdask.region_graph import RegionGraph, combine, from_observations, region_graph
 from emdask.watershed import HALO, WatershedParams, basins, quantize_affinities
 
 
@@ -145,6 +145,51 @@ def test_agglomerate_updates_mean_after_merge():
     assert len(set(agglomerate(g, 3, [0.45], score="max")[0])) == 1
     # median of {.2,.6,.6,.6} is .6, estimated from 8 bins as 0.54 (cost .46)
     assert [len(set(r)) for r in agglomerate(g, 3, [0.4, 0.5], score="median")] == [2, 1]
+
+
+def _greedy(u, v, count, total, n, thresholds):
+    """Agglomeration by its definition, slowly: merge the pair of regions with the lowest
+    cost (1 - mean of their summed boundary), ties by their rank pair (a region's rank: the
+    highest id in it), while it is below the threshold; each threshold's partition."""
+    group = np.arange(n)
+    out = []
+    for thr in thresholds:
+        while True:
+            a, b = group[u], group[v]
+            cut = a != b
+            if not cut.any():
+                break
+            lo, hi = np.minimum(a, b)[cut], np.maximum(a, b)[cut]
+            pairs, inv = np.unique(np.stack([lo, hi]), axis=1, return_inverse=True)
+            cost = 1 - np.bincount(inv, total[cut]) / (np.bincount(inv, count[cut]) * 65535.0)
+            rank = np.full(n, -1)
+            np.maximum.at(rank, group, np.arange(n))
+            ra, rb = rank[pairs[0]], rank[pairs[1]]
+            best = np.lexsort((np.maximum(ra, rb), np.minimum(ra, rb), cost))[0]
+            if cost[best] >= thr:
+                break
+            group[group == pairs[1, best]] = pairs[0, best]
+        out.append(group.copy())
+    return out
+
+
+def test_agglomerate_is_the_greedy_definition():
+    """Many merges of many-neighboured regions (the kernel's adjacency: parallel edges
+    summed, edges moved, its table rebuilt) give the greedy partitions."""
+    rng = np.random.default_rng(7)
+    for n in (5, 30, 80):
+        for _ in range(4):
+            m = 6 * n
+            u, v = rng.integers(0, n, m), rng.integers(0, n, m)
+            w = rng.integers(0, 65536, m)
+            g = from_observations(u, v, w)
+            thresholds = [0.3, 0.5, 0.7]
+            reps = agglomerate(g, n, thresholds)
+            want = _greedy(g.u, g.v, g.count, g.total, n, thresholds)
+            for r, groups in zip(reps, want, strict=True):
+                # the same partition (representatives are the kernel's choice)
+                assert len(np.unique(np.stack([r, groups]), axis=1).T) == len(set(r))
+                assert len(set(r)) == len(set(groups))
 
 
 def test_agglomerate_rejects_bad_thresholds_and_scores():
