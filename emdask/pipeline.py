@@ -114,6 +114,7 @@ from emdask.store import (
 )
 from emdask.store import list_keys as _list
 from emdask.store import local_path as _local_path
+from emdask.volumes import clear_chunk_cache
 
 __all__ = ["STAGES", "RunConfig", "StoreBusy", "load_run_config", "local_cluster",
            "make_cluster", "run", "verify"]
@@ -241,7 +242,7 @@ def _predict_task(ctx: _Context, blocks: list[int], model_name: str | None = Non
 
     def done(i: int) -> None:
         if ctx.copy_raw:  # the EM read (from the cache), kept: what was segmented
-            _copy_raw(ctx, boxes[i])
+            _copy_raw(ctx, boxes[i], cached=True)
         mark_done(ctx.store, stage, blocks[i], ctx.stamp)
 
     # block by block, each marked as soon as written: a task killed midway leaves at
@@ -250,18 +251,20 @@ def _predict_task(ctx: _Context, blocks: list[int], model_name: str | None = Non
                  [(ctx.source_name, ctx.generation), None], done)
 
 
-def _copy_raw(ctx: _Context, box) -> None:
-    """Copy a box of the input's region of interest into raw/s0."""
+def _copy_raw(ctx: _Context, box, cached: bool) -> None:
+    """Copy a box of the input's region of interest into raw/s0 (``cached``: through the
+    chunk cache, where the net has just read it)."""
     from emdask.blockwise import COPY, write_blocks
 
     write_blocks(COPY, [box], [ctx.source], _array(ctx, f"{RAW}/s0"), ctx.grid.shape,
-                 [ctx.roi_begin], [(ctx.source_name, ctx.generation)])
+                 [ctx.roi_begin], [(ctx.source_name, ctx.generation) if cached else None])
 
 
 def _copy_raw_task(ctx: _Context, block: int) -> None:
     """Copy one block of the input's region of interest into raw/s0 (with [affinities],
-    where no net reads it)."""
-    _copy_raw(ctx, ctx.grid.box(block))
+    where no net reads it; each chunk is read once, so not through the chunk cache,
+    which would keep up to its 512 MB of them in every worker)."""
+    _copy_raw(ctx, ctx.grid.box(block), cached=False)
     mark_done(ctx.store, "predict", block, ctx.stamp)
 
 
@@ -1992,6 +1995,7 @@ def _run(cfg: RunConfig, stages: list[str], overwrite: bool, client, checked: _C
                     begin, vol.shape)).slices())]
             extra = {"scores": report(cfg, vol, roi_begin, affs)}
         timings[stage] = time.perf_counter() - t0
+        client.run(clear_chunk_cache)  # (the next stage's tasks have no use for them)
         _ngff_index(root)
         _finish_stage(root, stage, timings[stage], extra)
         print(f"  {stage}: {timings[stage]:.1f} s", file=sys.stderr)

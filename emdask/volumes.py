@@ -459,6 +459,16 @@ _chunk_cache_lock = threading.Lock()
 _chunk_cache_size = [0]
 
 
+def clear_chunk_cache() -> None:
+    """Drop the decoded chunks :func:`read_box` keeps in this process (``emdask run`` does
+    so on every worker after each stage: its cached chunks are of no use to the next
+    stage's tasks, which would otherwise run beside up to :data:`CHUNK_CACHE_BYTES` of
+    them)."""
+    with _chunk_cache_lock:
+        _chunk_cache.clear()
+        _chunk_cache_size[0] = 0
+
+
 def _read_cached(source, token, lo, hi, chunks, lead) -> np.ndarray:
     first = [a // c for a, c in zip(lo, chunks, strict=True)]
     last = [max(b - 1, a) // c for a, b, c in zip(lo, hi, chunks, strict=True)]
