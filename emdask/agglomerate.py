@@ -273,13 +273,15 @@ def _insert_edge(table, eu, ev, f):
 
 
 @njit(cache=True)
-def _append_end(head, tail, nxt, r, end):
-    nxt[end] = -1
+def _append_ends(head, tail, nxt, r, first, last):
+    """Append a chain of edge ends (``first`` .. ``last``, linked by ``nxt``) to region
+    ``r``'s list."""
+    nxt[last] = -1
     if head[r] < 0:
-        head[r] = end
+        head[r] = first
     else:
-        nxt[tail[r]] = end
-    tail[r] = end
+        nxt[tail[r]] = first
+    tail[r] = last
 
 
 @njit(cache=True)
@@ -335,8 +337,8 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
     heap.pop()
     for e in range(n_edges):
         used += _insert_edge(table, eu, ev, e)
-        _append_end(head, tail, nxt, eu[e], 2 * e)
-        _append_end(head, tail, nxt, ev[e], 2 * e + 1)
+        _append_ends(head, tail, nxt, eu[e], 2 * e, 2 * e)
+        _append_ends(head, tail, nxt, ev[e], 2 * e + 1, 2 * e + 1)
         degree[eu[e]] += 1
         degree[ev[e]] += 1
         lo, hi = _pair(rank, eu[e], ev[e])
@@ -461,12 +463,7 @@ def _agglomerate_kernel(n, eu, ev, count, total, emax, hist, eraw, region, code,
                     last = end
             end = following
         if last >= 0:
-            nxt[last] = -1
-            if head[keep] < 0:
-                head[keep] = first
-            else:
-                nxt[tail[keep]] = first
-            tail[keep] = last
+            _append_ends(head, tail, nxt, keep, first, last)
         head[gone], tail[gone], degree[gone] = -1, -1, 0
         if 4 * used > 3 * table.size:  # too few empty slots: the live edges anew
             table[:] = _EMPTY
