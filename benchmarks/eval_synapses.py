@@ -2,13 +2,16 @@
 
     python benchmarks/eval_synapses.py runs/synapses_vnc/model.pt [--threshold 0.98]
     python benchmarks/eval_synapses.py --folds 4 [--train] [--max-minutes M]
+                                       [--recipe TOML] [--set KEY=VALUE ...] [--only K ...]
 
 The first form scores one net on the validation rows (y 768-1023).  ``--folds 4`` is
 cross-validation over the whole stack: the rows are cut into 4 folds at rows no labelled
 synapse crosses (every synapse lies in exactly one fold: 10, 10, 6 and 7 synapses); fold k's
-net trains (``--train``: ``runs/synapse_folds/fold<k>``, resumable, the shipped recipe
-``emdask/weights_nc/synapses.toml`` with its rows replaced, under bfloat16 autocast with
-1 x 12 x 96 x 96 patches) on the rows outside the fold and a
+net trains (``--train``: ``runs/synapse_folds/<recipe>/fold<k>``, resumable; the shipped
+recipe ``emdask/weights_nc/synapses.toml`` unless ``--recipe`` names another, ``--set``
+changing its top-level keys (``--set dice=1 positive_fraction=0.25``), with its rows
+replaced; under bfloat16 autocast with 1 x 12 x 96 x 96 patches where the CPU has native
+bfloat16) on the rows outside the fold and a
 margin of 32 rows around it; its threshold and minimum size are chosen on those training
 rows only; then the fold is scored at that operating point (precision, recall, F1, CREMI
 distances, partners with the true cells and with the ``sstem`` net's segmentation), and
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import dask
@@ -56,16 +60,21 @@ RADIUS = (0, 10, 10)
 FOLDS = (0, 425, 619, 815, 1024)
 MARGIN = 32  # rows between a fold and the rows its net trains on
 FOLD_RUNS = Path("runs/synapse_folds")
-THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
-MIN_SIZES = (0, 25, 50, 100, 200)
+# operating points searched on each fold's training rows (the labelled densities have
+# 255-6593 voxels, median 2310)
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998)
+MIN_SIZES = (0, 25, 50, 100, 200, 400, 800)
+RECIPE = "emdask/weights_nc/synapses.toml"
 
 
-def fold_config(k: int, recipe: str = "emdask/weights_nc/synapses.toml"):
-    """The shipped detector's training recipe on the rows outside fold ``k`` and its
-    margin, without a validation region (nothing of the fold is looked at in training)."""
+def fold_config(k: int, recipe: str = RECIPE, changes: dict | None = None):
+    """A detector's training recipe (with ``changes`` to its top-level keys) on the rows
+    outside fold ``k`` and its margin, without a validation region (nothing of the fold is
+    looked at in training)."""
+    from emdask.predict import native_bfloat16
     from emdask.training import load_config
 
-    cfg = load_config(recipe)
+    cfg = dataclasses.replace(load_config(recipe), **(changes or {}))
     lo, hi = FOLDS[k] - MARGIN, FOLDS[k + 1] + MARGIN
     vol = cfg.volumes[0]
     boxes = [((0, 0, 0), (20, lo, 640))] if lo > 0 else []
@@ -73,11 +82,19 @@ def fold_config(k: int, recipe: str = "emdask/weights_nc/synapses.toml"):
     # patches drawn in proportion to the rows of each part
     volumes = [dataclasses.replace(vol, roi=[list(b), list(e)], weight=(e[1] - b[1]) / 1024)
                for b, e in boxes]
+    cfg = dataclasses.replace(cfg, out=str(fold_folder(k, recipe, changes)), volumes=volumes,
+                              validation=None)
+    if not native_bfloat16("cpu"):
+        return cfg
     # bfloat16 autocast, 1 x 12 x 96 x 96 patches (as many voxels as the recipe's 2 x 8 x
-    # 96 x 96, whose bf16 backward crashes in oneDNN on these CPUs)
-    return dataclasses.replace(cfg, out=str(FOLD_RUNS / f"fold{k}"), volumes=volumes,
-                               validation=None, precision="bfloat16", batch_size=1,
-                               patch=[12, 96, 96])
+    # 96 x 96, whose bf16 backward crashes in oneDNN on AMX CPUs)
+    return dataclasses.replace(cfg, precision="bfloat16", batch_size=1, patch=[12, 96, 96])
+
+
+def fold_folder(k: int, recipe: str = RECIPE, changes: dict | None = None) -> Path:
+    name = "+".join([Path(recipe).stem, *(f"{key}={v}" for key, v in sorted((changes or {})
+                                                                           .items()))])
+    return FOLD_RUNS / name / f"fold{k}"
 
 
 def _score_rows(prob, clefts, rows, threshold, min_size, vs, keep: bool) -> dict:
@@ -96,7 +113,8 @@ def _score_rows(prob, clefts, rows, threshold, min_size, vs, keep: bool) -> dict
     return synapse_scores(det, gt, vs, min_size)
 
 
-def cross_validate(train: bool, max_minutes: float | None) -> None:
+def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
+                   changes: dict | None = None, only: list[int] | None = None) -> None:
     from emdask.models import pretrained
     from emdask.predict import predict_affinities
     from emdask.training import train as train_net
@@ -105,10 +123,11 @@ def cross_validate(train: bool, max_minutes: float | None) -> None:
     clefts = open_volume(VNC, "labels/clefts").values
     cells = open_volume(VNC, "labels/cell_ids_2d").values
     vs = raw.attrs["voxel_size"]
-    n = len(FOLDS) - 1
+    folds = only if only else range(len(FOLDS) - 1)
     if train:
-        for k in range(n):
-            train_net(fold_config(k), max_seconds=max_minutes * 60 if max_minutes else None)
+        for k in folds:
+            train_net(fold_config(k, recipe, changes),
+                      max_seconds=max_minutes * 60 if max_minutes else None)
     # the boundary net's per-section segmentation at its card's threshold, for partners
     sstem = pretrained("sstem")
     affs = predict_affinities(raw, sstem, dtype="uint8").values[:3]
@@ -118,8 +137,8 @@ def cross_validate(train: bool, max_minutes: float | None) -> None:
           "FP dist (nm) | FN dist (nm) | partners, true cells | partners, sstem net |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
-    for k in range(n):
-        model_path = FOLD_RUNS / f"fold{k}" / "model.pt"
+    for k in folds:
+        model_path = fold_folder(k, recipe, changes) / "model.pt"
         if not model_path.exists():
             print(f"| {k} | fold net not trained ({model_path}); run with --train |")
             continue
@@ -158,11 +177,17 @@ def main() -> None:
     parser.add_argument("--train", action="store_true",
                         help="with --folds: train (or resume) each fold's net first")
     parser.add_argument("--max-minutes", type=float, help="training time per fold and call")
+    parser.add_argument("--recipe", default=RECIPE, help="with --folds: the training recipe")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="with --folds: change top-level keys of the recipe")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(len(FOLDS) - 1),
+                        help="with --folds: these folds only")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
     parser.add_argument("--min-size", type=int, default=50)
     args = parser.parse_args()
     if args.folds:
-        cross_validate(args.train, args.max_minutes)
+        changes = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
+        cross_validate(args.train, args.max_minutes, args.recipe, changes, args.only)
         return
     if not args.model:
         parser.error("give a model file, or --folds 4")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from emdask import save_volume
-from emdask.training import PatchSampler, balanced_bce, load_config, train
+from emdask.augment import AugmentConfig
+from emdask.training import PatchSampler, balanced_bce, dice_loss, load_config, train
 
 TINY_MODEL = """
 [model]
@@ -91,6 +92,35 @@ def test_balanced_bce_masks_and_rewards_the_truth():
     assert balanced_bce(wrong_masked, target, mask) < 1e-3
 
 
+def test_dice_loss_counts_false_positives_in_empty_patches():
+    target = torch.zeros(1, 1, 2, 4, 4)
+    target[..., :2] = 1
+    mask = torch.ones_like(target)
+    assert dice_loss((target * 2 - 1) * 20, target, mask) < 1e-3
+    assert dice_loss((1 - target * 2) * 20, target, mask) > 0.95
+    empty = torch.zeros_like(target)  # nothing to find: every positive output costs
+    quiet, noisy = torch.full_like(target, -20.0), torch.full_like(target, -20.0)
+    noisy[..., 0, 0, 0] = 20
+    assert dice_loss(quiet, empty, mask) < 1e-3
+    assert dice_loss(noisy, empty, mask) > 0.4
+
+
+def test_synapse_patches_hold_a_synapse_at_the_set_rate(tmp_path):
+    syn = np.zeros((16, 48, 48), np.uint64)
+    syn[6:8, 40:42, 40:42] = 1
+    url = tmp_path / "syn.zarr"
+    save_volume(np.full(syn.shape, 128, np.uint8), url, "raw", voxel_size=(40, 4, 4))
+    save_volume(syn, url, "clefts", voxel_size=(40, 4, 4))
+    cfg = load_config(_synapse_config(tmp_path, str(url)))
+    still = AugmentConfig(slip=0, shift=0)  # no margin: a drawn synapse stays in the patch
+    for fraction in (0.0, 0.25, 0.75):
+        sampler = PatchSampler(cfg.volumes, [4, 16, 16], cfg.model, still, 0,
+                               positive_fraction=fraction)
+        hits = np.mean([sampler.sample()[1].any() for _ in range(300)])
+        # a random patch holds the synapse under 5% of the time
+        assert abs(hits - fraction) < 0.08, (fraction, hits)
+
+
 def test_training_runs_and_resumes(tmp_path, labelled, capsys):
     train(_config(tmp_path, labelled, 2))
     run = tmp_path / "run"
@@ -127,12 +157,7 @@ def test_synapse_model_trains_and_validates_by_f1(tmp_path):
     url = tmp_path / "syn.zarr"
     save_volume(raw, url, "raw", voxel_size=(40, 4, 4))
     save_volume(syn, url, "clefts", voxel_size=(40, 4, 4))
-    _config(tmp_path, str(url), 4)  # writes train.toml, edited below for synapses
-    text = (tmp_path / "train.toml").read_text().replace('labels = "labels"',
-                                                         'labels = "clefts"')
-    text = text.replace("[model]", '[model]\ntarget = "synapses"')
-    (tmp_path / "train.toml").write_text(text)
-    model = train(load_config(tmp_path / "train.toml"))
+    model = train(load_config(_synapse_config(tmp_path, str(url))))
     assert model.out.out_channels == 1
     header, *rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert header.endswith("precision,recall,f1,fp_distance,threshold")
@@ -145,6 +170,16 @@ def test_synapse_model_trains_and_validates_by_f1(tmp_path):
     assert prob.dims == ("z", "y", "x") and prob.shape == raw.shape
     with pytest.raises(ValueError, match="predicts synapses, not affinities"):
         predict_affinities(as_volume(raw, (40, 4, 4)), model)
+
+
+def _synapse_config(tmp_path, url: str):
+    """The tiny config (4 iterations) with the labels "clefts" and target = "synapses"."""
+    _config(tmp_path, url, 4)  # writes train.toml
+    text = (tmp_path / "train.toml").read_text().replace('labels = "labels"',
+                                                         'labels = "clefts"')
+    text = text.replace("[model]", '[model]\ntarget = "synapses"')
+    (tmp_path / "train.toml").write_text(text)
+    return tmp_path / "train.toml"
 
 
 def test_2d_labels_mask_z_and_make_a_planar_model(tmp_path, labelled):
