@@ -46,6 +46,7 @@ __all__ = [
     "detect_splits",
     "error_table",
     "fragment_graphs",
+    "join_gain",
     "join_lut",
     "load_merge_model",
     "load_split_model",
@@ -221,15 +222,19 @@ def score_windows(model: Any, raw: Any, segmentation: Any, jobs: list, voxel_siz
     return pd.DataFrame(rows, columns=["segment", "score", "z_nm", "y_nm", "x_nm"])
 
 
-def best_windows(windows: pd.DataFrame) -> pd.DataFrame:
-    """Per segment, its highest-scoring window (and how many were examined); highest
-    score first."""
+def best_windows(windows: pd.DataFrame, sizes: dict[int, int]) -> pd.DataFrame:
+    """Per segment, its highest-scoring window, how many were examined, its size
+    (``voxels``, from ``sizes``) and ``gain``: what cutting it removes from VOI merge if it
+    holds two neurons, at most (an even cut: one bit per voxel); highest score first."""
     if len(windows) == 0:
-        return windows.assign(windows=np.zeros(0, np.int64))
+        return windows.assign(windows=np.zeros(0, np.int64), voxels=np.zeros(0, np.int64),
+                              gain=np.zeros(0))
     count = windows.groupby("segment").size()
     best = windows.sort_values(["score", "segment"], ascending=[False, True],
                                kind="stable").drop_duplicates("segment")
-    best = best.assign(windows=count.loc[best.segment].to_numpy())
+    voxels = np.array([sizes.get(int(s), 0) for s in best.segment], np.int64)
+    best = best.assign(windows=count.loc[best.segment].to_numpy(), voxels=voxels,
+                       gain=voxels.astype(float))
     return best.reset_index(drop=True)
 
 
@@ -261,8 +266,9 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
     Returns
     -------
     pandas.DataFrame
-        ``segment``, ``score``, location in nm (``z_nm``, ``y_nm``, ``x_nm``) and
-        ``windows`` examined; highest score first.
+        ``segment``, ``score``, location in nm (``z_nm``, ``y_nm``, ``x_nm``),
+        ``windows`` examined, ``voxels`` (the segment's size) and ``gain``; highest score
+        first.
     """
     model = load_merge_model(model)
     seg_arr, raw_arr = _as_array(segmentation), _as_array(raw)
@@ -279,13 +285,13 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
                          f"segmentation's voxel size is {vs.tolist()} nm")
     offset = np.asarray(attrs.get("offset", (0, 0, 0)), float)
     size = merge_window(model, seg_arr.shape)
+    ids, counts = np.unique(np.asarray(seg_arr), return_counts=True)
     if skeletons is None:
-        ids, counts = np.unique(np.asarray(seg_arr), return_counts=True)
         skeletons = _skeletons_of(seg_arr, ids[(counts >= min_size) & (ids != 0)], vs,
                                   offset)
     windows = score_windows(model, raw_arr, seg_arr, merge_jobs(skeletons, size * vs), vs,
                             offset, batch)
-    return best_windows(windows)
+    return best_windows(windows, dict(zip(ids.tolist(), counts.tolist(), strict=True)))
 
 
 def load_merge_model(model: Any = "merges"):
@@ -437,7 +443,8 @@ def split_features(segmentation: Any, affinities: Any, voxel_size,
     """The candidate split pairs (touching segments of at least ``min_size`` voxels each)
     and their features (:data:`FEATURES`).
 
-    ``end_a`` / ``end_b``: distance (um, capped at 2) from the contact to the nearest
+    ``gain``: what joining the pair removes from VOI split if it is one neuron
+    (:func:`join_gain`, voxel-bits).  ``end_a`` / ``end_b``: distance (um, capped at 2) from the contact to the nearest
     skeleton endpoint of each segment; ``facing``: how well the two nearest endpoints point
     at each other (mean cosine; 0 where a segment has no endpoint).  ``skeletons`` (per
     segment id) and ``touching`` (the contacts and sizes, as the pipeline has them) are
@@ -476,10 +483,21 @@ def split_features(segmentation: Any, affinities: Any, voxel_size,
             if norm > 0:
                 facing = 0.5 * (float(da_ @ gap) / norm - float(db @ gap) / norm)
         small, large = sorted((size[p.a], size[p.b]))
-        rows.append((np.log10(p.contact), np.log10(small), np.log10(large), *feats, facing))
+        rows.append((np.log10(p.contact), np.log10(small), np.log10(large), *feats, facing,
+                     join_gain(small, large)))
     extra = pd.DataFrame(rows, columns=["log_contact", "log_small", "log_large", "end_a",
-                                        "end_b", "facing"], index=pairs.index)
+                                        "end_b", "facing", "gain"], index=pairs.index)
     return pd.concat([pairs, extra], axis=1)
+
+
+def join_gain(a: Any, b: Any) -> Any:
+    """Voxel-bits of VOI split that joining two pieces of one neuron (``a`` and ``b``
+    voxels) removes: (a + b) H(a / (a + b)); over the volume's voxels, bits of VOI."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n = a + b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.nan_to_num(n * np.log2(n) - a * np.log2(a) - b * np.log2(b))
+    return h if h.ndim else float(h)
 
 
 # ---------------------------------------------------------------- the model
@@ -560,8 +578,9 @@ def detect_splits(segmentation: Any, affinities: Any,
     -------
     pandas.DataFrame
         One row per pair of touching segments: ``a``, ``b``, ``score`` (probability that
-        they are one neuron), the contact's centre in nm (``z_nm``, ``y_nm``, ``x_nm``)
-        and the features; highest score first.
+        they are one neuron), the contact's centre in nm (``z_nm``, ``y_nm``, ``x_nm``),
+        the features and ``gain`` (:func:`join_gain`); highest score first
+        (:func:`candidate_table` ranks them for proofreading).
     """
     model = load_split_model(model)  # (skeletons and touching: see split_features)
     if voxel_size is None:
@@ -813,9 +832,14 @@ def candidate_table(splits: pd.DataFrame | None, merges: pd.DataFrame | None,
                     split_threshold: float = 0.5, merge_threshold: float = 0.5
                     ) -> pd.DataFrame:
     """Split and merge candidates in one table for proofreading: ``kind``, ``segments``
-    (the pair to join, or the segment to cut), ``score``, location in nm, and ``auto``
-    (at or above the model's threshold for automated correction); highest score first.
-    Split candidates below 0.5 (more likely two neurons than one) are left out."""
+    (the pair to join, or the segment to cut), ``score``, location in nm, ``auto`` (at or
+    above the model's threshold for automated correction) and ``priority``.
+
+    The table is ranked by ``priority``, the fix's expected gain: ``score`` times the
+    ``gain`` column of the candidates (the voxel-bits of VOI that a right fix removes), so
+    a proofreader's first checks go where the most error is likely to be, not to
+    near-certain joins of tiny fragments.  Split candidates below 0.5 (more likely two
+    neurons than one) are left out."""
     parts = []
     if splits is not None and len(splits):
         keep = splits[splits.score >= min(0.5, split_threshold)]
@@ -823,16 +847,18 @@ def candidate_table(splits: pd.DataFrame | None, merges: pd.DataFrame | None,
             "kind": "split", "segments": [[int(a), int(b)] for a, b in zip(
                 keep.a, keep.b, strict=True)], "score": keep.score.to_numpy(float),
             "z_nm": keep.z_nm, "y_nm": keep.y_nm, "x_nm": keep.x_nm,
-            "auto": keep.score.to_numpy() >= split_threshold}))
+            "auto": keep.score.to_numpy() >= split_threshold,
+            "priority": keep.score.to_numpy(float) * keep.gain.to_numpy(float)}))
     if merges is not None and len(merges):
         parts.append(pd.DataFrame({
             "kind": "merge", "segments": [[int(s)] for s in merges.segment],
             "score": merges.score.to_numpy(float), "z_nm": merges.z_nm,
             "y_nm": merges.y_nm, "x_nm": merges.x_nm,
-            "auto": merges.score.to_numpy() >= merge_threshold}))
-    columns = ["kind", "segments", "score", "z_nm", "y_nm", "x_nm", "auto"]
+            "auto": merges.score.to_numpy() >= merge_threshold,
+            "priority": merges.score.to_numpy(float) * merges.gain.to_numpy(float)}))
+    columns = ["kind", "segments", "score", "z_nm", "y_nm", "x_nm", "auto", "priority"]
     if not parts:
         return pd.DataFrame(columns=columns)
     table = pd.concat(parts, ignore_index=True)[columns]
-    return table.sort_values("score", ascending=False, kind="stable", ignore_index=True)
+    return table.sort_values("priority", ascending=False, kind="stable", ignore_index=True)
 

@@ -689,7 +689,7 @@ def _errors(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
             "score": np.concatenate([p["score"] for p in parts] or [[]]),
             **{f"{a}_nm": np.concatenate([p["at"][:, k] for p in parts] or [[]])
                for k, a in enumerate("zyx")}})
-        merges = best_windows(windows)
+        merges = best_windows(windows, touching[1])
     table = candidate_table(splits, merges, split_threshold, merge_threshold)
     put_bytes(store, "errors.parquet", _parquet(table))
     counts = table.kind.value_counts().to_dict() if len(table) else {}

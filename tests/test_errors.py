@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import emdask
 from emdask.errors import (
     FEATURES,
     SplitModel,
@@ -95,6 +96,18 @@ def test_detect_splits_with_the_shipped_model():
     assert row.z_nm == pytest.approx(3.5 * 40.0)
     with pytest.raises(ValueError, match="voxel_size"):
         detect_splits(seg, affs)
+
+
+def test_join_gain_is_what_joining_removes_from_voi_split():
+    from emdask.errors import join_gain
+
+    truth = np.ones((1, 1, 64), np.uint64)
+    for a in (1, 16, 32):
+        seg = np.where(np.arange(64) < a, 1, 2).astype(np.uint64).reshape(truth.shape)
+        before = emdask.evaluate(seg, truth)["voi_split"]
+        assert join_gain(a, 64 - a) / 64 == pytest.approx(before)
+    assert join_gain(np.array([32, 1]), np.array([32, 1000])).tolist() == pytest.approx(
+        [64.0, 1001 * np.log2(1001) - 1000 * np.log2(1000)])
 
 
 def test_empty_inputs_give_empty_tables():
@@ -198,7 +211,7 @@ def test_the_errors_stage_equals_the_functions_and_is_shown(neurons, tiny_merge_
     run(config, stages=["errors"])
     store = str(folder / "run.zarr")
     table = pd.read_parquet(folder / "run.zarr" / "errors.parquet")
-    assert set(table.kind) == {"split", "merge"} and table.score.is_monotonic_decreasing
+    assert set(table.kind) == {"split", "merge"} and table.priority.is_monotonic_decreasing
 
     seg = open_volume(store, "segmentation_0.5").compute()
     raw = open_volume(store, "raw").values
@@ -221,10 +234,15 @@ def test_the_errors_stage_equals_the_functions_and_is_shown(neurons, tiny_merge_
     assert sorted(map(tuple, got.segments)) == sorted(zip(splits.a, splits.b))
     np.testing.assert_allclose(np.sort(got.score), np.sort(splits.score))
     assert (got.auto == (got.score >= 0.99)).all()  # the model's threshold
+    np.testing.assert_allclose(np.sort(got.priority), np.sort(splits.score * splits.gain))
     merges = detect_merges(raw, seg, tiny_merge_net, skeletons=skeletons)
+    merges = merges.assign(priority=merges.score * merges.voxels).sort_values(
+        "priority", ascending=False, kind="stable")
+    assert (merges.voxels == [counts[ids == s][0] for s in merges.segment]).all()
     got = table[table.kind == "merge"]
     assert [s[0] for s in got.segments] == merges.segment.tolist()
     np.testing.assert_allclose(got.score, merges.score, rtol=1e-5)
+    np.testing.assert_allclose(got.priority, merges.priority, rtol=1e-5)
     np.testing.assert_allclose(got[["z_nm", "y_nm", "x_nm"]], merges[["z_nm", "y_nm",
                                                                        "x_nm"]])
     assert (got.auto == (got.score >= 0.9)).all()  # the net's card threshold
