@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -285,7 +286,10 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
                          f"segmentation's voxel size is {vs.tolist()} nm")
     offset = np.asarray(attrs.get("offset", (0, 0, 0)), float)
     size = merge_window(model, seg_arr.shape)
-    ids, counts = np.unique(np.asarray(seg_arr), return_counts=True)
+    # segment sizes for the gain: per chunk for a Dask segmentation, never loaded whole
+    ids, counts = (dask.compute(*da.unique(seg_arr, return_counts=True))
+                   if isinstance(seg_arr, da.Array)
+                   else np.unique(np.asarray(seg_arr), return_counts=True))
     if skeletons is None:
         skeletons = _skeletons_of(seg_arr, ids[(counts >= min_size) & (ids != 0)], vs,
                                   offset)
@@ -444,9 +448,10 @@ def split_features(segmentation: Any, affinities: Any, voxel_size,
     and their features (:data:`FEATURES`).
 
     ``gain``: what joining the pair removes from VOI split if it is one neuron
-    (:func:`join_gain`, voxel-bits).  ``end_a`` / ``end_b``: distance (um, capped at 2) from the contact to the nearest
-    skeleton endpoint of each segment; ``facing``: how well the two nearest endpoints point
-    at each other (mean cosine; 0 where a segment has no endpoint).  ``skeletons`` (per
+    (:func:`join_gain`, voxel-bits).  ``end_a`` / ``end_b``: distance (um, capped at 2)
+    from the contact to the nearest skeleton endpoint of each segment; ``facing``: how well
+    the two nearest endpoints point at each other (mean cosine; 0 where a segment has no
+    endpoint).  ``skeletons`` (per
     segment id) and ``touching`` (the contacts and sizes, as the pipeline has them) are
     computed when not given.
     """

@@ -236,6 +236,8 @@ def test_the_errors_stage_equals_the_functions_and_is_shown(neurons, tiny_merge_
     assert (got.auto == (got.score >= 0.99)).all()  # the model's threshold
     np.testing.assert_allclose(np.sort(got.priority), np.sort(splits.score * splits.gain))
     merges = detect_merges(raw, seg, tiny_merge_net, skeletons=skeletons)
+    lazy = detect_merges(raw, seg.chunk(16), tiny_merge_net, skeletons=skeletons)
+    pd.testing.assert_frame_equal(lazy, merges)  # sizes counted per chunk
     merges = merges.assign(priority=merges.score * merges.voxels).sort_values(
         "priority", ascending=False, kind="stable")
     assert (merges.voxels == [counts[ids == s][0] for s in merges.segment]).all()
