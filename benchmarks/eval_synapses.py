@@ -3,6 +3,7 @@
     python benchmarks/eval_synapses.py runs/synapses_vnc/model.pt [--threshold 0.98]
     python benchmarks/eval_synapses.py --folds 4 [--train] [--max-minutes M]
                                        [--recipe TOML] [--set KEY=VALUE ...] [--only K ...]
+                                       [--tta N]
 
 The first form scores one net on the validation rows (y 768-1023).  ``--folds 4`` is
 cross-validation over the whole stack: the rows are cut into 4 folds at rows no labelled
@@ -16,6 +17,9 @@ margin of 32 rows around it; its threshold and minimum size are chosen on those 
 rows only; then the fold is scored at that operating point (precision, recall, F1, CREMI
 distances, partners with the true cells and with the ``sstem`` net's segmentation), and
 the table ends with mean +- sd over the folds.
+
+``--tta N``: the nets' outputs averaged over N symmetries of the volume (test-time
+augmentation, N passes; default the model card's, 1 for fold nets).
 
 Detection: the net runs chunkwise (``predict_synapses`` over 4 x 2 x 2 blocks), objects
 come from ``find_synapses``, and are scored against the labelled synaptic densities
@@ -114,7 +118,8 @@ def _score_rows(prob, clefts, rows, threshold, min_size, vs, keep: bool) -> dict
 
 
 def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
-                   changes: dict | None = None, only: list[int] | None = None) -> None:
+                   changes: dict | None = None, only: list[int] | None = None,
+                   tta: int | None = None) -> None:
     from emdask.models import pretrained
     from emdask.predict import predict_affinities
     from emdask.training import train as train_net
@@ -144,7 +149,7 @@ def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
             continue
         rows = (FOLDS[k], FOLDS[k + 1])
         margin_rows = (rows[0] - MARGIN, rows[1] + MARGIN)
-        prob = predict_synapses(raw, load_model(model_path)).values
+        prob = predict_synapses(raw, load_model(model_path), tta=tta).values
         # the operating point: best F1 on the fold net's own training rows
         t, m = max(((t, m) for t in THRESHOLDS for m in MIN_SIZES),
                    key=lambda tm: _score_rows(prob, clefts, margin_rows, *tm, vs,
@@ -182,12 +187,15 @@ def main() -> None:
                         help="with --folds: change top-level keys of the recipe")
     parser.add_argument("--only", type=int, nargs="+", choices=range(len(FOLDS) - 1),
                         help="with --folds: these folds only")
+    parser.add_argument("--tta", type=int, choices=[1, 2, 4, 8, 16],
+                        help="symmetries averaged at inference (default: the card's)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
     parser.add_argument("--min-size", type=int, default=50)
     args = parser.parse_args()
     if args.folds:
         changes = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
-        cross_validate(args.train, args.max_minutes, args.recipe, changes, args.only)
+        cross_validate(args.train, args.max_minutes, args.recipe, changes, args.only,
+                       args.tta)
         return
     if not args.model:
         parser.error("give a model file, or --folds 4")
@@ -197,7 +205,7 @@ def main() -> None:
     cells = cutout(open_volume(VNC, "labels/cell_ids_2d"), *ROI, units="voxel").values
     vs = raw.attrs["voxel_size"]
     lazy = raw.copy(data=raw.data.rechunk((5, 128, 320)))
-    prob = predict_synapses(lazy, model).compute()
+    prob = predict_synapses(lazy, model, tta=args.tta).compute()
     print(f"VNC validation rows {ROI}: {len(np.unique(clefts)) - 1} labelled synapses; "
           f"net {args.model}")
     print("threshold precision recall    F1  fp_dist  fn_dist (nm)")

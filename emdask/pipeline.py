@@ -216,10 +216,12 @@ def _device(spec: PredictSpec) -> str:
 
 
 def _predict_task(ctx: _Context, blocks: list[int], model_name: str | None = None,
-                  dataset: str = "affinities", stage: str = "predict") -> None:
+                  dataset: str = "affinities", stage: str = "predict",
+                  tta: int | None = None) -> None:
     """Predict the box of ``blocks`` (neighbouring blocks: one large box computes little
     context twice) with the boundary net (or, with ``model_name``, another net such as
-    the synapse detector) into ``dataset``; each block is marked done."""
+    the synapse detector, ``tta`` its symmetries averaged) into ``dataset``; each block
+    is marked done."""
     import torch
 
     from emdask.blockwise import write_blocks
@@ -232,7 +234,7 @@ def _predict_task(ctx: _Context, blocks: list[int], model_name: str | None = Non
     spec = ctx.predict
     step = prediction_step(model_name or spec.model, _device(spec), spec.patch,
                            spec.batch_size, spec.dtype, ctx.intensity, spec.precision,
-                           masked=ctx.mask is not None)
+                           masked=ctx.mask is not None, tta=tta)
     boxes = [ctx.grid.box(b) for b in blocks]
     # context beyond the region of interest is real data where the volume has it
     inputs, offsets = [ctx.source], [ctx.roi_begin]
@@ -1431,7 +1433,7 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
                     intensity=_intensity(cfg, root, vol, model))
     _run_blocks(client, pctx, "synapses", functools.partial(
         _predict_task, model_name=spec.model, dataset="synapse_probabilities",
-        stage="synapses"), cfg.cluster, group=_task_blocks(cfg, model, ctx.grid, client))
+        stage="synapses", tta=spec.tta), cfg.cluster, group=_task_blocks(cfg, model, ctx.grid, client))
     record = run_record(store).get("stages", {}).get("synapses", {})
     if record.get("finished") and has(root, f"{LABELS}/synapses"):
         # (rewriting them would drop their pyramid levels)

@@ -8,6 +8,11 @@ pass up to float rounding (no seams, so no blending of overlaps is needed; the s
 for the tiles a block is cut into on a GPU).  The volume is padded with zeros (black)
 beyond its borders, as in training.
 
+Test-time augmentation (``tta``, synapse nets): the mean of the net's outputs over the first
+``tta`` of the volume's 16 symmetries that training augments with (:func:`symmetries`), each
+pass's pooling grid anchored as in the unflipped pass, so the chunked result still equals
+a whole-volume pass.  It costs ``tta`` passes.
+
 Speed: the net runs in its inference form (:class:`~emdask.models.ValidUNet`: unpadded
 convolutions, BatchNorm folded, channels-last, bfloat16 where the model card allows it and
 the hardware has it), over blocks
@@ -40,7 +45,7 @@ from emdask.volumes import as_volume
 
 __all__ = ["data_percentiles", "halo_overhead", "inference_net", "intensity_range",
            "normalize_raw", "predict_affinities", "predict_synapses", "prediction_step",
-           "task_shape"]
+           "symmetries", "task_shape"]
 
 
 # Intensity: every input is mapped to the net's input scale, [0, 1] as uint8 EM / 255 in
@@ -277,13 +282,44 @@ def _run_net(net: ValidUNet, x: np.ndarray, begin, end, device: str,
     return out
 
 
+def symmetries(n: int) -> list[tuple[tuple[int, ...], bool]]:
+    """The first ``n`` (1, 2, 4, 8 or 16) of the 16 symmetries of an EM volume that
+    training augments with (:func:`emdask.augment.flip_transpose`), as (axes flipped,
+    x-y transposed): identity, transpose, then flips of y, x and z, so that 2 adds the
+    transpose, 8 all in-plane symmetries and 16 the z flips too."""
+    if n not in (1, 2, 4, 8, 16):
+        raise ValueError(f"tta must be 1, 2, 4, 8 or 16 symmetries, got {n!r}")
+    return [(tuple(a for a, bit in zip((1, 2, 0), (2, 4, 8), strict=True) if i & bit),
+             bool(i & 1)) for i in range(n)]
+
+
+def _symmetric_pass(net: ValidUNet, x: np.ndarray, halo: np.ndarray, flips, transpose: bool,
+                    device: str, patch, batch_size: int) -> np.ndarray:
+    """The net's float32 output for the centre of ``x`` computed on ``x`` flipped on
+    ``flips`` (and first x-y transposed), mapped back."""
+    xs = x.transpose(0, 2, 1) if transpose else x
+    xs = np.flip(xs, flips) if flips else xs
+    # The net's pooling grid starts at the input's origin, which on a flipped axis is the
+    # block's far end.  Zeros in front of it, as many as the block lacks of a multiple of
+    # the pooling factor, put the grid where the unflipped pass has it (a block's far end
+    # is off the grid only at the volume's end, beyond which all is black anyway).
+    extra = [(-(n - 2 * h) % f if a in flips else 0, 0)
+             for a, (n, h, f) in enumerate(zip(xs.shape, halo, net.factor, strict=True))]
+    xs = np.pad(xs, extra) if any(e for e, _ in extra) else xs
+    y = _run_net(net, xs, halo + [e for e, _ in extra], np.array(xs.shape) - halo, device,
+                 patch, batch_size)
+    y = np.flip(y, [a + 1 for a in flips]) if flips else y
+    return y.transpose(0, 1, 3, 2) if transpose else y
+
+
 def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
                    batch_size: int, out_dtype, intensity: Sequence[float] | None = None,
-                   inside: tuple[slice, ...] | None = None, precision: str = "auto"
-                   ) -> np.ndarray:
-    """The net's output for the centre of ``block`` (the block plus the net's halo).
-    ``inside``: the part of the block inside the volume; the rest is made black after
-    normalization (raw zeros need not be black once intensities are mapped)."""
+                   inside: tuple[slice, ...] | None = None, precision: str = "auto",
+                   tta: int = 1) -> np.ndarray:
+    """The net's output for the centre of ``block`` (the block plus the net's halo), the
+    mean over ``tta`` symmetries.  ``inside``: the part of the block inside the volume; the
+    rest is made black after normalization (raw zeros need not be black once intensities
+    are mapped)."""
     halo = np.array(model.halo)
     x = normalize_raw(block, intensity)
     if inside is not None:  # in place: the block is a task's largest input
@@ -291,8 +327,14 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
             x[(slice(None),) * axis + (slice(None, s.start),)] = 0
             x[(slice(None),) * axis + (slice(s.stop, None),)] = 0
     net = inference_net(model, device, precision)
-    y = _run_net(net, x, halo, np.array(x.shape) - halo, device, patch, batch_size,
-                 np.uint8 if out_dtype == np.uint8 else np.float32)
+    if tta == 1:
+        y = _run_net(net, x, halo, np.array(x.shape) - halo, device, patch, batch_size,
+                     np.uint8 if out_dtype == np.uint8 else np.float32)
+    else:
+        y = sum(_symmetric_pass(net, x, halo, flips, transpose, device, patch, batch_size)
+                for flips, transpose in symmetries(tta)) / tta
+        if out_dtype == np.uint8:  # as the net's own uint8 output: round(255 p)
+            y = np.rint(y * 255)
     if model.config.planar:  # z offsets never trained: no link across sections
         y[[k for k, (dz, _, _) in enumerate(model.config.offsets) if dz != 0]] = 0
     return y if y.dtype == out_dtype else y.astype(out_dtype)
@@ -300,12 +342,13 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
 
 def _prediction_kernel(raw: np.ndarray, mask: np.ndarray | None = None, *, where, model,
                        device: str, patch, batch_size: int, dtype: str,
-                       intensity: Sequence[float] | None, precision: str) -> np.ndarray:
+                       intensity: Sequence[float] | None, precision: str, tta: int = 1
+                       ) -> np.ndarray:
     """A block's prediction from the block plus the net's halo of raw (and of the
     missing-data mask plus 1: edges touching it are cut)."""
     net = cached_model(model, device) if isinstance(model, str) else model
     out = _predict_block(raw, net, device, patch, batch_size, np.dtype(dtype), intensity,
-                         where.inside[0], precision)
+                         where.inside[0], precision, tta)
     if mask is not None:  # in place: the output is a task's largest array
         out = cut_masked(out, mask)
     return out[0] if _single(net) else out
@@ -320,14 +363,16 @@ def _single(net: AffinityUNet) -> bool:
 def prediction_step(model: AffinityUNet | str, device: str = "cpu", patch=None,
                     batch_size: int = 1, dtype: str = "float32",
                     intensity: Sequence[float] | None = None, precision: str = "auto",
-                    masked: bool = False) -> Step:
+                    masked: bool = False, tta: int | None = None) -> Step:
     """The blockwise step of :func:`predict_affinities` and :func:`predict_synapses` (and
     of the pipeline's predict and synapses stages): raw (and, if ``masked``, the
     missing-data mask) -> the net's output, (c, z, y, x) affinities or (z, y, x) synapse
     probabilities.  ``model`` is a model or, for tasks on a cluster, the name every
     worker loads once (:func:`emdask.models.cached_model`); ``intensity`` the data values
-    taken for black and white (None: the dtype's range)."""
+    taken for black and white (None: the dtype's range); ``tta`` the symmetries averaged
+    (None: the model card's ``tta``, else 1)."""
     net = cached_model(model, device) if isinstance(model, str) else model
+    tta = _tta(net, tta)
     halo = tuple(int(h) for h in net.halo)
     return Step(f"predict-{net.config.target}", _prediction_kernel, np.dtype(dtype),
                 halo=(halo, (1, 1, 1)) if masked else halo,
@@ -335,7 +380,24 @@ def prediction_step(model: AffinityUNet | str, device: str = "cpu", patch=None,
                 params={"model": model, "device": device, "patch": patch,
                         "batch_size": int(batch_size), "dtype": str(np.dtype(dtype)),
                         "intensity": None if intensity is None else tuple(intensity),
-                        "precision": precision})
+                        "precision": precision, "tta": tta})
+
+
+def _tta(net: AffinityUNet, tta: int | None) -> int:
+    """The symmetries to average: ``tta``, or the model card's, checked against the net."""
+    card = getattr(net, "card", None) or {}
+    tta = int(card.get("tta", 1)) if tta is None else tta
+    symmetries(tta)  # a wrong number is named here
+    if tta > 1 and not _single(net):
+        # a flipped volume's affinity for offset o is the original's for -o, stored at
+        # another voxel: not implemented, so refused rather than averaged wrongly
+        raise ValueError(f"tta={tta}: test-time augmentation is implemented for synapse "
+                         "nets (one probability channel), not for affinities")
+    if tta > 1 and (net.factor[1] != net.factor[2] or net.halo[1] != net.halo[2]):
+        raise ValueError(f"tta={tta}: the x-y transpose needs a net with equal y and x "
+                         f"pooling factors and halos, got {tuple(net.factor)} and "
+                         f"{tuple(net.halo)}")
+    return tta
 
 
 def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
@@ -535,9 +597,14 @@ def predict_affinities(
                     intensity, precision, mask)
 
 
-def predict_synapses(raw: Any, model: AffinityUNet | None = None, **kwargs) -> xr.DataArray:
+def predict_synapses(raw: Any, model: AffinityUNet | None = None, tta: int | None = None,
+                     **kwargs) -> xr.DataArray:
     """Synapse probabilities (z, y, x) for a (lazy) EM volume, chunk by chunk, with a net
-    trained with ``target = "synapses"`` (arguments as :func:`predict_affinities`).
+    trained with ``target = "synapses"`` (other arguments as :func:`predict_affinities`).
+
+    ``tta``: test-time augmentation, the mean over the first 1, 2, 4, 8 or 16 symmetries
+    of the volume (:func:`symmetries`: 2 adds the x-y transpose), at that many times the
+    cost; default the model card's.
 
     There is no default model: the shipped detector (ssTEM at 50 x 4.6 x 4.6 nm, trained
     on the larval VNC masks of Gerhard et al. 2013) carries their non-commercial licence,
@@ -553,7 +620,7 @@ def predict_synapses(raw: Any, model: AffinityUNet | None = None, **kwargs) -> x
     if model.config.target != "synapses":
         raise ValueError("this model predicts affinities, not synapses; use "
                          "predict_affinities")
-    return _predict(raw, model, **kwargs)[0].rename("synapses")
+    return _predict(raw, model, tta=tta, **kwargs)[0].rename("synapses")
 
 
 def _as_model(model: Any) -> AffinityUNet:
@@ -571,7 +638,7 @@ def _as_model(model: Any) -> AffinityUNet:
 
 def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
              batch_size=1, check_voxel_size=True, intensity="auto", precision="auto",
-             mask=None) -> xr.DataArray:
+             mask=None, tta=None) -> xr.DataArray:
     if dtype not in ("float32", "uint8"):
         raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
     if not isinstance(raw, xr.DataArray):
@@ -602,11 +669,13 @@ def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
     chunks = tuple(-(-int(c) // int(f)) * int(f) for c, f in zip(chunks, model.factor,
                                                                   strict=True))
     step = prediction_step(model, device, patch, batch_size, dtype, black_white, precision,
-                           masked=mask is not None)
+                           masked=mask is not None, tta=tta)
     out = apply(step, *inputs, chunks=chunks)
     attrs = {k: v for k, v in raw.attrs.items() if k != "source"}
     attrs["intensity_range"] = list(black_white)
     attrs.update(card_defaults(model))
+    if step.params["tta"] > 1:
+        attrs["tta"] = step.params["tta"]
     if model.config.target == "affinities":
         attrs["offsets"] = [list(o) for o in model.config.offsets]
     else:  # predict_synapses wants (1, z, y, x) to name it as affinities' first channel

@@ -121,6 +121,8 @@ class SynapseSpec:
     threshold: float | None = None
     min_size: int | None = None  # voxels
     radius: list | None = None  # partner search (z, y, x voxels)
+    # test-time augmentation: symmetries averaged (1, 2, 4, 8, 16); default the card's
+    tta: int | None = None
     accept_licence: bool = False  # a shipped model with a non-commercial licence
     # Probabilities as stored: a synapse net's output crowds near 1 (the shipped one is used
     # at 0.99, between two uint8 steps), so float32 unless space matters more.
@@ -244,6 +246,7 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
         limits["synapses.threshold"] = (s.threshold is None or 0 < s.threshold <= 1,
                                         "in (0, 1]")
         limits["synapses.min_size"] = (s.min_size is None or s.min_size >= 0, ">= 0")
+        limits["synapses.tta"] = (s.tta in (None, 1, 2, 4, 8, 16), "1, 2, 4, 8 or 16")
     for key, (ok, rule) in limits.items():
         if not ok:
             section, name = key.split(".")

@@ -281,7 +281,9 @@ def test_values_that_cannot_work_are_refused_when_the_config_is_read(tmp_path, t
             ("predict", {"device": "gpu"}, r"predict.device must be 'auto', 'cpu'"),
             ("input", {"intensity": [200, 100]}, r"black < white, got \[200, 100\]"),
             ("synapses", {"model": "synapses", "threshold": 1.5},
-             r"synapses.threshold must be in \(0, 1\]")]:
+             r"synapses.threshold must be in \(0, 1\]"),
+            ("synapses", {"model": "synapses", "tta": 3},
+             r"synapses.tta must be 1, 2, 4, 8 or 16")]:
         with pytest.raises(ValueError, match=message):
             load_run_config(_config(tmp_path, tiny_model, **{section: values}))
     import torch

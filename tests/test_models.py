@@ -14,6 +14,8 @@ from emdask.predict import (
     halo_overhead,
     inference_net,
     predict_affinities,
+    predict_synapses,
+    symmetries,
     task_shape,
 )
 from emdask.volumes import as_volume
@@ -59,6 +61,53 @@ def test_chunked_prediction_equals_whole_volume():
     assert chunked.shape == (4, 34, 100, 93)
     np.testing.assert_allclose(chunked, whole, atol=1e-4)
     assert 0 <= whole.min() and whole.max() <= 1 and whole.std() > 0
+
+
+@pytest.mark.parametrize("tta", [2, 16])
+def test_test_time_augmentation_is_the_mean_over_symmetries_for_any_chunking(tta):
+    """TTA averages the net over flipped and transposed copies of the volume; blocks whose
+    far ends are off the pooling grid (the volume's last ones) give the whole volume's
+    result."""
+    m = _model(target="synapses", offsets=[[-1, 0, 0]])
+    rng = np.random.default_rng(2)
+    raw = as_volume(rng.integers(0, 256, (14, 52, 45)).astype(np.uint8), (40, 4, 4))
+    whole = predict_synapses(raw, m, chunks=raw.shape, precision="float32", tta=tta)
+    assert whole.attrs["tta"] == tta
+    whole = whole.values
+    chunked = predict_synapses(raw, m, chunks=(6, 20, 16), precision="float32", tta=tta)
+    assert chunked.data.numblocks == (3, 3, 3)
+    np.testing.assert_allclose(chunked.values, whole, atol=1e-5)
+    plain = predict_synapses(raw, m, chunks=raw.shape, precision="float32").values
+    assert np.abs(whole - plain).max() > 1e-3  # the other passes count
+    # on a volume the pooling grid fits, the definition: flip, predict, flip back, mean
+    raw = raw[:, :, :44]
+    passes = []
+    for flips, transpose in symmetries(tta):
+        x = raw.values.transpose(0, 2, 1) if transpose else raw.values
+        x = np.flip(x, flips) if flips else x
+        y = predict_synapses(as_volume(np.ascontiguousarray(x), (40, 4, 4)), m,
+                             precision="float32").values
+        y = np.flip(y, flips) if flips else y
+        passes.append(y.transpose(0, 2, 1) if transpose else y)
+    np.testing.assert_allclose(predict_synapses(raw, m, precision="float32", tta=tta).values,
+                               np.mean(passes, axis=0), atol=1e-5)
+    # uint8 output: round(255 p) of the mean
+    as_uint8 = predict_synapses(raw, m, precision="float32", tta=tta, dtype="uint8").values
+    assert np.abs(as_uint8 - 255 * np.mean(passes, axis=0)).max() <= 0.5 + 1e-3
+
+
+def test_test_time_augmentation_is_refused_where_it_would_be_wrong():
+    m = _model(target="synapses", offsets=[[-1, 0, 0]])
+    raw = as_volume(np.zeros((8, 64, 64), np.uint8), (40, 4, 4))
+    with pytest.raises(ValueError, match="tta must be 1, 2, 4, 8 or 16"):
+        predict_synapses(raw, m, tta=3)
+    with pytest.raises(ValueError, match="not for affinities"):
+        from emdask.predict import prediction_step
+
+        prediction_step(_model(), tta=2)
+    m.card = {"tta": 4}  # the card's number is the default
+    assert predict_synapses(raw, m).attrs["tta"] == 4
+    assert "tta" not in predict_synapses(raw, m, tta=1).attrs
 
 
 def test_tiled_prediction_equals_untiled():

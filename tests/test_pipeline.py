@@ -378,7 +378,17 @@ def test_learned_agglomeration_in_the_pipeline(tmp_path, tiny_model):
         load_run_config({**cfg, "segment": {**learned, "classifier": "nothing"}})
 
 
-def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
+def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys, monkeypatch):
+    import emdask.predict
+
+    passes = []  # the stage's test-time augmentation: 2 passes per task
+
+    def counted(*args, **kwargs):
+        passes.append(args[4])  # transposed or not
+        return symmetric_pass(*args, **kwargs)
+
+    symmetric_pass = emdask.predict._symmetric_pass
+    monkeypatch.setattr(emdask.predict, "_symmetric_pass", counted)
     torch.manual_seed(1)
     syn_model = tmp_path / "syn.pt"
     save_model(AffinityUNet(ModelConfig(width=4, downsample=[[1, 2, 2]], target="synapses",
@@ -389,7 +399,7 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
                partner_model)
     cfg = _config(tmp_path, tiny_model, **SMALL)
     cfg["synapses"] = {"model": str(syn_model), "threshold": 0.5, "min_size": 30,
-                       "radius": [0, 3, 3],
+                       "radius": [0, 3, 3], "tta": 2,
                        "direction_model": str(partner_model), "direction_patch": [8, 16, 16]}
     # (not meshes and skeletons: 45 small blocks of them are slow, and tested elsewhere)
     result = run(cfg, stages=["predict", "segment", "synapses", "pyramid"])
@@ -398,6 +408,7 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys):
     probs = open_volume(store, "synapse_probabilities")
     labels = open_volume(store, "synapses")
     assert probs.shape == labels.shape == (40, 96, 96) and probs.dtype == np.float32
+    assert passes and passes.count(True) == passes.count(False)
     table = pd.read_parquet(Path(store, "synapses.parquet"))
     edges = pd.read_parquet(Path(store, "connectome.parquet"))
     assert len(table) == result["stages"]["synapses"]["n_synapses"] == labels.values.max()
