@@ -1,7 +1,7 @@
 """Error detection and correction: trained, calibrated and validated on separate FIB-SEM
 volumes, for both agglomerations a user gets.
 
-    python benchmarks/eval_errors.py [--only splits|merges] [--ship]
+    python benchmarks/eval_errors.py [--only splits|merges] [--ship] [--per-score]
 
 The fibsem net's affinities are segmented two ways: mean agglomeration at the net's card
 threshold (``emdask run``'s default score) and learned agglomeration with the shipped
@@ -72,7 +72,7 @@ SCORES = ("mean", "learned")
 CALIBRATE = [(name, score) for name in ("train", "calibration") for score in SCORES]
 VOXEL = (10.0, 10.0, 10.0)
 TOP = 20
-THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 CUT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
@@ -157,20 +157,29 @@ def split_sweep(model, name: str, score: str) -> dict:
         t: emdask.evaluate(correct_splits(seg, feats, t)[0], gt) for t in THRESHOLDS}
 
 
-def splits(ship: bool) -> None:
-    train = [split_table("train", score) for score in SCORES]
-    model = train_split_model(pd.concat(train, ignore_index=True),
-                              np.concatenate([t.true.to_numpy() for t in train]))
-    sweeps = {key: split_sweep(model, *key) for key in CALIBRATE}
-    model.threshold = threshold = choose(sweeps, THRESHOLDS)
-    print(f"splits: the model learned from {sum(map(len, train))} pairs of the training "
-          f"region ({sum(int(t.true.sum()) for t in train)} true splits)")
-    print_calibration(sweeps, threshold, "splits:")
+def splits(ship: bool, per_score: bool = False) -> None:
+    # one model for both agglomerations (shipped), or (--per-score) one for each, trained
+    # and calibrated on that agglomeration's segmentations only
+    groups = {s: [s] for s in SCORES} if per_score else {"both": list(SCORES)}
+    models = {}
+    for group, scores in groups.items():
+        train = [split_table("train", score) for score in scores]
+        model = train_split_model(pd.concat(train, ignore_index=True),
+                                  np.concatenate([t.true.to_numpy() for t in train]))
+        sweeps = {key: split_sweep(model, *key) for key in CALIBRATE if key[1] in scores}
+        model.threshold = choose(sweeps, THRESHOLDS)
+        print(f"splits ({group}): the model learned from {sum(map(len, train))} pairs of "
+              f"the training region ({sum(int(t.true.sum()) for t in train)} true splits)")
+        print_calibration(sweeps, model.threshold, f"splits ({group}):")
+        models |= dict.fromkeys(scores, model)
     card = {}
     for score in SCORES:
+        model = models[score]
+        threshold = model.threshold
         _, seg, _, gt, _ = region("validation", score)
         before = emdask.evaluate(seg, gt)
-        feats = split_table("validation", score).assign(score=lambda f: model.predict(f))
+        feats = split_table("validation", score)
+        feats = feats.assign(score=model.predict(feats))
         feats = feats.sort_values("score", ascending=False, ignore_index=True)
         chosen = feats.score >= threshold
         tp = int((chosen & feats.true).sum())
@@ -207,6 +216,8 @@ def splits(ship: bool) -> None:
                        f"top{TOP}_by_score_voi_split_share": round(shares["score"], 3),
                        "before": scores_of(before), "after": scores_of(after)}
     if ship:
+        if per_score:
+            raise SystemExit("--ship writes the one shipped model, not --per-score's two")
         model.card = {
             "name": "splits", "segmentation": "fibsem net; mean agglomeration at the net's "
             "card threshold and learned agglomeration at the classifier's",
@@ -328,11 +339,13 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ship", action="store_true")
     parser.add_argument("--only", choices=("splits", "merges"))
+    parser.add_argument("--per-score", action="store_true",
+                        help="splits: a model per agglomeration (not shipped)")
     args = parser.parse_args()
     if args.only != "splits":
         merges(args.ship)
     if args.only != "merges":
-        splits(args.ship)
+        splits(args.ship, args.per_score)
 
 
 if __name__ == "__main__":

@@ -862,8 +862,10 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     p["segment"] = seg
     if stage in ("synapses", "pyramid", "meshes", "skeletons", "errors", "correct",
                  "report"):
+        # (tta only where set: the records of stores made before it existed still match)
         p["synapses"] = ({k: v for k, v in asdict(cfg.synapses).items()
-                          if k != "accept_licence"} if cfg.synapses else None)
+                          if k != "accept_licence" and not (k == "tta" and v is None)}
+                         if cfg.synapses else None)
         if cfg.synapses:
             p["synapses"]["precision"] = _precision(cfg.predict, cfg.synapses.model)
         if cfg.synapses and cfg.synapses.model.endswith(".pt") and Path(
@@ -1432,8 +1434,8 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
                     generation=ctx.generation, source_name=name,
                     intensity=_intensity(cfg, root, vol, model))
     _run_blocks(client, pctx, "synapses", functools.partial(
-        _predict_task, model_name=spec.model, dataset="synapse_probabilities",
-        stage="synapses", tta=spec.tta), cfg.cluster, group=_task_blocks(cfg, model, ctx.grid, client))
+        _predict_task, model_name=spec.model, dataset="synapse_probabilities", stage="synapses",
+        tta=spec.tta), cfg.cluster, group=_task_blocks(cfg, model, ctx.grid, client))
     record = run_record(store).get("stages", {}).get("synapses", {})
     if record.get("finished") and has(root, f"{LABELS}/synapses"):
         # (rewriting them would drop their pyramid levels)
@@ -1580,7 +1582,7 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
     """Check all that can be checked before computing or writing anything, so that a bad
     input fails at once and leaves nothing behind that could block the corrected rerun."""
     from emdask.models import check_licence
-    from emdask.predict import _check_voxel_size, check_size
+    from emdask.predict import _check_voxel_size, _tta, check_size
 
     store = cfg.output.path
     existing = _existing_record(store)
@@ -1631,6 +1633,10 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
         if cfg.predict.check_voxel_size:
             _check_voxel_size(vol.attrs["voxel_size"], synapse_model, where)
         check_size(vol.shape, synapse_model, where)
+        try:  # here, not in every worker's task
+            _tta(synapse_model, spec.tta)
+        except ValueError as err:
+            raise ValueError(f"{where}: [synapses] {err}") from None
     if cfg.errors is not None and ({"errors", "correct"} & set(stages)):
         from emdask.errors import load_merge_model, load_split_model
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import heapq
 import itertools
+import operator
 import os
 import threading
 import warnings
@@ -286,7 +287,10 @@ def symmetries(n: int) -> list[tuple[tuple[int, ...], bool]]:
     """The first ``n`` (1, 2, 4, 8 or 16) of the 16 symmetries of an EM volume that
     training augments with (:func:`emdask.augment.flip_transpose`), as (axes flipped,
     x-y transposed): identity, transpose, then flips of y, x and z, so that 2 adds the
-    transpose, 8 all in-plane symmetries and 16 the z flips too."""
+    transpose, 8 all in-plane symmetries and 16 the z flips too.  A symmetry maps a
+    volume by transposing it first (if at all), then flipping those axes of the result;
+    the inverse flips, then transposes."""
+    n = operator.index(n)
     if n not in (1, 2, 4, 8, 16):
         raise ValueError(f"tta must be 1, 2, 4, 8 or 16 symmetries, got {n!r}")
     return [(tuple(a for a, bit in zip((1, 2, 0), (2, 4, 8), strict=True) if i & bit),
@@ -295,19 +299,21 @@ def symmetries(n: int) -> list[tuple[tuple[int, ...], bool]]:
 
 def _symmetric_pass(net: ValidUNet, x: np.ndarray, halo: np.ndarray, flips, transpose: bool,
                     device: str, patch, batch_size: int) -> np.ndarray:
-    """The net's float32 output for the centre of ``x`` computed on ``x`` flipped on
-    ``flips`` (and first x-y transposed), mapped back."""
+    """The net's float32 output for the centre of ``x`` computed on ``x`` transposed (if
+    ``transpose``) and flipped on ``flips``, mapped back."""
     xs = x.transpose(0, 2, 1) if transpose else x
     xs = np.flip(xs, flips) if flips else xs
-    # The net's pooling grid starts at the input's origin, which on a flipped axis is the
+    # _run_net's pooling grid starts at the input's origin, which on a flipped axis is the
     # block's far end.  Zeros in front of it, as many as the block lacks of a multiple of
-    # the pooling factor, put the grid where the unflipped pass has it (a block's far end
-    # is off the grid only at the volume's end, beyond which all is black anyway).
-    extra = [(-(n - 2 * h) % f if a in flips else 0, 0)
+    # the pooling factor, put the grid where the unflipped pass has it; the outputs in
+    # front of the block are dropped.  No kept output reads the zeros: the halo covers
+    # the net's context.
+    extra = [-(n - 2 * h) % f if a in flips else 0
              for a, (n, h, f) in enumerate(zip(xs.shape, halo, net.factor, strict=True))]
-    xs = np.pad(xs, extra) if any(e for e, _ in extra) else xs
-    y = _run_net(net, xs, halo + [e for e, _ in extra], np.array(xs.shape) - halo, device,
-                 patch, batch_size)
+    if any(extra):
+        xs = np.pad(xs, [(e, 0) for e in extra])
+    y = _run_net(net, xs, halo, np.array(xs.shape) - halo, device, patch, batch_size)
+    y = y[(slice(None), *(slice(e, None) for e in extra))]
     y = np.flip(y, [a + 1 for a in flips]) if flips else y
     return y.transpose(0, 1, 3, 2) if transpose else y
 
@@ -331,10 +337,17 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
         y = _run_net(net, x, halo, np.array(x.shape) - halo, device, patch, batch_size,
                      np.uint8 if out_dtype == np.uint8 else np.float32)
     else:
-        y = sum(_symmetric_pass(net, x, halo, flips, transpose, device, patch, batch_size)
-                for flips, transpose in symmetries(tta)) / tta
+        y = None  # one accumulator, added to in place: memory for 2 outputs, not tta
+        for flips, transpose in symmetries(tta):
+            one = _symmetric_pass(net, x, halo, flips, transpose, device, patch, batch_size)
+            if y is None:
+                y = np.array(one, np.float32)
+            else:
+                y += one
+            del one
+        y *= (255 if out_dtype == np.uint8 else 1) / tta
         if out_dtype == np.uint8:  # as the net's own uint8 output: round(255 p)
-            y = np.rint(y * 255)
+            np.rint(y, out=y)
     if model.config.planar:  # z offsets never trained: no link across sections
         y[[k for k, (dz, _, _) in enumerate(model.config.offsets) if dz != 0]] = 0
     return y if y.dtype == out_dtype else y.astype(out_dtype)
@@ -386,15 +399,24 @@ def prediction_step(model: AffinityUNet | str, device: str = "cpu", patch=None,
 def _tta(net: AffinityUNet, tta: int | None) -> int:
     """The symmetries to average: ``tta``, or the model card's, checked against the net."""
     card = getattr(net, "card", None) or {}
-    tta = int(card.get("tta", 1)) if tta is None else tta
-    symmetries(tta)  # a wrong number is named here
+    source = f"tta={tta}"
+    if tta is None:
+        if "tta" in card and not _single(net):
+            raise ValueError(f"the model card gives tta = {card['tta']!r}, but test-time "
+                             "augmentation is implemented for synapse nets only; remove "
+                             "it from the card")
+        tta, source = card.get("tta", 1), f"the model card's tta = {card.get('tta')!r}"
+    try:
+        tta = len(symmetries(tta))
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: tta must be 1, 2, 4, 8 or 16 symmetries") from None
     if tta > 1 and not _single(net):
         # a flipped volume's affinity for offset o is the original's for -o, stored at
         # another voxel: not implemented, so refused rather than averaged wrongly
-        raise ValueError(f"tta={tta}: test-time augmentation is implemented for synapse "
+        raise ValueError(f"{source}: test-time augmentation is implemented for synapse "
                          "nets (one probability channel), not for affinities")
     if tta > 1 and (net.factor[1] != net.factor[2] or net.halo[1] != net.halo[2]):
-        raise ValueError(f"tta={tta}: the x-y transpose needs a net with equal y and x "
+        raise ValueError(f"{source}: the x-y transpose needs a net with equal y and x "
                          f"pooling factors and halos, got {tuple(net.factor)} and "
                          f"{tuple(net.halo)}")
     return tta
@@ -604,7 +626,8 @@ def predict_synapses(raw: Any, model: AffinityUNet | None = None, tta: int | Non
 
     ``tta``: test-time augmentation, the mean over the first 1, 2, 4, 8 or 16 symmetries
     of the volume (:func:`symmetries`: 2 adds the x-y transpose), at that many times the
-    cost; default the model card's.
+    cost; default the model card's.  The card's threshold and minimum size were chosen
+    with its ``tta``: another may want another operating point.
 
     There is no default model: the shipped detector (ssTEM at 50 x 4.6 x 4.6 nm, trained
     on the larval VNC masks of Gerhard et al. 2013) carries their non-commercial licence,

@@ -77,6 +77,10 @@ def test_test_time_augmentation_is_the_mean_over_symmetries_for_any_chunking(tta
     chunked = predict_synapses(raw, m, chunks=(6, 20, 16), precision="float32", tta=tta)
     assert chunked.data.numblocks == (3, 3, 3)
     np.testing.assert_allclose(chunked.values, whole, atol=1e-5)
+    # GPU settings: tiles predicted in batches (tiles on and off a flipped block's end)
+    tiled = predict_synapses(raw, m, chunks=(6, 20, 16), precision="float32", tta=tta,
+                             patch=(4, 8, 8), batch_size=3)
+    np.testing.assert_allclose(tiled.values, whole, atol=1e-5)
     plain = predict_synapses(raw, m, chunks=raw.shape, precision="float32").values
     assert np.abs(whole - plain).max() > 1e-3  # the other passes count
     # on a volume the pooling grid fits, the definition: flip, predict, flip back, mean
@@ -108,6 +112,16 @@ def test_test_time_augmentation_is_refused_where_it_would_be_wrong():
     m.card = {"tta": 4}  # the card's number is the default
     assert predict_synapses(raw, m).attrs["tta"] == 4
     assert "tta" not in predict_synapses(raw, m, tta=1).attrs
+    m.card = {"tta": 3}
+    with pytest.raises(ValueError, match="the model card's tta = 3: tta must be"):
+        predict_synapses(raw, m)
+    affinity_net = _model()
+    affinity_net.card = {"tta": 2}
+    with pytest.raises(ValueError, match="the model card gives tta = 2.*synapse nets only"):
+        predict_affinities(raw, affinity_net)
+    lopsided = _model(target="synapses", offsets=[[-1, 0, 0]], downsample=[[1, 4, 2]])
+    with pytest.raises(ValueError, match="equal y and x pooling factors"):
+        predict_synapses(raw, lopsided, tta=2)
 
 
 def test_tiled_prediction_equals_untiled():

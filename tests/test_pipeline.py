@@ -380,11 +380,12 @@ def test_learned_agglomeration_in_the_pipeline(tmp_path, tiny_model):
 
 def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys, monkeypatch):
     import emdask.predict
+    from emdask.predict import symmetries
 
-    passes = []  # the stage's test-time augmentation: 2 passes per task
+    passes = []  # the stage's test-time augmentation: 4 passes per task
 
     def counted(*args, **kwargs):
-        passes.append(args[4])  # transposed or not
+        passes.append((args[3], args[4]))  # flipped and transposed
         return symmetric_pass(*args, **kwargs)
 
     symmetric_pass = emdask.predict._symmetric_pass
@@ -399,7 +400,7 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys, m
                partner_model)
     cfg = _config(tmp_path, tiny_model, **SMALL)
     cfg["synapses"] = {"model": str(syn_model), "threshold": 0.5, "min_size": 30,
-                       "radius": [0, 3, 3], "tta": 2,
+                       "radius": [0, 3, 3], "tta": 4,
                        "direction_model": str(partner_model), "direction_patch": [8, 16, 16]}
     # (not meshes and skeletons: 45 small blocks of them are slow, and tested elsewhere)
     result = run(cfg, stages=["predict", "segment", "synapses", "pyramid"])
@@ -408,7 +409,7 @@ def test_synapse_stage_writes_objects_and_tables(tmp_path, tiny_model, capsys, m
     probs = open_volume(store, "synapse_probabilities")
     labels = open_volume(store, "synapses")
     assert probs.shape == labels.shape == (40, 96, 96) and probs.dtype == np.float32
-    assert passes and passes.count(True) == passes.count(False)
+    assert passes and all(passes.count(s) == len(passes) // 4 for s in symmetries(4))
     table = pd.read_parquet(Path(store, "synapses.parquet"))
     edges = pd.read_parquet(Path(store, "connectome.parquet"))
     assert len(table) == result["stages"]["synapses"]["n_synapses"] == labels.values.max()
