@@ -16,7 +16,9 @@ bfloat16) on the rows outside the fold and a
 margin of 32 rows around it; its threshold and minimum size are chosen on those training
 rows only; then the fold is scored at that operating point (precision, recall, F1, CREMI
 distances, partners with the true cells and with the ``sstem`` net's segmentation), and
-the table ends with mean +- sd over the folds.
+the table ends with mean +- sd over the folds.  A second table scores every fold at one
+operating point, as a model card has one: the threshold and minimum size with the best F1
+summed over the fold nets' own training rows.
 
 ``--tta N``: the nets' outputs averaged over N symmetries of the volume (test-time
 augmentation, N passes; default the model card's, 1 for fold nets).
@@ -138,39 +140,62 @@ def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
     affs = predict_affinities(raw, sstem, dtype="uint8").values[:3]
     with dask.config.set(scheduler="threads"):
         net_seg = segment(affs, [sstem.card["threshold"]])[0].compute()
-    print("| fold | rows y | synapses | threshold | min size | precision | recall | F1 | "
-          "FP dist (nm) | FN dist (nm) | partners, true cells | partners, sstem net |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    results = []
+    header = ("| fold | rows y | synapses | threshold | min size | precision | recall | F1 | "
+              "FP dist (nm) | FN dist (nm) | partners, true cells | partners, sstem net |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(header)
+    # per fold: scores; the net's probabilities; F1 on its training rows per operating point
+    results, probs, trained = [], {}, {}
     for k in folds:
         model_path = fold_folder(k, recipe, changes) / "model.pt"
         if not model_path.exists():
             print(f"| {k} | fold net not trained ({model_path}); run with --train |")
             continue
-        rows = (FOLDS[k], FOLDS[k + 1])
-        margin_rows = (rows[0] - MARGIN, rows[1] + MARGIN)
-        prob = predict_synapses(raw, load_model(model_path), tta=tta).values
+        probs[k] = predict_synapses(raw, load_model(model_path), tta=tta).values
+        margin_rows = (FOLDS[k] - MARGIN, FOLDS[k + 1] + MARGIN)
+        trained[k] = {(t, m): _score_rows(probs[k], clefts, margin_rows, t, m, vs,
+                                          keep=False)["f1"]
+                      for t in THRESHOLDS for m in MIN_SIZES}
         # the operating point: best F1 on the fold net's own training rows
-        t, m = max(((t, m) for t in THRESHOLDS for m in MIN_SIZES),
-                   key=lambda tm: _score_rows(prob, clefts, margin_rows, *tm, vs,
-                                              keep=False)["f1"])
-        s = _score_rows(prob, clefts, rows, t, m, vs, keep=True)
-        sl = (slice(None), slice(*rows), slice(None))
-        partners = []
-        for seg in (cells, net_seg):
-            right, matched = partner_accuracy(s["labels"], clefts[sl], cells[sl], seg[sl],
-                                              RADIUS, cells_radius=CELLS_RADIUS)
-            partners.append(f"{right} of {matched}")
-        results.append(s)
-        print(f"| {k} | {rows[0]}-{rows[1]} | {s['n_true']} | {t} | {m} | "
-              f"{s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
-              f"{s['fp_distance']:.1f} | {s['fn_distance']:.1f} | {partners[0]} | "
-              f"{partners[1]} |")
-    if results:
-        mean = {key: (np.mean([r[key] for r in results]), np.std([r[key] for r in results]))
-                for key in ("precision", "recall", "f1")}
-        print(f"| mean +- sd ({len(results)} folds) | | | | | "
-              + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in mean.values()) + " | | | | |")
+        t, m = max(trained[k], key=trained[k].get)
+        results.append(_fold_row(k, probs[k], clefts, cells, net_seg, t, m, vs))
+    if not probs:
+        return
+    _mean_row(results)
+    # One operating point for every fold, as a model card has: the best summed F1 of the
+    # fold nets on their own training rows (no fold's scores are looked at; but a fold's
+    # rows are among the others' training rows).
+    card = max(trained[next(iter(trained))], key=lambda tm: sum(f[tm] for f in
+                                                                   trained.values()))
+    print(f"\nAt one operating point for all folds (threshold {card[0]}, min size "
+          f"{card[1]}{f', tta {tta}' if tta else ''}: best summed F1 on the folds' "
+          "training rows):\n" + header)
+    _mean_row([_fold_row(k, prob, clefts, cells, net_seg, *card, vs)
+               for k, prob in probs.items()])
+
+
+def _fold_row(k, prob, clefts, cells, net_seg, t, m, vs) -> dict:
+    """Score fold ``k`` at threshold ``t`` and minimum size ``m``: one table row."""
+    rows = (FOLDS[k], FOLDS[k + 1])
+    s = _score_rows(prob, clefts, rows, t, m, vs, keep=True)
+    sl = (slice(None), slice(*rows), slice(None))
+    partners = []
+    for seg in (cells, net_seg):
+        right, matched = partner_accuracy(s["labels"], clefts[sl], cells[sl], seg[sl],
+                                          RADIUS, cells_radius=CELLS_RADIUS)
+        partners.append(f"{right} of {matched}")
+    print(f"| {k} | {rows[0]}-{rows[1]} | {s['n_true']} | {t} | {m} | "
+          f"{s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
+          f"{s['fp_distance']:.1f} | {s['fn_distance']:.1f} | {partners[0]} | "
+          f"{partners[1]} |", flush=True)
+    return s
+
+
+def _mean_row(results: list[dict]) -> None:
+    mean = {key: (np.mean([r[key] for r in results]), np.std([r[key] for r in results]))
+            for key in ("precision", "recall", "f1")}
+    print(f"| mean +- sd ({len(results)} folds) | | | | | "
+          + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in mean.values()) + " | | | | |")
 
 
 def main() -> None:
