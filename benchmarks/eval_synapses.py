@@ -165,8 +165,8 @@ def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
     # One operating point for every fold, as a model card has: the best summed F1 of the
     # fold nets on their own training rows (no fold's scores are looked at; but a fold's
     # rows are among the others' training rows).
-    card = max(trained[next(iter(trained))], key=lambda tm: sum(f[tm] for f in
-                                                                   trained.values()))
+    card = max(((t, m) for t in THRESHOLDS for m in MIN_SIZES),
+               key=lambda tm: sum(f1[tm] for f1 in trained.values()))
     print(f"\nAt one operating point for all folds (threshold {card[0]}, min size "
           f"{card[1]}{f', tta {tta}' if tta else ''}: best summed F1 on the folds' "
           "training rows):\n" + header)
