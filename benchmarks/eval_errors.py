@@ -1,25 +1,28 @@
 """Error detection and correction: trained, calibrated and validated on separate FIB-SEM
 volumes, for both agglomerations a user gets.
 
-    python benchmarks/eval_errors.py [--only splits|merges] [--ship] [--per-score]
+    python benchmarks/eval_errors.py [--only splits|merges] [--ship]
 
 The fibsem net's affinities are segmented two ways: mean agglomeration at the net's card
 threshold (``emdask run``'s default score) and learned agglomeration with the shipped
 classifier at its card's threshold (what the demo runs, ``emdask.demo.operating_point``).
 Three volumes, each with dense ground truth:
 
-- train: FlyEM medulla z 0-159.  The split model (emdask.errors) learns from the touching
-  pairs of both segmentations; the merge net (emdask/weights/merges.toml) was trained on
-  artificial merges of touching ground-truth neurons of z 0-199.
+- train: FlyEM medulla z 0-159.  A split model (emdask.errors) per agglomeration learns
+  from the touching pairs of that segmentation (emdask/weights/splits.json for mean,
+  splits_learned.json for learned); the merge net (emdask/weights/merges.toml) was
+  trained on artificial merges of touching ground-truth neurons of z 0-199.
 - calibration: gala's tiny FIB-SEM volume (another crop of the medulla, 50 x 100 x 200
   voxels), which none of the nets or models trained on.
 - validation: medulla z 200-249, never trained or calibrated on.
 
-Correction thresholds (the cards'): among the thresholds whose automated correction raises
-ARAND on none of the four calibration segmentations (train and calibration, mean and
-learned), the one with the lowest VOI split + merge summed over them (1.0: correct
-nothing).  A threshold chosen on the merge net's own training data alone would trust its
-scores where they are best; the independent volume keeps that honest.
+Operating points (the cards'): among those whose automated correction does no harm on the
+calibration segmentations (raises neither ARAND nor VOI on any of them: train and
+calibration; for a split model, those of its agglomeration), the one with the lowest VOI
+split + merge summed over them (1.0: correct nothing).  A split model's point is a threshold and a floor: segments under the
+floor join the touching segment of highest mean affinity (emdask.errors.small_joins).  A
+threshold chosen on the training data alone would trust the scores where they are best;
+the independent volume keeps that honest.
 
 On the validation region, for each segmentation: precision and recall of the candidates
 above the threshold; what a proofreader checking the top 20 candidates removes, in the
@@ -29,16 +32,15 @@ emdask.errors.join_gain for joins, the segment's size for cuts) and by score alo
 VOI merge held by the true merges among them, against the 20 largest segments' share, the
 order a proofreader has without a detector); merges: the ROC AUC over segments (a segment
 is a true merge when it overlaps two true neurons by 100 voxels each); and VOI split /
-merge and ARAND before and after automated correction.  --ship writes the split model and
-its card to emdask/weights/splits.json and the merge net's threshold and figures into its
-card.
+merge and ARAND before and after automated correction.  --ship writes the split models and
+their cards to emdask/weights/splits*.json and the merge net's threshold and figures into
+its card.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 from pathlib import Path
 
 import dask
@@ -49,17 +51,20 @@ import xarray as xr
 
 import emdask
 from emdask.errors import (
+    _contacts_and_sizes,
     apply_cuts,
     correct_splits,
     detect_merges,
     error_table,
     plan_cuts,
+    small_joins,
     split_features,
     split_labels,
     train_split_model,
 )
 from emdask.learn_agglomeration import load_classifier
 from emdask.models import pretrained
+from emdask.run_config import ErrorSpec
 from emdask.segmentation import segment
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -73,6 +78,8 @@ CALIBRATE = [(name, score) for name in ("train", "calibration") for score in SCO
 VOXEL = (10.0, 10.0, 10.0)
 TOP = 20
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+FLOORS = (0, 100, 200, 500, 1000, 2000)  # voxels: segments below join their best neighbour
+MIN_SIZE = ErrorSpec.min_size  # split candidates: what the errors stage examines
 CUT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
@@ -111,13 +118,15 @@ def labelled(seg: np.ndarray) -> xr.DataArray:
                                                           "offset": [0.0, 0.0, 0.0]})
 
 
-def choose(sweeps: dict, thresholds) -> float:
-    """The correction threshold: lowest VOI summed over the calibration segmentations among
-    those raising ARAND on none (1.0: none); ``sweeps[(name, score)][t]`` are the scores
-    after correcting at ``t``, ``[1.0]`` before."""
-    fine = [t for t in thresholds if all(s[t]["arand"] <= s[1.0]["arand"] + 1e-9
-                                         for s in sweeps.values())]
-    return min([1.0, *fine], key=lambda t: (sum(s[t]["voi"] for s in sweeps.values()), -t))
+def choose(sweeps: dict, order: list):
+    """The correction's operating point: of ``order`` (least correction first, the first
+    meaning none), those that do no harm (raise neither ARAND nor VOI on any calibration
+    segmentation), the one with the lowest VOI summed over them (the first of equals);
+    ``sweeps[(name, score)][key]`` are the scores after correcting at ``key``."""
+    none = order[0]
+    fine = [k for k in order if all(s[k][m] <= s[none][m] + 1e-9 for s in sweeps.values()
+                                    for m in ("arand", "voi"))]
+    return min(fine, key=lambda k: sum(s[k]["voi"] for s in sweeps.values()))
 
 
 def print_calibration(sweeps: dict, threshold: float, what: str) -> None:
@@ -143,54 +152,85 @@ def scores_of(s: dict) -> dict:
 
 # ---------------------------------------------------------------- splits
 @functools.cache
+def touching(name: str, score: str) -> tuple:
+    """Contacts and sizes of a segmentation's segments (what the errors stage computes)."""
+    _, seg, affs, _, _ = region(name, score)
+    return _contacts_and_sizes(seg, affs)
+
+
+@functools.cache
 def split_table(name: str, score: str) -> pd.DataFrame:
-    """Candidate pairs of a segmentation with their features and truth."""
+    """Candidate pairs of a segmentation (segments of the errors stage's default
+    ``min_size``) with their features and truth."""
     _, seg, affs, gt, _ = region(name, score)
-    feats = split_features(seg, affs, VOXEL)
+    feats = split_features(seg, affs, VOXEL, MIN_SIZE, touching=touching(name, score))
     return feats.assign(true=split_labels(feats[["a", "b"]].to_numpy(), seg, gt))
+
+
+@functools.cache
+def small_table(name: str, score: str, floor: int) -> pd.DataFrame | None:
+    _, seg, affs, _, _ = region(name, score)
+    return small_joins(seg, affs, floor, VOXEL, touching(name, score)) if floor else None
+
+
+def split_keys() -> list:
+    """(floor, threshold) operating points, least correction first."""
+    return [(f, t) for f in FLOORS for t in (1.0, *sorted(THRESHOLDS, reverse=True))]
 
 
 def split_sweep(model, name: str, score: str) -> dict:
     _, seg, _, gt, _ = region(name, score)
     feats = split_table(name, score).assign(score=lambda f: model.predict(f))
-    return {1.0: emdask.evaluate(seg, gt)} | {
-        t: emdask.evaluate(correct_splits(seg, feats, t)[0], gt) for t in THRESHOLDS}
+    return {(f, t): emdask.evaluate(correct_splits(seg, feats, t, small_table(name, score, f))[0],
+                                    gt) for f, t in split_keys()}
 
 
-def splits(ship: bool, per_score: bool = False) -> None:
-    # one model for both agglomerations (shipped), or (--per-score) one for each, trained
-    # and calibrated on that agglomeration's segmentations only
-    groups = {s: [s] for s in SCORES} if per_score else {"both": list(SCORES)}
-    models = {}
-    for group, scores in groups.items():
-        train = [split_table("train", score) for score in scores]
-        model = train_split_model(pd.concat(train, ignore_index=True),
-                                  np.concatenate([t.true.to_numpy() for t in train]))
-        sweeps = {key: split_sweep(model, *key) for key in CALIBRATE if key[1] in scores}
-        model.threshold = choose(sweeps, THRESHOLDS)
-        print(f"splits ({group}): the model learned from {sum(map(len, train))} pairs of "
-              f"the training region ({sum(int(t.true.sum()) for t in train)} true splits)")
-        print_calibration(sweeps, model.threshold, f"splits ({group}):")
-        models |= dict.fromkeys(scores, model)
-    card = {}
+def print_split_calibration(sweeps: dict, point: tuple, what: str) -> None:
+    """VOI / ARAND of each calibration segmentation at each floor (rows) and threshold."""
+    print(f"{what}: floor {point[0]}, threshold {point[1]:.2f}, chosen on (VOI / ARAND after "
+          "correcting at):")
+    ts = sorted({t for _, t in split_keys()}, reverse=True)
+    for (name, score), s in sweeps.items():
+        print(f"  {name}, {score}; floor \\ threshold" + "".join(f"{t:>13.2f}" for t in ts))
+        for f in FLOORS:
+            print(f"  {f:>8}" + "".join(f"{s[(f, t)]['voi']:7.3f}/{s[(f, t)]['arand']:.3f}"
+                                        for t in ts))
+
+
+def splits(ship: bool) -> None:
+    """A split model and operating point (floor, threshold) per agglomeration, each trained
+    and calibrated on that agglomeration's segmentations only (a model of both raised
+    ARAND on learned z 0-159 at every threshold that helped mean agglomeration)."""
     for score in SCORES:
-        model = models[score]
-        threshold = model.threshold
+        train = split_table("train", score)
+        model = train_split_model(train, train.true.to_numpy())
+        sweeps = {key: split_sweep(model, *key) for key in CALIBRATE if key[1] == score}
+        model.floor, model.threshold = choose(sweeps, split_keys())
+        print(f"splits ({score}): the model learned from {len(train)} pairs of the training "
+              f"region ({int(train.true.sum())} true splits)")
+        print_split_calibration(sweeps, (model.floor, model.threshold), f"splits ({score})")
+
         _, seg, _, gt, _ = region("validation", score)
         before = emdask.evaluate(seg, gt)
         feats = split_table("validation", score)
         feats = feats.assign(score=model.predict(feats))
         feats = feats.sort_values("score", ascending=False, ignore_index=True)
-        chosen = feats.score >= threshold
+        chosen = feats.score >= model.threshold
         tp = int((chosen & feats.true).sum())
         truth = error_table(seg, gt)
         print(f"\nsplits, validation, {score} agglomeration: {len(feats)} candidate pairs, "
               f"{int(feats.true.sum())} true splits among them; "
               f"{int((truth.kind == 'split').sum())} split errors (neurons in >= 2 "
               "segments of >= 100 voxels)")
-        print(f"at the threshold {threshold:.2f}: {int(chosen.sum())} detected, precision "
-              f"{tp / max(int(chosen.sum()), 1):.3f}, recall "
+        print(f"at the threshold {model.threshold:.2f}: {int(chosen.sum())} detected, "
+              f"precision {tp / max(int(chosen.sum()), 1):.3f}, recall "
               f"{tp / max(int(feats.true.sum()), 1):.3f}")
+        small = small_table("validation", score, model.floor)
+        right = 0
+        if small is not None:  # a speck joined into its own neuron (by its largest part)
+            right = int(split_labels(small[["a", "b"]].to_numpy(), seg, gt, 1).sum())
+            print(f"floor {model.floor}: {len(small)} segments joined to their best "
+                  f"neighbour, {right} into the neuron that holds most of them")
         # a proofreader checks the top candidates and merges those that are true
         shares = {}
         for order, ranked in (("priority", feats.assign(priority=feats.score * feats.gain)
@@ -204,35 +244,43 @@ def splits(ship: bool, per_score: bool = False) -> None:
             print(f"top {TOP} by {order} checked by a proofreader: {int(top.true.sum())} "
                   f"true; VOI split {before['voi_split']:.3f} -> "
                   f"{after_top['voi_split']:.3f} ({shares[order]:.1%} of it)")
-        corrected, edits = correct_splits(seg, feats, threshold)
-        after = emdask.evaluate(corrected, gt)
-        print(f"{'':24} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} {'ARAND':>7}")
-        for label, s in (("before", before), (f"auto-corrected ({len(edits)})", after)):
-            print(f"{label:24} {s['voi_split']:9.3f} {s['voi_merge']:9.3f} {s['voi']:7.3f} "
-                  f"{s['arand']:7.3f}")
-        card[score] = {"candidates": len(feats), "true_splits": int(feats.true.sum()),
-                       "detected": int(chosen.sum()), "true_detected": tp,
-                       f"top{TOP}_voi_split_share": round(shares["priority"], 3),
-                       f"top{TOP}_by_score_voi_split_share": round(shares["score"], 3),
-                       "before": scores_of(before), "after": scores_of(after)}
-    if ship:
-        if per_score:
-            raise SystemExit("--ship writes the one shipped model, not --per-score's two")
-        model.card = {
-            "name": "splits", "segmentation": "fibsem net; mean agglomeration at the net's "
-            "card threshold and learned agglomeration at the classifier's",
-            "train": "FlyEM medulla z 0-159 (CC BY), both segmentations",
-            "calibration": "gala tiny FIB-SEM (BSD), both segmentations, and the training "
-                           "region",
-            "validation": "FlyEM medulla z 200-249",
-            "threshold_rule": "lowest VOI summed over the calibration segmentations among "
-                              "thresholds raising ARAND on none (1.0: no automated "
-                              "correction)",
-            "validation_scores": card, "reproduce": "python benchmarks/eval_errors.py --ship"}
-        path = Path(emdask.__file__).parent / "weights" / "splits.json"
-        model.save(path)
-        print(f"wrote {path}")
-        json.loads(path.read_text())
+        rows = {"before": before}
+        for label, (floor, t) in ((f"floor {model.floor} only", (model.floor, 1.0)),
+                                  (f"model at {model.threshold:.2f} only",
+                                   (0, model.threshold)),
+                                  ("auto-corrected (both)", (model.floor, model.threshold))):
+            corrected, edits = correct_splits(seg, feats, t, small_table(
+                "validation", score, floor))
+            rows[f"{label} ({len(edits)})"] = emdask.evaluate(corrected, gt)
+        print(f"{'':32} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} {'ARAND':>7}")
+        for label, r in rows.items():
+            print(f"{label:32} {r['voi_split']:9.3f} {r['voi_merge']:9.3f} {r['voi']:7.3f} "
+                  f"{r['arand']:7.3f}")
+        after = list(rows.values())[-1]
+        scores = {"candidates": len(feats), "true_splits": int(feats.true.sum()),
+                  "detected": int(chosen.sum()), "true_detected": tp,
+                  "floor_joins": 0 if small is None else len(small),
+                  "floor_joins_right": right,
+                  f"top{TOP}_voi_split_share": round(shares["priority"], 3),
+                  f"top{TOP}_by_score_voi_split_share": round(shares["score"], 3),
+                  "before": scores_of(before), "after": scores_of(after)}
+        if ship:
+            name = "splits" if score == "mean" else f"splits_{score}"
+            model.card = {
+                "name": name, "segmentation": f"the fibsem net's, {score} agglomeration at "
+                + ("the net's card threshold" if score == "mean" else "the classifier's"),
+                "train": "FlyEM medulla z 0-159 (CC BY)",
+                "calibration": "gala tiny FIB-SEM (BSD) and the training region",
+                "validation": "FlyEM medulla z 200-249",
+                "candidates": f"touching segments of >= {MIN_SIZE} voxels each",
+                "operating_point_rule": "of the floors and thresholds raising neither ARAND "
+                "nor VOI on any calibration segmentation, the lowest VOI summed over them "
+                "(floor 0 and threshold 1.0: no automated correction)",
+                "validation_scores": scores,
+                "reproduce": "python benchmarks/eval_errors.py --only splits --ship"}
+            path = Path(emdask.__file__).parent / "weights" / f"{name}.json"
+            model.save(path)
+            print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------- merges
@@ -276,7 +324,8 @@ def print_sweep(sweep: dict, threshold: float) -> None:
 
 
 def merges(ship: bool) -> None:
-    threshold = choose({key: cut_sweep(*key) for key in CALIBRATE}, CUT_THRESHOLDS)
+    threshold = choose({key: cut_sweep(*key) for key in CALIBRATE},
+                       [1.0, *sorted(CUT_THRESHOLDS, reverse=True)])
     print_calibration({key: cut_sweep(*key) for key in CALIBRATE}, threshold, "merges: cut")
     card = {}
     for score in SCORES:
@@ -326,7 +375,8 @@ def merges(ship: bool) -> None:
             "threshold": threshold,
             "threshold_rule": "lowest VOI after automated cuts summed over the calibration "
             "segmentations (medulla z 0-159 and gala tiny FIB-SEM, mean and learned "
-            "agglomeration) among thresholds raising ARAND on none (1.0: no automated cuts)",
+            "agglomeration) among thresholds raising neither ARAND nor VOI on any (1.0: no "
+            "automated cuts)",
             "validation": "FlyEM medulla z 200-249, the fibsem net's segmentations (mean "
             "agglomeration at its card threshold, learned at the classifier's)",
             "validation_scores": card,
@@ -339,13 +389,11 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ship", action="store_true")
     parser.add_argument("--only", choices=("splits", "merges"))
-    parser.add_argument("--per-score", action="store_true",
-                        help="splits: a model per agglomeration (not shipped)")
     args = parser.parse_args()
     if args.only != "splits":
         merges(args.ship)
     if args.only != "merges":
-        splits(args.ship, args.per_score)
+        splits(args.ship)
 
 
 if __name__ == "__main__":

@@ -644,6 +644,7 @@ def _errors(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
         load_split_model,
         merge_jobs,
         merge_window,
+        small_joins,
     )
     from emdask.volumes import open_volume
 
@@ -692,13 +693,16 @@ def _errors(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
             **{f"{a}_nm": np.concatenate([p["at"][:, k] for p in parts] or [[]])
                for k, a in enumerate("zyx")}})
         merges = best_windows(windows, touching[1])
-    table = candidate_table(splits, merges, split_threshold, merge_threshold)
+    small = small_joins(seg, affs, spec.floor, vs, touching) if spec.floor else None
+    table = candidate_table(splits, merges, split_threshold, merge_threshold, small)
     put_bytes(store, "errors.parquet", _parquet(table))
     counts = table.kind.value_counts().to_dict() if len(table) else {}
     print(f"  errors: {counts.get('split', 0)} split and {counts.get('merge', 0)} merge "
           f"candidates in segmentation_{t:g} ({int(table.auto.sum()) if len(table) else 0} "
-          "above the models' correction thresholds); table errors.parquet", file=sys.stderr)
-    return {"splits": int(counts.get("split", 0)), "merges": int(counts.get("merge", 0))}
+          f"above the models' correction thresholds, {counts.get('small', 0)} of them "
+          f"segments under {spec.floor} voxels); table errors.parquet", file=sys.stderr)
+    return {"splits": int(counts.get("split", 0)), "merges": int(counts.get("merge", 0)),
+            "small": int(counts.get("small", 0))}
 
 
 def _correct_task(ctx: _Context, block: int, dataset: str) -> None:
@@ -720,7 +724,8 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     block by block, into segmentation_{t}_corrected.
 
     The first run writes edits.parquet from errors.parquet: the candidates at or above
-    their model's threshold (``auto``), ``apply`` true.  It is the record of every edit:
+    their model's threshold and the segments under the floor joined to their best
+    neighbour (kind "small"), all ``auto``, ``apply`` true.  It is the record of every edit:
     set ``apply`` false to undo one, or add rows (kind "split", segments [a, b]: join
     them; kind "merge", segments [s] and a location in nm: cut s where it joins two
     neurons) to make one, and run the stage again; what changed is redone.  A cut splits
@@ -748,10 +753,11 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     missing = {"kind", "segments", "apply"} - set(edits.columns)
     if missing:
         raise ValueError(f"{store}/{EDITS}: columns {sorted(missing)} are missing")
-    joins = edits[(edits.kind == "split") & edits["apply"].astype(bool)]
+    joins = edits[edits.kind.isin(["split", "small"]) & edits["apply"].astype(bool)]
     bad = [list(s) for s in joins.segments if len(s) != 2]
     if bad:
-        raise ValueError(f"{store}/{EDITS}: a split edit joins two segments, got {bad[:3]}")
+        raise ValueError(f"{store}/{EDITS}: a split or small edit joins two segments, got "
+                         f"{bad[:3]}")
     old, new = join_lut(np.array([list(s) for s in joins.segments], np.uint64).reshape(-1, 2))
     cuts = edits[(edits.kind == "merge") & edits["apply"].astype(bool)]
     cut = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
@@ -1823,13 +1829,15 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
             else:
                 e = cfg.errors
                 what = ("split candidates (contacts, model " + (e.split_model or "none")
-                        + ") and merge candidates (net " + (e.merge_model or "none")
+                        + f", segments under {e.floor} voxels joined) and merge candidates"
+                        " (net " + (e.merge_model or "none")
                         + " along the skeletons) -> errors.parquet")
                 memory[stage] = 40.0 * block_vox
         elif stage == "correct":
             what = ("skipped (no [errors] section)" if cfg.errors is None else
-                    f"the decisions of {EDITS} (first: the candidates above the models' "
-                    f"thresholds) applied -> segmentation_..{CORRECTED}")
+                    f"the decisions of {EDITS} (first: "
+                    + ("the candidates above the models' thresholds" if cfg.errors.auto
+                       else "none, auto = false") + f") applied -> segmentation_..{CORRECTED}")
             memory[stage] = 24.0 * block_vox if cfg.errors is not None else 0.0
         elif stage == "meshes":
             t = cfg.meshes.segmentation

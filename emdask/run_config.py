@@ -151,13 +151,17 @@ class ErrorSpec:
     has skeletons: split candidates (touching segments, a split model) and merge
     candidates (a merge net along each skeleton), one ranked table ``errors.parquet``."""
 
-    split_model: str | None = "splits"  # a .json file or shipped name; None: no splits
+    # a .json file or shipped name; None: no splits; "auto": the shipped model calibrated
+    # for [segment] score ("splits_learned" for "learned", else "splits")
+    split_model: str | None = "auto"
     merge_model: str | None = "merges"  # a .pt file or shipped name; None: no merges
     min_size: int = 1000  # voxels: smaller segments are not examined
+    # voxels: smaller segments join the touching segment of highest mean affinity
+    # (emdask.errors.small_joins); default: the split model's card (0 without a model)
+    floor: int | None = None
     # the correct stage's first decisions (edits.parquet): the candidates at or above their
-    # model's threshold (true), or none (people add theirs).  Off by default: no threshold
-    # of the shipped models was safe on every calibration segmentation (their cards: 1.0)
-    auto: bool = False
+    # model's threshold and the joins below the floor (true), or none (people add theirs)
+    auto: bool = True
 
 
 @dataclass
@@ -247,6 +251,10 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
                                         "in (0, 1]")
         limits["synapses.min_size"] = (s.min_size is None or s.min_size >= 0, ">= 0")
         limits["synapses.tta"] = (s.tta in (None, 1, 2, 4, 8, 16), "1, 2, 4, 8 or 16")
+    if cfg.errors is not None:
+        e = cfg.errors
+        limits["errors.floor"] = (e.floor is None or e.floor >= 0, ">= 0")
+        limits["errors.min_size"] = (e.min_size >= 1, ">= 1")
     for key, (ok, rule) in limits.items():
         if not ok:
             section, name = key.split(".")
@@ -295,6 +303,19 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
         cfg = replace(cfg, synapses=replace(spec, **{
             k: point[k] for k in ("threshold", "min_size", "radius")
             if getattr(spec, k) is None}))
+    spec = cfg.errors
+    if spec is not None and (spec.split_model == "auto" or spec.floor is None):
+        from emdask.errors import load_split_model
+
+        name = spec.split_model
+        if name == "auto":
+            name = "splits_learned" if cfg.segment.score == "learned" else "splits"
+        try:
+            floor = load_split_model(name).floor if name else 0
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"{where}: errors.split_model = {name!r}: {err}") from None
+        cfg = replace(cfg, errors=replace(spec, split_model=name, floor=(
+            floor if spec.floor is None else spec.floor)))
     return cfg
 
 

@@ -60,7 +60,8 @@ def test_correct_splits_merges_the_chosen_pairs_and_records_them():
     candidates = pd.DataFrame({"a": [1, 2], "b": [2, 3], "score": [0.9, 0.3]})
     out, edits = correct_splits(seg, candidates, 0.5)
     assert set(np.unique(out)) == {1, 3} and (out[seg == 2] == 1).all()
-    assert edits.to_dict("records") == [{"a": 1, "b": 2, "score": 0.9, "kept": 1}]
+    assert edits.to_dict("records") == [{"a": 1, "b": 2, "score": 0.9, "kept": 1,
+                                         "reason": "model"}]
     assert (correct_splits(seg, candidates, 0.95)[0] == seg).all()  # nothing chosen
     big = np.uint64(2**63 + 5)  # ids of the full uint64 range (hashed or block-offset ids)
     seg[seg == 2] = big
@@ -68,6 +69,45 @@ def test_correct_splits_merges_the_chosen_pairs_and_records_them():
                                "score": [0.9]})
     out, _ = correct_splits(seg, candidates, 0.5)
     assert out.dtype == np.uint64 and set(np.unique(out)) == {1, 3}
+
+
+def _specks():
+    """Two neurons (x < 10, x >= 10) as segments 1 and 2, with three specks: 3 (8 voxels,
+    inside neuron 1, on the membrane), 4 (4 voxels, touching 3 only) and 5 (a large
+    segment, 2 x 4 x 10 voxels, inside neuron 2).  Affinities are high inside each neuron
+    and low across the membrane, so each speck's best neighbour is its own neuron."""
+    gt = np.ones((6, 8, 20), np.uint64)
+    gt[:, :, 10:] = 2
+    seg = gt.copy()
+    seg[2:4, 2:4, 7:9] = 3
+    seg[2:4, 2:4, 6] = 4
+    seg[0:2, 0:4, 10:20] = 5
+    affs = np.full((3, *gt.shape), 0.9, np.float32)
+    affs[2, :, :, 10] = 0.1  # across the membrane (x edges into x = 10)
+    affs[:, 2:4, 2:4, 7:9] = 0.5  # the speck's own edges: weaker, but more than 0.1
+    affs[:, 2:4, 2:4, 6] = affs[0, 4, 2:4, 6] = affs[1, 2:4, 4, 6] = 0.2  # 4: weak but to 3
+    return seg, gt, affs
+
+
+def test_small_joins_take_each_speck_to_its_best_neighbour():
+    from emdask.errors import small_joins
+
+    seg, gt, affs = _specks()
+    joins = small_joins(seg, affs, floor=10, voxel_size=(40.0, 4.0, 4.0))
+    assert joins[["a", "b"]].to_numpy().tolist() == [[3, 1], [4, 3]]  # 5 is not small
+    assert joins.score.between(0, 1).all() and (joins.gain > 0).all()
+    assert joins.x_nm.iloc[0] == pytest.approx(joins.x.iloc[0] * 4.0)
+    out, edits = correct_splits(seg, pd.DataFrame(columns=["a", "b", "score"]), 0.5, joins)
+    np.testing.assert_array_equal(out, np.where(seg == 5, 5, gt))  # the chain 4 -> 3 -> 1
+    assert edits.reason.tolist() == ["size", "size"]
+    joins = small_joins(seg, affs, floor=100)
+    assert set(joins.a) == {3, 4, 5} and joins.set_index("a").b[5] == 2
+    assert len(small_joins(seg, affs, floor=0)) == 0
+    # blockwise (Dask) contacts give the same joins
+    import dask.array as da
+
+    pd.testing.assert_frame_equal(small_joins(da.from_array(seg, chunks=(3, 4, 7)), affs, 100),
+                                  joins)
 
 
 def test_split_model_learns_a_separable_rule_and_round_trips(tmp_path):
@@ -194,7 +234,7 @@ def test_the_errors_stage_equals_the_functions_and_is_shown(neurons, tiny_merge_
     from conftest import neurons_config
 
     from emdask import open_volume
-    from emdask.errors import detect_merges, detect_splits
+    from emdask.errors import detect_merges, detect_splits, small_joins
     from emdask.pipeline import _stored_skeletons, run
     from emdask.view import view
 
@@ -202,8 +242,8 @@ def test_the_errors_stage_equals_the_functions_and_is_shown(neurons, tiny_merge_
     shutil.copytree(neurons, folder / "run.zarr")
     # a split model that keeps most touching pairs (ground-truth affinities leave none)
     weights = [1.0 if f == "log_contact" else 0.0 for f in FEATURES]
-    SplitModel(weights, 2.0, [0.0] * len(FEATURES), [1.0] * len(FEATURES), 0.99).save(
-        tmp_path / "splits.json")
+    SplitModel(weights, 2.0, [0.0] * len(FEATURES), [1.0] * len(FEATURES), 0.99,
+               floor=300).save(tmp_path / "splits.json")  # the floor: the config's default
     config = neurons_config(Path(neurons).parent) | {"errors": {
         "merge_model": tiny_merge_net, "split_model": str(tmp_path / "splits.json"),
         "min_size": 2000}}
@@ -211,7 +251,10 @@ def test_the_errors_stage_equals_the_functions_and_is_shown(neurons, tiny_merge_
     run(config, stages=["errors"])
     store = str(folder / "run.zarr")
     table = pd.read_parquet(folder / "run.zarr" / "errors.parquet")
-    assert set(table.kind) == {"split", "merge"} and table.priority.is_monotonic_decreasing
+    assert set(table.kind) == {"split", "merge", "small"}
+    ranked = table[table.kind != "small"]  # the specks' joins come last, unranked
+    assert ranked.priority.is_monotonic_decreasing and (table.index[:len(ranked)] ==
+                                                        ranked.index).all()
 
     seg = open_volume(store, "segmentation_0.5").compute()
     raw = open_volume(store, "raw").values
@@ -234,6 +277,12 @@ def test_the_errors_stage_equals_the_functions_and_is_shown(neurons, tiny_merge_
     assert sorted(map(tuple, got.segments)) == sorted(zip(splits.a, splits.b))
     np.testing.assert_allclose(np.sort(got.score), np.sort(splits.score))
     assert (got.auto == (got.score >= 0.99)).all()  # the model's threshold
+    small = small_joins(seg, affs, 300, seg.attrs["voxel_size"])  # the model's floor
+    specks = table[table.kind == "small"]
+    assert len(specks) >= 3 and specks.auto.all()
+    assert [tuple(x) for x in specks.segments] == list(zip(small.a, small.b, strict=True))
+    np.testing.assert_allclose(specks[["score", "z_nm", "y_nm", "x_nm"]],
+                               small[["score", "z_nm", "y_nm", "x_nm"]])
     np.testing.assert_allclose(np.sort(got.priority), np.sort(splits.score * splits.gain))
     merges = detect_merges(raw, seg, tiny_merge_net, skeletons=skeletons)
     lazy = detect_merges(raw, seg.chunk(16), tiny_merge_net, skeletons=skeletons)
@@ -280,16 +329,18 @@ def test_the_correct_stage_applies_the_edits_and_redoes_what_changed(neurons, tm
                                                                 "auto": True}}
     config["output"]["path"] = str(store)
     seg = open_volume(str(store), "segmentation_0.5").values
-    a, b, c = (int(x) for x in np.unique(seg)[1:4])
-    pd.DataFrame({"kind": ["split", "split", "merge"], "segments": [[a, b], [b, c], [a]],
-                  "score": [0.99, 0.95, 0.97], "z_nm": 0.0, "y_nm": 0.0, "x_nm": 0.0,
-                  "auto": [True, False, True]}).to_parquet(store / "errors.parquet")
+    a, b, c, d = (int(x) for x in np.unique(seg)[1:5])
+    pd.DataFrame({"kind": ["split", "split", "merge", "small"],
+                  "segments": [[a, b], [b, c], [a], [d, c]],
+                  "score": [0.99, 0.95, 0.97, 0.6], "z_nm": 0.0, "y_nm": 0.0, "x_nm": 0.0,
+                  "auto": [True, False, True, True]}).to_parquet(store / "errors.parquet")
     run(config, stages=["correct"])
     edits = pd.read_parquet(store / "edits.parquet")
-    assert edits.kind.tolist() == ["split", "merge"] and edits["apply"].all()  # the auto ones
+    assert edits.kind.tolist() == ["split", "merge", "small"] and edits["apply"].all()
     fixed = open_volume(str(store), "segmentation_0.5_corrected").values
     expected = seg.copy()
     expected[seg == b] = a  # joined: the lower id
+    expected[seg == d] = c
     np.testing.assert_array_equal(fixed, expected)
 
     # a person undoes the join and joins b and c instead: the stage redoes every block
@@ -301,8 +352,7 @@ def test_the_correct_stage_applies_the_edits_and_redoes_what_changed(neurons, tm
     run(config, stages=["correct"])
     assert "already done" not in capsys.readouterr().err
     expected = seg.copy()
-    expected[seg == c] = min(b, c)
-    expected[seg == b] = min(b, c)
+    expected[np.isin(seg, [b, c, d])] = min(b, c)
     np.testing.assert_array_equal(open_volume(str(store), "segmentation_0.5_corrected").values,
                                   expected)
     run(config, stages=["correct"])  # nothing changed: nothing redone
@@ -442,3 +492,26 @@ def test_a_merge_is_cut_along_the_fragment_graph():
     fixed3, edits3 = correct_merges(raw, xr_seg, frag, affs, candidates.assign(score=0.3),
                                     model=_Oracle())
     assert len(edits3) == 0 and (fixed3 == seg).all()
+
+
+def test_the_errors_config_takes_the_split_model_and_floor_of_its_score(tmp_path):
+    from conftest import neurons_config
+
+    from emdask.errors import load_split_model
+    from emdask.run_config import load_run_config
+
+    base = neurons_config(tmp_path)
+    cfg = load_run_config(base | {"errors": {}}).errors
+    assert cfg.split_model == "splits" and cfg.auto  # mean agglomeration's model
+    assert cfg.floor == load_split_model("splits").floor > 0  # its card's floor
+    learned = base | {"segment": {"thresholds": [0.5], "score": "learned",
+                                  "classifier": "fibsem"}, "errors": {}}
+    cfg = load_run_config(learned).errors
+    assert cfg.split_model == "splits_learned"
+    assert cfg.floor == load_split_model("splits_learned").floor
+    assert load_run_config(base | {"errors": {"split_model": None}}).errors.floor == 0
+    assert load_run_config(base | {"errors": {"floor": 50}}).errors.floor == 50
+    with pytest.raises(ValueError, match="errors.floor must be >= 0, got -1"):
+        load_run_config(base | {"errors": {"floor": -1}})
+    with pytest.raises(ValueError, match=r"errors.split_model = 'nope'.*no shipped split"):
+        load_run_config(base | {"errors": {"split_model": "nope"}})
