@@ -2,6 +2,7 @@
 volumes, for both agglomerations a user gets.
 
     python benchmarks/eval_errors.py [--only splits|merges] [--ship]
+    python benchmarks/eval_errors.py --figure notebooks/figures/errors.png
 
 The fibsem net's affinities are segmented two ways: mean agglomeration at the net's card
 threshold (``emdask run``'s default score) and learned agglomeration with the shipped
@@ -81,6 +82,7 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 FLOORS = (0, 100, 200, 500, 1000, 2000)  # voxels: segments below join their best neighbour
 MIN_SIZE = ErrorSpec.min_size  # split candidates: what the errors stage examines
 CUT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
+GATES = (0.5, 0.6, 0.7, 0.8, 1.0)  # the highest mean affinity a cut may cross
 
 
 @functools.cache
@@ -129,14 +131,21 @@ def choose(sweeps: dict, order: list):
     return min(fine, key=lambda k: sum(s[k]["voi"] for s in sweeps.values()))
 
 
-def print_calibration(sweeps: dict, threshold: float, what: str) -> None:
-    """VOI and ARAND of each calibration segmentation corrected at each threshold."""
-    print(f"{what} threshold {threshold:.2f}, chosen on (VOI / ARAND after correcting at):")
-    ts = sorted(next(iter(sweeps.values())), reverse=True)
-    print(f"{'':22}" + "".join(f"{t:>14.2f}" for t in ts))
+def print_grid(sweeps: dict, rows: tuple, cols: tuple, point: tuple, what: str) -> None:
+    """VOI / ARAND (and, where counted, cuts) of each segmentation in ``sweeps`` at each
+    operating point ``(row, col)``; ``point`` is the chosen one."""
+    def cell(x: dict) -> str:
+        return f"{x['voi']:.3f}/{x['arand']:.3f}" + (f" ({x['cuts']})" if "cuts" in x else "")
+
+    print(f"{what}: {point} chosen")
     for (name, score), s in sweeps.items():
-        print(f"{name + ', ' + score:22}" + "".join(
-            f"{s[t]['voi']:7.3f}/{s[t]['arand']:.3f}" for t in ts))
+        width = 19 if "cuts" in next(iter(s.values())) else 14
+        print(f"  {name}, {score}; rows \\ columns")
+        print(f"  {'':>8}" + "".join(f"{c:>{width}}" for c in cols))
+        for r in rows:
+            cells = [s.get((r, c)) for c in cols]
+            print(f"  {r:>8}" + "".join(f"{'-' if x is None else cell(x):>{width}}"
+                                        for x in cells))
 
 
 def auc(score: np.ndarray, truth: np.ndarray) -> float:
@@ -185,18 +194,6 @@ def split_sweep(model, name: str, score: str) -> dict:
                                     gt) for f, t in split_keys()}
 
 
-def print_split_calibration(sweeps: dict, point: tuple, what: str) -> None:
-    """VOI / ARAND of each calibration segmentation at each floor (rows) and threshold."""
-    print(f"{what}: floor {point[0]}, threshold {point[1]:.2f}, chosen on (VOI / ARAND after "
-          "correcting at):")
-    ts = sorted({t for _, t in split_keys()}, reverse=True)
-    for (name, score), s in sweeps.items():
-        print(f"  {name}, {score}; floor \\ threshold" + "".join(f"{t:>13.2f}" for t in ts))
-        for f in FLOORS:
-            print(f"  {f:>8}" + "".join(f"{s[(f, t)]['voi']:7.3f}/{s[(f, t)]['arand']:.3f}"
-                                        for t in ts))
-
-
 def splits(ship: bool) -> None:
     """A split model and operating point (floor, threshold) per agglomeration, each trained
     and calibrated on that agglomeration's segmentations only (a model of both raised
@@ -208,7 +205,8 @@ def splits(ship: bool) -> None:
         model.floor, model.threshold = choose(sweeps, split_keys())
         print(f"splits ({score}): the model learned from {len(train)} pairs of the training "
               f"region ({int(train.true.sum())} true splits)")
-        print_split_calibration(sweeps, (model.floor, model.threshold), f"splits ({score})")
+        print_grid(sweeps, FLOORS, (1.0, *sorted(THRESHOLDS, reverse=True)),
+                   (model.floor, model.threshold), f"splits ({score}): (floor, threshold)")
 
         _, seg, _, gt, _ = region("validation", score)
         before = emdask.evaluate(seg, gt)
@@ -298,35 +296,39 @@ def merge_table(name: str, score: str) -> tuple:
     return found, truth
 
 
+def cut_keys() -> list:
+    """(threshold, the highest affinity a cut may cross) operating points, least
+    correction first."""
+    return [(1.0, 1.0)] + [(t, g) for t in sorted(CUT_THRESHOLDS, reverse=True)
+                           for g in GATES]
+
+
 @functools.cache
 def cut_sweep(name: str, score: str) -> dict:
-    """VOI and ARAND after cutting the candidates at or above each threshold (one cut plan
-    for all: cuts of different segments do not interact)."""
+    """VOI and ARAND after cutting the candidates at or above each threshold whose cut
+    crosses affinities no higher than the gate (one cut plan for all: cuts of different
+    segments do not interact)."""
     raw, seg, affs, gt, fragments = region(name, score)
     found, _ = merge_table(name, score)
     chosen = found[found.score >= min(CUT_THRESHOLDS)].reset_index(drop=True)
-    lut, edits = plan_cuts(raw, labelled(seg), fragments, affs, chosen, "merges")
-    rows = {1.0: emdask.evaluate(seg, gt) | {"cuts": 0}}
-    for t in CUT_THRESHOLDS:
-        ids = edits.new_id[(chosen.score >= t) & (edits.new_id > 0)].to_numpy(np.uint64)
+    lut, edits = plan_cuts(raw, labelled(seg), fragments, affs, chosen, "merges",
+                           max_affinity=1.0)
+    rows = {}
+    for t, g in cut_keys():
+        ids = edits.new_id[(chosen.score >= t) & (edits.new_id > 0)
+                           & (edits.cut_affinity <= g)].to_numpy(np.uint64)
         keep = np.isin(lut[1], ids)
         fixed = apply_cuts(seg, fragments, (lut[0][keep], lut[1][keep]))
-        rows[t] = emdask.evaluate(fixed, gt) | {"cuts": int(ids.size)}
+        rows[(t, g)] = emdask.evaluate(fixed, gt) | {"cuts": int(ids.size)}
     return rows
 
 
-def print_sweep(sweep: dict, threshold: float) -> None:
-    print(f"{'cut at':>8} {'cuts':>5} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} {'ARAND':>7}")
-    for t, r in sorted(sweep.items(), reverse=True):
-        mark = " <- the card's" if t == threshold else ""
-        print(f"{t:8.2f} {r['cuts']:5d} {r['voi_split']:9.3f} {r['voi_merge']:9.3f} "
-              f"{r['voi']:7.3f} {r['arand']:7.3f}{mark}")
-
-
 def merges(ship: bool) -> None:
-    threshold = choose({key: cut_sweep(*key) for key in CALIBRATE},
-                       [1.0, *sorted(CUT_THRESHOLDS, reverse=True)])
-    print_calibration({key: cut_sweep(*key) for key in CALIBRATE}, threshold, "merges: cut")
+    sweeps = {key: cut_sweep(*key) for key in CALIBRATE}
+    threshold, gate = choose(sweeps, cut_keys())
+    cols = (1.0, *sorted(CUT_THRESHOLDS, reverse=True))
+    print_grid({k: {(g, t): r for (t, g), r in s.items()} for k, s in sweeps.items()},
+               GATES, cols, (gate, threshold), "merges: (cut affinity at most, threshold)")
     card = {}
     for score in SCORES:
         found, truth = merge_table("validation", score)
@@ -362,21 +364,22 @@ def merges(ship: bool) -> None:
               f"{shares['priority']:.0%} by priority, {shares['score']:.0%} by score, "
               f"{shares['size']:.0%} for the {TOP} largest segments")
         sweep = cut_sweep("validation", score)
-        print_sweep(sweep, threshold)
-        card[score] = scores | {"cuts": sweep[threshold]["cuts"],
-                                "before": scores_of(sweep[1.0]),
-                                "after": scores_of(sweep[threshold])}
+        print_grid({("validation", score): {(g, t): r for (t, g), r in sweep.items()}},
+                   GATES, cols, (gate, threshold), "the same on validation")
+        card[score] = scores | {"cuts": sweep[(threshold, gate)]["cuts"],
+                                "before": scores_of(sweep[(1.0, 1.0)]),
+                                "after": scores_of(sweep[(threshold, gate)])}
     if ship:
         from emdask.models import WEIGHTS, load_model, save_model
 
         path = WEIGHTS / "merges.pt"
         model = load_model(path)
         save_model(model, path, card=model.card | {
-            "threshold": threshold,
-            "threshold_rule": "lowest VOI after automated cuts summed over the calibration "
-            "segmentations (medulla z 0-159 and gala tiny FIB-SEM, mean and learned "
-            "agglomeration) among thresholds raising neither ARAND nor VOI on any (1.0: no "
-            "automated cuts)",
+            "threshold": threshold, "max_cut_affinity": gate,
+            "threshold_rule": "of the thresholds and highest affinities a cut may cross "
+            "(emdask.errors.plan_cuts) raising neither ARAND nor VOI on any calibration "
+            "segmentation (medulla z 0-159 and gala tiny FIB-SEM, mean and learned "
+            "agglomeration), the lowest VOI summed over them (1.0: no automated cuts)",
             "validation": "FlyEM medulla z 200-249, the fibsem net's segmentations (mean "
             "agglomeration at its card threshold, learned at the classifier's)",
             "validation_scores": card,
@@ -384,12 +387,92 @@ def merges(ship: bool) -> None:
         print(f"wrote the card of {path}")
 
 
+# ---------------------------------------------------------------- the README's figure
+def figure(path: Path) -> None:
+    """Examples on the validation region, mean agglomeration: the first merge and split
+    candidates of the proofreading table (crops through their locations), and one section
+    before and after automated correction, each beside the ground truth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from emdask.errors import load_split_model
+
+    raw, seg, _, gt, _ = region("validation", "mean")
+    model = load_split_model("splits")
+    found, _ = merge_table("validation", "mean")
+    merge = found.assign(p=found.score * found.gain).sort_values("p", ascending=False).iloc[0]
+    feats = split_table("validation", "mean")
+    feats = feats.assign(score=model.predict(feats))
+    listed = feats[feats.score >= 0.5]  # as the candidate table lists them
+    split = listed.assign(p=listed.score * listed.gain).sort_values("p", ascending=False
+                                                                   ).iloc[0]
+    fixed, edits = correct_splits(seg, feats, model.threshold,
+                                  small_table("validation", "mean", model.floor))
+    def colours(labels):  # by id, so a segment keeps its colour after the joins
+        h = labels.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return np.stack([(h >> np.uint64(k)) & np.uint64(255) for k in (16, 32, 48)],
+                        -1) / 255.0
+
+    def crop(at, half=64):
+        z, y, x = (round(float(v)) for v in at)
+        y0, x0 = (int(np.clip(c - half, 0, n - 2 * half)) for c, n in zip(
+            (y, x), seg.shape[1:], strict=True))
+        return z, slice(y0, y0 + 2 * half), slice(x0, x0 + 2 * half), (x - x0, y - y0)
+
+    merge_at = np.array([merge.z_nm, merge.y_nm, merge.x_nm]) / VOXEL - 0.5
+    rows = [(f"merge candidate 1 (score {merge.score:.2f}, segment {merge.segment})",
+             crop(merge_at), [(int(merge.segment), "red")])]
+    truth = "one neuron" if split.true else "two neurons"
+    rows.append((f"split candidate 1 (score {split.score:.2f}, {truth} in truth)",
+                 crop((split.z, split.y, split.x)),
+                 [(int(split.a), "red"), (int(split.b), "cyan")]))
+    fig, ax = plt.subplots(3, 3, figsize=(12, 12.6))
+    for r, (what, (z, ys, xs, point), marked) in enumerate(rows):
+        for c, (name, labels) in enumerate((("raw EM", None), ("segmentation", seg),
+                                            ("ground truth", gt))):
+            a = ax[r, c]
+            a.imshow(raw[z, ys, xs], cmap="gray")
+            if labels is not None:
+                a.imshow(colours(labels[z, ys, xs]), alpha=0.35)
+            for label, colour in marked:
+                mask = seg[z, ys, xs] == label
+                if mask.any():
+                    a.contour(mask, levels=[0.5], colors=colour, linewidths=1.5)
+            a.plot(*point, "y+", markersize=14, mew=2)
+            a.set_title(f"{what}\n{name}, z {z}" if c == 0 else f"{name}, z {z}",
+                        fontsize=9, loc="left")
+            a.axis("off")
+    z = seg.shape[0] // 2
+    before, after = emdask.evaluate(seg, gt), emdask.evaluate(fixed, gt)
+    for c, (name, labels) in enumerate((
+            (f"before: {len(np.unique(seg))} segments, VOI {before['voi']:.3f}", seg),
+            (f"automated correction ({len(edits)} joins): VOI {after['voi']:.3f}", fixed),
+            ("ground truth", gt))):
+        ax[2, c].imshow(raw[z], cmap="gray")
+        ax[2, c].imshow(colours(labels[z]), alpha=0.45)
+        ax[2, c].set_title(f"{name}, z {z}", fontsize=9, loc="left")
+        ax[2, c].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    from PIL import Image
+
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)  # a third
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ship", action="store_true")
     parser.add_argument("--only", choices=("splits", "merges"))
+    parser.add_argument("--figure", type=Path, metavar="PNG",
+                        help="only draw the README's figure of examples")
     args = parser.parse_args()
+    if args.figure:
+        return figure(args.figure)
     if args.only != "splits":
         merges(args.ship)
     if args.only != "merges":

@@ -804,18 +804,26 @@ def seeded_cut(graph: pd.DataFrame, first: np.ndarray, second: np.ndarray) -> np
 
 def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
               candidates: pd.DataFrame, model: Any = "merges", first_id: int | None = None,
-              voxel_size=None, offset=None) -> tuple[tuple[np.ndarray, np.ndarray],
-                                                     pd.DataFrame]:
+              voxel_size=None, offset=None, max_affinity: float | None = None
+              ) -> tuple[tuple[np.ndarray, np.ndarray], pd.DataFrame]:
     """How to cut the merge ``candidates`` (rows with ``segment`` and a location in nm):
     per segment, seeds from the merge net's window at the location (:func:`cut_seeds`),
     then its fragments split along its graph (:func:`seeded_cut`); the fragments cut off
     get a new id from ``first_id`` on (default: one above the largest id).  Inputs may be
     lazy: one blockwise pass for the fragment graphs, one window per cut.
 
+    A cut is made only where it follows a boundary: the mean affinity across it (between
+    the two parts' fragments, weighted by contact) at most ``max_affinity`` (default: the
+    merge net's card ``max_cut_affinity``, 1.0 where it names none).  A cut through the
+    middle of a neuron crosses affinities as high as its inside, and does harm.
+
     Returns the lookup table (fragment ids, sorted -> new segment ids) and a row per
     candidate: ``segment``, ``new_id`` (0: not cut: the window did not fall in two
-    pieces), ``fragments`` moved."""
+    pieces, or the cut crosses affinities above ``max_affinity``), ``fragments`` moved
+    (would move, where not cut) and ``cut_affinity`` (NaN where no cut was found)."""
     model = load_merge_model(model)
+    if max_affinity is None:
+        max_affinity = float(model.card.get("max_cut_affinity", 1.0))
     seg_arr, frag_arr, raw_arr = (_as_array(x) for x in (segmentation, fragments, raw))
     attrs = getattr(segmentation, "attrs", {})
     vs = np.asarray(voxel_size if voxel_size is not None else attrs["voxel_size"], float)
@@ -835,19 +843,27 @@ def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
         sl = tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))
         seeds = cut_seeds(model, np.asarray(raw_arr[sl]), np.asarray(seg_arr[sl]),
                           np.asarray(frag_arr[sl]), int(row.segment))
-        moved = np.zeros(0, np.uint64)
+        moved, across = np.zeros(0, np.uint64), np.nan
         if seeds is not None:
             mine = [f for f, s in owner.items() if s == int(row.segment)]
             edges = graph[np.isin(graph.a, mine)]
             moved = seeded_cut(edges, *seeds)
-        new_id = first_id + len(rows) if moved.size else 0
-        cut_from.append(moved)
-        cut_to.append(np.full(moved.size, new_id, np.uint64))
-        rows.append((int(row.segment), new_id, int(moved.size)))
+            cross = np.isin(edges.a, moved) != np.isin(edges.b, moved)
+            if moved.size:  # (parts that do not touch: nothing holds them together)
+                w = edges.contact.to_numpy(float)[cross]
+                across = float((edges["mean"].to_numpy()[cross] * w).sum() / w.sum()
+                               if cross.any() else 0.0)
+        cut = bool(moved.size) and across <= max_affinity + 1e-9
+        new_id = first_id + len(rows) if cut else 0
+        if cut:
+            cut_from.append(moved)
+            cut_to.append(np.full(moved.size, new_id, np.uint64))
+        rows.append((int(row.segment), new_id, int(moved.size), across))
     frags = np.concatenate(cut_from or [np.zeros(0, np.uint64)]).astype(np.uint64)
     order = np.argsort(frags, kind="stable")
     lut = frags[order], np.concatenate(cut_to or [np.zeros(0, np.uint64)])[order]
-    return lut, pd.DataFrame(rows, columns=["segment", "new_id", "fragments"])
+    return lut, pd.DataFrame(rows, columns=["segment", "new_id", "fragments",
+                                            "cut_affinity"])
 
 
 def apply_cuts(segmentation: np.ndarray, fragments: np.ndarray,

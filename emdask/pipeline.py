@@ -769,7 +769,9 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
             open_volume(store, RAW).data, seg, open_volume(store, "fragments").data, affs,
             cuts.assign(segment=[int(s[0]) for s in cuts.segments]),
             load_merge_model(_model(cfg.errors.merge_model or "merges", "cpu")))
-        cut, cut_rows = lut, done.to_dict("records")
+        cut = lut  # (no cut found: cut_affinity NaN, kept as null in the run record)
+        cut_rows = [{k: None if isinstance(v, float) and np.isnan(v) else v
+                     for k, v in r.items()} for r in done.to_dict("records")]
     record = run_record(store).get("stages", {}).get("correct", {})
     if record.get("edits") not in (None, digest):  # the decisions changed: all redone
         unmark(store, "correct", set(range(len(ctx.grid))), stage_generation(store, "correct"))

@@ -479,9 +479,16 @@ def test_a_merge_is_cut_along_the_fragment_graph():
     xr_seg = __import__("xarray").DataArray(seg, dims=("z", "y", "x"), attrs={
         "voxel_size": [10.0, 10.0, 10.0], "offset": [0.0, 0.0, 0.0]})
     fixed, edits = correct_merges(raw, xr_seg, frag, affs, candidates, model=_Oracle())
-    assert edits.to_dict("records") == [{"segment": 5, "new_id": 6, "fragments": 3,
-                                         "score": 0.9}]
+    assert edits.drop(columns="cut_affinity").to_dict("records") == [
+        {"segment": 5, "new_id": 6, "fragments": 3, "score": 0.9}]
+    assert edits.cut_affinity[0] == pytest.approx(0.1, abs=0.01)  # across the membrane
     np.testing.assert_array_equal(fixed, np.where(frag >= 4, 6, 5))
+    # a card that lets cuts cross only weaker affinities: this one is not made
+    strict = _Oracle()
+    strict.card["max_cut_affinity"] = 0.05
+    fixed4, edits4 = correct_merges(raw, xr_seg, frag, affs, candidates, model=strict)
+    assert edits4.new_id.tolist() == [0] and edits4.fragments.tolist() == [3]
+    np.testing.assert_array_equal(fixed4, seg)
     # lazily, in blocks: the same cut
     lazy = xr_seg.copy(data=da.from_array(seg, chunks=(8, 12, 16)))
     fixed2, _ = correct_merges(raw, lazy, da.from_array(frag, chunks=(8, 12, 16)),
