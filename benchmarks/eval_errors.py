@@ -2,6 +2,7 @@
 volumes, for both agglomerations a user gets.
 
     python benchmarks/eval_errors.py [--only splits|merges] [--ship]
+    python benchmarks/eval_errors.py --remaining
     python benchmarks/eval_errors.py --figure notebooks/figures/errors.png
 
 The fibsem net's affinities are segmented two ways: mean agglomeration at the net's card
@@ -387,6 +388,56 @@ def merges(ship: bool) -> None:
         print(f"wrote the card of {path}")
 
 
+# ---------------------------------------------------------------- after correction
+def remaining() -> None:
+    """What a proofreader faces after the automated correction of the cards (the gated
+    cuts, then the joins, as the correct stage applies them): on the validation region,
+    the share of the remaining VOI split that merging the true pairs among the top 20
+    split candidates removes, and the share of the remaining VOI merge that the true
+    merges among the top 20 merge candidates hold (both in the candidate table's order)."""
+    from emdask.errors import detect_merges, join_lut, load_merge_model, relabel
+    from emdask.errors import load_split_model as split_model
+
+    net = load_merge_model("merges")
+    for score in SCORES:
+        raw, seg, affs, gt, fragments = region("validation", score)
+        model = split_model("splits" if score == "mean" else f"splits_{score}")
+        found, _ = merge_table("validation", score)
+        cut = found[found.score >= net.card["threshold"]].reset_index(drop=True)
+        lut, _ = plan_cuts(raw, labelled(seg), fragments, affs, cut, net)
+        feats = split_table("validation", score)
+        _, joins = correct_splits(seg, feats.assign(score=model.predict(feats)),
+                                  model.threshold, small_table("validation", score,
+                                                               model.floor))
+        fixed = relabel(apply_cuts(seg, fragments, lut),
+                        join_lut(joins[["a", "b"]].to_numpy(), seg.dtype))
+        after = emdask.evaluate(fixed, gt)
+        pairs = split_features(fixed, affs, VOXEL, MIN_SIZE)
+        pairs = pairs.assign(score=model.predict(pairs), true=split_labels(
+            pairs[["a", "b"]].to_numpy(), fixed, gt))
+        top = pairs[pairs.score >= 0.5].assign(p=lambda f: f.score * f.gain).sort_values(
+            "p", ascending=False, kind="stable").head(TOP)
+        joined = emdask.evaluate(correct_splits(fixed, top[top.true].assign(score=1.0),
+                                                0.5)[0], gt)
+        split_share = (after["voi_split"] - joined["voi_split"]) / after["voi_split"]
+        merges_found = detect_merges(raw, labelled(fixed), net)
+        truth = error_table(fixed, gt)
+        truth = truth[truth.kind == "merge"]
+        voi = {t[0]: v for t, v in zip(truth.segments, truth.voi, strict=True)}
+        top_m = merges_found.assign(p=merges_found.score * merges_found.gain).sort_values(
+            "p", ascending=False, kind="stable").head(TOP)
+        merge_share = sum(voi.get(int(x), 0.0) for x in top_m.segment) / max(
+            truth.voi.sum(), 1e-12)
+        print(f"validation, {score} agglomeration, after automated correction: VOI split "
+              f"{after['voi_split']:.3f}, merge {after['voi_merge']:.3f}, ARAND "
+              f"{after['arand']:.4f}")
+        print(f"  top {TOP} split candidates: {int(top.true.sum())} true; joining them "
+              f"removes {split_share:.1%} of VOI split ({after['voi_split']:.3f} -> "
+              f"{joined['voi_split']:.3f})")
+        print(f"  top {TOP} merge candidates: {sum(int(x) in voi for x in top_m.segment)} "
+              f"true merges, holding {merge_share:.0%} of VOI merge")
+
+
 # ---------------------------------------------------------------- the README's figure
 def figure(path: Path) -> None:
     """Examples on the validation region, mean agglomeration: the first merge and split
@@ -468,11 +519,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ship", action="store_true")
     parser.add_argument("--only", choices=("splits", "merges"))
+    parser.add_argument("--remaining", action="store_true",
+                        help="only the top candidates' share of the error left after "
+                        "automated correction")
     parser.add_argument("--figure", type=Path, metavar="PNG",
                         help="only draw the README's figure of examples")
     args = parser.parse_args()
     if args.figure:
         return figure(args.figure)
+    if args.remaining:
+        return remaining()
     if args.only != "splits":
         merges(args.ship)
     if args.only != "merges":
