@@ -272,6 +272,7 @@ def splits(ship: bool) -> None:
                 "calibration": "gala tiny FIB-SEM (BSD) and the training region",
                 "validation": "FlyEM medulla z 200-249",
                 "candidates": f"touching segments of >= {MIN_SIZE} voxels each",
+                "voxel_size": list(VOXEL),
                 "operating_point_rule": "of the floors and thresholds raising neither ARAND "
                 "nor VOI on any calibration segmentation, the lowest VOI summed over them "
                 "(floor 0 and threshold 1.0: no automated correction)",

@@ -527,6 +527,19 @@ class SplitModel:
         x = (features[list(FEATURES)].to_numpy(float) - self.mean) / self.scale
         return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.weights) + self.bias)))
 
+    def check_voxel_size(self, voxel_size, where: str) -> None:
+        """A segmentation's voxel size must be within 25% of the one the model was
+        calibrated at (card ``voxel_size``), on every axis: its floor counts voxels and
+        its features were learned there."""
+        expected = self.card.get("voxel_size")
+        vs = np.asarray(voxel_size, float)
+        if expected is not None and np.any(np.abs(vs / np.asarray(expected) - 1) > 0.25):
+            raise ValueError(
+                f"{where}: voxel size {tuple(vs.tolist())} nm does not match the split "
+                f"model's {tuple(float(v) for v in expected)} nm (its floor counts voxels, "
+                "its features were learned there); give [errors] split_model = a model "
+                "for this resolution, or none")
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 

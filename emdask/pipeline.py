@@ -1649,11 +1649,15 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
         from emdask.errors import load_merge_model, load_split_model
 
         try:
+            check = cfg.predict.check_voxel_size
             if cfg.errors.split_model:
-                load_split_model(cfg.errors.split_model)
+                model = load_split_model(cfg.errors.split_model)
+                if check:
+                    model.check_voxel_size(vol.attrs["voxel_size"], where)
             if cfg.errors.merge_model:
                 net = load_merge_model(_model(cfg.errors.merge_model, "cpu"))
-                _check_voxel_size(vol.attrs["voxel_size"], net, where)
+                if check:
+                    _check_voxel_size(vol.attrs["voxel_size"], net, where)
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"[errors] {err}") from None
     if cfg.evaluate is not None and "report" in stages:

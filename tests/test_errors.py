@@ -522,3 +522,14 @@ def test_the_errors_config_takes_the_split_model_and_floor_of_its_score(tmp_path
         load_run_config(base | {"errors": {"floor": -1}})
     with pytest.raises(ValueError, match=r"errors.split_model = 'nope'.*no shipped split"):
         load_run_config(base | {"errors": {"split_model": "nope"}})
+
+
+def test_a_split_model_refuses_another_resolution():
+    from emdask.errors import load_split_model
+
+    model = load_split_model("splits")
+    assert model.card["voxel_size"] == [10.0, 10.0, 10.0]  # calibrated on FIB-SEM
+    model.check_voxel_size((11.0, 9.0, 10.0), "run.toml")  # within 25%: fine
+    with pytest.raises(ValueError, match=r"run.toml: voxel size \(40.0, 4.0, 4.0\) nm does "
+                                         r"not match the split model's \(10.0, 10.0, 10.0\)"):
+        model.check_voxel_size((40.0, 4.0, 4.0), "run.toml")
