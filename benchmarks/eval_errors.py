@@ -191,8 +191,10 @@ def split_keys() -> list:
 def split_sweep(model, name: str, score: str) -> dict:
     _, seg, _, gt, _ = region(name, score)
     feats = split_table(name, score).assign(score=lambda f: model.predict(f))
-    return {(f, t): emdask.evaluate(correct_splits(seg, feats, t, small_table(name, score, f))[0],
-                                    gt) for f, t in split_keys()}
+    none, *points = split_keys()  # (none: the segmentation itself, whatever the scores)
+    return {none: emdask.evaluate(seg, gt)} | {
+        (f, t): emdask.evaluate(correct_splits(seg, feats, t, small_table(name, score, f))[0],
+                                gt) for f, t in points}
 
 
 def splits(ship: bool) -> None:
@@ -315,8 +317,9 @@ def cut_sweep(name: str, score: str) -> dict:
     chosen = found[found.score >= min(CUT_THRESHOLDS)].reset_index(drop=True)
     lut, edits = plan_cuts(raw, labelled(seg), fragments, affs, chosen, "merges",
                            max_affinity=1.0)
-    rows = {}
-    for t, g in cut_keys():
+    none, *points = cut_keys()  # (none: the segmentation itself, whatever the scores)
+    rows = {none: emdask.evaluate(seg, gt) | {"cuts": 0}}
+    for t, g in points:
         ids = edits.new_id[(chosen.score >= t) & (edits.new_id > 0)
                            & (edits.cut_affinity <= g)].to_numpy(np.uint64)
         keep = np.isin(lut[1], ids)

@@ -445,7 +445,7 @@ def _skeletons_of(segmentation: Any, ids: np.ndarray, voxel_size, offset) -> dic
 
 
 def split_features(segmentation: Any, affinities: Any, voxel_size,
-                   min_size: int = 200, skeletons: dict | None = None,
+                   min_size: int = 1000, skeletons: dict | None = None,
                    touching: tuple | None = None) -> pd.DataFrame:
     """The candidate split pairs (touching segments of at least ``min_size`` voxels each)
     and their features (:data:`FEATURES`).
@@ -589,12 +589,14 @@ def load_split_model(model: SplitModel | str | Path = "splits") -> SplitModel:
 
 def detect_splits(segmentation: Any, affinities: Any,
                   model: SplitModel | str | Path = "splits", voxel_size=None,
-                  min_size: int = 200, skeletons: dict | None = None,
+                  min_size: int = 1000, skeletons: dict | None = None,
                   touching: tuple | None = None) -> pd.DataFrame:
     """Candidate split errors ranked for proofreading.
 
-    ``model``: a :class:`SplitModel`, a file, or ``"splits"``: the shipped model (trained
-    on the fibsem net's segmentations; its card gives the validation figures).
+    ``model``: a :class:`SplitModel`, a file, or a shipped name: ``"splits"`` (the fibsem
+    net's segmentations by mean agglomeration) or ``"splits_learned"`` (by learned
+    agglomeration); their cards give the validation figures.  ``min_size``: the segments
+    examined; the shipped models were calibrated on pairs of at least 1000 voxels each.
 
     Returns
     -------
@@ -626,7 +628,10 @@ def small_joins(segmentation: Any, affinities: Any, floor: int, voxel_size=(1.0,
     Mean agglomeration stops at every contact below its threshold, so it leaves thousands
     of specks of a few hundred voxels along membranes (on the fibsem net's medulla
     validation, 15,000 segments under 200 voxels, 4% of the voxels); each is a split
-    error, since no neuron is that small.  Ties go to the lower segment id.  ``touching``:
+    error, since no neuron is that small.  Ties go to the lower segment id.  One pass:
+    specks whose best neighbours are each other join into one group, which may itself stay
+    under the floor (no two large segments are ever joined through specks, since each speck
+    has one join).  ``touching``:
     the contacts and sizes, as :func:`split_features` takes them (computed blockwise when
     not given).
 
@@ -699,16 +704,19 @@ def correct_splits(segmentation: np.ndarray, candidates: pd.DataFrame, threshold
     "model" or "size"), so that every edit can be reviewed and undone.
     """
     seg = np.asarray(segmentation)
-    chosen = candidates[candidates.score >= threshold][["a", "b", "score"]].assign(
-        reason="model")
-    if small is not None and len(small):
-        chosen = pd.concat([chosen, small[["a", "b", "score"]].assign(reason="size")],
-                           ignore_index=True)
-    lut = join_lut(np.c_[chosen.a.to_numpy(), chosen.b.to_numpy()], seg.dtype)
-    edits = chosen.copy()
-    edits.insert(3, "kept", lut[1][np.searchsorted(lut[0], edits.a.to_numpy(seg.dtype))]
-                 if len(edits) else [])
-    return relabel(seg, lut), edits.reset_index(drop=True)
+    parts = [(candidates[candidates.score >= threshold], "model")]
+    if small is not None:
+        parts.append((small, "size"))
+    # ids as the segmentation's dtype before the tables meet: a concat of uint64 and int64
+    # columns is float64, which loses ids of 2**53 and above
+    pairs = np.concatenate([np.c_[t.a.to_numpy(seg.dtype), t.b.to_numpy(seg.dtype)]
+                            for t, _ in parts]).reshape(-1, 2)
+    lut = join_lut(pairs, seg.dtype)
+    edits = pd.DataFrame({"a": pairs[:, 0], "b": pairs[:, 1], "score": np.concatenate(
+        [t.score.to_numpy(float) for t, _ in parts]), "kept": lut[1][np.searchsorted(
+            lut[0], pairs[:, 0])] if len(pairs) else pairs[:, 0],
+        "reason": np.concatenate([[why] * len(t) for t, why in parts]).astype(object)})
+    return relabel(seg, lut), edits
 
 
 def _fragment_sums(frag, seg, affs, origin=(0, 0, 0), box=None, segments=()):
@@ -892,18 +900,23 @@ def apply_cuts(segmentation: np.ndarray, fragments: np.ndarray,
 
 def correct_merges(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
                    candidates: pd.DataFrame, threshold: float | None = None,
-                   model: Any = "merges") -> tuple[np.ndarray, pd.DataFrame]:
+                   model: Any = "merges", voxel_size=None, offset=None
+                   ) -> tuple[np.ndarray, pd.DataFrame]:
     """Cut the merge candidates (:func:`detect_merges`) scored at least ``threshold``
     (default: the merge net's card threshold) into two segments each (:func:`plan_cuts`).
 
     ``fragments``: the watershed fragments the segmentation was agglomerated from
     (``segment(..., return_fragments=True)``; the store's ``fragments``).  Returns the
-    corrected segmentation and the edits (``segment``, ``new_id``, ``fragments`` moved,
-    ``score``), so that every edit can be reviewed and undone."""
+    corrected segmentation and the edits (``segment``, ``new_id``: 0 where no cut was
+    made, ``fragments`` moved or that would move, ``cut_affinity``: the mean affinity
+    across the cut, at most the card's ``max_cut_affinity`` for a cut made; ``score``), so
+    that every edit can be reviewed and undone.  ``voxel_size`` and ``offset`` (nm): for a
+    segmentation that carries none (a numpy array)."""
     model = load_merge_model(model)
     threshold = float(model.card.get("threshold", 1.0)) if threshold is None else threshold
     chosen = candidates[candidates.score >= threshold].reset_index(drop=True)
-    lut, edits = plan_cuts(raw, segmentation, fragments, affinities, chosen, model)
+    lut, edits = plan_cuts(raw, segmentation, fragments, affinities, chosen, model,
+                           voxel_size=voxel_size, offset=offset)
     out = apply_cuts(np.asarray(_as_array(segmentation)), np.asarray(_as_array(fragments)),
                      lut)
     return out, edits.assign(score=chosen.score.to_numpy())

@@ -765,10 +765,19 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     cut_rows = []
     if len(cuts):
         seg = open_volume(store, f"segmentation_{t:g}")
+        net = load_merge_model(_model(cfg.errors.merge_model or "merges", "cpu"))
         lut, done = plan_cuts(
             open_volume(store, RAW).data, seg, open_volume(store, "fragments").data, affs,
-            cuts.assign(segment=[int(s[0]) for s in cuts.segments]),
-            load_merge_model(_model(cfg.errors.merge_model or "merges", "cpu")))
+            cuts.assign(segment=[int(s[0]) for s in cuts.segments]), net, max_affinity=1.0)
+        # the card's limit on the affinity a cut crosses is for automated cuts only: a
+        # person's cut is made wherever the net's window falls in two
+        auto = (cuts["by"] == "auto").to_numpy() if "by" in cuts else np.zeros(len(cuts), bool)
+        limit = float(net.card.get("max_cut_affinity", 1.0))
+        refused = auto & (done.new_id > 0).to_numpy() & ~(
+            done.cut_affinity.to_numpy() <= limit + 1e-9)
+        keep = ~np.isin(lut[1], done.new_id.to_numpy(np.uint64)[refused])
+        lut = lut[0][keep], lut[1][keep]
+        done.loc[refused, "new_id"] = 0
         cut = lut  # (no cut found: cut_affinity NaN, kept as null in the run record)
         cut_rows = [{k: None if isinstance(v, float) and np.isnan(v) else v
                      for k, v in r.items()} for r in done.to_dict("records")]
@@ -887,7 +896,10 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     if stage in ("meshes", "skeletons", "errors", "correct", "report"):
         p["meshes"] = asdict(cfg.meshes)
     if stage in ("errors", "correct"):
-        p["errors"] = asdict(cfg.errors) if cfg.errors else None
+        # (floor only where it joins: the records of stores made before it existed match
+        # a config with auto = false and floor = 0)
+        p["errors"] = ({k: v for k, v in asdict(cfg.errors).items()
+                        if not (k == "floor" and not v)} if cfg.errors else None)
         for key in ("split_model", "merge_model"):  # a retrained file at the same path
             name = p["errors"] and p["errors"][key]
             if name and Path(name).suffix in (".pt", ".json") and Path(name).exists():
@@ -1651,9 +1663,9 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
         try:
             check = cfg.predict.check_voxel_size
             if cfg.errors.split_model:
-                model = load_split_model(cfg.errors.split_model)
+                split = load_split_model(cfg.errors.split_model)
                 if check:
-                    model.check_voxel_size(vol.attrs["voxel_size"], where)
+                    split.check_voxel_size(vol.attrs["voxel_size"], where)
             if cfg.errors.merge_model:
                 net = load_merge_model(_model(cfg.errors.merge_model, "cpu"))
                 if check:

@@ -152,7 +152,7 @@ class ErrorSpec:
     candidates (a merge net along each skeleton), one ranked table ``errors.parquet``."""
 
     # a .json file or shipped name; None: no splits; "auto": the shipped model calibrated
-    # for [segment] score ("splits_learned" for "learned", else "splits")
+    # for [segment] score ("splits" for "mean", "splits_learned" for "learned", none else)
     split_model: str | None = "auto"
     merge_model: str | None = "merges"  # a .pt file or shipped name; None: no merges
     min_size: int = 1000  # voxels: smaller segments are not examined
@@ -254,7 +254,7 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
     if cfg.errors is not None:
         e = cfg.errors
         limits["errors.floor"] = (e.floor is None or e.floor >= 0, ">= 0")
-        limits["errors.min_size"] = (e.min_size >= 1, ">= 1")
+        limits["errors.min_size"] = (e.min_size >= 0, ">= 0")
     for key, (ok, rule) in limits.items():
         if not ok:
             section, name = key.split(".")
@@ -308,8 +308,8 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
         from emdask.errors import load_split_model
 
         name = spec.split_model
-        if name == "auto":
-            name = "splits_learned" if cfg.segment.score == "learned" else "splits"
+        if name == "auto":  # only mean and learned agglomeration have a calibrated model
+            name = {"mean": "splits", "learned": "splits_learned"}.get(cfg.segment.score)
         try:
             floor = load_split_model(name).floor if name else 0
         except (ValueError, FileNotFoundError) as err:

@@ -69,11 +69,18 @@ def test_correct_splits_merges_the_chosen_pairs_and_records_them():
                                "score": [0.9]})
     out, _ = correct_splits(seg, candidates, 0.5)
     assert out.dtype == np.uint64 and set(np.unique(out)) == {1, 3}
+    # and as a speck's join beside int64 candidates: the ids stay exact
+    small = pd.DataFrame({"a": np.array([big], np.uint64), "b": np.array([3], np.uint64),
+                          "score": [0.7]})
+    none = pd.DataFrame({"a": [1], "b": [3], "score": [0.1]})  # int64, not chosen
+    out, edits = correct_splits(seg, none, 0.5, small)
+    assert set(np.unique(out)) == {1, 3} and edits.a.tolist() == [big]
 
 
 def _specks():
     """Two neurons (x < 10, x >= 10) as segments 1 and 2, with three specks: 3 (8 voxels,
-    inside neuron 1, on the membrane), 4 (4 voxels, touching 3 only) and 5 (a large
+    inside neuron 1, on the membrane), 4 (4 voxels, whose strongest contact is with 3)
+    and 5 (a large
     segment, 2 x 4 x 10 voxels, inside neuron 2).  Affinities are high inside each neuron
     and low across the membrane, so each speck's best neighbour is its own neuron."""
     gt = np.ones((6, 8, 20), np.uint64)
@@ -370,6 +377,7 @@ def test_the_correct_stage_cuts_as_the_function_does(neurons, tmp_path, monkeypa
     from emdask.pipeline import run
 
     oracle = _Oracle()
+    oracle.card["max_cut_affinity"] = 0.0  # for automated cuts only: a person's is made
     real = emdask.pipeline._model
     monkeypatch.setattr(emdask.pipeline, "_model",
                         lambda name, device: oracle if name == "oracle" else real(name, device))
@@ -416,7 +424,7 @@ def test_the_correct_stage_cuts_as_the_function_does(neurons, tmp_path, monkeypa
         open_volume(str(store), "raw").values, seg.compute(),
         open_volume(str(store), "fragments").values, affs,
         pd.DataFrame(rows).rename(columns={"segments": "s"}).assign(
-            segment=[r["segments"][0] for r in rows]), model=oracle)
+            segment=[r["segments"][0] for r in rows]), model=_Oracle())
     assert [c["new_id"] for c in cuts] == edits.new_id.tolist() and cuts[0]["new_id"] > 0
     fixed = open_volume(str(store), "segmentation_0.5_corrected").values
     np.testing.assert_array_equal(fixed, expected)

@@ -536,3 +536,10 @@ def test_align_and_evaluate_score_in_one_frame(tmp_path, tiny_model):
     aligned = open_volume(store, "raw").values
     run({**cfg, "predict": {**cfg["predict"], "dtype": "float32"}}, ["predict"], overwrite=True)
     np.testing.assert_array_equal(open_volume(store, "raw").values, aligned)
+
+
+def test_a_dry_run_with_errors_plans_the_boundary_net(tmp_path, tiny_model, capsys):
+    # the [errors] models are checked before any stage, and do not stand in for the net
+    text = run({**_config(tmp_path, tiny_model), "errors": {}}, dry_run=True)["plan"]
+    assert "model splits, segments under 1000 voxels joined" in text
+    assert "tiny.pt" in text
