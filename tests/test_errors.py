@@ -541,3 +541,24 @@ def test_a_split_model_refuses_another_resolution():
     with pytest.raises(ValueError, match=r"run.toml: voxel size \(40.0, 4.0, 4.0\) nm does "
                                          r"not match the split model's \(10.0, 10.0, 10.0\)"):
         model.check_voxel_size((40.0, 4.0, 4.0), "run.toml")
+
+
+def test_specks_that_choose_each_other_go_on_to_a_neuron():
+    from emdask.errors import small_joins
+
+    # two 4-voxel specks (3, 4) in neuron 1, each the other's strongest contact
+    seg = np.ones((4, 6, 12), np.uint64)
+    seg[:, :, 6:] = 2
+    seg[1:3, 2:4, 2] = 3
+    seg[1:3, 2:4, 3] = 4
+    affs = np.full((3, *seg.shape), 0.9, np.float32)
+    affs[2, :, :, 6] = 0.1  # the membrane
+    affs[:, 1:4, 1:5, 2:5] = 0.3  # around the specks: weak
+    affs[2, 1:3, 2:4, 3] = 0.95  # between them: strong
+    big = np.uint64(2**63 + 1)  # and ids of the full uint64 range
+    seg[seg == 1] = big
+    joins = small_joins(seg, affs, floor=10)
+    assert joins["round"].tolist() == [0, 0, 1]
+    out, _ = correct_splits(seg, pd.DataFrame(columns=["a", "b", "score"]), 0.5, joins)
+    assert set(np.unique(out).tolist()) == {2, 3}  # all of neuron 1 in one segment
+    assert (out[seg == big] == out[1, 2, 2]).all()
