@@ -853,7 +853,7 @@ def seeded_cut(graph: pd.DataFrame, first: np.ndarray, second: np.ndarray) -> np
 
 def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
               candidates: pd.DataFrame, model: Any = "merges", first_id: int | None = None,
-              voxel_size=None, offset=None, max_affinity: float | None = None
+              voxel_size=None, offset=None, max_affinity: Any = None
               ) -> tuple[tuple[np.ndarray, np.ndarray], pd.DataFrame]:
     """How to cut the merge ``candidates`` (rows with ``segment`` and a location in nm):
     per segment, seeds from the merge net's window at the location (:func:`cut_seeds`),
@@ -862,9 +862,10 @@ def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
     lazy: one blockwise pass for the fragment graphs, one window per cut.
 
     A cut is made only where it follows a boundary: the mean affinity across it (between
-    the two parts' fragments, weighted by contact) at most ``max_affinity`` (default: the
-    merge net's card ``max_cut_affinity``, 1.0 where it names none).  A cut through the
-    middle of a neuron crosses affinities as high as its inside, and does harm.
+    the two parts' fragments, weighted by contact) at most ``max_affinity``: one value, or
+    one per candidate (default: the merge net's card ``max_cut_affinity``, 1.0 where it
+    names none).  A cut through the middle of a neuron crosses affinities as high as its
+    inside, and does harm.
 
     Returns the lookup table (fragment ids, sorted -> new segment ids) and a row per
     candidate: ``segment``, ``new_id`` (0: not cut: the window did not fall in two
@@ -873,6 +874,7 @@ def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
     model = load_merge_model(model)
     if max_affinity is None:
         max_affinity = float(model.card.get("max_cut_affinity", 1.0))
+    limits = np.broadcast_to(np.asarray(max_affinity, float), (len(candidates),))
     seg_arr, frag_arr, raw_arr = (_as_array(x) for x in (segmentation, fragments, raw))
     attrs = getattr(segmentation, "attrs", {})
     vs = np.asarray(voxel_size if voxel_size is not None else attrs["voxel_size"], float)
@@ -885,7 +887,7 @@ def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
     shape = np.asarray(seg_arr.shape)
     size = merge_window(model, shape)
     cut_from, cut_to, rows = [], [], []
-    for row in candidates.itertuples():
+    for row, limit in zip(candidates.itertuples(), limits, strict=True):
         centre = np.round((np.array([row.z_nm, row.y_nm, row.x_nm]) - offset) / vs
                           - 0.5).astype(int)
         start = np.clip(centre - size // 2, 0, shape - size)
@@ -902,7 +904,7 @@ def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
                 w = edges.contact.to_numpy(float)[cross]
                 across = float((edges["mean"].to_numpy()[cross] * w).sum() / w.sum()
                                if cross.any() else 0.0)
-        cut = bool(moved.size) and across <= max_affinity + 1e-9
+        cut = bool(moved.size) and across <= limit + 1e-9
         new_id = first_id + len(rows) if cut else 0
         if cut:
             cut_from.append(moved)

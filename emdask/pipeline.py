@@ -766,18 +766,13 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     if len(cuts):
         seg = open_volume(store, f"segmentation_{t:g}")
         net = load_merge_model(_model(cfg.errors.merge_model or "merges", "cpu"))
-        lut, done = plan_cuts(
-            open_volume(store, RAW).data, seg, open_volume(store, "fragments").data, affs,
-            cuts.assign(segment=[int(s[0]) for s in cuts.segments]), net, max_affinity=1.0)
         # the card's limit on the affinity a cut crosses is for automated cuts only: a
         # person's cut is made wherever the net's window falls in two
         auto = (cuts["by"] == "auto").to_numpy() if "by" in cuts else np.zeros(len(cuts), bool)
-        limit = float(net.card.get("max_cut_affinity", 1.0))
-        refused = auto & (done.new_id > 0).to_numpy() & ~(
-            done.cut_affinity.to_numpy() <= limit + 1e-9)
-        keep = ~np.isin(lut[1], done.new_id.to_numpy(np.uint64)[refused])
-        lut = lut[0][keep], lut[1][keep]
-        done.loc[refused, "new_id"] = 0
+        lut, done = plan_cuts(
+            open_volume(store, RAW).data, seg, open_volume(store, "fragments").data, affs,
+            cuts.assign(segment=[int(s[0]) for s in cuts.segments]), net,
+            max_affinity=np.where(auto, float(net.card.get("max_cut_affinity", 1.0)), 1.0))
         cut = lut  # (no cut found: cut_affinity NaN, kept as null in the run record)
         cut_rows = [{k: None if isinstance(v, float) and np.isnan(v) else v
                      for k, v in r.items()} for r in done.to_dict("records")]

@@ -377,7 +377,9 @@ def test_the_correct_stage_cuts_as_the_function_does(neurons, tmp_path, monkeypa
     from emdask.pipeline import run
 
     oracle = _Oracle()
-    oracle.card["max_cut_affinity"] = 0.0  # for automated cuts only: a person's is made
+    # a card that allows no automated cut (these ground-truth affinities are 0 across
+    # neurons): the limit is for automated cuts only, a person's cut is made
+    oracle.card["max_cut_affinity"] = -1.0
     real = emdask.pipeline._model
     monkeypatch.setattr(emdask.pipeline, "_model",
                         lambda name, device: oracle if name == "oracle" else real(name, device))
@@ -432,6 +434,12 @@ def test_the_correct_stage_cuts_as_the_function_does(neurons, tmp_path, monkeypa
     assert len(np.unique(fixed[labels == a])) == 1 and len(np.unique(fixed[labels == b])) == 1
     assert fixed[labels == a][0] != fixed[labels == b][0]
     assert ((fixed == labels) | (labels == a) | (labels == b)).all()  # nothing else moved
+    # the same cut as an automated decision is held to the card's limit: not made
+    pd.DataFrame(rows).assign(by="auto").to_parquet(store / "edits.parquet")
+    cuts = run(config, stages=["correct"])["stages"]["correct"]["cuts"]
+    assert [c["new_id"] for c in cuts] == [0] and cuts[0]["cut_affinity"] == 0.0
+    np.testing.assert_array_equal(
+        open_volume(str(store), "segmentation_0.5_corrected").values, seg.values)
 
 
 def _merged_pair():
