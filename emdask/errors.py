@@ -614,10 +614,17 @@ def detect_splits(segmentation: Any, affinities: Any,
     feats = split_features(segmentation, affinities, voxel_size, min_size, skeletons,
                            touching)
     feats["score"] = model.predict(feats)
+    return _in_nm(feats, segmentation, voxel_size).sort_values("score", ascending=False,
+                                                               ignore_index=True)
+
+
+def _in_nm(frame: pd.DataFrame, segmentation: Any, voxel_size) -> pd.DataFrame:
+    """``frame`` with its voxel positions (``z``, ``y``, ``x``) also in nm (``z_nm`` ...),
+    from the voxel size and the segmentation's offset."""
+    vs = np.asarray(voxel_size, float)
     offset = np.asarray(getattr(segmentation, "attrs", {}).get("offset", (0, 0, 0)), float)
-    for axis, name in enumerate("zyx"):
-        feats[f"{name}_nm"] = offset[axis] + feats[name] * float(voxel_size[axis])
-    return feats.sort_values("score", ascending=False, ignore_index=True)
+    return frame.assign(**{f"{name}_nm": offset[axis] + frame[name].to_numpy(float) * vs[axis]
+                           for axis, name in enumerate("zyx")})
 
 
 def small_joins(segmentation: Any, affinities: Any, floor: int, voxel_size=(1.0, 1.0, 1.0),
@@ -655,14 +662,14 @@ def small_joins(segmentation: Any, affinities: Any, floor: int, voxel_size=(1.0,
                       dtype=np.int64)
     group = pd.Series(np.unique(np.r_[edges.a.to_numpy(), edges.b.to_numpy()]))
     group = pd.Series(group.to_numpy(), index=group.to_numpy())  # segment -> its group
+    voxels = sizes.reindex(group.index).to_numpy()  # (in group's order, for every round)
     rounds = []
     for r in range(len(group)):
         g = edges.assign(a=edges.a.map(group), b=edges.b.map(group))
         g = g[g.a != g.b]
         g = pd.concat([g, g.rename(columns={"a": "b", "b": "a"})], ignore_index=True)
         g = g.groupby(["a", "b"], as_index=False, sort=False).sum()
-        held = pd.Series(sizes.reindex(group.index).to_numpy()).groupby(
-            group.to_numpy()).sum()  # voxels per group
+        held = pd.Series(voxels).groupby(group.to_numpy()).sum()  # voxels per group
         g["size_a"] = g.a.map(held).to_numpy()
         g = g[g.size_a < floor]
         if len(g) == 0:
@@ -682,11 +689,7 @@ def small_joins(segmentation: Any, affinities: Any, floor: int, voxel_size=(1.0,
     out = pd.concat(rounds, ignore_index=True)
     dtype = pairs.a.dtype
     out = out.assign(a=out.a.to_numpy(dtype), b=out.b.to_numpy(dtype))
-    vs = np.asarray(voxel_size, float)
-    offset = np.asarray(getattr(segmentation, "attrs", {}).get("offset", (0, 0, 0)), float)
-    for axis, name in enumerate("zyx"):
-        out[f"{name}_nm"] = offset[axis] + out[name] * vs[axis]
-    return out[[*columns, "z_nm", "y_nm", "x_nm"]]
+    return _in_nm(out, segmentation, voxel_size)[[*columns, "z_nm", "y_nm", "x_nm"]]
 
 
 def join_lut(pairs: np.ndarray, dtype=np.uint64) -> tuple[np.ndarray, np.ndarray]:
