@@ -19,7 +19,8 @@ distances, partners with the true cells and with the ``sstem`` net's segmentatio
 the table ends with mean +- sd over the folds.  A second table scores each fold at the
 operating point the *other* folds choose (the best F1 summed over the other fold nets'
 held-out folds), a third every fold at one operating point, as a model card has one: the
-best F1 summed over all held-out folds (the card's point; table 2 is the unbiased estimate).
+best F1 summed over all held-out folds (the card's point; table 2 estimates a point chosen
+without the fold's scores).
 
 ``--tta N``: the nets' outputs averaged over N symmetries of the volume (test-time
 augmentation, N passes; default the model card's, 1 for fold nets).
