@@ -105,20 +105,22 @@ def fold_folder(k: int, recipe: str = RECIPE, changes: dict | None = None) -> Pa
     return FOLD_RUNS / name / f"fold{k}"
 
 
-def _score_rows(prob, clefts, rows, threshold, min_size, vs, keep: bool) -> dict:
-    """Detection scores inside ``rows`` (``keep``) or outside them (the training rows)."""
-    if keep:
-        sl = (slice(None), slice(*rows), slice(None))
-        labels, _ = find_synapses(da.from_array(prob[sl], chunks=(10, 128, 160)), threshold,
-                                  min_size, voxel_size=vs)
-        return synapse_scores(labels.values, clefts[sl], vs, min_size) | {
-            "labels": labels.values}
-    labels, _ = find_synapses(da.from_array(prob, chunks=(10, 128, 160)), threshold,
-                              min_size, voxel_size=vs)
-    det, gt = labels.values.copy(), clefts.copy()
-    det[:, slice(*rows)] = 0
-    gt[:, slice(*rows)] = 0
-    return synapse_scores(det, gt, vs, min_size)
+def _score_rows(prob, clefts, rows, threshold, min_sizes, vs, keep: bool) -> dict:
+    """Detection scores inside ``rows`` (``keep``) or outside them (the training rows), per
+    minimum size: the objects are found once at ``threshold``, then filtered by size."""
+    sl = (slice(None), slice(*rows), slice(None)) if keep else (slice(None),) * 3
+    labels, table = find_synapses(da.from_array(prob[sl], chunks=(10, 128, 160)), threshold,
+                                  0, voxel_size=vs)
+    labels, gt = labels.values, clefts[sl].copy()
+    if not keep:
+        gt[:, slice(*rows)] = 0
+    scores = {}
+    for m in min_sizes:
+        det = np.where(np.isin(labels, table.id[table["size"] >= m].to_numpy()), labels, 0)
+        if not keep:
+            det[:, slice(*rows)] = 0
+        scores[m] = synapse_scores(det, gt, vs, m) | ({"labels": det} if keep else {})
+    return scores
 
 
 def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
@@ -155,12 +157,10 @@ def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
             continue
         probs[k] = _fold_probabilities(raw, model_path, tta)
         margin_rows = (FOLDS[k] - MARGIN, FOLDS[k + 1] + MARGIN)
-        trained[k] = {(t, m): _score_rows(probs[k], clefts, margin_rows, t, m, vs,
-                                          keep=False)["f1"]
-                      for t in THRESHOLDS for m in MIN_SIZES}
-        held[k] = {(t, m): _score_rows(probs[k], clefts, (FOLDS[k], FOLDS[k + 1]), t, m, vs,
-                                       keep=True)["f1"]
-                   for t in THRESHOLDS for m in MIN_SIZES}
+        trained[k], held[k] = (
+            {(t, m): s["f1"] for t in THRESHOLDS for m, s in _score_rows(
+                probs[k], clefts, rows, t, MIN_SIZES, vs, keep=keep).items()}
+            for rows, keep in ((margin_rows, False), ((FOLDS[k], FOLDS[k + 1]), True)))
     if not probs:
         return
     grid = [(t, m) for t in THRESHOLDS for m in MIN_SIZES]
@@ -202,7 +202,7 @@ def _fold_probabilities(raw, model_path: Path, tta: int | None) -> np.ndarray:
 def _fold_row(k, prob, clefts, cells, net_seg, t, m, vs) -> dict:
     """Score fold ``k`` at threshold ``t`` and minimum size ``m``: one table row."""
     rows = (FOLDS[k], FOLDS[k + 1])
-    s = _score_rows(prob, clefts, rows, t, m, vs, keep=True)
+    s = _score_rows(prob, clefts, rows, t, [m], vs, keep=True)[m]
     sl = (slice(None), slice(*rows), slice(None))
     partners = []
     for seg in (cells, net_seg):
