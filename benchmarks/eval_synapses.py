@@ -1,6 +1,6 @@
 """Score a synapse net on the larval VNC stack: detection and partners.
 
-    python benchmarks/eval_synapses.py runs/synapses_vnc/model.pt [--threshold 0.98]
+    python benchmarks/eval_synapses.py runs/synapses_vnc/model.pt [--thresholds 0.98 ...]
     python benchmarks/eval_synapses.py --folds 4 [--train] [--max-minutes M]
                                        [--recipe TOML] [--set KEY=VALUE ...] [--only K ...]
                                        [--tta N]
@@ -10,11 +10,10 @@ cross-validation over the whole stack: the rows are cut into 4 folds at rows no 
 synapse crosses (every synapse lies in exactly one fold: 10, 10, 6 and 7 synapses); fold k's
 net trains (``--train``: ``runs/synapse_folds/<recipe>/fold<k>``, resumable; the shipped
 recipe ``emdask/weights_nc/synapses.toml`` unless ``--recipe`` names another, ``--set``
-changing its top-level keys (``--set dice=1 positive_fraction=0.25``), with its rows
-replaced; under bfloat16 autocast with 1 x 12 x 96 x 96 patches where the CPU has native
-bfloat16) on the rows outside the fold and a
-margin of 32 rows around it; its threshold and minimum size are chosen on those training
-rows only; then the fold is scored at that operating point (precision, recall, F1, CREMI
+changing its top-level keys (``--set dice=0 positive_fraction=0.25``), with its rows
+replaced) on the rows outside the fold and a margin of 32 rows around it; its threshold, minimum size and maximum extent (objects longer
+than it, in nm along any axis, dropped) are chosen on those training rows only, by F1;
+then the fold is scored at that operating point (precision, recall, F1, CREMI
 distances, partners with the true cells and with the ``sstem`` net's segmentation), and
 the table ends with mean +- sd over the folds.  A second table scores each fold at the
 operating point the *other* folds choose (the best F1 summed over the other fold nets'
@@ -53,7 +52,7 @@ import numpy as np
 
 from emdask import segment
 from emdask.affinities import affinities_from_intensity
-from emdask.models import load_model
+from emdask.models import card_defaults, load_model
 from emdask.predict import predict_synapses
 from emdask.synapses import find_synapses, partner_accuracy, synapse_scores
 from emdask.volumes import cutout, open_volume
@@ -72,6 +71,9 @@ FOLD_RUNS = Path("runs/synapse_folds")
 # 255-6593 voxels, median 2310)
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998)
 MIN_SIZES = (0, 25, 50, 100, 200, 400, 800)
+# longest object (nm along any axis; None: no limit): the labelled densities span at most
+# 570 nm, long dark structures (membranes along their length) far more
+MAX_EXTENTS = (None, 1000, 800, 700, 600)
 RECIPE = "emdask/weights_nc/synapses.toml"
 
 
@@ -79,7 +81,6 @@ def fold_config(k: int, recipe: str = RECIPE, changes: dict | None = None):
     """A detector's training recipe (with ``changes`` to its top-level keys) on the rows
     outside fold ``k`` and its margin, without a validation region (nothing of the fold is
     looked at in training)."""
-    from emdask.predict import native_bfloat16
     from emdask.training import load_config
 
     cfg = dataclasses.replace(load_config(recipe), **(changes or {}))
@@ -90,13 +91,8 @@ def fold_config(k: int, recipe: str = RECIPE, changes: dict | None = None):
     # patches drawn in proportion to the rows of each part
     volumes = [dataclasses.replace(vol, roi=[list(b), list(e)], weight=(e[1] - b[1]) / 1024)
                for b, e in boxes]
-    cfg = dataclasses.replace(cfg, out=str(fold_folder(k, recipe, changes)), volumes=volumes,
-                              validation=None)
-    if not native_bfloat16("cpu"):
-        return cfg
-    # bfloat16 autocast, 1 x 12 x 96 x 96 patches (as many voxels as the recipe's 2 x 8 x
-    # 96 x 96, whose bf16 backward crashes in oneDNN on AMX CPUs)
-    return dataclasses.replace(cfg, precision="bfloat16", batch_size=1, patch=[12, 96, 96])
+    return dataclasses.replace(cfg, out=str(fold_folder(k, recipe, changes)),
+                               volumes=volumes, validation=None)
 
 
 def fold_folder(k: int, recipe: str = RECIPE, changes: dict | None = None) -> Path:
@@ -105,21 +101,27 @@ def fold_folder(k: int, recipe: str = RECIPE, changes: dict | None = None) -> Pa
     return FOLD_RUNS / name / f"fold{k}"
 
 
-def _score_rows(prob, clefts, rows, threshold, min_sizes, vs, keep: bool) -> dict:
+def _score_rows(prob, clefts, rows, threshold, filters, vs, keep: bool,
+                distances: bool = False) -> dict:
     """Detection scores inside ``rows`` (``keep``) or outside them (the training rows), per
-    minimum size: the objects are found once at ``threshold``, then filtered by size."""
+    (minimum size, maximum extent) in ``filters``: the objects are found once at
+    ``threshold``, then filtered (as ``find_synapses`` filters them)."""
     sl = (slice(None), slice(*rows), slice(None)) if keep else (slice(None),) * 3
     labels, table = find_synapses(da.from_array(prob[sl], chunks=(10, 128, 160)), threshold,
                                   0, voxel_size=vs)
     labels, gt = labels.values, clefts[sl].copy()
     if not keep:
         gt[:, slice(*rows)] = 0
+    extent = ((np.stack(table.end.to_list()) - np.stack(table.begin.to_list())) * vs).max(1) \
+        if len(table) else np.zeros(0)
     scores = {}
-    for m in min_sizes:
-        det = np.where(np.isin(labels, table.id[table["size"] >= m].to_numpy()), labels, 0)
+    for m, e in filters:
+        ok = (table["size"] >= m) & (extent <= (np.inf if e is None else e))
+        det = np.where(np.isin(labels, table.id[ok].to_numpy()), labels, 0)
         if not keep:
             det[:, slice(*rows)] = 0
-        scores[m] = synapse_scores(det, gt, vs, m) | ({"labels": det} if keep else {})
+        scores[m, e] = synapse_scores(det, gt, vs, m, distances=distances) | (
+            {"labels": det} if keep else {})
     return scores
 
 
@@ -144,9 +146,9 @@ def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
     affs = predict_affinities(raw, sstem, dtype="uint8").values[:3]
     with dask.config.set(scheduler="threads"):
         net_seg = segment(affs, [sstem.card["threshold"]])[0].compute()
-    header = ("| fold | rows y | synapses | threshold | min size | precision | recall | F1 | "
-              "FP dist (nm) | FN dist (nm) | partners, true cells | partners, sstem net |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| fold | rows y | synapses | threshold | min size | max extent (nm) | "
+              "precision | recall | F1 | FP dist (nm) | FN dist (nm) | partners, true cells | "
+              "partners, sstem net |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     # per fold: the net's probabilities, and F1 per operating point on its own training rows
     # and on the fold's (held-out) rows
     probs, trained, held = {}, {}, {}
@@ -157,13 +159,14 @@ def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
             continue
         probs[k] = _fold_probabilities(raw, model_path, tta)
         margin_rows = (FOLDS[k] - MARGIN, FOLDS[k + 1] + MARGIN)
+        filters = [(m, e) for m in MIN_SIZES for e in MAX_EXTENTS]
         trained[k], held[k] = (
-            {(t, m): s["f1"] for t in THRESHOLDS for m, s in _score_rows(
-                probs[k], clefts, rows, t, MIN_SIZES, vs, keep=keep).items()}
+            {(t, *f): s["f1"] for t in THRESHOLDS for f, s in _score_rows(
+                probs[k], clefts, rows, t, filters, vs, keep=keep).items()}
             for rows, keep in ((margin_rows, False), ((FOLDS[k], FOLDS[k + 1]), True)))
     if not probs:
         return
-    grid = [(t, m) for t in THRESHOLDS for m in MIN_SIZES]
+    grid = [(t, m, e) for t in THRESHOLDS for m in MIN_SIZES for e in MAX_EXTENTS]
     # 1. each fold at the best F1 of its net on the net's own training rows
     print("Each fold at the operating point of its net's training rows:\n" + header)
     _mean_row([_fold_row(k, probs[k], clefts, cells, net_seg,
@@ -182,8 +185,8 @@ def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
     # this table is the card's operating point, not an unbiased estimate: that is table 2)
     card = max(grid, key=lambda tm: sum(f1[tm] for f1 in held.values()))
     print(f"\nAt one operating point for all folds, the card's (threshold {card[0]}, min "
-          f"size {card[1]}{f', tta {tta}' if tta else ''}: best summed F1 on the held-out "
-          "folds):\n" + header)
+          f"size {card[1]}, max extent {card[2]}{f', tta {tta}' if tta else ''}: best "
+          "summed F1 on the held-out folds):\n" + header)
     _mean_row([_fold_row(k, prob, clefts, cells, net_seg, *card, vs)
                for k, prob in probs.items()])
 
@@ -199,17 +202,18 @@ def _fold_probabilities(raw, model_path: Path, tta: int | None) -> np.ndarray:
     return prob
 
 
-def _fold_row(k, prob, clefts, cells, net_seg, t, m, vs) -> dict:
-    """Score fold ``k`` at threshold ``t`` and minimum size ``m``: one table row."""
+def _fold_row(k, prob, clefts, cells, net_seg, t, m, e, vs) -> dict:
+    """Score fold ``k`` at threshold ``t``, minimum size ``m`` and maximum extent ``e``:
+    one table row."""
     rows = (FOLDS[k], FOLDS[k + 1])
-    s = _score_rows(prob, clefts, rows, t, [m], vs, keep=True)[m]
+    s = _score_rows(prob, clefts, rows, t, [(m, e)], vs, keep=True, distances=True)[m, e]
     sl = (slice(None), slice(*rows), slice(None))
     partners = []
     for seg in (cells, net_seg):
         right, matched = partner_accuracy(s["labels"], clefts[sl], cells[sl], seg[sl],
                                           RADIUS, cells_radius=CELLS_RADIUS)
         partners.append(f"{right} of {matched}")
-    print(f"| {k} | {rows[0]}-{rows[1]} | {s['n_true']} | {t} | {m} | "
+    print(f"| {k} | {rows[0]}-{rows[1]} | {s['n_true']} | {t} | {m} | {e or '-'} | "
           f"{s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
           f"{s['fp_distance']:.1f} | {s['fn_distance']:.1f} | {partners[0]} | "
           f"{partners[1]} |", flush=True)
@@ -219,7 +223,7 @@ def _fold_row(k, prob, clefts, cells, net_seg, t, m, vs) -> dict:
 def _mean_row(results: list[dict]) -> None:
     mean = {key: (np.mean([r[key] for r in results]), np.std([r[key] for r in results]))
             for key in ("precision", "recall", "f1")}
-    print(f"| mean +- sd ({len(results)} folds) | | | | | "
+    print(f"| mean +- sd ({len(results)} folds) | | | | | | "
           + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in mean.values()) + " | | | | |")
 
 
@@ -239,8 +243,10 @@ def main() -> None:
                         help="with --folds: these folds only")
     parser.add_argument("--tta", type=int, choices=[1, 2, 4, 8, 16],
                         help="symmetries averaged at inference (default: the card's)")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
-    parser.add_argument("--min-size", type=int, default=50)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99],
+                        help="swept, with the model card's")
+    parser.add_argument("--min-size", type=int, help="default: the model card's")
+    parser.add_argument("--max-extent", type=float, help="nm; default: the model card's")
     args = parser.parse_args()
     if args.folds:
         changes = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
@@ -250,6 +256,11 @@ def main() -> None:
     if not args.model:
         parser.error("give a model file, or --folds 4")
     model = load_model(args.model)
+    point = card_defaults(model)
+    min_size = args.min_size if args.min_size is not None else point.get("min_size", 50)
+    max_extent = args.max_extent if args.max_extent is not None else point.get("max_extent")
+    thresholds = sorted(set(args.thresholds) | ({point["threshold"]} if "threshold" in point
+                                                 else set()))
     raw = cutout(open_volume(VNC, "raw"), *ROI, units="voxel")
     clefts = cutout(open_volume(VNC, "labels/clefts"), *ROI, units="voxel").values
     cells = cutout(open_volume(VNC, "labels/cell_ids_2d"), *ROI, units="voxel").values
@@ -258,12 +269,15 @@ def main() -> None:
     prob = predict_synapses(lazy, model, tta=args.tta).compute()
     print(f"VNC validation rows {ROI}: {len(np.unique(clefts)) - 1} labelled synapses; "
           f"net {args.model}")
+    print(f"objects of at least {min_size} voxels"
+          + (f", at most {max_extent:g} nm long" if max_extent else "")
+          + f"; the card's threshold: {point.get('threshold')}")
     print("threshold precision recall    F1  fp_dist  fn_dist (nm)")
     rows = []
-    for t in args.thresholds:
+    for t in thresholds:
         labels, table = find_synapses(da.from_array(prob.values, chunks=(10, 128, 160)), t,
-                                      args.min_size, voxel_size=vs)
-        s = synapse_scores(labels.values, clefts, vs, args.min_size)
+                                      min_size, voxel_size=vs, max_extent=max_extent)
+        s = synapse_scores(labels.values, clefts, vs, min_size)
         rows.append((t, labels.values, table, s))
         print(f"{t:9.2f} {s['precision']:9.3f} {s['recall']:6.3f} {s['f1']:5.3f} "
               f"{s['fp_distance']:8.1f} {s['fn_distance']:8.1f}")

@@ -681,10 +681,10 @@ def model_card(name: str | Path) -> dict:
 
 #: What a model card sets for the steps after its net (the operating point chosen on its
 #: validation): the agglomeration threshold of a boundary net; the probability threshold,
-#: minimum object size (voxels) and partner search radius (z, y, x voxels) of a synapse
-#: detector.  They are the defaults of segment / find_synapses / assign_partners and of
-#: the pipeline.
-OPERATING_POINT = ("threshold", "min_size", "radius")
+#: minimum object size (voxels), partner search radius (z, y, x voxels) and, where the card
+#: names one, the longest object (nm along any axis) of a synapse detector.  They are the
+#: defaults of segment / find_synapses / assign_partners and of the pipeline.
+OPERATING_POINT = ("threshold", "min_size", "radius", "max_extent")
 
 
 def card_defaults(model: AffinityUNet | dict) -> dict:

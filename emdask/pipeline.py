@@ -1457,7 +1457,7 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
         print("  synapses: objects and tables already made", file=sys.stderr)
         return {}
     labels, table = find_synapses(open_volume(store, "synapse_probabilities"),
-                                  spec.threshold, spec.min_size)
+                                  spec.threshold, spec.min_size, max_extent=spec.max_extent)
     labels = save_volume(labels, store, f"{LABELS}/synapses", chunks=ctx.grid.chunks,
                          overwrite=True)
     t = spec.segmentation if spec.segmentation is not None else cfg.segment.thresholds[-1]
@@ -1829,7 +1829,9 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
                 continue
             s = cfg.synapses
             what = (f"{s.model} net -> synapse_probabilities/, objects (threshold "
-                    f"{s.threshold}, min size {s.min_size}), partners within {s.radius}")
+                    f"{s.threshold}, min size {s.min_size}"
+                    + (f", at most {s.max_extent:g} nm long" if s.max_extent else "")
+                    + f"), partners within {s.radius}")
             memory[stage], tasks = net_task(checked.synapse_model)
             what += f", {tasks}"
         elif stage == "skeletons":

@@ -121,6 +121,8 @@ class SynapseSpec:
     threshold: float | None = None
     min_size: int | None = None  # voxels
     radius: list | None = None  # partner search (z, y, x voxels)
+    # objects longer than this (nm, along any axis) are dropped; default the card's, if any
+    max_extent: float | None = None
     # test-time augmentation: symmetries averaged (1, 2, 4, 8, 16); default the card's
     tta: int | None = None
     accept_licence: bool = False  # a shipped model with a non-commercial licence
@@ -250,6 +252,7 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
         limits["synapses.threshold"] = (s.threshold is None or 0 < s.threshold <= 1,
                                         "in (0, 1]")
         limits["synapses.min_size"] = (s.min_size is None or s.min_size >= 0, ">= 0")
+        limits["synapses.max_extent"] = (s.max_extent is None or s.max_extent > 0, "> 0")
         limits["synapses.tta"] = (s.tta in (None, 1, 2, 4, 8, 16), "1, 2, 4, 8 or 16")
     if cfg.errors is not None:
         e = cfg.errors
@@ -293,16 +296,17 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
                              f"{cfg.predict.model!r} names none")
         cfg = replace(cfg, segment=replace(cfg.segment, thresholds=[point["threshold"]]))
     spec = cfg.synapses
-    if spec is not None and None in (spec.threshold, spec.min_size, spec.radius):
+    if spec is not None and None in (spec.threshold, spec.min_size, spec.radius,
+                                     spec.max_extent):
         point = card(spec.model, "synapses.model")
         missing = [k for k in ("threshold", "min_size", "radius")
                    if getattr(spec, k) is None and k not in point]
         if missing:
             raise ValueError(f"{where}: [synapses] {', '.join(missing)} not given and the "
                              f"model card of {spec.model!r} names none; set them")
-        cfg = replace(cfg, synapses=replace(spec, **{
-            k: point[k] for k in ("threshold", "min_size", "radius")
-            if getattr(spec, k) is None}))
+        cfg = replace(cfg, synapses=replace(spec, **{  # max_extent: none if the card has none
+            k: point[k] for k in ("threshold", "min_size", "radius", "max_extent")
+            if getattr(spec, k) is None and k in point}))
     spec = cfg.errors
     if spec is not None and (spec.split_model == "auto" or spec.floor is None):
         from emdask.errors import load_split_model

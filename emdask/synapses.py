@@ -80,25 +80,27 @@ def _face_joins(upper_faces, lower_faces, d: int) -> np.ndarray:
                                lb[both].astype(np.int64) - 1]), axis=1)
 
 
-def _objects(infos, stats, links, pairs, min_size: int):
+def _objects(infos, stats, links, pairs, min_size: int, max_extent=None):
     """Global objects: lookup table from block-local component to final id, and the
-    per-object statistics."""
+    per-object statistics.  Objects under ``min_size`` voxels, or longer than
+    ``max_extent`` voxels along an axis, are dropped."""
     bases, group, sizes, _ = _supervoxels(infos, pairs, links)
-    keep = sizes >= min_size
-    final = np.where(keep, np.cumsum(keep), 0)  # ids 1.. in order of lowest voxel index
-    n = int(keep.sum())
+    n = sizes.size
     sums = np.zeros((3, n))
     lo = np.full((3, n), np.iinfo(np.int64).max, np.int64)
     hi = np.zeros((3, n), np.int64)
     for b, (s, l, h) in enumerate(stats):
-        g = final[group[bases[b]:bases[b + 1]]]
-        ok = g > 0
+        g = group[bases[b]:bases[b + 1]]
         for d in range(3):
-            np.add.at(sums[d], g[ok] - 1, s[d][ok])
-            np.minimum.at(lo[d], g[ok] - 1, l[d][ok])
-            np.maximum.at(hi[d], g[ok] - 1, h[d][ok])
+            np.add.at(sums[d], g, s[d])
+            np.minimum.at(lo[d], g, l[d])
+            np.maximum.at(hi[d], g, h[d])
+    keep = sizes >= min_size
+    if max_extent is not None:
+        keep &= np.all(hi - lo <= np.asarray(max_extent)[:, None], axis=0)
+    final = np.where(keep, np.cumsum(keep), 0)  # ids 1.. in order of lowest voxel index
     lut = final[group].astype(np.uint64)[None] if group.size else np.zeros((1, 0), np.uint64)
-    return lut, bases, (sizes[keep], sums, lo, hi)
+    return lut, bases, (sizes[keep], sums[:, keep], lo[:, keep], hi[:, keep])
 
 
 def _relabel(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -106,22 +108,25 @@ def _relabel(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return _apply_luts(_components(mask), lut)[0]
 
 
-def _operating_point(data: Any, key: str, value: Any) -> Any:
+def _operating_point(data: Any, key: str, value: Any, optional: bool = False) -> Any:
     """``value``, or where it is None the model card's: that of the net that made ``data``
     (the attrs of :func:`emdask.predict_synapses`' result, carried on by
-    :func:`find_synapses`), else the shipped synapse detector's."""
+    :func:`find_synapses`), else the shipped synapse detector's.  An ``optional`` key that
+    the card does not name is None (a net's card is not mixed with the shipped one's)."""
     if value is not None:
         return value
     attrs = data.attrs if isinstance(data, xr.DataArray) else {}
     if key in attrs:
         return attrs[key]
+    if optional and "threshold" in attrs:
+        return None
     from emdask.models import shipped_operating_point
 
     shipped = shipped_operating_point("synapses")
-    if key not in shipped:
+    if key not in shipped and not optional:
         raise ValueError(f"give {key}: these synapses carry no model card's {key} and the "
                          "shipped synapse detector's card is not installed")
-    return shipped[key]
+    return shipped.get(key)
 
 
 def find_synapses(
@@ -129,6 +134,7 @@ def find_synapses(
     threshold: float | None = None,
     min_size: int | None = None,
     voxel_size: tuple[float, float, float] | None = None,
+    max_extent: float | None = None,
 ) -> tuple[xr.DataArray, pd.DataFrame]:
     """Synapse objects from a synapse probability map (or a binary mask), blockwise.
 
@@ -144,7 +150,13 @@ def find_synapses(
         Objects smaller than this many voxels (summed over all blocks) are dropped.
         Default: the model card's.
     voxel_size
-        nm per voxel, for the table's centroids (default: the DataArray's, else 1).
+        nm per voxel, for the table's centroids and ``max_extent`` (default: the
+        DataArray's, else 1).
+    max_extent
+        Objects whose bounding box is longer than this many nm along any axis are dropped:
+        a synaptic density is a small sheet (the larval VNC's labelled densities span at
+        most 570 nm), a long dark structure such as a membrane seen along its length is
+        not.  Default: the model card's, else no limit.
 
     Returns
     -------
@@ -165,6 +177,11 @@ def find_synapses(
     threshold = 1.0 if data.dtype == bool else _operating_point(probabilities, "threshold",
                                                                  threshold)
     min_size = _operating_point(probabilities, "min_size", min_size)
+    if data.dtype != bool:  # a mask is the caller's own: no card's filter applies
+        max_extent = _operating_point(probabilities, "max_extent", max_extent, optional=True)
+    if max_extent is not None and not (isinstance(max_extent, int | float | np.number)
+                                       and max_extent > 0):
+        raise ValueError(f"max_extent must be a positive number of nm, got {max_extent!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.number):
         raise TypeError(f"threshold must be a number, got {threshold!r}")
     if not 0 < threshold <= 1:
@@ -176,6 +193,9 @@ def find_synapses(
     else:
         raise ValueError(f"synapse probabilities must be float, uint8 or bool, got {data.dtype}")
     attrs = dict(template.attrs) if template is not None else {}
+    if voxel_size is None and "voxel_size" not in attrs and max_extent is not None:
+        raise ValueError(f"max_extent={max_extent} nm needs the voxel size: give voxel_size "
+                         "(or a DataArray that carries it)")
     vs = np.asarray(voxel_size if voxel_size is not None
                     else attrs.get("voxel_size", (1.0, 1.0, 1.0)), float)
     offset = np.asarray(attrs.get("offset", (0.0, 0.0, 0.0)), float)
@@ -191,7 +211,10 @@ def find_synapses(
     keys[...] = mask.__dask_keys__()
     inputs = {idx: keys[idx] for idx in np.ndindex(*g.grid)}
     solution = g.solve(g.step("objects", OBJECTS, [inputs], shape), _face_joins, _objects,
-                       link_args={}, solve_args={"min_size": int(min_size)})
+                       link_args={}, solve_args={
+                           "min_size": int(min_size),
+                           "max_extent": None if max_extent is None else np.floor(
+                               float(max_extent) / vs + 1e-9).astype(np.int64)})
     # The global solve is small (one row per object): computed now for the table, it
     # enters the relabel pass as a value, each block given its own part of the table.
     lut, bases, stats = g.delayed(solution).compute()
@@ -217,7 +240,7 @@ def find_synapses(
 
 # ---------------------------------------------------------------- scores
 def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0),
-                   min_size: int = 0) -> dict:
+                   min_size: int = 0, distances: bool = True) -> dict:
     """Detected synapse objects against ground-truth objects.
 
     Objects are matched one to one by overlap, the assignment of largest total overlap; a
@@ -233,7 +256,8 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0),
     Dask inputs are scored blockwise, in two passes over their blocks (an overlap table;
     then the voxels outside the other's objects, and the objects' surfaces, from which
     the distances are exact): memory is bounded by a block, the table and those voxels,
-    not by the volume.
+    not by the volume.  ``distances=False`` skips the second pass (the distances are then
+    NaN): a search over operating points that needs only F1 runs several times faster.
 
     Returns
     -------
@@ -268,13 +292,15 @@ def synapse_scores(detected: Any, truth: Any, voxel_size=(1.0, 1.0, 1.0),
     precision = n_match / n_det if n_det else 1.0
     recall = n_match / n_gt if n_gt else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    scores = {"precision": precision, "recall": recall, "f1": f1, "n_detected": n_det,
+              "n_true": n_gt, "n_matched": n_match}
+    if not distances:
+        return scores | {"fp_distance": np.nan, "fn_distance": np.nan}
     parts = map_reduce(_distance_parts, _concat_parts, [gt, det], shape=gt.shape,
                        voxel_size=tuple(float(v) for v in voxel_size),
                        dropped_gt=dropped_gt, dropped_det=dropped_det).compute()
-    return {"precision": precision, "recall": recall, "f1": f1, "n_detected": n_det,
-            "n_true": n_gt, "n_matched": n_match,
-            "fp_distance": _mean_distance(*parts[0]),
-            "fn_distance": _mean_distance(*parts[1])}
+    return scores | {"fp_distance": _mean_distance(*parts[0]),
+                     "fn_distance": _mean_distance(*parts[1])}
 
 
 def _overlaps(gt: np.ndarray, det: np.ndarray, origin, shape):

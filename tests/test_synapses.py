@@ -31,6 +31,40 @@ def test_objects_by_hand():
     assert table.loc[1, "begin"] == (3, 4, 4) and table.loc[1, "end"] == (4, 6, 6)
 
 
+@pytest.mark.parametrize("chunks", [(10, 40, 8), (3, 7, 5), (4, 16, 8)])
+def test_objects_longer_than_max_extent_are_dropped(chunks):
+    """The extent is the whole object's (summed over blocks): the same for any chunking."""
+    p = np.zeros((10, 40, 8), np.float32)
+    p[0:10, 1:3, 1:3] = 0.9  # 10 sections of 50 nm: 500 nm long in z
+    p[2:4, 5:8, 5:8] = 0.9  # 100 nm in z, 12 nm in-plane
+    p[6, 0:40, 7] = 0.9  # 40 x 4 nm = 160 nm long in y
+    lazy = da.from_array(p, chunks=chunks)
+    for max_extent, sizes in [(500, [40, 40, 18]), (450, [40, 18]), (160, [40, 18]),
+                              (150, [18]), (99, [])]:
+        _, table = find_synapses(lazy, 0.5, 1, voxel_size=(50, 4, 4), max_extent=max_extent)
+        assert sorted(table["size"].tolist(), reverse=True) == sizes, max_extent
+    with pytest.raises(ValueError, match="needs the voxel size"):
+        find_synapses(lazy, 0.5, 1, max_extent=450)
+    with pytest.raises(ValueError, match="positive number of nm"):
+        find_synapses(lazy, 0.5, 1, voxel_size=(50, 4, 4), max_extent=-1)
+
+
+def test_max_extent_from_the_card_of_the_net_that_made_the_probabilities(monkeypatch):
+    """A net's card names the filter or not; the shipped card's is never mixed in, and a
+    mask given by the caller is not filtered."""
+    import xarray as xr
+
+    monkeypatch.setattr("emdask.models.shipped_operating_point",
+                        lambda name: {"threshold": 0.5, "min_size": 1, "max_extent": 100})
+    p = np.zeros((10, 4, 4), np.float32)
+    p[:, 1, 1] = 0.9  # 500 nm long
+    attrs = {"voxel_size": (50, 4, 4), "threshold": 0.5, "min_size": 1}
+    assert len(find_synapses(xr.DataArray(p, attrs=attrs))[1]) == 1
+    assert len(find_synapses(xr.DataArray(p, attrs=attrs | {"max_extent": 450}))[1]) == 0
+    assert len(find_synapses(p, voxel_size=(50, 4, 4))[1]) == 0  # the shipped card's
+    assert len(find_synapses(p > 0.5, voxel_size=(50, 4, 4))[1]) == 1
+
+
 def test_probabilities_thresholded_and_errors():
     p = np.zeros((2, 3, 3), np.float32)
     p[0, 0, 0], p[1, 2, 2] = 0.7, 0.4
