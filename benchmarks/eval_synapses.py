@@ -108,7 +108,7 @@ def _score_rows(prob, clefts, rows, threshold, filters, vs, keep: bool,
     ``threshold``, then filtered (as ``find_synapses`` filters them)."""
     sl = (slice(None), slice(*rows), slice(None)) if keep else (slice(None),) * 3
     labels, table = find_synapses(da.from_array(prob[sl], chunks=(10, 128, 160)), threshold,
-                                  0, voxel_size=vs)
+                                  0, voxel_size=vs, max_extent=np.inf)
     labels, gt = labels.values, clefts[sl].copy()
     if not keep:
         gt[:, slice(*rows)] = 0
@@ -258,7 +258,7 @@ def main() -> None:
     model = load_model(args.model)
     point = card_defaults(model)
     min_size = args.min_size if args.min_size is not None else point.get("min_size", 50)
-    max_extent = args.max_extent if args.max_extent is not None else point.get("max_extent")
+    max_extent = args.max_extent or point.get("max_extent") or np.inf  # the net's own card
     thresholds = sorted(set(args.thresholds) | ({point["threshold"]} if "threshold" in point
                                                  else set()))
     raw = cutout(open_volume(VNC, "raw"), *ROI, units="voxel")
@@ -270,7 +270,7 @@ def main() -> None:
     print(f"VNC validation rows {ROI}: {len(np.unique(clefts)) - 1} labelled synapses; "
           f"net {args.model}")
     print(f"objects of at least {min_size} voxels"
-          + (f", at most {max_extent:g} nm long" if max_extent else "")
+          + (f", at most {max_extent:g} nm long" if np.isfinite(max_extent) else "")
           + f"; the card's threshold: {point.get('threshold')}")
     print("threshold precision recall    F1  fp_dist  fn_dist (nm)")
     rows = []

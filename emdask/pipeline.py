@@ -1457,7 +1457,8 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
         print("  synapses: objects and tables already made", file=sys.stderr)
         return {}
     labels, table = find_synapses(open_volume(store, "synapse_probabilities"),
-                                  spec.threshold, spec.min_size, max_extent=spec.max_extent)
+                                  spec.threshold, spec.min_size,  # the config's, or the card's
+                                  max_extent=spec.max_extent or np.inf)
     labels = save_volume(labels, store, f"{LABELS}/synapses", chunks=ctx.grid.chunks,
                          overwrite=True)
     t = spec.segmentation if spec.segmentation is not None else cfg.segment.thresholds[-1]

@@ -156,7 +156,8 @@ def find_synapses(
         Objects whose bounding box is longer than this many nm along any axis are dropped:
         a synaptic density is a small sheet (the larval VNC's labelled densities span at
         most 570 nm), a long dark structure such as a membrane seen along its length is
-        not.  Default: the model card's, else no limit.
+        not.  Default: the model card's, else no limit (``numpy.inf``: no limit in any
+        case).
 
     Returns
     -------
@@ -182,6 +183,8 @@ def find_synapses(
     if max_extent is not None and not (isinstance(max_extent, int | float | np.number)
                                        and max_extent > 0):
         raise ValueError(f"max_extent must be a positive number of nm, got {max_extent!r}")
+    if max_extent is not None and np.isinf(max_extent):
+        max_extent = None  # no limit, whatever the card says
     if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.number):
         raise TypeError(f"threshold must be a number, got {threshold!r}")
     if not 0 < threshold <= 1:

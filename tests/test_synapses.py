@@ -62,6 +62,7 @@ def test_max_extent_from_the_card_of_the_net_that_made_the_probabilities(monkeyp
     assert len(find_synapses(xr.DataArray(p, attrs=attrs))[1]) == 1
     assert len(find_synapses(xr.DataArray(p, attrs=attrs | {"max_extent": 450}))[1]) == 0
     assert len(find_synapses(p, voxel_size=(50, 4, 4))[1]) == 0  # the shipped card's
+    assert len(find_synapses(p, voxel_size=(50, 4, 4), max_extent=np.inf)[1]) == 1
     assert len(find_synapses(p > 0.5, voxel_size=(50, 4, 4))[1]) == 1
 
 
