@@ -10,11 +10,12 @@ cross-validation over the whole stack: the rows are cut into 4 folds at rows no 
 synapse crosses (every synapse lies in exactly one fold: 10, 10, 6 and 7 synapses); fold k's
 net trains (``--train``: ``runs/synapse_folds/<recipe>/fold<k>``, resumable; the shipped
 recipe ``emdask/weights_nc/synapses.toml`` unless ``--recipe`` names another, ``--set``
-changing its top-level keys (``--set dice=0 positive_fraction=0.25``), with its rows
-replaced) on the rows outside the fold and a margin of 32 rows around it; its threshold, minimum size and maximum extent (objects longer
-than it, in nm along any axis, dropped) are chosen on those training rows only, by F1;
-then the fold is scored at that operating point (precision, recall, F1, CREMI
-distances, partners with the true cells and with the ``sstem`` net's segmentation), and
+changing its top-level keys (``--set dice=1 positive_fraction=0.25``), with its rows
+replaced; under bfloat16 autocast with 1 x 12 x 96 x 96 patches where the CPU has native
+bfloat16) on the rows outside the fold and a margin of 32 rows around it; its threshold,
+minimum size and maximum extent (objects longer than it, in nm along any axis, dropped)
+are chosen on those training rows only, by F1; then the fold is scored at that operating
+point (precision, recall, F1, CREMI distances, partners with the true cells and with the ``sstem`` net's segmentation), and
 the table ends with mean +- sd over the folds.  A second table scores each fold at the
 operating point the *other* folds choose (the best F1 summed over the other fold nets'
 held-out folds), a third every fold at one operating point, as a model card has one: the
@@ -54,7 +55,7 @@ from emdask import segment
 from emdask.affinities import affinities_from_intensity
 from emdask.models import card_defaults, load_model
 from emdask.predict import predict_synapses
-from emdask.synapses import find_synapses, partner_accuracy, synapse_scores
+from emdask.synapses import find_synapses, longest, partner_accuracy, synapse_scores
 from emdask.volumes import cutout, open_volume
 
 VNC = "../shared/data/drosophila_vnc_sstem_gerhard2013/vnc_stack1_synapses_x0-640.h5"
@@ -81,6 +82,7 @@ def fold_config(k: int, recipe: str = RECIPE, changes: dict | None = None):
     """A detector's training recipe (with ``changes`` to its top-level keys) on the rows
     outside fold ``k`` and its margin, without a validation region (nothing of the fold is
     looked at in training)."""
+    from emdask.predict import native_bfloat16
     from emdask.training import load_config
 
     cfg = dataclasses.replace(load_config(recipe), **(changes or {}))
@@ -91,8 +93,13 @@ def fold_config(k: int, recipe: str = RECIPE, changes: dict | None = None):
     # patches drawn in proportion to the rows of each part
     volumes = [dataclasses.replace(vol, roi=[list(b), list(e)], weight=(e[1] - b[1]) / 1024)
                for b, e in boxes]
-    return dataclasses.replace(cfg, out=str(fold_folder(k, recipe, changes)),
-                               volumes=volumes, validation=None)
+    cfg = dataclasses.replace(cfg, out=str(fold_folder(k, recipe, changes)), volumes=volumes,
+                              validation=None)
+    if not native_bfloat16("cpu"):
+        return cfg
+    # bfloat16 autocast, 1 x 12 x 96 x 96 patches (as many voxels as the recipe's 2 x 8 x
+    # 96 x 96, whose bf16 backward crashes in oneDNN on AMX CPUs)
+    return dataclasses.replace(cfg, precision="bfloat16", batch_size=1, patch=[12, 96, 96])
 
 
 def fold_folder(k: int, recipe: str = RECIPE, changes: dict | None = None) -> Path:
@@ -112,11 +119,11 @@ def _score_rows(prob, clefts, rows, threshold, filters, vs, keep: bool,
     labels, gt = labels.values, clefts[sl].copy()
     if not keep:
         gt[:, slice(*rows)] = 0
-    extent = ((np.stack(table.end.to_list()) - np.stack(table.begin.to_list())) * vs).max(1) \
-        if len(table) else np.zeros(0)
+    spans = (np.stack(table.end.to_list()) - np.stack(table.begin.to_list())) if len(
+        table) else np.zeros((0, 3), np.int64)
     scores = {}
-    for m, e in filters:
-        ok = (table["size"] >= m) & (extent <= (np.inf if e is None else e))
+    for m, e in filters:  # as find_synapses(min_size=m, max_extent=e) filters them
+        ok = (table["size"] >= m) & (True if e is None else np.all(spans <= longest(e, vs), 1))
         det = np.where(np.isin(labels, table.id[ok].to_numpy()), labels, 0)
         if not keep:
             det[:, slice(*rows)] = 0
@@ -185,7 +192,7 @@ def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
     # this table is the card's operating point, not an unbiased estimate: that is table 2)
     card = max(grid, key=lambda tm: sum(f1[tm] for f1 in held.values()))
     print(f"\nAt one operating point for all folds, the card's (threshold {card[0]}, min "
-          f"size {card[1]}, max extent {card[2]}{f', tta {tta}' if tta else ''}: best "
+          f"size {card[1]}, max extent {card[2] or 'none'}{f', tta {tta}' if tta else ''}: best "
           "summed F1 on the held-out folds):\n" + header)
     _mean_row([_fold_row(k, prob, clefts, cells, net_seg, *card, vs)
                for k, prob in probs.items()])
@@ -279,7 +286,7 @@ def main() -> None:
                                       min_size, voxel_size=vs, max_extent=max_extent)
         s = synapse_scores(labels.values, clefts, vs, min_size)
         rows.append((t, labels.values, table, s))
-        print(f"{t:9.2f} {s['precision']:9.3f} {s['recall']:6.3f} {s['f1']:5.3f} "
+        print(f"{t:9.3f} {s['precision']:9.3f} {s['recall']:6.3f} {s['f1']:5.3f} "
               f"{s['fp_distance']:8.1f} {s['fn_distance']:8.1f}")
     t, detected, table, s = max(rows, key=lambda r: r[3]["f1"])
     affs = affinities_from_intensity(raw.values, sigma=(0, 2, 2))

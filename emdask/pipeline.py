@@ -874,9 +874,11 @@ def _depends_on(cfg: RunConfig, stage: str) -> dict:
     p["segment"] = seg
     if stage in ("synapses", "pyramid", "meshes", "skeletons", "errors", "correct",
                  "report"):
-        # (tta only where set: the records of stores made before it existed still match)
+        # (tta and max_extent only where set: the records of stores made before they
+        # existed still match)
         p["synapses"] = ({k: v for k, v in asdict(cfg.synapses).items()
-                          if k != "accept_licence" and not (k == "tta" and v is None)}
+                          if k != "accept_licence"
+                          and not (k in ("tta", "max_extent") and v is None)}
                          if cfg.synapses else None)
         if cfg.synapses:
             p["synapses"]["precision"] = _precision(cfg.predict, cfg.synapses.model)
@@ -1831,7 +1833,8 @@ def plan(cfg: RunConfig, stages: list[str], checked: _Checked | None = None) -> 
             s = cfg.synapses
             what = (f"{s.model} net -> synapse_probabilities/, objects (threshold "
                     f"{s.threshold}, min size {s.min_size}"
-                    + (f", at most {s.max_extent:g} nm long" if s.max_extent else "")
+                    + (f", at most {s.max_extent:g} nm long"
+                       if s.max_extent and np.isfinite(s.max_extent) else "")
                     + f"), partners within {s.radius}")
             memory[stage], tasks = net_task(checked.synapse_model)
             what += f", {tasks}"

@@ -634,7 +634,7 @@ def predict_synapses(raw: Any, model: AffinityUNet | None = None, tta: int | Non
     CC BY-NC-SA 3.0, so it is taken only on purpose:
     ``pretrained("synapses", accept_licence=True)``.  Or train your own with
     ``emdask train`` (``target = "synapses"``).  The result's attrs carry the model card's
-    operating point (``threshold``, ``min_size``, ``radius``), the defaults of
+    operating point (``threshold``, ``min_size``, ``radius``, ``max_extent``), the defaults of
     :func:`emdask.find_synapses` and :func:`emdask.assign_partners`."""
     if model is None:
         raise ValueError('give a synapse model: pretrained("synapses", accept_licence=True) '

@@ -276,8 +276,8 @@ def _bytes_ok(value) -> bool:
 
 def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
     """Settings left out take the operating point of the model cards: the boundary net's
-    agglomeration threshold, the synapse detector's threshold, minimum size and partner
-    radius."""
+    agglomeration threshold, the synapse detector's threshold, minimum size, partner
+    radius and, where its card names one, longest object."""
     from emdask.models import card_defaults, model_card
 
     def card(name: str, key: str) -> dict:
@@ -296,8 +296,7 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
                              f"{cfg.predict.model!r} names none")
         cfg = replace(cfg, segment=replace(cfg.segment, thresholds=[point["threshold"]]))
     spec = cfg.synapses
-    if spec is not None and None in (spec.threshold, spec.min_size, spec.radius,
-                                     spec.max_extent):
+    if spec is not None and None in (spec.threshold, spec.min_size, spec.radius):
         point = card(spec.model, "synapses.model")
         missing = [k for k in ("threshold", "min_size", "radius")
                    if getattr(spec, k) is None and k not in point]
@@ -307,6 +306,13 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
         cfg = replace(cfg, synapses=replace(spec, **{  # max_extent: none if the card has none
             k: point[k] for k in ("threshold", "min_size", "radius", "max_extent")
             if getattr(spec, k) is None and k in point}))
+    elif spec is not None and spec.max_extent is None:
+        try:  # optional: a model file not made yet is the preflight's to report
+            point = card_defaults(model_card(spec.model))
+        except (ValueError, FileNotFoundError):
+            point = {}
+        if "max_extent" in point:
+            cfg = replace(cfg, synapses=replace(spec, max_extent=point["max_extent"]))
     spec = cfg.errors
     if spec is not None and (spec.split_model == "auto" or spec.floor is None):
         from emdask.errors import load_split_model

@@ -103,6 +103,14 @@ def _objects(infos, stats, links, pairs, min_size: int, max_extent=None):
     return lut, bases, (sizes[keep], sums[:, keep], lo[:, keep], hi[:, keep])
 
 
+def longest(max_extent: float | None, voxel_size) -> np.ndarray | None:
+    """The most voxels an object may span along each axis to be no longer than
+    ``max_extent`` nm (None: no limit)."""
+    if max_extent is None:
+        return None
+    return np.floor(float(max_extent) / np.asarray(voxel_size, float) + 1e-9).astype(np.int64)
+
+
 def _relabel(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """Block-local components -> object ids, with the block's part of the lookup table."""
     return _apply_luts(_components(mask), lut)[0]
@@ -156,8 +164,9 @@ def find_synapses(
         Objects whose bounding box is longer than this many nm along any axis are dropped:
         a synaptic density is a small sheet (the larval VNC's labelled densities span at
         most 570 nm), a long dark structure such as a membrane seen along its length is
-        not.  Default: the model card's, else no limit (``numpy.inf``: no limit in any
-        case).
+        not.  Default: the card's that the threshold comes from (that of the net that
+        made the probabilities, or the shipped detector's where ``threshold`` is left to
+        it too), else no limit; ``numpy.inf``: no limit in any case.
 
     Returns
     -------
@@ -175,13 +184,19 @@ def find_synapses(
         data = da.from_array(np.asarray(data), chunks=-1)
     if data.ndim != 3:
         raise ValueError(f"synapse probabilities must be 3-D (z, y, x), got shape {data.shape}")
+    attrs = dict(template.attrs) if template is not None else {}
+    # The length filter comes from the card the threshold comes from: the net's that made
+    # the probabilities (their attrs), else the shipped detector's only where the caller
+    # leaves the threshold to it too.  A mask is the caller's own: no card filters it.
+    card_extent = max_extent is None and data.dtype != bool and (
+        "threshold" in attrs or threshold is None)
     threshold = 1.0 if data.dtype == bool else _operating_point(probabilities, "threshold",
                                                                  threshold)
     min_size = _operating_point(probabilities, "min_size", min_size)
-    if data.dtype != bool:  # a mask is the caller's own: no card's filter applies
-        max_extent = _operating_point(probabilities, "max_extent", max_extent, optional=True)
-    if max_extent is not None and not (isinstance(max_extent, int | float | np.number)
-                                       and max_extent > 0):
+    if card_extent:
+        max_extent = _operating_point(probabilities, "max_extent", None, optional=True)
+    if max_extent is not None and (isinstance(max_extent, bool) or not (
+            isinstance(max_extent, int | float | np.number) and max_extent > 0)):
         raise ValueError(f"max_extent must be a positive number of nm, got {max_extent!r}")
     if max_extent is not None and np.isinf(max_extent):
         max_extent = None  # no limit, whatever the card says
@@ -195,10 +210,11 @@ def find_synapses(
         mask = data >= threshold if data.dtype != bool else data
     else:
         raise ValueError(f"synapse probabilities must be float, uint8 or bool, got {data.dtype}")
-    attrs = dict(template.attrs) if template is not None else {}
     if voxel_size is None and "voxel_size" not in attrs and max_extent is not None:
-        raise ValueError(f"max_extent={max_extent} nm needs the voxel size: give voxel_size "
-                         "(or a DataArray that carries it)")
+        raise ValueError(
+            f"max_extent {max_extent:g} nm ({'the model card' if card_extent else 'given'}) "
+            "needs the voxel size: give voxel_size (or a DataArray that carries it)"
+            + (", or max_extent=numpy.inf for no limit" if card_extent else ""))
     vs = np.asarray(voxel_size if voxel_size is not None
                     else attrs.get("voxel_size", (1.0, 1.0, 1.0)), float)
     offset = np.asarray(attrs.get("offset", (0.0, 0.0, 0.0)), float)
@@ -214,10 +230,8 @@ def find_synapses(
     keys[...] = mask.__dask_keys__()
     inputs = {idx: keys[idx] for idx in np.ndindex(*g.grid)}
     solution = g.solve(g.step("objects", OBJECTS, [inputs], shape), _face_joins, _objects,
-                       link_args={}, solve_args={
-                           "min_size": int(min_size),
-                           "max_extent": None if max_extent is None else np.floor(
-                               float(max_extent) / vs + 1e-9).astype(np.int64)})
+                       link_args={}, solve_args={"min_size": int(min_size),
+                                                 "max_extent": longest(max_extent, vs)})
     # The global solve is small (one row per object): computed now for the table, it
     # enters the relabel pass as a value, each block given its own part of the table.
     lut, bases, stats = g.delayed(solution).compute()

@@ -63,6 +63,10 @@ def test_max_extent_from_the_card_of_the_net_that_made_the_probabilities(monkeyp
     assert len(find_synapses(xr.DataArray(p, attrs=attrs | {"max_extent": 450}))[1]) == 0
     assert len(find_synapses(p, voxel_size=(50, 4, 4))[1]) == 0  # the shipped card's
     assert len(find_synapses(p, voxel_size=(50, 4, 4), max_extent=np.inf)[1]) == 1
+    # the caller's own threshold: not the shipped card's filter either
+    assert len(find_synapses(p, 0.5, 1)[1]) == 1
+    with pytest.raises(ValueError, match="the model card.*max_extent=numpy.inf"):
+        find_synapses(p)
     assert len(find_synapses(p > 0.5, voxel_size=(50, 4, 4))[1]) == 1
 
 
