@@ -15,8 +15,8 @@ replaced; under bfloat16 autocast with 1 x 12 x 96 x 96 patches where the CPU ha
 bfloat16) on the rows outside the fold and a margin of 32 rows around it; its threshold,
 minimum size and maximum extent (objects longer than it, in nm along any axis, dropped)
 are chosen on those training rows only, by F1; then the fold is scored at that operating
-point (precision, recall, F1, CREMI distances, partners with the true cells and with the ``sstem`` net's segmentation), and
-the table ends with mean +- sd over the folds.  A second table scores each fold at the
+point (precision, recall, F1, CREMI distances, partners with the true cells and with the
+``sstem`` net's segmentation), and the table ends with mean +- sd over the folds.  A second table scores each fold at the
 operating point the *other* folds choose (the best F1 summed over the other fold nets'
 held-out folds), a third every fold at one operating point, as a model card has one: the
 best F1 summed over all held-out folds (the card's point; table 2 estimates a point chosen

@@ -296,23 +296,21 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
                              f"{cfg.predict.model!r} names none")
         cfg = replace(cfg, segment=replace(cfg.segment, thresholds=[point["threshold"]]))
     spec = cfg.synapses
-    if spec is not None and None in (spec.threshold, spec.min_size, spec.radius):
-        point = card(spec.model, "synapses.model")
-        missing = [k for k in ("threshold", "min_size", "radius")
-                   if getattr(spec, k) is None and k not in point]
+    point_keys = ("threshold", "min_size", "radius", "max_extent")
+    if spec is not None and None in (getattr(spec, k) for k in point_keys):
+        required = None in (spec.threshold, spec.min_size, spec.radius)
+        try:
+            point = card(spec.model, "synapses.model")
+        except ValueError:
+            if required:
+                raise
+            point = {}  # only max_extent, optional: a model not made yet is the preflight's
+        missing = [k for k in point_keys[:3] if getattr(spec, k) is None and k not in point]
         if missing:
             raise ValueError(f"{where}: [synapses] {', '.join(missing)} not given and the "
                              f"model card of {spec.model!r} names none; set them")
         cfg = replace(cfg, synapses=replace(spec, **{  # max_extent: none if the card has none
-            k: point[k] for k in ("threshold", "min_size", "radius", "max_extent")
-            if getattr(spec, k) is None and k in point}))
-    elif spec is not None and spec.max_extent is None:
-        try:  # optional: a model file not made yet is the preflight's to report
-            point = card_defaults(model_card(spec.model))
-        except (ValueError, FileNotFoundError):
-            point = {}
-        if "max_extent" in point:
-            cfg = replace(cfg, synapses=replace(spec, max_extent=point["max_extent"]))
+            k: point[k] for k in point_keys if getattr(spec, k) is None and k in point}))
     spec = cfg.errors
     if spec is not None and (spec.split_model == "auto" or spec.floor is None):
         from emdask.errors import load_split_model
