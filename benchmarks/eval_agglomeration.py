@@ -85,10 +85,10 @@ def compare(clf, affs, truth, raw, where: str, card_threshold: float) -> tuple[d
     return results, beats
 
 
-def _train(affs, truth, raw, box, rounds: int, net: str):
+def _train(affs, truth, raw, box, rounds: int, net: str, **options):
     t = time.perf_counter()
     clf = train_agglomeration([(affs[(slice(None), *box)], truth[box], raw[box])], rounds,
-                              card={"net": net, "threshold": LEARNED_THRESHOLD})
+                              card={"net": net, "threshold": LEARNED_THRESHOLD}, **options)
     print(f"classifier from z {box[0].start}-{box[0].stop - 1}: {clf.card['examples']} "
           f"teacher decisions ({clf.card['right']} right), {rounds} rounds, "
           f"{time.perf_counter() - t:.0f} s\n")
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--halves", action="store_true", help="also train on each half of "
                         "the training sections and score on the other")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--weight-power", type=float, default=0.0, help="examples weighted "
+                        "by the smaller region's size to this power (VOI weighs by volume)")
     parser.add_argument("--model", help="a .pt file of the net to use in place of the "
                         "shipped one (a candidate; never shipped with --ship)")
     args = parser.parse_args()
@@ -121,11 +123,13 @@ def main() -> None:
     if args.halves:
         z = train[0].stop // 2
         for a, b in ((0, z), (z, 2 * z)), ((z, 2 * z), (0, z)):
-            clf, _ = _train(affs, truth, raw, np.s_[a[0]:a[1], :, :], args.rounds, args.net)
+            clf, _ = _train(affs, truth, raw, np.s_[a[0]:a[1], :, :], args.rounds, args.net,
+                            weight_power=args.weight_power)
             test = np.s_[b[0]:b[1], :, :]
             compare(clf, affs[(slice(None), *test)], truth[test], raw[test],
                     f"sections {b[0]}-{b[1] - 1}", card_threshold)
-    clf, train_s = _train(affs, truth, raw, train, args.rounds, args.net)
+    clf, train_s = _train(affs, truth, raw, train, args.rounds, args.net,
+                          weight_power=args.weight_power)
     results, beats = compare(clf, affs[(slice(None), *validation)], truth[validation],
                              raw[validation], f"validation {where}", card_threshold)
     if not args.ship:

@@ -1,14 +1,14 @@
-"""Error detection and correction: trained, calibrated and validated on separate FIB-SEM
-volumes, for both agglomerations a user gets.
+"""Error detection and correction: trained, calibrated and validated on separate volumes,
+for FIB-SEM (both agglomerations a user gets) and for anisotropic ssEM.
 
-    python benchmarks/eval_errors.py [--only splits|merges] [--ship]
-    python benchmarks/eval_errors.py --remaining
+    python benchmarks/eval_errors.py [--modality fibsem|ssem] [--only splits|merges] [--ship]
+    python benchmarks/eval_errors.py [--modality ...] --remaining
     python benchmarks/eval_errors.py --figure notebooks/figures/errors.png
 
-The fibsem net's affinities are segmented two ways: mean agglomeration at the net's card
-threshold (``emdask run``'s default score) and learned agglomeration with the shipped
-classifier at its card's threshold (what the demo runs, ``emdask.demo.operating_point``).
-Three volumes, each with dense ground truth:
+FIB-SEM (the default): the fibsem net's affinities are segmented two ways: mean
+agglomeration at the net's card threshold (``emdask run``'s default score) and learned
+agglomeration with the shipped classifier at its card's threshold (what the demo runs,
+``emdask.demo.operating_point``).  Three volumes, each with dense ground truth:
 
 - train: FlyEM medulla z 0-159.  A split model (emdask.errors) per agglomeration learns
   from the touching pairs of that segmentation (emdask/weights/splits.json for mean,
@@ -17,6 +17,13 @@ Three volumes, each with dense ground truth:
 - calibration: gala's tiny FIB-SEM volume (another crop of the medulla, 50 x 100 x 200
   voxels), which none of the nets or models trained on.
 - validation: medulla z 200-249, never trained or calibrated on.
+
+ssEM (``--modality ssem``): the same three volumes made into 40 nm sections (each the mean
+of 4 slices, labels from the middle one, as the sstem3d net trained: 40, 12 and 12
+sections), segmented by mean agglomeration of the sstem3d net's affinities (``--net``) at
+its card threshold; the split model is emdask/weights/splits_ssem.json and the merge net
+emdask/weights/merges_ssem.toml (``--merges``), trained on artificial merges of medulla
+z 0-199 as sections.
 
 Operating points (the cards'): among those whose automated correction does no harm on the
 calibration segmentations (raises neither ARAND nor VOI on any of them: train and
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dask
@@ -58,6 +66,7 @@ from emdask.errors import (
     correct_splits,
     detect_merges,
     error_table,
+    load_merge_model,
     plan_cuts,
     small_joins,
     split_features,
@@ -65,19 +74,56 @@ from emdask.errors import (
     train_split_model,
 )
 from emdask.learn_agglomeration import load_classifier
-from emdask.models import pretrained
+from emdask.models import load_model, pretrained
 from emdask.run_config import ErrorSpec
 from emdask.segmentation import segment
+from emdask.training import section_means
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CUBE = DATA / "flyem_medulla_fib_neuroproof_sample2" / "medulla_fib_sample2_250cube.h5"
 GALA = DATA / "gala_tiny_fib" / "gala_train.h5"
-VOLUMES = {"train": (CUBE, (slice(0, 160), slice(0, 250), slice(0, 250))),
-           "calibration": (GALA, (slice(None),) * 3),
-           "validation": (CUBE, (slice(200, 250), slice(0, 250), slice(0, 250)))}
-SCORES = ("mean", "learned")
-CALIBRATE = [(name, score) for name in ("train", "calibration") for score in SCORES]
-VOXEL = (10.0, 10.0, 10.0)
+
+
+@dataclass
+class Modality:
+    """What one study runs on: the boundary net and merge net (names or .pt
+    paths), the volumes (file, box of FIB-SEM slices), the slices averaged into one section
+    (1: isotropic), the agglomerations and the suffix of the shipped files' names."""
+
+    name: str
+    net: str
+    merges: str
+    voxel: tuple
+    section_mean: int
+    scores: tuple
+    suffix: str
+    volumes: dict = field(default_factory=lambda: {
+        "train": (CUBE, (slice(0, 160), slice(0, 250), slice(0, 250))),
+        "calibration": (GALA, (slice(None),) * 3),
+        "validation": (CUBE, (slice(200, 250), slice(0, 250), slice(0, 250)))})
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag that selects this modality ('' for the default)."""
+        return "" if self.name == "fibsem" else f"--modality {self.name} "
+
+    def split_name(self, score: str) -> str:
+        return "splits" + self.suffix + ("" if score == "mean" else f"_{score}")
+
+    @property
+    def as_sections(self) -> str:
+        """How the cards name the volumes' form."""
+        return (f" as {self.voxel[0]:g} nm sections (means of {self.section_mean} slices)"
+                if self.section_mean > 1 else "")
+
+
+MODALITIES = {
+    "fibsem": Modality("fibsem", "fibsem", "merges", (10.0, 10.0, 10.0), 1,
+                       ("mean", "learned"), ""),
+    "ssem": Modality("ssem", "sstem3d", "merges_ssem", (40.0, 10.0, 10.0), 4, ("mean",),
+                     "_ssem"),
+}
+MODE = MODALITIES["fibsem"]  # set by --modality
 TOP = 20
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 FLOORS = (0, 100, 200, 500, 1000, 2000, 5000)  # voxels: segments below join their best neighbour
@@ -88,15 +134,18 @@ GATES = (0.5, 0.6, 0.7, 0.8, 1.0)  # the highest mean affinity a cut may cross
 
 @functools.cache
 def volume(name: str):
-    """Raw, the fibsem net's three nearest-neighbour affinities and ground truth."""
+    """Raw, the boundary net's three nearest-neighbour affinities and ground truth (as
+    sections where the modality's are: means of slices, labels of the middle one)."""
     import h5py
 
-    path, box = VOLUMES[name]
+    path, box = MODE.volumes[name]
     with h5py.File(path, "r") as f:
         raw, gt = f["raw"][box], f["labels/neuron_ids"][box]
+    if MODE.section_mean > 1:
+        raw, gt = section_means(raw, gt, MODE.section_mean)
     affs = emdask.predict_affinities(
-        xr.DataArray(raw, dims=("z", "y", "x"), attrs={"voxel_size": list(VOXEL)}),
-        pretrained("fibsem"))
+        xr.DataArray(raw, dims=("z", "y", "x"), attrs={"voxel_size": list(MODE.voxel)}),
+        boundary_net())
     return raw, np.asarray(affs[:3]), gt
 
 
@@ -106,19 +155,34 @@ def region(name: str, score: str):
     with ``score`` at its card threshold."""
     raw, affs, gt = volume(name)
     if score == "learned":
-        options = {"score": "learned", "classifier": "fibsem",
+        options = {"score": "learned", "classifier": MODE.net,
                    "raw": da.from_array(raw, chunks=(64, 128, 128))}
-        threshold = load_classifier("fibsem").card["threshold"]
+        threshold = load_classifier(MODE.net).card["threshold"]
     else:
-        options, threshold = {}, pretrained("fibsem").card["threshold"]
+        options, threshold = {}, boundary_net().card["threshold"]
     fragments, seg = dask.compute(*segment(da.from_array(affs, chunks=(3, 64, 128, 128)),
                                            [threshold], return_fragments=True, **options))
     return raw, np.asarray(seg), affs, gt, np.asarray(fragments)
 
 
+@functools.cache
+def boundary_net():
+    return load_model(MODE.net) if MODE.net.endswith(".pt") else pretrained(MODE.net)
+
+
 def labelled(seg: np.ndarray) -> xr.DataArray:
-    return xr.DataArray(seg, dims=("z", "y", "x"), attrs={"voxel_size": list(VOXEL),
+    return xr.DataArray(seg, dims=("z", "y", "x"), attrs={"voxel_size": list(MODE.voxel),
                                                           "offset": [0.0, 0.0, 0.0]})
+
+
+def calibrate() -> list:
+    """The calibration segmentations: (volume, agglomeration)."""
+    return [(name, score) for name in ("train", "calibration") for score in MODE.scores]
+
+
+@functools.cache
+def merge_net():
+    return load_merge_model(MODE.merges)
 
 
 def choose(sweeps: dict, order: list):
@@ -173,14 +237,14 @@ def split_table(name: str, score: str) -> pd.DataFrame:
     """Candidate pairs of a segmentation (segments of the errors stage's default
     ``min_size``) with their features and truth."""
     _, seg, affs, gt, _ = region(name, score)
-    feats = split_features(seg, affs, VOXEL, MIN_SIZE, touching=touching(name, score))
+    feats = split_features(seg, affs, MODE.voxel, MIN_SIZE, touching=touching(name, score))
     return feats.assign(true=split_labels(feats[["a", "b"]].to_numpy(), seg, gt))
 
 
 @functools.cache
 def small_table(name: str, score: str, floor: int) -> pd.DataFrame | None:
     _, seg, affs, _, _ = region(name, score)
-    return small_joins(seg, affs, floor, VOXEL, touching(name, score)) if floor else None
+    return small_joins(seg, affs, floor, MODE.voxel, touching(name, score)) if floor else None
 
 
 def split_keys() -> list:
@@ -201,10 +265,10 @@ def splits(ship: bool) -> None:
     """A split model and operating point (floor, threshold) per agglomeration, each trained
     and calibrated on that agglomeration's segmentations only (a model of both raised
     ARAND on learned z 0-159 at every threshold that helped mean agglomeration)."""
-    for score in SCORES:
+    for score in MODE.scores:
         train = split_table("train", score)
         model = train_split_model(train, train.true.to_numpy())
-        sweeps = {key: split_sweep(model, *key) for key in CALIBRATE if key[1] == score}
+        sweeps = {key: split_sweep(model, *key) for key in calibrate() if key[1] == score}
         model.floor, model.threshold = choose(sweeps, split_keys())
         print(f"splits ({score}): the model learned from {len(train)} pairs of the training "
               f"region ({int(train.true.sum())} true splits)")
@@ -266,20 +330,23 @@ def splits(ship: bool) -> None:
                   f"top{TOP}_by_score_voi_split_share": round(shares["score"], 3),
                   "before": scores_of(before), "after": scores_of(after)}
         if ship:
-            name = "splits" if score == "mean" else f"splits_{score}"
+            name = MODE.split_name(score)
             model.card = {
-                "name": name, "segmentation": f"the fibsem net's, {score} agglomeration at "
-                + ("the net's card threshold" if score == "mean" else "the classifier's"),
-                "train": "FlyEM medulla z 0-159 (CC BY)",
-                "calibration": "gala tiny FIB-SEM (BSD) and the training region",
-                "validation": "FlyEM medulla z 200-249",
+                "name": name, "segmentation": f"the {Path(MODE.net).stem} net's, {score} "
+                "agglomeration at " + ("the net's card threshold" if score == "mean"
+                                       else "the classifier's"),
+                "train": f"FlyEM medulla z 0-159 (CC BY){MODE.as_sections}",
+                "calibration": f"gala tiny FIB-SEM (BSD){MODE.as_sections} and the "
+                "training region",
+                "validation": f"FlyEM medulla z 200-249{MODE.as_sections}",
                 "candidates": f"touching segments of >= {MIN_SIZE} voxels each",
-                "voxel_size": list(VOXEL),
+                "voxel_size": list(MODE.voxel),
                 "operating_point_rule": "of the floors and thresholds raising neither ARAND "
                 "nor VOI on any calibration segmentation, the lowest VOI summed over them "
                 "(floor 0 and threshold 1.0: no automated correction)",
                 "validation_scores": scores,
-                "reproduce": "python benchmarks/eval_errors.py --only splits --ship"}
+                "reproduce": f"python benchmarks/eval_errors.py {MODE.flag}--only splits "
+                "--ship"}
             path = Path(emdask.__file__).parent / "weights" / f"{name}.json"
             model.save(path)
             print(f"wrote {path}")
@@ -291,7 +358,7 @@ def merge_table(name: str, score: str) -> tuple:
     """The merge net's verdict per segment, with whether it is a true merge and its share
     of VOI merge (bits); and the true merges."""
     raw, seg, _, gt, _ = region(name, score)
-    found = detect_merges(raw, labelled(seg), "merges")
+    found = detect_merges(raw, labelled(seg), merge_net())
     truth = error_table(seg, gt)
     truth = truth[truth.kind == "merge"]
     voi = {s[0]: v for s, v in zip(truth.segments, truth.voi, strict=True)}
@@ -315,7 +382,7 @@ def cut_sweep(name: str, score: str) -> dict:
     raw, seg, affs, gt, fragments = region(name, score)
     found, _ = merge_table(name, score)
     chosen = found[found.score >= min(CUT_THRESHOLDS)].reset_index(drop=True)
-    lut, edits = plan_cuts(raw, labelled(seg), fragments, affs, chosen, "merges",
+    lut, edits = plan_cuts(raw, labelled(seg), fragments, affs, chosen, merge_net(),
                            max_affinity=1.0)
     none, *points = cut_keys()  # (none: the segmentation itself, whatever the scores)
     rows = {none: emdask.evaluate(seg, gt) | {"cuts": 0}}
@@ -329,13 +396,13 @@ def cut_sweep(name: str, score: str) -> dict:
 
 
 def merges(ship: bool) -> None:
-    sweeps = {key: cut_sweep(*key) for key in CALIBRATE}
+    sweeps = {key: cut_sweep(*key) for key in calibrate()}
     threshold, gate = choose(sweeps, cut_keys())
     cols = (1.0, *sorted(CUT_THRESHOLDS, reverse=True))
     print_grid({k: {(g, t): r for (t, g), r in s.items()} for k, s in sweeps.items()},
                GATES, cols, (gate, threshold), "merges: (cut affinity at most, threshold)")
     card = {}
-    for score in SCORES:
+    for score in MODE.scores:
         found, truth = merge_table("validation", score)
         chosen = found.score >= threshold
         tp = int((chosen & found.true).sum())
@@ -375,20 +442,22 @@ def merges(ship: bool) -> None:
                                 "before": scores_of(sweep[(1.0, 1.0)]),
                                 "after": scores_of(sweep[(threshold, gate)])}
     if ship:
-        from emdask.models import WEIGHTS, load_model, save_model
+        from emdask.models import WEIGHTS, save_model
 
-        path = WEIGHTS / "merges.pt"
-        model = load_model(path)
+        path, model = WEIGHTS / f"merges{MODE.suffix}.pt", merge_net()
         save_model(model, path, card=model.card | {
             "threshold": threshold, "max_cut_affinity": gate,
             "threshold_rule": "of the thresholds and highest affinities a cut may cross "
             "(emdask.errors.plan_cuts) raising neither ARAND nor VOI on any calibration "
-            "segmentation (medulla z 0-159 and gala tiny FIB-SEM, mean and learned "
-            "agglomeration), the lowest VOI summed over them (1.0: no automated cuts)",
-            "validation": "FlyEM medulla z 200-249, the fibsem net's segmentations (mean "
-            "agglomeration at its card threshold, learned at the classifier's)",
+            f"segmentation (medulla z 0-159 and gala tiny FIB-SEM{MODE.as_sections}; "
+            f"{' and '.join(MODE.scores)} agglomeration), the lowest VOI summed over them "
+            "(1.0: no automated cuts)",
+            "validation": f"FlyEM medulla z 200-249{MODE.as_sections}, the "
+            f"{Path(MODE.net).stem} net's segmentations (mean agglomeration at its card "
+            "threshold" + (", learned at the classifier's)" if "learned" in MODE.scores
+                           else ")"),
             "validation_scores": card,
-            "reproduce": "python benchmarks/eval_errors.py --only merges --ship"})
+            "reproduce": f"python benchmarks/eval_errors.py {MODE.flag}--only merges --ship"})
         print(f"wrote the card of {path}")
 
 
@@ -399,13 +468,13 @@ def remaining() -> None:
     the share of the remaining VOI split that merging the true pairs among the top 20
     split candidates removes, and the share of the remaining VOI merge that the true
     merges among the top 20 merge candidates hold (both in the candidate table's order)."""
-    from emdask.errors import detect_merges, join_lut, load_merge_model, relabel
+    from emdask.errors import detect_merges, join_lut, relabel
     from emdask.errors import load_split_model as split_model
 
-    net = load_merge_model("merges")
-    for score in SCORES:
+    net = merge_net()
+    for score in MODE.scores:
         raw, seg, affs, gt, fragments = region("validation", score)
-        model = split_model("splits" if score == "mean" else f"splits_{score}")
+        model = split_model(MODE.split_name(score))
         found, _ = merge_table("validation", score)
         cut = found[found.score >= net.card["threshold"]].reset_index(drop=True)
         lut, _ = plan_cuts(raw, labelled(seg), fragments, affs, cut, net)
@@ -416,7 +485,7 @@ def remaining() -> None:
         fixed = relabel(apply_cuts(seg, fragments, lut),
                         join_lut(joins[["a", "b"]].to_numpy(), seg.dtype))
         after = emdask.evaluate(fixed, gt)
-        pairs = split_features(fixed, affs, VOXEL, MIN_SIZE)
+        pairs = split_features(fixed, affs, MODE.voxel, MIN_SIZE)
         pairs = pairs.assign(score=model.predict(pairs), true=split_labels(
             pairs[["a", "b"]].to_numpy(), fixed, gt))
         top = pairs[pairs.score >= 0.5].assign(p=lambda f: f.score * f.gain).sort_values(
@@ -476,7 +545,7 @@ def figure(path: Path) -> None:
             (y, x), seg.shape[1:], strict=True))
         return z, slice(y0, y0 + 2 * half), slice(x0, x0 + 2 * half), (x - x0, y - y0)
 
-    merge_at = np.array([merge.z_nm, merge.y_nm, merge.x_nm]) / VOXEL - 0.5
+    merge_at = np.array([merge.z_nm, merge.y_nm, merge.x_nm]) / MODE.voxel - 0.5
     rows = [(f"merge candidate 1 (score {merge.score:.2f}, segment {merge.segment})",
              crop(merge_at), [(int(merge.segment), "red")])]
     truth = "one neuron" if split.true else "two neurons"
@@ -521,6 +590,11 @@ def figure(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modality", choices=MODALITIES, default="fibsem")
+    parser.add_argument("--net", help="the boundary net (a shipped name or a .pt path; "
+                        "default: the modality's)")
+    parser.add_argument("--merges", help="the merge net (a shipped name or a .pt path; "
+                        "default: the modality's)")
     parser.add_argument("--ship", action="store_true")
     parser.add_argument("--only", choices=("splits", "merges"))
     parser.add_argument("--remaining", action="store_true",
@@ -529,6 +603,9 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, metavar="PNG",
                         help="only draw the README's figure of examples")
     args = parser.parse_args()
+    global MODE
+    chosen = {k: getattr(args, k) for k in ("net", "merges") if getattr(args, k)}
+    MODE = replace(MODALITIES[args.modality], **chosen)
     if args.figure:
         return figure(args.figure)
     if args.remaining:

@@ -61,6 +61,7 @@ __all__ = [
     "relabel",
     "score_windows",
     "seeded_cut",
+    "shipped_error_models",
     "small_joins",
     "split_features",
     "split_labels",
@@ -175,15 +176,17 @@ def merge_candidates(skeleton: Any, spacing_nm: float) -> np.ndarray:
     return verts[order][np.sort(first)]
 
 
-#: The window (voxels) a merge net sees around a candidate point.
-MERGE_WINDOW = (48, 48, 48)
+#: The window (nm, each axis) a merge net sees around a candidate point: 48 voxels of an
+#: isotropic 10 nm net, 12 x 48 x 48 of a 40 x 10 x 10 nm one.
+MERGE_WINDOW_NM = 480.0
 
 
 def merge_window(model: Any, shape) -> np.ndarray:
-    """The window (voxels) a merge net examines: :data:`MERGE_WINDOW`,
-    cut to the volume ``shape`` and to multiples of the net's factor."""
-    size = np.array([(min(n, w) // f) * f for n, w, f in zip(shape, MERGE_WINDOW,
-                                                             model.factor, strict=True)])
+    """The window (voxels) a merge net examines: :data:`MERGE_WINDOW_NM` at the net's
+    voxel size, cut to the volume ``shape`` and to multiples of the net's factor."""
+    window = np.rint(MERGE_WINDOW_NM / np.asarray(model.config.voxel_size, float)).astype(int)
+    size = np.array([(min(n, w) // f) * f for n, w, f in zip(shape, window, model.factor,
+                                                             strict=True)])
     if np.any(size == 0):
         raise ValueError(f"the volume {tuple(shape)} is smaller than the merge net's "
                          f"factor {model.factor}")
@@ -249,7 +252,7 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
 
     Every segment of at least ``min_size`` voxels (or, with ``skeletons`` given, every
     segment they name) is examined by a merge net (raw plus the
-    segment's mask, :data:`MERGE_WINDOW` voxels) in windows centred on its
+    segment's mask, :data:`MERGE_WINDOW_NM` wide) in windows centred on its
     skeleton's :func:`merge_candidates` (spaced half a window apart); a segment's score is
     its highest window's, the location that window's highest voxel.  Windows are read one
     at a time, so lazy (Dask, zarr) inputs are never loaded whole.
@@ -311,6 +314,29 @@ def load_merge_model(model: Any = "merges"):
         raise ValueError(f"a merge net (target 'merges') is needed, got a "
                          f"{model.config.target!r} net")
     return model
+
+
+def shipped_error_models(voxel_size, score: str = "mean") -> tuple[str | None, str | None]:
+    """The shipped split model and merge net for segmentations at ``voxel_size`` (nm,
+    within 25% on every axis) made by ``score`` agglomeration, or None where none is:
+    ``"splits"`` (``"splits_learned"``) and ``"merges"`` for the fibsem net's 10 nm,
+    ``"splits_ssem"`` and ``"merges_ssem"`` for the sstem3d net's 40 x 10 x 10 nm.  Split
+    models are calibrated for one agglomeration (``_learned``: learned, else mean)."""
+    from emdask.models import WEIGHTS, load_model
+
+    vs = np.asarray(voxel_size, float)
+
+    def near(other) -> bool:
+        return other is not None and bool(np.all(np.abs(vs / np.asarray(other, float) - 1)
+                                                  <= 0.25))
+
+    merge = next((p.stem for p in sorted(WEIGHTS.glob("merges*.pt"))
+                  if near(load_model(p).config.voxel_size)), None)
+    split = next((p.stem for p in sorted(WEIGHTS.glob("splits*.json"))
+                  if score in ("mean", "learned")
+                  and p.stem.endswith("_learned") == (score == "learned")
+                  and near(SplitModel.load(p).card.get("voxel_size"))), None)
+    return split, merge
 
 
 # ---------------------------------------------------------------- candidates

@@ -733,7 +733,7 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     taking a new id; joins apply after cuts."""
     import pandas as pd
 
-    from emdask.errors import join_lut, load_merge_model, plan_cuts
+    from emdask.errors import join_lut, load_merge_model, plan_cuts, shipped_error_models
     from emdask.volumes import create_volume, open_volume
 
     store = cfg.output.path
@@ -765,7 +765,13 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     cut_rows = []
     if len(cuts):
         seg = open_volume(store, f"segmentation_{t:g}")
-        net = load_merge_model(_model(cfg.errors.merge_model or "merges", "cpu"))
+        vs = tuple(seg.attrs["voxel_size"])
+        name = cfg.errors.merge_model or shipped_error_models(vs)[1]
+        if name is None:  # a person's cut, with no merge net set: the shipped one for vs
+            raise ValueError(f"cuts in {EDITS} need a merge net (its window finds the two "
+                             f"parts) and none is shipped for {vs} nm: set [errors] "
+                             "merge_model")
+        net = load_merge_model(_model(name, "cpu"))
         # the card's limit on the affinity a cut crosses is for automated cuts only: a
         # person's cut is made wherever the net's window falls in two
         auto = (cuts["by"] == "auto").to_numpy() if "by" in cuts else np.zeros(len(cuts), bool)

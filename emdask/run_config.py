@@ -154,9 +154,12 @@ class ErrorSpec:
     candidates (a merge net along each skeleton), one ranked table ``errors.parquet``."""
 
     # a .json file or shipped name; None: no splits; "auto": the shipped model calibrated
-    # for [segment] score ("splits" for "mean", "splits_learned" for "learned", none else)
+    # for [segment] score at the boundary net's voxel size ("splits" for "mean",
+    # "splits_learned" for "learned" at 10 nm; "splits_ssem" for "mean" at 40 x 10 x 10 nm)
     split_model: str | None = "auto"
-    merge_model: str | None = "merges"  # a .pt file or shipped name; None: no merges
+    # a .pt file or shipped name; None: no merges; "auto": the shipped net for the boundary
+    # net's voxel size ("merges" at 10 nm, "merges_ssem" at 40 x 10 x 10 nm)
+    merge_model: str | None = "auto"
     min_size: int = 1000  # voxels: smaller segments are not examined
     # voxels: smaller segments join the touching segment of highest mean affinity
     # (emdask.errors.small_joins); default: the split model's card (0 without a model)
@@ -312,12 +315,32 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
         cfg = replace(cfg, synapses=replace(spec, **{  # max_extent: none if the card has none
             k: point[k] for k in point_keys if getattr(spec, k) is None and k in point}))
     spec = cfg.errors
-    if spec is not None and (spec.split_model == "auto" or spec.floor is None):
+    if spec is not None and "auto" in (spec.split_model, spec.merge_model):
+        from emdask.errors import shipped_error_models
+        from emdask.models import load_model, pretrained
+
+        vs = (10.0, 10.0, 10.0)  # affinities made elsewhere: checked before the run
+        if cfg.affinities is None:  # the segmentation is on the boundary net's grid
+            net = cfg.predict.model
+            try:
+                vs = (load_model(net) if net.endswith(".pt") else pretrained(net)
+                      ).config.voxel_size
+            except (ValueError, FileNotFoundError):
+                pass  # a model not made yet is the preflight's to report
+        auto = dict(zip(("split_model", "merge_model"),
+                        shipped_error_models(vs, cfg.segment.score), strict=True))
+        for key, name in auto.items():
+            if (getattr(spec, key) == "auto" and name is None
+                    and (key == "merge_model" or cfg.segment.score in ("mean", "learned"))):
+                raise ValueError(f"{where}: errors.{key} = 'auto': no shipped model for "
+                                 f"segmentations at {tuple(vs)} nm by {cfg.segment.score} "
+                                 "agglomeration; give a file, or none")
+        spec = replace(spec, **{k: v for k, v in auto.items() if getattr(spec, k) == "auto"})
+        cfg = replace(cfg, errors=spec)
+    if spec is not None and spec.floor is None:
         from emdask.errors import load_split_model
 
         name = spec.split_model
-        if name == "auto":  # only mean and learned agglomeration have a calibrated model
-            name = {"mean": "splits", "learned": "splits_learned"}.get(cfg.segment.score)
         try:
             floor = load_split_model(name).floor if name else 0
         except (ValueError, FileNotFoundError) as err:

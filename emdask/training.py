@@ -235,7 +235,7 @@ def _partner_example(raw, labels, pair, start, size, attention):
 
 
 #: Merge nets: voxels of a merged object within this distance (nm) of the junction of its
-#: two neurons are the target (the window they see: :data:`emdask.errors.MERGE_WINDOW`).
+#: two neurons are the target (the window they see: :data:`emdask.errors.MERGE_WINDOW_NM`).
 MERGE_RADIUS_NM = 50.0
 
 

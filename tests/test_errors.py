@@ -538,6 +538,18 @@ def test_the_errors_config_takes_the_split_model_and_floor_of_its_score(tmp_path
         load_run_config(base | {"errors": {"floor": -1}})
     with pytest.raises(ValueError, match=r"errors.split_model = 'nope'.*no shipped split"):
         load_run_config(base | {"errors": {"split_model": "nope"}})
+    # the merge net too is the one for the boundary net's voxel size; none for a planar
+    # 50 x 4 x 4 nm net, so "auto" cannot choose
+    assert load_run_config(base | {"errors": {}}).errors.merge_model == "merges"
+    planar = {k: v for k, v in base.items() if k != "affinities"} | {
+        "predict": {"model": "sstem"}, "errors": {}}
+    with pytest.raises(ValueError, match=r"errors.split_model = 'auto': no shipped model for "
+                                         r"segmentations at \(50.0, 4.0, 4.0\) nm by mean"):
+        load_run_config(planar)
+    with pytest.raises(ValueError, match=r"errors.merge_model = 'auto': no shipped model"):
+        load_run_config(planar | {"errors": {"split_model": None}})
+    assert load_run_config(planar | {"errors": {"merge_model": None, "split_model": None}}
+                           ).errors.merge_model is None
 
 
 def test_a_split_model_refuses_another_resolution():
