@@ -1,6 +1,6 @@
 """Learned agglomeration against mean and quantile agglomeration of the same affinities.
 
-    python benchmarks/eval_agglomeration.py [--net fibsem|sstem3d] [--halves] [--ship]
+    python benchmarks/eval_agglomeration.py [--net fibsem|sstem3d] [--halves] [--tta N] [--ship]
 
 The shipped net predicts the FlyEM medulla cube (uint8, as the pipeline stores
 affinities): ``fibsem`` at 10 nm; ``sstem3d`` on the cube made into 40 nm sections (each
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--halves", action="store_true", help="also train on each half of "
                         "the training sections and score on the other")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tta", type=int, help="the net's test-time augmentation (default: "
+                        "its card's)")
     parser.add_argument("--weight-power", type=float, default=0.0, help="examples weighted "
                         "by the smaller region's size to this power (VOI weighs by volume)")
     parser.add_argument("--model", help="a .pt file of the net to use in place of the "
@@ -116,7 +118,7 @@ def main() -> None:
     with h5py.File(MEDULLA) as f:
         raw, truth = section_means(f["raw"][:], f["labels/neuron_ids"][:], n)
     t = time.perf_counter()
-    affs = predict_affinities(as_volume(raw, model.config.voxel_size), model,
+    affs = predict_affinities(as_volume(raw, model.config.voxel_size), model, tta=args.tta,
                               dtype="uint8")[:3].values
     print(f"{args.net} affinities of the medulla cube {raw.shape}: "
           f"{time.perf_counter() - t:.1f} s")

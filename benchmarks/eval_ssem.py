@@ -1,6 +1,6 @@
 """Do the ssEM boundary nets link sections?  3-D scores on every ssEM validation region.
 
-    python benchmarks/eval_ssem.py [--net sstem3d] [--planar PATH_OR_NAME] [--learned]
+    python benchmarks/eval_ssem.py [--net sstem3d] [--planar PATH_OR_NAME] [--learned] [--tta N]
 
 Each net sees every region at its own resolution, as ``emdask run`` would give it: the
 region is mean-pooled in-plane by the integer factor that brings it within 25% of the net's
@@ -93,7 +93,8 @@ def back_to(seg: np.ndarray, shape) -> np.ndarray:
     return seg[np.ix_(*idx)]
 
 
-def net_affinities(raw: np.ndarray, vs, model: AffinityUNet) -> np.ndarray:
+def net_affinities(raw: np.ndarray, vs, model: AffinityUNet, tta: int | None = None
+                   ) -> np.ndarray:
     """uint8 nearest-neighbour affinities (as the pipeline stores them) on the net's grid;
     a volume thinner than the net's context mirrored at both ends in z, then cropped."""
     work = working_grid(raw, vs, model)
@@ -104,7 +105,7 @@ def net_affinities(raw: np.ndarray, vs, model: AffinityUNet) -> np.ndarray:
     wvs = (vs[0], *(v * n / m for v, n, m in zip(vs[1:], raw.shape[1:], work.shape[1:],
                                                    strict=True)))
     affs = predict_affinities(as_volume(work, wvs), model, chunks=work.shape,
-                              dtype="uint8")[:3].values
+                              dtype="uint8", tta=tta)[:3].values
     return affs[:, pad:affs.shape[1] - pad]
 
 
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--net", default="sstem3d", help="a shipped name or a .pt path")
     parser.add_argument("--planar", default=None, help="a planar net to compare with "
                         "(name or .pt path)")
+    parser.add_argument("--tta", type=int, help="the net's test-time augmentation (1, 2, 4, "
+                        "8 or 16 symmetries; default: its card's)")
     parser.add_argument("--learned", action="store_true",
                         help="also the net's shipped agglomeration classifier")
     args = parser.parse_args()
@@ -146,7 +149,7 @@ def main() -> None:
         raw, labels, vs = region(spec, unscored)
         t = time.perf_counter()
         work_raw = working_grid(raw, vs, net)
-        affs = net_affinities(raw, vs, net)
+        affs = net_affinities(raw, vs, net, args.tta)
         rows = sweep(affs, labels, spec.labels_2d, extra=[card_threshold])
         seconds = time.perf_counter() - t
         print(f"\n{where}: {raw.shape} voxels of {' x '.join(f'{v:g}' for v in vs)} nm; "

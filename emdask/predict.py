@@ -8,10 +8,13 @@ pass up to float rounding (no seams, so no blending of overlaps is needed; the s
 for the tiles a block is cut into on a GPU).  The volume is padded with zeros (black)
 beyond its borders, as in training.
 
-Test-time augmentation (``tta``, synapse nets): the mean of the net's outputs over the first
-``tta`` of the volume's 16 symmetries that training augments with (:func:`symmetries`), each
-pass's pooling grid anchored as in the unflipped pass, so the chunked result still equals
-a whole-volume pass.  It costs ``tta`` passes.
+Test-time augmentation (``tta``): the mean of the net's outputs over the first ``tta`` of
+the volume's 16 symmetries that training augments with (:func:`symmetries`), each pass's
+pooling grid anchored as in the unflipped pass, so the chunked result still equals a
+whole-volume pass.  It costs ``tta`` passes.  An affinity is an edge: a flipped pass's
+affinity for offset o at voxel v is the edge (v, v - o), which the original stores at
+v - o, so affinity nets predict a margin of their longest offset around each block and
+each pass's channels are moved back (:func:`_unmap_affinities`).
 
 Speed: the net runs in its inference form (:class:`~emdask.models.ValidUNet`: unpadded
 convolutions, BatchNorm folded, channels-last, bfloat16 where the model card allows it and
@@ -318,14 +321,59 @@ def _symmetric_pass(net: ValidUNet, x: np.ndarray, halo: np.ndarray, flips, tran
     return y.transpose(0, 1, 3, 2) if transpose else y
 
 
+def _edge_channels(offsets, flips, transpose: bool) -> list[tuple[int, int]]:
+    """For each offset o_k: the channel c of a pass under the symmetry (``flips``,
+    ``transpose``) whose output, mapped back, holds the edge (u, u + sign * o_k) at u, and
+    that sign.  The pass's offset o_c is, in the original frame, o_c with the flipped axes
+    negated, then y and x swapped."""
+    back = [tuple(-d if a in flips else d for a, d in enumerate(o)) for o in offsets]
+    back = [(d[0], d[2], d[1]) if transpose else d for d in back]
+    pairs = []
+    for o in map(tuple, offsets):
+        for sign in (1, -1):
+            hit = tuple(sign * d for d in o)
+            if hit in back:
+                pairs.append((back.index(hit), sign))
+                break
+        else:
+            raise ValueError(f"test-time augmentation needs the net's offsets to be closed "
+                             f"under its symmetries: offset {list(o)} has no counterpart "
+                             f"under flips {flips}{' and the x-y transpose' if transpose else ''}")
+    return pairs
+
+
+def tta_margin(model: AffinityUNet, tta: int) -> np.ndarray:
+    """Voxels beyond a block an affinity net predicts for ``tta`` (its longest offset along
+    each axis, in whole pooling steps, so the pooling grid stays where it is): a flipped
+    pass stores an edge at its other end.  Zero for one pass and for synapse nets."""
+    if tta == 1 or _single(model):
+        return np.zeros(3, int)
+    longest = np.abs(np.asarray(model.config.offsets)).max(axis=0)
+    factor = np.asarray(model.factor)
+    return -(-longest // factor) * factor
+
+
+def _unmap_affinities(y: np.ndarray, offsets, flips, transpose: bool,
+                      margin: np.ndarray) -> np.ndarray:
+    """A symmetric pass's affinities (mapped back, ``margin`` beyond the block) as the
+    block's own channels: channel k at v is the edge (v, v + o_k), read at v or, where the
+    pass holds it the other way round, at v + o_k."""
+    core = np.array(y.shape[1:]) - 2 * margin
+    out = np.empty((len(offsets), *core), y.dtype)
+    for k, (c, sign) in enumerate(_edge_channels(offsets, flips, transpose)):
+        at = margin + (np.asarray(offsets[k]) if sign < 0 else 0)
+        out[k] = y[(c, *(slice(int(a), int(a + n)) for a, n in zip(at, core, strict=True)))]
+    return out
+
+
 def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
                    batch_size: int, out_dtype, intensity: Sequence[float] | None = None,
                    inside: tuple[slice, ...] | None = None, precision: str = "auto",
                    tta: int = 1) -> np.ndarray:
     """The net's output for the centre of ``block`` (the block plus the net's halo), the
-    mean over ``tta`` symmetries.  ``inside``: the part of the block inside the volume; the
-    rest is made black after normalization (raw zeros need not be black once intensities
-    are mapped)."""
+    mean over ``tta`` symmetries (an affinity net's block carries :func:`tta_margin` more
+    context).  ``inside``: the part of the block inside the volume; the rest is made
+    black after normalization (raw zeros need not be black once intensities are mapped)."""
     halo = np.array(model.halo)
     x = normalize_raw(block, intensity)
     if inside is not None:  # in place: the block is a task's largest input
@@ -338,8 +386,11 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
                      np.uint8 if out_dtype == np.uint8 else np.float32)
     else:
         y = None  # one accumulator, added to in place: memory for 2 outputs, not tta
+        margin = tta_margin(model, tta)
         for flips, transpose in symmetries(tta):
             one = _symmetric_pass(net, x, halo, flips, transpose, device, patch, batch_size)
+            if not _single(model):
+                one = _unmap_affinities(one, model.config.offsets, flips, transpose, margin)
             if y is None:
                 y = np.array(one, np.float32)
             else:
@@ -386,7 +437,7 @@ def prediction_step(model: AffinityUNet | str, device: str = "cpu", patch=None,
     (None: the model card's ``tta``, else 1)."""
     net = cached_model(model, device) if isinstance(model, str) else model
     tta = _tta(net, tta)
-    halo = tuple(int(h) for h in net.halo)
+    halo = tuple(int(h) for h in np.add(net.halo, tta_margin(net, tta)))
     return Step(f"predict-{net.config.target}", _prediction_kernel, np.dtype(dtype),
                 halo=(halo, (1, 1, 1)) if masked else halo,
                 channels=None if _single(net) else net.config.n_predicted,
@@ -401,20 +452,17 @@ def _tta(net: AffinityUNet, tta: int | None) -> int:
     card = getattr(net, "card", None) or {}
     source = f"tta={tta}"
     if tta is None:
-        if "tta" in card and not _single(net):
-            raise ValueError(f"the model card gives tta = {card['tta']!r}, but test-time "
-                             "augmentation is implemented for synapse nets only; remove "
-                             "it from the card")
         tta, source = card.get("tta", 1), f"the model card's tta = {card.get('tta')!r}"
     try:
         tta = len(symmetries(tta))
     except (TypeError, ValueError):
         raise ValueError(f"{source}: tta must be 1, 2, 4, 8 or 16 symmetries") from None
     if tta > 1 and not _single(net):
-        # a flipped volume's affinity for offset o is the original's for -o, stored at
-        # another voxel: not implemented, so refused rather than averaged wrongly
-        raise ValueError(f"{source}: test-time augmentation is implemented for synapse "
-                         "nets (one probability channel), not for affinities")
+        try:
+            for flips, transpose in symmetries(tta):
+                _edge_channels(net.config.offsets, flips, transpose)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
     if tta > 1 and (net.factor[1] != net.factor[2] or net.halo[1] != net.halo[2]):
         raise ValueError(f"{source}: the x-y transpose needs a net with equal y and x "
                          f"pooling factors and halos, got {tuple(net.factor)} and "
@@ -565,6 +613,7 @@ def predict_affinities(
     mask: Any = None,
     intensity: str | Sequence[float] = "auto",
     precision: str = "auto",
+    tta: int | None = None,
 ) -> xr.DataArray:
     """Predict affinities for a (lazy) EM volume, chunk by chunk.
 
@@ -601,6 +650,12 @@ def predict_affinities(
         (default) maps the volume's 1st-99th percentiles to those of the model's training
         data, so uint16 (12-bit or full), signed and float data work as their uint8
         equivalent; ``"dtype"``; or ``(black, white)`` data values.
+    tta
+        Test-time augmentation: the mean over the first 1, 2, 4, 8 or 16 symmetries of
+        the volume (:func:`symmetries`: 8 is every in-plane flip and transpose), each
+        pass's edges put back where the original stores them, at that many times the
+        cost; default the model card's (else 1).  The card's threshold was chosen with its
+        ``tta``.
 
     Returns
     -------
@@ -616,7 +671,7 @@ def predict_affinities(
         raise ValueError(f"this model predicts {model.config.target}, not affinities; use "
                          f"predict_{model.config.target}")
     return _predict(raw, model, chunks, dtype, device, patch, batch_size, check_voxel_size,
-                    intensity, precision, mask)
+                    intensity, precision, mask, tta)
 
 
 def predict_synapses(raw: Any, model: AffinityUNet | None = None, tta: int | None = None,

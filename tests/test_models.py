@@ -100,15 +100,58 @@ def test_test_time_augmentation_is_the_mean_over_symmetries_for_any_chunking(tta
     assert np.abs(as_uint8 - 255 * np.mean(passes, axis=0)).max() <= 0.5 + 1e-3
 
 
+@pytest.mark.parametrize("tta", [4, 16])
+def test_affinity_tta_puts_each_pass_edges_back_for_any_chunking(tta):
+    """A flipped pass's affinity for offset o at v is the edge (v, v - o), which the
+    original stores at v - o: each pass's channels are moved back before the mean, for
+    any chunking."""
+    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-2, 0, 0], [0, -3, 0], [0, 0, -3]]
+    m = _model(offsets=offsets)
+    rng = np.random.default_rng(3)
+    raw = as_volume(rng.integers(0, 256, (14, 52, 45)).astype(np.uint8), (40, 4, 4))
+    whole = predict_affinities(raw, m, chunks=raw.shape, precision="float32", tta=tta)
+    assert whole.attrs["tta"] == tta
+    chunked = predict_affinities(raw, m, chunks=(6, 20, 16), precision="float32", tta=tta)
+    assert chunked.data.numblocks[1:] == (3, 3, 3)
+    np.testing.assert_allclose(chunked.values, whole.values, atol=1e-5)
+    # the definition, on a volume the pooling grid fits: flip, predict, flip back; the
+    # pass's offset d (o with flipped axes negated, y and x swapped if transposed) is
+    # o_k or -o_k; in the second case the edge (v, v + o_k) is the pass's value at v + o_k
+    raw = raw[:, :, :44]
+    passes = []
+    for flips, transpose in symmetries(tta):
+        x = raw.values.transpose(0, 2, 1) if transpose else raw.values
+        x = np.flip(x, flips) if flips else x
+        y = predict_affinities(as_volume(np.ascontiguousarray(x), (40, 4, 4)), m,
+                               precision="float32").values
+        y = np.flip(y, [a + 1 for a in flips]) if flips else y
+        y = y.transpose(0, 1, 3, 2) if transpose else y
+        d = [[-v if a in flips else v for a, v in enumerate(o)] for o in offsets]
+        d = [[v[0], v[2], v[1]] if transpose else v for v in d]
+        out = np.full(y.shape, np.nan)
+        for k, o in enumerate(offsets):
+            if o in d:
+                out[k] = y[d.index(o)]
+            else:
+                c, n = d.index([-v for v in o]), y.shape[1:]
+                out[k][tuple(slice(-v, None) for v in o)] = y[c][tuple(
+                    slice(0, s + v) for s, v in zip(n, o, strict=True))]
+        passes.append(out)
+    inner = (slice(None), slice(2, None), slice(3, None), slice(3, None))  # v + o inside
+    np.testing.assert_allclose(
+        predict_affinities(raw, m, precision="float32", tta=tta).values[inner],
+        np.mean(passes, axis=0)[inner], atol=1e-5)
+
+
 def test_test_time_augmentation_is_refused_where_it_would_be_wrong():
     m = _model(target="synapses", offsets=[[-1, 0, 0]])
     raw = as_volume(np.zeros((8, 64, 64), np.uint8), (40, 4, 4))
     with pytest.raises(ValueError, match="tta must be 1, 2, 4, 8 or 16"):
         predict_synapses(raw, m, tta=3)
-    with pytest.raises(ValueError, match="not for affinities"):
+    with pytest.raises(ValueError, match=r"closed under its symmetries: offset \[0, -3, 0\]"):
         from emdask.predict import prediction_step
 
-        prediction_step(_model(), tta=2)
+        prediction_step(_model(), tta=2)  # a long y offset and no x one: no transpose
     m.card = {"tta": 4}  # the card's number is the default
     assert predict_synapses(raw, m).attrs["tta"] == 4
     assert "tta" not in predict_synapses(raw, m, tta=1).attrs
@@ -117,7 +160,8 @@ def test_test_time_augmentation_is_refused_where_it_would_be_wrong():
         predict_synapses(raw, m)
     affinity_net = _model()
     affinity_net.card = {"tta": 2}
-    with pytest.raises(ValueError, match="the model card gives tta = 2.*synapse nets only"):
+    with pytest.raises(ValueError, match="the model card's tta = 2: test-time augmentation "
+                                         "needs the net's offsets to be closed"):
         predict_affinities(raw, affinity_net)
     lopsided = _model(target="synapses", offsets=[[-1, 0, 0]], downsample=[[1, 4, 2]])
     with pytest.raises(ValueError, match="equal y and x pooling factors"):
