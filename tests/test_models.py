@@ -63,6 +63,16 @@ def test_chunked_prediction_equals_whole_volume():
     assert 0 <= whole.min() and whole.max() <= 1 and whole.std() > 0
 
 
+def _symmetric_pass(raw, predict, m, flips, transpose):
+    """``predict`` on ``raw`` transposed (if ``transpose``) and flipped, mapped back (the
+    last three axes: z, y, x)."""
+    x = raw.values.transpose(0, 2, 1) if transpose else raw.values
+    x = np.flip(x, flips) if flips else x
+    y = predict(as_volume(np.ascontiguousarray(x), (40, 4, 4)), m, precision="float32").values
+    y = np.flip(y, [a + y.ndim - 3 for a in flips]) if flips else y
+    return np.swapaxes(y, -1, -2) if transpose else y
+
+
 @pytest.mark.parametrize("tta", [2, 16])
 def test_test_time_augmentation_is_the_mean_over_symmetries_for_any_chunking(tta):
     """TTA averages the net over flipped and transposed copies of the volume; blocks whose
@@ -85,14 +95,7 @@ def test_test_time_augmentation_is_the_mean_over_symmetries_for_any_chunking(tta
     assert np.abs(whole - plain).max() > 1e-3  # the other passes count
     # on a volume the pooling grid fits, the definition: flip, predict, flip back, mean
     raw = raw[:, :, :44]
-    passes = []
-    for flips, transpose in symmetries(tta):
-        x = raw.values.transpose(0, 2, 1) if transpose else raw.values
-        x = np.flip(x, flips) if flips else x
-        y = predict_synapses(as_volume(np.ascontiguousarray(x), (40, 4, 4)), m,
-                             precision="float32").values
-        y = np.flip(y, flips) if flips else y
-        passes.append(y.transpose(0, 2, 1) if transpose else y)
+    passes = [_symmetric_pass(raw, predict_synapses, m, *s) for s in symmetries(tta)]
     np.testing.assert_allclose(predict_synapses(raw, m, precision="float32", tta=tta).values,
                                np.mean(passes, axis=0), atol=1e-5)
     # uint8 output: round(255 p) of the mean
@@ -120,12 +123,7 @@ def test_affinity_tta_puts_each_pass_edges_back_for_any_chunking(tta):
     raw = raw[:, :, :44]
     passes = []
     for flips, transpose in symmetries(tta):
-        x = raw.values.transpose(0, 2, 1) if transpose else raw.values
-        x = np.flip(x, flips) if flips else x
-        y = predict_affinities(as_volume(np.ascontiguousarray(x), (40, 4, 4)), m,
-                               precision="float32").values
-        y = np.flip(y, [a + 1 for a in flips]) if flips else y
-        y = y.transpose(0, 1, 3, 2) if transpose else y
+        y = _symmetric_pass(raw, predict_affinities, m, flips, transpose)
         d = [[-v if a in flips else v for a, v in enumerate(o)] for o in offsets]
         d = [[v[0], v[2], v[1]] if transpose else v for v in d]
         out = np.full(y.shape, np.nan)
