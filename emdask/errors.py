@@ -55,6 +55,7 @@ __all__ = [
     "load_split_model",
     "merge_candidates",
     "merge_jobs",
+    "merge_net_for",
     "merge_scores",
     "merge_window",
     "plan_cuts",
@@ -245,7 +246,7 @@ def best_windows(windows: pd.DataFrame, sizes: dict[int, int]) -> pd.DataFrame:
     return best.reset_index(drop=True)
 
 
-def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
+def detect_merges(raw: Any, segmentation: Any, model: Any = None,
                   skeletons: dict | None = None, min_size: int = 1000,
                   voxel_size=None, batch: int = 8) -> pd.DataFrame:
     """Candidate merge errors (one segment spanning two neurons), ranked for proofreading.
@@ -263,8 +264,9 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
         (z, y, x) EM and segmentation on the same grid (DataArray, Dask or NumPy).
     model
         A merge net (:class:`emdask.models.AffinityUNet` with target ``"merges"``), a
-        ``.pt`` file, or ``"merges"``: the shipped one (its card gives the validation
-        figures and the threshold for automated correction).
+        ``.pt`` file, a shipped name, or None: the shipped one for the segmentation's
+        voxel size (:func:`shipped_error_models`; its card gives the validation figures
+        and the threshold for automated correction).
     skeletons
         Skeletons per segment id (as :func:`emdask.skeletons.skeletons` gives them; the
         pipeline's skeletons stage); computed here (from the whole segmentation) when not
@@ -277,19 +279,13 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
         ``windows`` examined, ``voxels`` (the segment's size) and ``gain``; highest score
         first.
     """
-    model = load_merge_model(model)
     seg_arr, raw_arr = _as_array(segmentation), _as_array(raw)
     if seg_arr.shape != raw_arr.shape or len(seg_arr.shape) != 3:
         raise ValueError(f"raw {raw_arr.shape} and segmentation {seg_arr.shape} must be "
                          "(z, y, x) volumes on the same grid")
     attrs = getattr(segmentation, "attrs", {})
-    vs = np.asarray(voxel_size if voxel_size is not None else attrs.get("voxel_size", ()),
-                    float)
-    if vs.shape != (3,):
-        raise ValueError("give voxel_size: the segmentation carries none")
-    if not np.allclose(vs, model.config.voxel_size, rtol=0.25):
-        raise ValueError(f"the merge net was trained at {model.config.voxel_size} nm, the "
-                         f"segmentation's voxel size is {vs.tolist()} nm")
+    vs = _voxel_size(segmentation, voxel_size)
+    model = merge_net_for(model, vs)
     offset = np.asarray(attrs.get("offset", (0, 0, 0)), float)
     size = merge_window(model, seg_arr.shape)
     # segment sizes for the gain: per chunk for a Dask segmentation, never loaded whole
@@ -302,6 +298,31 @@ def detect_merges(raw: Any, segmentation: Any, model: Any = "merges",
     windows = score_windows(model, raw_arr, seg_arr, merge_jobs(skeletons, size * vs), vs,
                             offset, batch)
     return best_windows(windows, dict(zip(ids.tolist(), counts.tolist(), strict=True)))
+
+
+def _voxel_size(segmentation: Any, voxel_size=None) -> np.ndarray:
+    vs = np.asarray(voxel_size if voxel_size is not None else getattr(
+        segmentation, "attrs", {}).get("voxel_size", ()), float)
+    if vs.shape != (3,):
+        raise ValueError("give voxel_size: the segmentation carries none")
+    return vs
+
+
+def merge_net_for(model: Any, voxel_size) -> Any:
+    """The merge net ``model`` (None: the shipped one for ``voxel_size``), loaded and
+    checked against the segmentation's ``voxel_size`` (within 25%: its window is in nm,
+    its features were learned at its own voxels)."""
+    vs = np.asarray(voxel_size, float)
+    if model is None:
+        model = shipped_error_models(vs)[1]
+        if model is None:
+            raise ValueError(f"no shipped merge net for segmentations at "
+                             f"{tuple(vs.tolist())} nm; give one (model=)")
+    model = load_merge_model(model)
+    if not np.allclose(vs, model.config.voxel_size, rtol=0.25):
+        raise ValueError(f"the merge net was trained at {model.config.voxel_size} nm, the "
+                         f"segmentation's voxel size is {vs.tolist()} nm")
+    return model
 
 
 def load_merge_model(model: Any = "merges"):
@@ -881,7 +902,7 @@ def seeded_cut(graph: pd.DataFrame, first: np.ndarray, second: np.ndarray) -> np
 
 
 def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
-              candidates: pd.DataFrame, model: Any = "merges", first_id: int | None = None,
+              candidates: pd.DataFrame, model: Any = None, first_id: int | None = None,
               voxel_size=None, offset=None, max_affinity: Any = None
               ) -> tuple[tuple[np.ndarray, np.ndarray], pd.DataFrame]:
     """How to cut the merge ``candidates`` (rows with ``segment`` and a location in nm):
@@ -894,19 +915,20 @@ def plan_cuts(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
     the two parts' fragments, weighted by contact) at most ``max_affinity``: one value, or
     one per candidate (default: the merge net's card ``max_cut_affinity``, 1.0 where it
     names none).  A cut through the middle of a neuron crosses affinities as high as its
-    inside, and does harm.
+    inside, and does harm.  ``model``: the merge net (None: the shipped one for the
+    segmentation's voxel size, :func:`merge_net_for`).
 
     Returns the lookup table (fragment ids, sorted -> new segment ids) and a row per
     candidate: ``segment``, ``new_id`` (0: not cut: the window did not fall in two
     pieces, or the cut crosses affinities above ``max_affinity``), ``fragments`` moved
     (would move, where not cut) and ``cut_affinity`` (NaN where no cut was found)."""
-    model = load_merge_model(model)
+    vs = _voxel_size(segmentation, voxel_size)
+    model = merge_net_for(model, vs)
     if max_affinity is None:
         max_affinity = float(model.card.get("max_cut_affinity", 1.0))
     limits = np.broadcast_to(np.asarray(max_affinity, float), (len(candidates),))
     seg_arr, frag_arr, raw_arr = (_as_array(x) for x in (segmentation, fragments, raw))
     attrs = getattr(segmentation, "attrs", {})
-    vs = np.asarray(voxel_size if voxel_size is not None else attrs["voxel_size"], float)
     offset = np.asarray(offset if offset is not None else attrs.get("offset", (0, 0, 0)),
                         float)
     if first_id is None:
@@ -959,7 +981,7 @@ def apply_cuts(segmentation: np.ndarray, fragments: np.ndarray,
 
 def correct_merges(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
                    candidates: pd.DataFrame, threshold: float | None = None,
-                   model: Any = "merges", voxel_size=None, offset=None
+                   model: Any = None, voxel_size=None, offset=None
                    ) -> tuple[np.ndarray, pd.DataFrame]:
     """Cut the merge candidates (:func:`detect_merges`) scored at least ``threshold``
     (default: the merge net's card threshold) into two segments each (:func:`plan_cuts`).
@@ -970,8 +992,8 @@ def correct_merges(raw: Any, segmentation: Any, fragments: Any, affinities: Any,
     made, ``fragments`` moved or that would move, ``cut_affinity``: the mean affinity
     across the cut, at most the card's ``max_cut_affinity`` for a cut made; ``score``), so
     that every edit can be reviewed and undone.  ``voxel_size`` and ``offset`` (nm): for a
-    segmentation that carries none (a numpy array)."""
-    model = load_merge_model(model)
+    segmentation that carries none (a numpy array); ``model``: as :func:`plan_cuts`."""
+    model = merge_net_for(model, _voxel_size(segmentation, voxel_size))
     threshold = float(model.card.get("threshold", 1.0)) if threshold is None else threshold
     chosen = candidates[candidates.score >= threshold].reset_index(drop=True)
     lut, edits = plan_cuts(raw, segmentation, fragments, affinities, chosen, model,

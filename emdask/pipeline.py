@@ -183,14 +183,15 @@ def _precision(spec: PredictSpec, model: str) -> str:
     return str(_torch_dtype(spec.precision, _device(spec), card)).removeprefix("torch.")
 
 
-def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
+def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None, tta: int | None = None
+                 ) -> tuple:
     """Blocks (per axis) one prediction task computes: as many as its memory allows
-    (:func:`emdask.predict.task_shape`), so little of the net's context is computed
-    twice, and cut so that the worker processes (of ``client``'s cluster, else as
-    configured) share the work evenly."""
+    (:func:`emdask.predict.task_shape`, with ``tta`` passes: None, the card's), so little
+    of the net's context is computed twice, and cut so that the worker processes (of
+    ``client``'s cluster, else as configured) share the work evenly."""
     from dask.utils import parse_bytes
 
-    from emdask.predict import task_shape
+    from emdask.predict import _tta, task_shape
 
     spec, cl = cfg.predict, cfg.cluster
     budget = (0.6 * worker_memory(cl) if spec.task_memory == "auto"
@@ -203,7 +204,7 @@ def _task_blocks(cfg: RunConfig, model, grid: Grid, client=None) -> tuple:
     else:  # an adaptive cluster may have no workers yet: as many as it may get
         processes = cl.maximum_jobs * max(1, int(cl.jobqueue.get("processes", 1)))
     task = task_shape(model, grid.shape, grid.chunks, budget, _device(spec), spec.precision,
-                      workers=max(1, processes))
+                      workers=max(1, processes), tta=_tta(model, tta))
     return tuple(t // c for t, c in zip(task, grid.chunks, strict=True))
 
 
@@ -1458,7 +1459,7 @@ def _synapses(client, ctx: _Context, cfg: RunConfig, full, vol, roi_begin, model
                     intensity=_intensity(cfg, root, vol, model))
     _run_blocks(client, pctx, "synapses", functools.partial(
         _predict_task, model_name=spec.model, dataset="synapse_probabilities", stage="synapses",
-        tta=spec.tta), cfg.cluster, group=_task_blocks(cfg, model, ctx.grid, client))
+        tta=spec.tta), cfg.cluster, group=_task_blocks(cfg, model, ctx.grid, client, spec.tta))
     record = run_record(store).get("stages", {}).get("synapses", {})
     if record.get("finished") and has(root, f"{LABELS}/synapses"):
         # (rewriting them would drop their pyramid levels)
@@ -1634,6 +1635,10 @@ def _preflight(cfg: RunConfig, stages: list[str]) -> _Checked:
         if cfg.predict.check_voxel_size:
             _check_voxel_size(vol.attrs["voxel_size"], model, where)
         check_size(vol.shape, model, where)
+        try:  # a card's tta: its net's offsets must allow it
+            _tta(model, None)
+        except ValueError as err:
+            raise ValueError(f"predict.model {cfg.predict.model!r}: {err}") from None
     if ("predict" in stages or "synapses" in stages) and cfg.predict.device.startswith("cuda"):
         import torch
 

@@ -346,7 +346,7 @@ def tta_margin(model: AffinityUNet, tta: int) -> np.ndarray:
     """Voxels beyond a block an affinity net predicts for ``tta`` (its longest offset along
     each axis, in whole pooling steps, so the pooling grid stays where it is): a flipped
     pass stores an edge at its other end.  Zero for one pass and for synapse nets."""
-    if tta == 1 or _single(model):
+    if tta == 1 or model.config.target != "affinities":
         return np.zeros(3, int)
     longest = np.abs(np.asarray(model.config.offsets)).max(axis=0)
     factor = np.asarray(model.factor)
@@ -389,7 +389,7 @@ def _predict_block(block: np.ndarray, model: AffinityUNet, device: str, patch,
         margin = tta_margin(model, tta)
         for flips, transpose in symmetries(tta):
             one = _symmetric_pass(net, x, halo, flips, transpose, device, patch, batch_size)
-            if not _single(model):
+            if model.config.target == "affinities":
                 one = _unmap_affinities(one, model.config.offsets, flips, transpose, margin)
             if y is None:
                 y = np.array(one, np.float32)
@@ -457,7 +457,10 @@ def _tta(net: AffinityUNet, tta: int | None) -> int:
         tta = len(symmetries(tta))
     except (TypeError, ValueError):
         raise ValueError(f"{source}: tta must be 1, 2, 4, 8 or 16 symmetries") from None
-    if tta > 1 and not _single(net):
+    if tta > 1 and not _single(net) and net.config.target != "affinities":
+        raise ValueError(f"{source}: test-time augmentation is for affinity and synapse "
+                         f"nets, not {net.config.target!r} nets")
+    if tta > 1 and net.config.target == "affinities":
         try:
             for flips, transpose in symmetries(tta):
                 _edge_channels(net.config.offsets, flips, transpose)
@@ -472,11 +475,13 @@ def _tta(net: AffinityUNet, tta: int | None) -> int:
 
 def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
                budget: float | None = None, device: str = "cpu", precision: str = "auto",
-               workers: int = 1) -> tuple[int, int, int]:
+               workers: int = 1, tta: int = 1) -> tuple[int, int, int]:
     """The block each prediction task computes: the multiple of ``unit`` (storage chunks,
     rounded up to the net's pooling factor) within ``budget`` bytes of memory (default: a
     quarter of this machine's memory) with which ``workers`` (processes predicting side
-    by side, one net pass at a time each) finish soonest (:func:`_makespan`).
+    by side, one net pass at a time each) finish soonest (:func:`_makespan`).  With
+    ``tta`` passes a block also holds the float32 mean and one pass mapped back, over
+    the block and its :func:`tta_margin`.
 
     Large blocks pay little for context: the net reads its field of view around every
     block, and that border is computed twice, once by each block beside it
@@ -493,8 +498,12 @@ def task_shape(model: AffinityUNet, shape: Sequence[int], unit: Sequence[int],
 
         budget = psutil.virtual_memory().total / 4
 
+    margin = 2 * tta_margin(model, tta)
+    per_voxel = 0 if tta == 1 else 8.0 * model.config.n_predicted
+
     def fits(t):  # the net's input box (the block and its context) in memory
-        return net.inference_bytes(_input_shape(net, t)) <= budget
+        t = np.asarray(t) + margin
+        return net.inference_bytes(_input_shape(net, t)) + per_voxel * np.prod(t) <= budget
 
     best = None
     for ky in range(1, limit[1] + 1):
@@ -741,7 +750,7 @@ def _predict(raw, model, chunks=None, dtype="float32", device=None, patch=None,
         inputs.append(da.asarray(mask))
     if chunks is None:  # blocks as large as memory allows: little recomputed context
         chunks = task_shape(model, data.shape, np.minimum(data.chunksize, (64, 256, 256)),
-                            device=device, precision=precision)
+                            device=device, precision=precision, tta=_tta(model, tta))
     # blocks start at multiples of the net's factor: the pooling grid is anchored as in a
     # whole-volume pass
     chunks = tuple(-(-int(c) // int(f)) * int(f) for c, f in zip(chunks, model.factor,

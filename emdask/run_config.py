@@ -319,14 +319,20 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
         from emdask.errors import shipped_error_models
         from emdask.models import load_model, pretrained
 
-        vs = (10.0, 10.0, 10.0)  # affinities made elsewhere: checked before the run
-        if cfg.affinities is None:  # the segmentation is on the boundary net's grid
-            net = cfg.predict.model
-            try:
+        # the segmentation is on the grid of the boundary net or of the given affinities
+        try:
+            if cfg.affinities is None:
+                net = cfg.predict.model
                 vs = (load_model(net) if net.endswith(".pt") else pretrained(net)
                       ).config.voxel_size
-            except (ValueError, FileNotFoundError):
-                pass  # a model not made yet is the preflight's to report
+            else:
+                a = cfg.affinities
+                vs = open_configured(a.url, a.dataset, a.voxel_size, "affinities"
+                                     ).attrs["voxel_size"]
+        except (ValueError, OSError, KeyError) as err:
+            raise ValueError(f"{where}: [errors] 'auto' chooses models by the "
+                             f"segmentation's voxel size: {err}") from None
+        vs = tuple(float(v) for v in vs)
         auto = dict(zip(("split_model", "merge_model"),
                         shipped_error_models(vs, cfg.segment.score), strict=True))
         for key, name in auto.items():

@@ -517,13 +517,13 @@ def test_a_merge_is_cut_along_the_fragment_graph():
     assert len(edits3) == 0 and (fixed3 == seg).all()
 
 
-def test_the_errors_config_takes_the_split_model_and_floor_of_its_score(tmp_path):
+def test_the_errors_config_takes_the_split_model_and_floor_of_its_score(neurons):
     from conftest import neurons_config
 
     from emdask.errors import load_split_model
     from emdask.run_config import load_run_config
 
-    base = neurons_config(tmp_path)
+    base = neurons_config(Path(neurons).parent)  # its affinities' voxel size: 10 nm
     cfg = load_run_config(base | {"errors": {}}).errors
     assert cfg.split_model == "splits" and cfg.auto  # mean agglomeration's model
     assert cfg.floor == load_split_model("splits").floor > 0  # its card's floor
@@ -548,6 +548,10 @@ def test_the_errors_config_takes_the_split_model_and_floor_of_its_score(tmp_path
         load_run_config(planar)
     with pytest.raises(ValueError, match=r"errors.merge_model = 'auto': no shipped model"):
         load_run_config(planar | {"errors": {"split_model": None}})
+    lost = base | {"affinities": {"url": "nowhere.zarr", "dataset": "affinities"}}
+    with pytest.raises(ValueError, match=r"\[errors\] 'auto' chooses models by the "
+                                         r"segmentation's voxel size: .*nowhere.zarr"):
+        load_run_config(lost | {"errors": {}})
     assert load_run_config(planar | {"errors": {"merge_model": None, "split_model": None}}
                            ).errors.merge_model is None
 

@@ -244,6 +244,14 @@ def test_tasks_grow_within_the_memory_budget_and_waste_little():
     assert halo_overhead(m, (100, 200, 200), (128, 256, 256)) == 1.0  # one block
     # a volume smaller than the unit is one task
     assert task_shape(m, (30, 50, 50), (64, 128, 128), budget=6e9) == (64, 128, 128)
+    # test-time augmentation: the block's margin and float32 mean count too
+    from emdask.predict import tta_margin
+
+    tta = task_shape(m, shape, (64, 128, 128), budget=6e9, precision="float32", tta=8)
+    box = np.add(tta, 2 * tta_margin(m, 8))
+    assert (net.inference_bytes(_input_shape(net, box)) + 8 * m.config.n_predicted
+            * np.prod(box)) <= 6e9
+    assert np.prod(tta) < np.prod(large)
 
 
 def test_tasks_are_cut_so_that_the_workers_share_the_work():
