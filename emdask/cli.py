@@ -42,7 +42,7 @@ A minimal run config (TOML):
   [output]
   path = "sample_B.zarr"
   [predict]
-  model = "sstem"
+  model = "sstem3d"
 """
 
 RUN_EXAMPLES = """\

@@ -711,6 +711,9 @@ def pretrained(name: str = "fibsem", accept_licence: bool = False) -> AffinityUN
         ``"fibsem"``: isotropic FIB-SEM at 10 nm (trained on the FlyEM medulla data).
         ``"sstem"``: anisotropic ssTEM at 50 x 4 x 4 nm (trained on the ISBI 2012 stack,
         whose labels are 2-D: a planar model, each section segmented on its own).
+        ``"sstem3d"``: anisotropic ssEM at 40 x 10 x 10 nm, 3-D (z affinities learned from
+        the FlyEM medulla made into 40 nm sections, plus ISBI 2012): sections linked.
+        ``"merges"``, ``"merges_ssem"``: merge-error nets (:func:`emdask.detect_merges`).
         ``"synapses"``: synaptic densities in ssTEM at 50 x 4.6 x 4.6 nm (trained on the
         larval VNC masks of Gerhard et al. 2013; CC BY-NC-SA 3.0, non-commercial use only,
         see ``emdask/weights_nc/README.md``): in a source checkout only, not in the wheel,

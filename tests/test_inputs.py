@@ -99,7 +99,7 @@ def test_dtype_scaling_warns_when_the_range_looks_wrong(crop):
 
 
 def test_the_cards_record_their_training_intensities():
-    for name in ("fibsem", "sstem"):
+    for name in ("fibsem", "sstem", "sstem3d"):
         p = model_card(name)["intensity"]
         assert p["percentiles"] == [1.0, 99.0] and 0 <= p["values"][0] < p["values"][1] <= 1
 

@@ -61,6 +61,34 @@ def test_a_finer_input_runs_at_the_nets_resolution(tmp_path, shared_file, capsys
     assert scores[0] == scores[1] and scores[0]  # the truth at 5 nm, nearest neighbour
 
 
+def test_a_cremi_layout_file_runs_in_3d(tmp_path, shared_file):
+    """A CREMI-layout file at 40 x 4 x 4 nm runs through the pipeline with the 3-D ssEM
+    net and no resolution setting: read at 40 x 8 x 8 nm, segmented with sections linked,
+    scored against its 4 nm labels."""
+    with h5py.File(shared_file("cremi"), "r") as f:
+        raw, gt = f["raw"][:], f["labels/neuron_ids"][:]
+    # the crop's 5 sections mirrored to 10: thinner than half the net's context is refused
+    raw, gt = np.concatenate([raw, raw[::-1]]), np.concatenate([gt, gt[::-1]])
+    path = tmp_path / "sample_B.hdf"
+    with h5py.File(path, "w") as f:
+        for name, a in (("volumes/raw", raw), ("volumes/labels/neuron_ids", gt)):
+            f[name] = a
+            f[name].attrs["resolution"] = [40.0, 4.0, 4.0]
+    cfg = {"input": {"url": str(path), "dataset": "volumes/raw"},
+           "output": {"path": str(tmp_path / "b.zarr")}, "predict": {"model": "sstem3d"},
+           "evaluate": {"url": str(path), "dataset": "volumes/labels/neuron_ids"},
+           "cluster": {"processes": False, "n_workers": 1}}
+    report = run(cfg, stages=["predict", "segment", "report"])
+    seg = open_volume(str(tmp_path / "b.zarr"), "segmentation_0.5")  # the card's threshold
+    assert tuple(seg.attrs["voxel_size"]) == (40.0, 8.0, 8.0) and seg.shape == (10, 250, 125)
+    seg = seg.values
+    linked = np.intersect1d(np.unique(seg[0]), np.unique(seg[-1]))
+    assert np.isin(seg, linked[linked > 0]).mean() > 0.5  # most voxels: bodies through all
+    scores = report["stages"]["report"]["scores"]
+    assert scores and all(np.isfinite(list(v.values())).all() for v in scores.values()
+                          if isinstance(v, dict))
+
+
 def test_out_of_bounds_index_and_chunks_of_whole_groups():
     view = Resampled(np.zeros((4, 6, 10), np.uint8), (1, 2, 3))
     with pytest.raises(IndexError, match="out of bounds"):
