@@ -343,7 +343,7 @@ def shipped_error_models(voxel_size, score: str = "mean") -> tuple[str | None, s
     ``"splits"`` (``"splits_learned"``) and ``"merges"`` for the fibsem net's 10 nm,
     ``"splits_ssem"`` and ``"merges_ssem"`` for the sstem3d net's 40 x 10 x 10 nm.  Split
     models are calibrated for one agglomeration (``_learned``: learned, else mean)."""
-    from emdask.models import WEIGHTS, load_model
+    from emdask.models import WEIGHTS, model_config
 
     vs = np.asarray(voxel_size, float)
 
@@ -352,7 +352,7 @@ def shipped_error_models(voxel_size, score: str = "mean") -> tuple[str | None, s
                                                   <= 0.25))
 
     merge = next((p.stem for p in sorted(WEIGHTS.glob("merges*.pt"))
-                  if near(load_model(p).config.voxel_size)), None)
+                  if near(model_config(p).voxel_size)), None)
     split = next((p.stem for p in sorted(WEIGHTS.glob("splits*.json"))
                   if score in ("mean", "learned")
                   and p.stem.endswith("_learned") == (score == "learned")

@@ -589,6 +589,16 @@ def load_model(path: str | Path, map_location: str = "cpu") -> AffinityUNet:
     return model
 
 
+def model_config(name: str | Path) -> ModelConfig:
+    """The configuration (voxel size, offsets, target) of a model file or shipped model,
+    without building the net (the weights file memory-mapped, its tensors not read)."""
+    path = _model_path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return ModelConfig(**state["config"])
+
+
 def _card(path: Path, state: dict | None = None) -> dict:
     """A model's card: its JSON side file (cards are edited there), else the copy inside
     the weights file (a .pt copied without its .json keeps its intensity mapping)."""

@@ -317,14 +317,12 @@ def _card_defaults(cfg: RunConfig, where: str) -> RunConfig:
     spec = cfg.errors
     if spec is not None and "auto" in (spec.split_model, spec.merge_model):
         from emdask.errors import shipped_error_models
-        from emdask.models import load_model, pretrained
+        from emdask.models import model_config
 
         # the segmentation is on the grid of the boundary net or of the given affinities
         try:
             if cfg.affinities is None:
-                net = cfg.predict.model
-                vs = (load_model(net) if net.endswith(".pt") else pretrained(net)
-                      ).config.voxel_size
+                vs = model_config(cfg.predict.model).voxel_size
             else:
                 a = cfg.affinities
                 vs = open_configured(a.url, a.dataset, a.voxel_size, "affinities"
