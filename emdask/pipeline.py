@@ -734,7 +734,7 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     taking a new id; joins apply after cuts."""
     import pandas as pd
 
-    from emdask.errors import join_lut, load_merge_model, plan_cuts, shipped_error_models
+    from emdask.errors import join_lut, merge_net_for, plan_cuts
     from emdask.volumes import create_volume, open_volume
 
     store = cfg.output.path
@@ -766,13 +766,12 @@ def _correct(client, ctx: _Context, cfg: RunConfig, root, affs) -> dict:
     cut_rows = []
     if len(cuts):
         seg = open_volume(store, f"segmentation_{t:g}")
-        vs = tuple(seg.attrs["voxel_size"])
-        name = cfg.errors.merge_model or shipped_error_models(vs)[1]
-        if name is None:  # a person's cut, with no merge net set: the shipped one for vs
+        name = cfg.errors.merge_model  # none set (a person's cuts): the shipped one
+        try:
+            net = merge_net_for(name and _model(name, "cpu"), seg.attrs["voxel_size"])
+        except ValueError as err:
             raise ValueError(f"cuts in {EDITS} need a merge net (its window finds the two "
-                             f"parts) and none is shipped for {vs} nm: set [errors] "
-                             "merge_model")
-        net = load_merge_model(_model(name, "cpu"))
+                             f"parts): {err}; set [errors] merge_model") from None
         # the card's limit on the affinity a cut crosses is for automated cuts only: a
         # person's cut is made wherever the net's window falls in two
         auto = (cuts["by"] == "auto").to_numpy() if "by" in cuts else np.zeros(len(cuts), bool)
