@@ -343,12 +343,19 @@ def _edge_channels(offsets, flips, transpose: bool) -> list[tuple[int, int]]:
 
 
 def tta_margin(model: AffinityUNet, tta: int) -> np.ndarray:
-    """Voxels beyond a block an affinity net predicts for ``tta`` (its longest offset along
-    each axis, in whole pooling steps, so the pooling grid stays where it is): a flipped
-    pass stores an edge at its other end.  Zero for one pass and for synapse nets."""
+    """Voxels beyond a block an affinity net predicts for ``tta``: along each axis, the
+    longest offset some symmetric pass stores at its other end (a flipped pass holds the
+    edge (v, v + o) at v + o), in whole pooling steps, so the pooling grid stays where it
+    is.  Zero along axes no symmetry flips (z below 16), for one pass and for synapse
+    nets."""
     if tta == 1 or model.config.target != "affinities":
         return np.zeros(3, int)
-    longest = np.abs(np.asarray(model.config.offsets)).max(axis=0)
+    offsets = np.asarray(model.config.offsets)
+    longest = np.zeros(3, int)
+    for flips, transpose in symmetries(tta):
+        for k, (_, sign) in enumerate(_edge_channels(offsets, flips, transpose)):
+            if sign < 0:
+                longest = np.maximum(longest, np.abs(offsets[k]))
     factor = np.asarray(model.factor)
     return -(-longest // factor) * factor
 

@@ -116,6 +116,10 @@ def test_affinity_tta_puts_each_pass_edges_back_for_any_chunking(tta):
     assert whole.attrs["tta"] == tta
     chunked = predict_affinities(raw, m, chunks=(6, 20, 16), precision="float32", tta=tta)
     assert chunked.data.numblocks[1:] == (3, 3, 3)
+    # a margin only along axes some pass flips (z from 16 on), in whole pooling steps
+    from emdask.predict import tta_margin
+
+    assert tta_margin(m, tta).tolist() == [2 * (tta == 16), 4, 4]
     np.testing.assert_allclose(chunked.values, whole.values, atol=1e-5)
     # the definition, on a volume the pooling grid fits: flip, predict, flip back; the
     # pass's offset d (o with flipped axes negated, y and x swapped if transposed) is
