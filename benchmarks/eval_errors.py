@@ -21,9 +21,10 @@ agglomeration with the shipped classifier at its card's threshold (what the demo
 ssEM (``--modality ssem``): the same three volumes made into 40 nm sections (each the mean
 of 4 slices, labels from the middle one, as the sstem3d net trained: 40, 12 and 12
 sections), segmented by mean agglomeration of the sstem3d net's affinities (``--net``) at
-its card threshold; the split model is emdask/weights/splits_ssem.json and the merge net
-emdask/weights/merges_ssem.toml (``--merges``), trained on artificial merges of medulla
-z 0-199 as sections.
+its card threshold and by learned agglomeration with the sstem3d classifier; the split
+models are emdask/weights/splits_ssem.json (mean) and splits_ssem_learned.json (learned)
+and the merge net emdask/weights/merges_ssem.toml (``--merges``), trained on artificial
+merges of medulla z 0-199 as sections.
 
 Operating points (the cards'): among those whose automated correction does no harm on the
 calibration segmentations (raises neither ARAND nor VOI on any of them: train and
@@ -120,8 +121,8 @@ class Modality:
 MODALITIES = {
     "fibsem": Modality("fibsem", "fibsem", "merges", (10.0, 10.0, 10.0), 1,
                        ("mean", "learned"), ""),
-    "ssem": Modality("ssem", "sstem3d", "merges_ssem", (40.0, 10.0, 10.0), 4, ("mean",),
-                     "_ssem"),
+    "ssem": Modality("ssem", "sstem3d", "merges_ssem", (40.0, 10.0, 10.0), 4,
+                     ("mean", "learned"), "_ssem"),
 }
 MODE = MODALITIES["fibsem"]  # set by --modality
 TOP = 20
@@ -318,9 +319,9 @@ def splits(ship: bool) -> None:
                 "validation", score, floor))
             rows[f"{label} ({len(edits)})"] = emdask.evaluate(corrected, gt)
         print(f"{'':32} {'VOI split':>9} {'VOI merge':>9} {'VOI':>7} {'ARAND':>7}")
-        for label, r in rows.items():
+        for label, r in rows.items():  # ARAND to 4 places: a few specks move it little
             print(f"{label:32} {r['voi_split']:9.3f} {r['voi_merge']:9.3f} {r['voi']:7.3f} "
-                  f"{r['arand']:7.3f}")
+                  f"{r['arand']:7.4f}")
         after = list(rows.values())[-1]
         scores = {"candidates": len(feats), "true_splits": int(feats.true.sum()),
                   "detected": int(chosen.sum()), "true_detected": tp,

@@ -341,8 +341,9 @@ def shipped_error_models(voxel_size, score: str = "mean") -> tuple[str | None, s
     """The shipped split model and merge net for segmentations at ``voxel_size`` (nm,
     within 25% on every axis) made by ``score`` agglomeration, or None where none is:
     ``"splits"`` (``"splits_learned"``) and ``"merges"`` for the fibsem net's 10 nm,
-    ``"splits_ssem"`` and ``"merges_ssem"`` for the sstem3d net's 40 x 10 x 10 nm.  Split
-    models are calibrated for one agglomeration (``_learned``: learned, else mean)."""
+    ``"splits_ssem"`` (``"splits_ssem_learned"``) and ``"merges_ssem"`` for the sstem3d
+    net's 40 x 10 x 10 nm.  Split models are calibrated for one agglomeration
+    (``_learned``: learned, else mean)."""
     from emdask.models import WEIGHTS, model_config
 
     vs = np.asarray(voxel_size, float)

@@ -155,7 +155,8 @@ class ErrorSpec:
 
     # a .json file or shipped name; None: no splits; "auto": the shipped model calibrated
     # for [segment] score at the boundary net's voxel size ("splits" for "mean",
-    # "splits_learned" for "learned" at 10 nm; "splits_ssem" for "mean" at 40 x 10 x 10 nm)
+    # "splits_learned" for "learned" at 10 nm; "splits_ssem" and "splits_ssem_learned" at
+    # 40 x 10 x 10 nm)
     split_model: str | None = "auto"
     # a .pt file or shipped name; None: no merges; "auto": the shipped net for the boundary
     # net's voxel size ("merges" at 10 nm, "merges_ssem" at 40 x 10 x 10 nm)

@@ -556,6 +556,9 @@ def test_the_errors_config_takes_the_split_model_and_floor_of_its_score(neurons)
                            ).errors.merge_model is None
     ssem = load_run_config(planar | {"predict": {"model": "sstem3d"}}).errors  # 40x10x10
     assert (ssem.split_model, ssem.merge_model) == ("splits_ssem", "merges_ssem")
+    ssem = load_run_config(planar | {"predict": {"model": "sstem3d"}, "segment": {
+        "thresholds": [0.5], "score": "learned", "classifier": "sstem3d"}}).errors
+    assert (ssem.split_model, ssem.merge_model) == ("splits_ssem_learned", "merges_ssem")
 
 
 def test_a_split_model_refuses_another_resolution():
