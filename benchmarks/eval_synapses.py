@@ -3,14 +3,14 @@
     python benchmarks/eval_synapses.py runs/synapses_vnc/model.pt [--thresholds 0.98 ...]
     python benchmarks/eval_synapses.py --folds 4 [--train] [--max-minutes M]
                                        [--recipe TOML] [--set KEY=VALUE ...] [--only K ...]
-                                       [--tta N]
+                                       [--tta N] [--ship]
 
 The first form scores one net on the validation rows (y 768-1023).  ``--folds 4`` is
 cross-validation over the whole stack: the rows are cut into 4 folds at rows no labelled
 synapse crosses (every synapse lies in exactly one fold: 10, 10, 6 and 7 synapses); fold k's
 net trains (``--train``: ``runs/synapse_folds/<recipe>/fold<k>``, resumable; the shipped
 recipe ``emdask/weights_nc/synapses.toml`` unless ``--recipe`` names another, ``--set``
-changing its top-level keys (``--set dice=1 positive_fraction=0.25``), with its rows
+changing its keys (``--set dice=1 augment.edge=0.25``), with its rows
 replaced; under bfloat16 autocast with 1 x 12 x 96 x 96 patches where the CPU has native
 bfloat16) on the rows outside the fold and a margin of 32 rows around it; its threshold,
 minimum size and maximum extent (objects longer than it, in nm along any axis, dropped)
@@ -20,7 +20,8 @@ point (precision, recall, F1, CREMI distances, partners with the true cells and 
 operating point the *other* folds choose (the best F1 summed over the other fold nets'
 held-out folds), a third every fold at one operating point, as a model card has one: the
 best F1 summed over all held-out folds (the card's point; table 2 estimates a point chosen
-without the fold's scores).
+without the fold's scores).  ``--ship`` writes the card's point, and the folds' scores
+there, into the shipped detector's card: the defaults everywhere.
 
 ``--tta N``: the nets' outputs averaged over N symmetries of the volume (test-time
 augmentation, N passes; default the model card's, 1 for fold nets).
@@ -79,13 +80,18 @@ RECIPE = "emdask/weights_nc/synapses.toml"
 
 
 def fold_config(k: int, recipe: str = RECIPE, changes: dict | None = None):
-    """A detector's training recipe (with ``changes`` to its top-level keys) on the rows
+    """A detector's training recipe (with ``changes`` to its keys, ``section.key`` for one
+    of a section's) on the rows
     outside fold ``k`` and its margin, without a validation region (nothing of the fold is
     looked at in training)."""
     from emdask.predict import native_bfloat16
     from emdask.training import load_config
 
-    cfg = dataclasses.replace(load_config(recipe), **(changes or {}))
+    cfg = load_config(recipe)
+    for key, value in (changes or {}).items():  # "augment.edge": a key of a section
+        section, _, name = key.rpartition(".")
+        cfg = dataclasses.replace(cfg, **({section: dataclasses.replace(
+            getattr(cfg, section), **{name: value})} if section else {name: value}))
     lo, hi = FOLDS[k] - MARGIN, FOLDS[k + 1] + MARGIN
     vol = cfg.volumes[0]
     boxes = [((0, 0, 0), (20, lo, 640))] if lo > 0 else []
@@ -134,7 +140,7 @@ def _score_rows(prob, clefts, rows, threshold, filters, vs, keep: bool,
 
 def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
                    changes: dict | None = None, only: list[int] | None = None,
-                   tta: int | None = None) -> None:
+                   tta: int | None = None, ship: bool = False) -> None:
     from emdask.models import pretrained
     from emdask.predict import predict_affinities
     from emdask.training import train as train_net
@@ -194,8 +200,53 @@ def cross_validate(train: bool, max_minutes: float | None, recipe: str = RECIPE,
     print(f"\nAt one operating point for all folds, the card's (threshold {card[0]}, min "
           f"size {card[1]}, max extent {card[2] or 'none'}{f', tta {tta}' if tta else ''}: best "
           "summed F1 on the held-out folds):\n" + header)
-    _mean_row([_fold_row(k, prob, clefts, cells, net_seg, *card, vs)
-               for k, prob in probs.items()])
+    rows = [_fold_row(k, prob, clefts, cells, net_seg, *card, vs) for k, prob in probs.items()]
+    _mean_row(rows)
+    if ship:
+        if changes or recipe != RECIPE or tta or len(probs) < len(FOLDS) - 1:
+            raise SystemExit("--ship takes the operating point of the shipped recipe's four "
+                             "fold nets at one pass: leave out --recipe, --set, --only, --tta")
+        ship_operating_point(card, rows)
+
+
+def ship_operating_point(point: tuple, rows: list[dict]) -> None:
+    """Write the folds' operating point (threshold, minimum size, maximum extent) and their
+    scores there into the shipped detector's card (emdask/weights_nc/synapses.json and the
+    card inside synapses.pt): the defaults of find_synapses, predict_synapses and the
+    pipeline."""
+    from emdask.models import WEIGHTS_NC, save_model
+
+    path = WEIGHTS_NC / "synapses.pt"
+    model = load_model(path)
+    t, m, e = point
+    folds = [{"fold": k, "rows_y": [FOLDS[k], FOLDS[k + 1]], "synapses": r["n_true"],
+              **{key: round(float(r[key]), 3) for key in ("precision", "recall", "f1")}}
+             for k, r in enumerate(rows)]
+    f1 = [r["f1"] for r in rows]
+    card = {key: v for key, v in model.card.items() if key != "max_extent"} | {
+        "threshold": t, "min_size": m, **({"max_extent": e} if e is not None else {}),
+        "operating_point": {
+            "rule": "best F1 summed over the held-out folds of 4-fold cross-validation over "
+                    "the VNC rows (each fold's net trained by the shipped recipe on the "
+                    "other rows, 32 rows of margin)",
+            "folds": folds, "f1_mean": round(float(np.mean(f1)), 3),
+            "f1_sd": round(float(np.std(f1)), 3),
+            "reproduce": "python benchmarks/eval_synapses.py --folds 4 --train --ship"}}
+    # the shipped net (trained on rows 0-767) on its validation rows at the new point
+    raw = cutout(open_volume(VNC, "raw"), *ROI, units="voxel")
+    clefts = cutout(open_volume(VNC, "labels/clefts"), *ROI, units="voxel").values
+    vs = raw.attrs["voxel_size"]
+    prob = predict_synapses(raw, model).values
+    labels, _ = find_synapses(da.from_array(prob, chunks=(10, 128, 160)), t, m, voxel_size=vs,
+                              max_extent=e if e is not None else np.inf)
+    v = synapse_scores(labels.values, clefts, vs, m)
+    card["validation_scores"] = {"threshold": t, "min_size": m, "max_extent": e} | {
+        key: round(float(v[key]), 3) for key in ("precision", "recall", "f1")} | {
+        "fp_distance_nm": round(float(v["fp_distance"]), 1)}
+    print(f"shipped net, validation rows 768-1023 at {point}: precision "
+          f"{v['precision']:.3f}, recall {v['recall']:.3f}, F1 {v['f1']:.3f}")
+    save_model(model, path, card)
+    print(f"\nwrote the operating point {point} into {path} and its .json")
 
 
 def _fold_probabilities(raw, model_path: Path, tta: int | None) -> np.ndarray:
@@ -245,9 +296,13 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, help="training time per fold and call")
     parser.add_argument("--recipe", default=RECIPE, help="with --folds: the training recipe")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="with --folds: change top-level keys of the recipe")
+                        help="with --folds: change keys of the recipe (section.key for "
+                             "one of a section's)")
     parser.add_argument("--only", type=int, nargs="+", choices=range(len(FOLDS) - 1),
                         help="with --folds: these folds only")
+    parser.add_argument("--ship", action="store_true",
+                        help="with --folds: write the card's operating point into the "
+                             "shipped detector's card")
     parser.add_argument("--tta", type=int, choices=[1, 2, 4, 8, 16],
                         help="symmetries averaged at inference (default: the card's)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99],
@@ -258,7 +313,7 @@ def main() -> None:
     if args.folds:
         changes = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
         cross_validate(args.train, args.max_minutes, args.recipe, changes, args.only,
-                       args.tta)
+                       args.tta, args.ship)
         return
     if not args.model:
         parser.error("give a model file, or --folds 4")

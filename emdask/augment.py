@@ -26,6 +26,7 @@ __all__ = [
     "misalign",
     "missing_section",
     "partial_section",
+    "volume_edge",
 ]
 
 
@@ -45,6 +46,9 @@ class AugmentConfig:
     slip: float = 0.2  # one section displaced
     shift: float = 0.2  # all sections above a plane displaced
     max_shift: int = 8  # voxels; needs margin >= max_shift
+    # the patch at the volume's end, black beyond it as inference pads there (0: off, and
+    # no random number drawn, so recipes without it train as before)
+    edge: float = 0.0
 
 
 def flip_transpose(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
@@ -95,6 +99,21 @@ def partial_section(raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cut = np.quantile(proj, 1 - rng.uniform(0.1, 0.5))
     out[z][proj > cut] = 0
     return out
+
+
+def volume_edge(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    """The patch cut by the volume's end: a band of up to half the patch along one of its
+    six faces black, as inference pads beyond a volume, and its labels 0 (no synapse; for
+    affinities, unlabelled and so out of the loss).  Without it a net never sees the void
+    beyond a volume and may take its dark face for a synaptic density."""
+    raw, labels = raw.copy(), labels.copy()
+    axis, far = int(rng.integers(3)), bool(rng.integers(2))
+    width = int(rng.integers(1, raw.shape[axis] // 2 + 1))
+    band = [slice(None)] * 3
+    band[axis] = slice(raw.shape[axis] - width, None) if far else slice(0, width)
+    raw[tuple(band)] = 0
+    labels[tuple(band)] = 0
+    return raw, labels
 
 
 def misalign(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator, margin: int,
@@ -150,4 +169,6 @@ def augment(raw: np.ndarray, labels: np.ndarray, rng: np.random.Generator, margi
         raw, _ = missing_section(raw, rng)
     if rng.random() < c.partial:
         raw = partial_section(raw, rng)
+    if c.edge and rng.random() < c.edge:
+        raw, labels = volume_edge(raw, labels, rng)
     return np.ascontiguousarray(raw, np.float32), np.ascontiguousarray(labels)

@@ -12,6 +12,7 @@ from emdask.augment import (
     misalign,
     missing_section,
     partial_section,
+    volume_edge,
 )
 
 
@@ -60,6 +61,34 @@ def test_partial_section_blacks_out_part_of_one_section():
     out = partial_section(raw, np.random.default_rng(5))
     black = (out == 0).reshape(5, -1).mean(1)
     assert (black > 0).sum() == 1 and 0.08 <= black.max() <= 0.52
+
+
+def test_volume_edge_blacks_a_band_along_one_face_and_empties_its_labels():
+    raw, labels = _patch((8, 30, 30))
+    faces = set()
+    for seed in range(40):
+        r, lab = volume_edge(raw, labels, np.random.default_rng(seed))
+        black = r == 0
+        np.testing.assert_array_equal(black, lab == 0)  # the band, in both
+        np.testing.assert_array_equal(r[~black], raw[~black])  # the rest untouched
+        # one slab along one face, at most half the patch thick
+        full = [np.flatnonzero(black.all(axis=tuple(b for b in range(3) if b != a)))
+                for a in range(3)]
+        axis = next(a for a in range(3) if full[a].size)
+        rows = full[axis]
+        assert 1 <= rows.size <= raw.shape[axis] // 2
+        assert rows[0] == 0 or rows[-1] == raw.shape[axis] - 1
+        assert np.all(np.diff(rows) == 1)
+        assert black.sum() == rows.size * raw.size // raw.shape[axis]
+        faces.add((axis, int(rows[0] == 0)))
+    assert len(faces) == 6
+    # off by default, drawing no random number: recipes without it train as before
+    plain = augment(raw, labels, np.random.default_rng(3), margin=0)
+    off = augment(raw, labels, np.random.default_rng(3), margin=0,
+                  config=AugmentConfig(edge=0.0))
+    np.testing.assert_array_equal(plain[0], off[0])
+    on = augment(raw, labels, np.random.default_rng(3), margin=0, config=AugmentConfig(edge=1.0))
+    assert (on[1] == 0).any() and not (plain[1] == 0).any()
 
 
 @pytest.mark.parametrize("mode", ["slip", "shift"])
