@@ -79,6 +79,14 @@ MAX_EXTENTS = (None, 1000, 800, 700, 600)
 RECIPE = "emdask/weights_nc/synapses.toml"
 
 
+def validation_rows():
+    """Raw (lazy), labelled synaptic densities and cells of the validation rows (ROI)."""
+    raw = cutout(open_volume(VNC, "raw"), *ROI, units="voxel")
+    clefts, cells = (cutout(open_volume(VNC, f"labels/{name}"), *ROI, units="voxel").values
+                     for name in ("clefts", "cell_ids_2d"))
+    return raw, clefts, cells
+
+
 def fold_config(k: int, recipe: str = RECIPE, changes: dict | None = None):
     """A detector's training recipe (with ``changes`` to its keys, ``section.key`` for one
     of a section's) on the rows
@@ -233,8 +241,7 @@ def ship_operating_point(point: tuple, rows: list[dict]) -> None:
             "f1_sd": round(float(np.std(f1)), 3),
             "reproduce": "python benchmarks/eval_synapses.py --folds 4 --train --ship"}}
     # the shipped net (trained on rows 0-767) on its validation rows at the new point
-    raw = cutout(open_volume(VNC, "raw"), *ROI, units="voxel")
-    clefts = cutout(open_volume(VNC, "labels/clefts"), *ROI, units="voxel").values
+    raw, clefts, _ = validation_rows()
     vs = raw.attrs["voxel_size"]
     prob = predict_synapses(raw, model).values
     labels, _ = find_synapses(da.from_array(prob, chunks=(10, 128, 160)), t, m, voxel_size=vs,
@@ -323,9 +330,7 @@ def main() -> None:
     max_extent = args.max_extent or point.get("max_extent") or np.inf  # the net's own card
     thresholds = sorted(set(args.thresholds) | ({point["threshold"]} if "threshold" in point
                                                  else set()))
-    raw = cutout(open_volume(VNC, "raw"), *ROI, units="voxel")
-    clefts = cutout(open_volume(VNC, "labels/clefts"), *ROI, units="voxel").values
-    cells = cutout(open_volume(VNC, "labels/cell_ids_2d"), *ROI, units="voxel").values
+    raw, clefts, cells = validation_rows()
     vs = raw.attrs["voxel_size"]
     lazy = raw.copy(data=raw.data.rechunk((5, 128, 320)))
     prob = predict_synapses(lazy, model, tta=args.tta).compute()
